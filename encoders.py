@@ -1,0 +1,544 @@
+"""
+Everything pretrained that turns pixels into features: the frozen teachers of REPA/iREPA (through timm) with the
+official code's exact preprocessing, and the SD-VAE (AutoencoderKL) with diffusers-compatible weights.
+
+    import encoders
+    teacher = encoders.load_teacher('dinov2', device='cuda', dtype=torch.bfloat16)  # HF hub weights (cached)
+    teacher = encoders.load_teacher('mocov3', weights='mocov3_vitb.pth')            # a local file, any layout
+    teacher = encoders.load_teacher('dinov3', weights='random:2')                   # untrained, 2 blocks
+    tokens = teacher(images)           # (B, 3, R, R) in [0, 1] -> (B, 16*16, 768), CLS/registers dropped
+    vae = encoders.load_vae('sd-vae-ft-ema')
+    mean, std = vae.encode(x)          # x in [-1, 1], (B, 3, 256, 256) -> 2 x (B, 4, 32, 32)
+
+    python encoders.py --list          # one row per teacher (built on the meta device: no weights, no download)
+
+Every teacher is a timm model plus one row of facts in TEACHERS; the per-family quirks of the official code are data
+(resize mode, normalization and its order, final norm kept or not, which grids upstream allows). The five places where
+timm's defaults differ from what iREPA computes are handled in build_model: CLIP needs QuickGELU and no ln_post, MAE no
+final norm, PE a bilinear position embedding and RoPE on the integer grid, SigLIP tanh-GELU, and every absolute
+position embedding is resampled to the SiT grid at load (img_size), never the features.
+"""
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The teachers: one table of facts. timm (and torchvision under it) takes seconds to import, so it is imported only
+# where a teacher is built; `import encoders` stays cheap.
+
+IN = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet mean, std
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+COLLECTIONS = 'REPA-E/iREPA-collections'  # the official repo's copies of the checkpoints timm does not host
+
+# How the official code feeds each family. resize: F.interpolate mode to patch * grid pixels, no antialias, except
+# 'bilinear-aa' (DINOv3's torchvision Resize(antialias=True)); norm_first: normalize before resizing (else after);
+# final_norm: keep timm's last LayerNorm; grids: the only SiT grids upstream allows (it asserts resolution 256).
+FAMILIES = {
+    'dino':    dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True),
+    'dinov2':  dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True),
+    'dinov3':  dict(resize='bilinear-aa', norm=IN, norm_first=False, final_norm=True),
+    'webssl':  dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True),
+    'mocov3':  dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True, overlay=dict(num_classes=0)),
+    'clip':    dict(resize='bicubic', norm=CLIP, norm_first=False, final_norm=False),  # tokens before ln_post
+    'jepa':    dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True),
+    'mae':     dict(resize='bicubic', norm=IN, norm_first=True, final_norm=False, grids=(16,)),
+    # SigLIP gets ImageNet stats in the official code (its issue #8); load_teacher(siglip_norm='siglip') uses 0.5/0.5.
+    # global_pool='map' keeps timm's load strict (it relaxes it for SigLIP otherwise).
+    'siglip':  dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True, grids=(16,),
+                    kw=dict(act_layer='gelu_tanh', global_pool='map')),
+    'pe':      dict(resize='bilinear', norm=HALF, norm_first=False, final_norm=False),
+}
+
+
+def webssl(dim, depth, heads, repo):
+    """WebSSL = DINOv2 with a SwiGLU MLP at every size; timm's giant DINOv2 has that block, only the sizes change."""
+    hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8  # WebSSL's SwiGLU width; timm packs both halves into fc1
+    return dict(kw=dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=(2 * hidden + 0.5) / dim),
+                hub=(repo, 'model.safetensors'))
+
+
+# name: (family, timm model, patch, dim, prefix tokens before the patches, extras). hub defaults to the timm tag's
+# hf_hub_id / model.safetensors.
+_ROWS = {
+    'dino-vit-b':         ('dino',   'vit_base_patch16_224.dino', 16, 768, 1),
+    'dinov2-vit-b':       ('dinov2', 'vit_base_patch14_dinov2.lvd142m', 14, 768, 1),
+    'dinov2-vit-l':       ('dinov2', 'vit_large_patch14_dinov2.lvd142m', 14, 1024, 1),
+    'dinov2-vit-g':       ('dinov2', 'vit_giant_patch14_dinov2.lvd142m', 14, 1536, 1),
+    'dinov2reg-vit-b':    ('dinov2', 'vit_base_patch14_reg4_dinov2.lvd142m', 14, 768, 5),
+    'dinov2reg-vit-l':    ('dinov2', 'vit_large_patch14_reg4_dinov2.lvd142m', 14, 1024, 5),
+    'dinov2reg-vit-g':    ('dinov2', 'vit_giant_patch14_reg4_dinov2.lvd142m', 14, 1536, 5),
+    'dinov3-vit-b16':     ('dinov3', 'vit_base_patch16_dinov3.lvd1689m', 16, 768, 5),
+    'dinov3-vit-l16':     ('dinov3', 'vit_large_patch16_dinov3.lvd1689m', 16, 1024, 5),
+    'dinov3-vit-h16plus': ('dinov3', 'vit_huge_plus_patch16_dinov3.lvd1689m', 16, 1280, 5),
+    'dinov3-vit-7b16':    ('dinov3', 'vit_7b_patch16_dinov3.lvd1689m', 16, 4096, 5),
+    'webssl-vit-dino300m_full2b_224': ('webssl', 'vit_giant_patch14_dinov2', 14, 1024, 1,
+                                       webssl(1024, 24, 16, 'facebook/webssl-dino300m-full2b-224')),
+    'webssl-vit-dino1b_full2b_224':   ('webssl', 'vit_giant_patch14_dinov2', 14, 1536, 1,
+                                       webssl(1536, 40, 24, 'facebook/webssl-dino1b-full2b-224')),
+    'webssl-vit-dino2b_full2b_224':   ('webssl', 'vit_giant_patch14_dinov2', 14, 2688, 1,
+                                       webssl(2688, 24, 21, 'facebook/webssl-dino2b-full2b-224')),
+    'webssl-vit-dino3b_full2b_224':   ('webssl', 'vit_giant_patch14_dinov2', 14, 3072, 1,
+                                       webssl(3072, 26, 24, 'facebook/webssl-dino3b-full2b-224')),
+    'webssl-vit-dino5b_full2b_224':   ('webssl', 'vit_giant_patch14_dinov2', 14, 3584, 1,
+                                       webssl(3584, 32, 28, 'facebook/webssl-dino5b-full2b-224')),
+    'webssl-vit-dino7b_full8b_224':   ('webssl', 'vit_giant_patch14_dinov2', 14, 4096, 1,
+                                       webssl(4096, 32, 32, 'facebook/webssl-dino7b-full8b-224')),
+    'mocov3-vit-b':       ('mocov3', 'vit_base_patch16_224', 16, 768, 1,
+                           dict(hub=(COLLECTIONS, 'pretrained_models/mocov3_vitb.pth'))),
+    'mocov3-vit-l':       ('mocov3', 'vit_large_patch16_224', 16, 1024, 1,
+                           dict(hub=(COLLECTIONS, 'pretrained_models/mocov3_vitl.pth'))),
+    'clip-vit-L':         ('clip',   'vit_large_patch14_clip_quickgelu_224.openai', 14, 1024, 1),  # QuickGELU as OpenAI
+    'jepa-vit-h':         ('jepa',   'vit_huge_patch14_gap_224.in1k_ijepa', 14, 1280, 0,
+                           dict(hub=(COLLECTIONS, 'pretrained_models/ijepa_vith.pth'))),  # timm has only a URL
+    'mae-vit-l':          ('mae',    'vit_large_patch16_224.mae', 16, 1024, 1),
+    'siglip-vit-b':       ('siglip', 'vit_base_patch16_siglip_256.webli', 16, 768, 0),
+    'siglip-vit-l':       ('siglip', 'vit_large_patch16_siglip_256.webli', 16, 1024, 0),
+    'siglip-vit-so400m':  ('siglip', 'vit_so400m_patch14_siglip_224.webli', 14, 1152, 0),
+    'siglip2-vit-b':      ('siglip', 'vit_base_patch16_siglip_256.v2_webli', 16, 768, 0),
+    'siglip2-vit-l':      ('siglip', 'vit_large_patch16_siglip_256.v2_webli', 16, 1024, 0),
+    'siglip2-vit-so400m': ('siglip', 'vit_so400m_patch16_siglip_256.v2_webli', 16, 1152, 0),
+    'siglip2-vit-g':      ('siglip', 'vit_giantopt_patch16_siglip_256.v2_webli', 16, 1536, 0),
+    'pe-vit-b':           ('pe',     'vit_pe_core_base_patch16_224.fb', 16, 768, 1),
+    'pe-vit-l':           ('pe',     'vit_pe_core_large_patch14_336.fb', 14, 1024, 1),
+    'pe-vit-g':           ('pe',     'vit_pe_core_gigantic_patch14_448.fb', 14, 1536, 0),
+    'langpe-vit-l':       ('pe',     'vit_pe_lang_large_patch14_448.fb', 14, 1024, 1),
+    'langpe-vit-g':       ('pe',     'vit_pe_lang_gigantic_patch14_448.fb', 14, 1536, 0),
+    'spatialpe-vit-b':    ('pe',     'vit_pe_spatial_base_patch16_512.fb', 16, 768, 1),
+    'spatialpe-vit-l':    ('pe',     'vit_pe_spatial_large_patch14_448.fb', 14, 1024, 1),
+    'spatialpe-vit-g':    ('pe',     'vit_pe_spatial_gigantic_patch14_448.fb', 14, 1536, 0),
+}
+TEACHERS = {name: dict(FAMILIES[fam], family=fam, timm=model, patch=patch, dim=dim, prefix=prefix, **dict(*extra))
+            for name, (fam, model, patch, dim, prefix, *extra) in _ROWS.items()}
+ALIASES = {
+    'dino': 'dino-vit-b', 'dinov2': 'dinov2-vit-b', 'dinov2reg': 'dinov2reg-vit-b', 'dinov3': 'dinov3-vit-b16',
+    'dinov3-vit-b': 'dinov3-vit-b16', 'dinov3-vit-l': 'dinov3-vit-l16', 'dinov3-vit-h': 'dinov3-vit-h16plus',
+    'dinov3-vit-7b': 'dinov3-vit-7b16', 'mocov3': 'mocov3-vit-b', 'clip': 'clip-vit-L', 'jepa': 'jepa-vit-h',
+    'mae': 'mae-vit-l', 'siglip': 'siglip-vit-b', 'siglip2': 'siglip2-vit-b', 'pe': 'pe-vit-b',
+    'langpe': 'langpe-vit-l', 'spatialpe': 'spatialpe-vit-b', 'webssl': 'webssl-vit-dino300m_full2b_224',
+    **{n.rsplit('_', 2)[0]: n for n in _ROWS if n.startswith('webssl')},  # webssl-vit-dino1b, ...
+}
+
+
+def resolve_teacher(name):
+    """Canonical teacher name for a canonical name or alias (case-insensitive)."""
+    names = {n.lower(): n for n in TEACHERS} | {a.lower(): n for a, n in ALIASES.items()}
+    if name.lower() not in names:
+        raise ValueError(f"unknown teacher '{name}'. Teachers: {', '.join(TEACHERS)}. "
+                         f"Aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())}")
+    return names[name.lower()]
+
+# -----------------------------------------------------------------------------
+# Weights: the HF hub (with its cache), local files, and converters for the layouts timm does not read itself
+
+
+def read_state_dict(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at '{path}'")
+    if str(path).endswith('.safetensors'):
+        return safetensors.torch.load_file(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # the file pickles objects, not just tensors and plain containers
+        raise ValueError(f"'{path}' holds more than tensors and plain containers, so it is not loaded (weights_only). "
+                         f"If you trust it, re-save its state dict: torch.save(torch.load(p, weights_only=False)"
+                         f"['state_dict'], 'clean.pth')") from e
+
+
+def hub_location(name):
+    """(repo, filename) of a teacher's weights on the HF hub: the table's, else the timm tag's model.safetensors."""
+    import timm
+    t = TEACHERS[name]
+    return t.get('hub') or (timm.models.get_pretrained_cfg(t['timm']).hf_hub_id, 'model.safetensors')
+
+
+def hub_files(repo, filename, what, how):
+    """Local paths of `filename` in `repo` through the HF cache (downloading when online); a sharded checkpoint comes
+    back as its shards. Offline and not cached: an error naming the repo, the file, and `how` to pass it instead."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        try:
+            return [hf_hub_download(repo, filename)]
+        except EntryNotFoundError as e:  # the hub says no such file: large HF checkpoints are sharded
+            if isinstance(e, LocalEntryNotFoundError) or filename != 'model.safetensors':
+                raise
+            with open(hf_hub_download(repo, 'model.safetensors.index.json')) as f:
+                shards = sorted(set(json.load(f)['weight_map'].values()))
+            return [hf_hub_download(repo, shard) for shard in shards]
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        raise FileNotFoundError(
+            f"{what}: cannot get '{filename}' from https://huggingface.co/{repo} (not in the Hugging Face cache, and "
+            f"the hub is unreachable, gated or refused: {type(e).__name__}). Download it where you have network "
+            f"(`hf download {repo} {filename}`) and {how}") from e
+
+
+def mocov3_to_timm(ckpt):
+    """MoCo v3 (RCG) checkpoint -> timm ViT keys: keep the base encoder, drop momentum encoder, predictor and head."""
+    sd = ckpt.get('state_dict', ckpt)
+    if not any(k.startswith('module.base_encoder.') for k in sd):
+        return ckpt  # already timm layout
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith('module.base_encoder.'):
+            continue
+        k = k[len('module.base_encoder.'):]
+        for bad, good in [('blocks.13.norm13', 'blocks.13.norm1'), ('blocks.13.mlp.fc13', 'blocks.13.mlp.fc1'),
+                          ('blocks.14.norm14', 'blocks.14.norm2'), ('blocks.14.mlp.fc14', 'blocks.14.mlp.fc2')]:
+            k = k.replace(bad, good)  # a naming bug in the released ViT-L checkpoint (fixed the same way upstream)
+        if 'head' not in k and k.split('.')[0] != 'fc':
+            out[k] = v
+    return out
+
+
+def webssl_to_timm(sd):
+    """WebSSL checkpoint -> timm DINOv2 keys, from the HF `Dinov2Model` safetensors or the native (chunked) .pth."""
+    sd = {k.removeprefix('dinov2.'): v for k, v in sd.items()}
+    if 'embeddings.cls_token' not in sd:  # native .pth: blocks.<chunk>.<i>.* -> blocks.<i>.*; timm's own filter then
+        return {re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', k): v for k, v in sd.items()}  # maps w12/w3, mask_token
+    renames = [('embeddings.cls_token', 'cls_token'), ('embeddings.position_embeddings', 'pos_embed'),
+               ('embeddings.patch_embeddings.projection', 'patch_embed.proj'), ('encoder.layer.', 'blocks.'),
+               ('attention.output.dense', 'attn.proj'), ('layer_scale1.lambda1', 'ls1.gamma'),
+               ('layer_scale2.lambda1', 'ls2.gamma'), ('mlp.weights_in', 'mlp.fc1'), ('mlp.weights_out', 'mlp.fc2'),
+               ('layernorm.', 'norm.')]
+    out = {}
+    for k, v in sd.items():
+        if k != 'embeddings.mask_token':
+            for a, b in renames:
+                k = k.replace(a, b)
+            out[k] = v
+    for k in [k for k in out if 'attention.attention.query.' in k]:  # separate q, k, v -> timm's fused qkv
+        out[k.replace('attention.attention.query', 'attn.qkv')] = torch.cat(
+            [out.pop(k.replace('query', n)) for n in ('query', 'key', 'value')])
+    return out
+
+
+def resample_posemb_bilinear(pos_embed, prefix, grid):
+    """PE's own resampling of its absolute position embedding: bilinear, no antialias (timm would do bicubic + AA)."""
+    pre, pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
+    n, D = math.isqrt(pos.shape[1]), pos.shape[2]
+    pos = pos.reshape(1, n, n, D).permute(0, 3, 1, 2).float()  # (1, D, n, n)
+    pos = F.interpolate(pos, size=(grid, grid), mode='bilinear', align_corners=False)
+    return torch.cat([pre, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)], dim=1)
+
+# -----------------------------------------------------------------------------
+# Building a teacher: timm model + the official preprocessing, frozen
+
+
+def build_model(name, grid=16, state_dict=None, depth=None):
+    """The timm model of teacher `name` for a grid x grid token map, random or loaded (strictly) from `state_dict`."""
+    import timm
+    t = TEACHERS[name]
+    kw = dict(t.get('kw', {}), img_size=t['patch'] * grid)  # timm resamples abs pos_embed to this size at load
+    if depth is not None:
+        kw['depth'] = depth
+    model_name = t['timm']
+    if t['family'] == 'pe':
+        kw['ref_feat_shape'] = (grid, grid)  # RoPE on the actual integer grid as PE does (timm rescales to pretrain's)
+        if state_dict is not None:
+            if 'pos_embed' not in state_dict:  # original Meta PE layout -> timm keys (this converter ignores the model)
+                state_dict = timm.models.eva.checkpoint_filter_fn(state_dict, None)
+            if state_dict['pos_embed'].shape[1] != t['prefix'] + grid * grid:
+                pos_embed = resample_posemb_bilinear(state_dict['pos_embed'], t['prefix'], grid)
+                state_dict = dict(state_dict, pos_embed=pos_embed)
+    if t['family'] == 'dinov3' and state_dict is not None and 'storage_tokens' in state_dict:
+        # original Meta .pth: the plain timm variant would silently drop its q/v biases, the _qkvb variant keeps them
+        arch, tag = model_name.split('.')
+        model_name = f'{arch}_qkvb.{tag}' if timm.is_model(f'{arch}_qkvb') else model_name
+    overlay = dict(t.get('overlay', {}), **({} if state_dict is None else dict(state_dict=state_dict)))
+    model = timm.create_model(model_name, pretrained=state_dict is not None, pretrained_cfg_overlay=overlay, **kw)
+    if not t['final_norm']:
+        model.norm = nn.Identity()  # not final_norm=False at creation: pretrained weights hold norm.* (strict load)
+    return model
+
+
+class Teacher(nn.Module):
+    """A frozen timm ViT behind its family's preprocessing: images (B, 3, R, R) in [0, 1] -> (B, grid*grid, D)."""
+
+    def __init__(self, name, model, grid, norm):
+        super().__init__()
+        t = TEACHERS[name]
+        self.name, self.model, self.grid = name, model, grid
+        self.patch, self.dim, self.prefix = t['patch'], t['dim'], t['prefix']
+        self.input_size = self.patch * grid
+        self.resize, self.norm_first = t['resize'], t['norm_first']
+        self.register_buffer('mean', torch.tensor(norm[0]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(norm[1]).view(1, 3, 1, 1), persistent=False)
+        self.checked = False  # the [0, 1] range check costs a host sync, so it runs on the first call only
+        self.compiled = None
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # always eval: a parent's .train() must not switch the teacher
+
+    def preprocess(self, x):
+        """Resize to patch * grid with the family's mode and normalize, in the order the official code does."""
+        S = self.input_size
+        if self.norm_first:
+            x = (x - self.mean) / self.std
+        if x.shape[-2:] != (S, S):
+            mode, aa = ('bilinear', True) if self.resize == 'bilinear-aa' else (self.resize, False)
+            x = F.interpolate(x, size=(S, S), mode=mode, align_corners=False, antialias=aa)
+        if not self.norm_first:
+            x = (x - self.mean) / self.std
+        return x
+
+    def features(self, images):
+        x = self.preprocess(images.float()).to(self.model.patch_embed.proj.weight.dtype)
+        return self.model.forward_features(x)[:, self.prefix:]  # (B, prefix + grid*grid, D) -> (B, grid*grid, D)
+
+    @torch.no_grad()
+    def forward(self, images):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"teacher {self.name} takes float images (B, 3, R, R) in [0, 1], got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        if not self.checked and images.device.type != 'meta':
+            lo, hi = images.aminmax()
+            if hi > 1.5 or lo < -0.5:
+                raise ValueError(f"teacher {self.name} takes images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: "
+                                 f"divide uint8 images by 255, map [-1, 1] images with (x + 1) / 2")
+            self.checked = True
+        return (self.compiled or self.features)(images)
+
+
+def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
+    """A frozen teacher yielding (B, grid*grid, D) tokens. weights: 'auto' (HF hub and its cache), a local file in the
+    original or timm layout, 'random' or 'random:N' (random init, N blocks; tests and the offline demo only)."""
+    name, weights = resolve_teacher(name), str(weights)
+    t = TEACHERS[name]
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    if grid not in t.get('grids', (grid,)):
+        raise ValueError(f"teacher {name} supports only grid {t['grids'][0]} ({t['patch'] * 16}-px input, as the "
+                         f"official code asserts it), got grid {grid}")
+    if siglip_norm not in ('imagenet', 'siglip'):
+        raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
+    norm = HALF if siglip_norm == 'siglip' and t['family'] == 'siglip' else t['norm']
+    depth, sd, source = None, None, weights
+    if weights == 'random' or weights.startswith('random:'):
+        depth = int(weights.split(':')[1]) if ':' in weights else None
+        print(f"*** WARNING: teacher {name} has RANDOM weights ({weights}): its tokens mean nothing. "
+              f"Use this only for tests and the offline demo. ***", file=sys.stderr)
+    else:
+        if weights == 'auto':
+            repo, filename = hub_location(name)
+            paths = hub_files(repo, filename, f"teacher {name}", "pass it with --encoder-weights PATH")
+            source = f'{repo}/{filename}'
+        else:
+            paths = [weights]
+        sd = {k: v for p in paths for k, v in read_state_dict(p).items()}
+        sd = mocov3_to_timm(sd) if t['family'] == 'mocov3' else webssl_to_timm(sd) if t['family'] == 'webssl' else sd
+    with torch.device('meta') if str(device) == 'meta' else contextlib.nullcontext():
+        try:
+            model = build_model(name, grid, sd, depth)
+        except (RuntimeError, KeyError) as e:  # missing/unexpected keys or shape mismatches under a strict load
+            if sd is None:
+                raise
+            raise ValueError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']}): "
+                             f"is it a checkpoint of another model? timm says: {str(e)[:600]}") from e
+    teacher = Teacher(name, model, grid, norm).to(device)
+    if dtype is not None:
+        teacher.model.to(dtype)
+    if compile:
+        teacher.compiled = torch.compile(teacher.features)
+    return teacher
+
+# -----------------------------------------------------------------------------
+# SD-VAE: AutoencoderKL with diffusers' state-dict names and config fields, so its checkpoints load with strict=True
+
+SD_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+              latent_channels=4, norm_num_groups=32)  # f8d4: 8x downsampling, 4 latent channels
+TINY_VAE = dict(SD_VAE, block_out_channels=(32, 64), layers_per_block=1)  # f2d4, for fast tests
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.conv_shortcut(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the h*w latent positions, with a residual (the VAE's mid block)."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers' to_out.1 is a parameter-free dropout
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        q, k, v = self.to_q(h)[:, None], self.to_k(h)[:, None], self.to_v(h)[:, None]  # (B, 1, H*W, C): one head
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, H*W, C)
+        return x + self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([Attention(c, groups)])
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Resample(nn.Module):
+    def __init__(self, c, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # diffusers pads right and bottom only, then a stride-2 conv
+
+
+class Stage(nn.Module):
+    """diffusers' DownEncoderBlock2D / UpDecoderBlock2D: `n` ResNet blocks, then optionally a 2x down- or upsampler."""
+
+    def __init__(self, cin, cout, n, groups, resample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        if resample == 'down':
+            self.downsamplers = nn.ModuleList([Resample(cout, up=False)])
+        if resample == 'up':
+            self.upsamplers = nn.ModuleList([Resample(cout, up=True)])
+
+    def forward(self, x):
+        for m in [*self.resnets, *getattr(self, 'downsamplers', []), *getattr(self, 'upsamplers', [])]:
+            x = m(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cin, cout, chs, n, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cin, chs[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([Stage(chs[max(i - 1, 0)], c, n, groups, 'down' if i < len(chs) - 1 else None)
+                                          for i, c in enumerate(chs)])
+        self.mid_block = MidBlock(chs[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], cout, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cin, cout, chs, n, groups):
+        super().__init__()
+        rev = chs[::-1]  # the decoder climbs back from the widest stage, with one more ResNet block per stage
+        self.conv_in = nn.Conv2d(cin, rev[0], 3, padding=1)
+        self.mid_block = MidBlock(rev[0], groups)
+        self.up_blocks = nn.ModuleList([Stage(rev[max(i - 1, 0)], c, n + 1, groups, 'up' if i < len(rev) - 1 else None)
+                                        for i, c in enumerate(rev)])
+        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[0], cout, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 latent_channels=4, norm_num_groups=32):
+        super().__init__()
+        chs = tuple(block_out_channels)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels,  # diffusers' field names and values
+                           down_block_types=('DownEncoderBlock2D',) * len(chs),
+                           up_block_types=('UpDecoderBlock2D',) * len(chs), block_out_channels=chs,
+                           layers_per_block=layers_per_block, act_fn='silu', latent_channels=latent_channels,
+                           norm_num_groups=norm_num_groups)
+        self.latent_channels, self.downsample = latent_channels, 2 ** (len(chs) - 1)
+        self.encoder = Encoder(in_channels, 2 * latent_channels, chs, layers_per_block, norm_num_groups)
+        self.decoder = Decoder(latent_channels, out_channels, chs, layers_per_block, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    def encode(self, x):
+        """x in [-1, 1], (B, 3, H, W) -> posterior mean and std, each (B, C, H/f, W/f)."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    def decode(self, z):
+        """(B, C, h, w) latents -> (B, 3, h*f, w*f) images in about [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+def load_vae(spec='sd-vae-ft-mse', device='cpu'):
+    """spec: 'sd-vae-ft-mse' | 'sd-vae-ft-ema' (HF hub, cached), a local diffusers-format state dict (.safetensors,
+    .bin, .pt) with the SD f8d4 config, 'random' (SD config) or 'random:tiny' (f2d4, tests)."""
+    if spec in ('random', 'random:tiny'):
+        print(f"*** WARNING: the VAE has RANDOM weights ({spec}): its latents mean nothing. ***", file=sys.stderr)
+        return AutoencoderKL(**(TINY_VAE if spec == 'random:tiny' else SD_VAE)).to(device)
+    path = spec
+    if spec in ('sd-vae-ft-mse', 'sd-vae-ft-ema'):
+        path, = hub_files(f'stabilityai/{spec}', 'diffusion_pytorch_model.safetensors', f"VAE {spec}",
+                          "pass the local path instead of the name")
+    old = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}  # diffusers' pre-0.14 names
+    sd = {re.sub(r'attentions\.0\.(query|key|value|proj_attn)\.', lambda m: f'attentions.0.{old[m[1]]}.', k): v
+          for k, v in read_state_dict(path).items()}
+    with torch.device('meta'):  # no random init: every tensor comes from the file
+        vae = AutoencoderKL(**SD_VAE)
+    try:
+        vae.load_state_dict(sd, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"'{path}' is not a diffusers AutoencoderKL state dict with the SD f8d4 config "
+                         f"(block_out_channels {SD_VAE['block_out_channels']}): {str(e)[:600]}") from e
+    return vae.float().to(device)  # fp32 whatever the file holds
+
+# -----------------------------------------------------------------------------
+# Command line: python encoders.py --list
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--list', action='store_true', help='one row per teacher (built on the meta device)')
+    parser.add_argument('--grid', type=int, default=16, help='SiT token grid side used for the input size column')
+    args = parser.parse_args(argv)
+    if not args.list:
+        parser.print_help()
+        return
+    aliases = {n: [a for a, c in ALIASES.items() if c == n] for n in TEACHERS}
+    print(f"{'teacher':31s} {'timm model':44s} {'input':>5s} {'patch':>5s} {'dim':>5s} {'prefix':>6s} "
+          f"{'params':>8s}  aliases")
+    for name, t in TEACHERS.items():
+        grid = args.grid if args.grid in t.get('grids', (args.grid,)) else t['grids'][0]
+        with torch.device('meta'):
+            model = build_model(name, grid)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:31s} {t['timm']:44s} {t['patch'] * grid:5d} {t['patch']:5d} {model.embed_dim:5d} "
+              f"{model.num_prefix_tokens:6d} {params / 1e6:7.1f}M  {' '.join(aliases[name])}")
+
+
+if __name__ == '__main__':
+    main()
