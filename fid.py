@@ -1,0 +1,449 @@
+"""
+FID / sFID / Inception Score / Precision / Recall exactly as the ADM evaluator (openai/guided-diffusion
+evaluations/evaluator.py) computes them, in PyTorch, without TensorFlow.
+
+Evaluate an ADM-format sample file (arr_0: N x H x W x 3 uint8) against a reference batch, e.g. ADM's
+VIRTUAL_imagenet256_labeled.npz:
+    python fid.py eval VIRTUAL_imagenet256_labeled.npz samples.npz
+    python fid.py eval REF.npz SAMPLES.npz --inception pt_inception-2015-12-05-6726825d.pth --device cuda
+It prints ADM's five lines: Inception Score, FID, sFID, Precision, Recall.
+
+The network is the 2015-12-05 TF Inception graph ported to PyTorch (pytorch-fid's weights file). What makes the numbers
+match the TF evaluator (see reference/evaluation-fid.md): TF1-legacy bilinear resize to 299 and (x - 128) / 128;
+pool_3 for FID and P/R; Mixed_6d.branch1x1 (TF 'mixed_6/conv'), first 7 channels, flattened (h, w, c) for sFID;
+bias-free logits over 1008 classes in consecutive splits of 5000 for IS; k=3 manifolds on fp16 squared distances for
+P/R; stored mu/sigma/mu_s/sigma_s honoured; float64 statistics; TF32 off.
+"""
+import argparse
+import contextlib
+import hashlib
+import os
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+from torchvision.models.inception import Inception3, InceptionA, InceptionC
+from tqdm.auto import tqdm
+
+INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
+INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
+INCEPTION_ALT_FILE = 'weights-inception-2015-12-05-6726825d.pth'  # torch-fidelity's copy, same tensors and hash prefix
+INCEPTION_SHA256 = '6726825d'  # torch.hub's convention: the file name carries the SHA-256 prefix
+CACHE_VERSION = 1  # bump when the cached reference features change meaning
+
+# -----------------------------------------------------------------------------
+# ADM-format .npz files: arr_0 is streamed from the zip member, so a 10 GB sample file never sits in memory
+
+
+@contextlib.contextmanager
+def _open_arr0(path):
+    """Yield (stream positioned at arr_0's data, shape), after checking arr_0 is an N x H x W x 3 uint8 array."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f'{path}: not an .npz file ({e})') from None
+    with zf:
+        if 'arr_0.npy' not in zf.namelist():
+            keys = [n[:-4] for n in zf.namelist()]
+            raise ValueError(f'{path}: no arr_0 in the npz (keys: {keys}); ADM files keep the images in arr_0')
+        with zf.open('arr_0.npy') as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f'{path}: arr_0 has .npy format version {version}; expected 1.0 or 2.0')
+            fmt = np.lib.format
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran or shape[0] == 0:
+                raise ValueError(f'{path}: arr_0 must be a non-empty N x H x W x 3 uint8 array in C order (ADM), '
+                                 f'got shape {shape}, dtype {dtype}{", Fortran order" if fortran else ""}')
+            yield f, shape
+
+
+def npz_shape(path):
+    """Shape (N, H, W, 3) of arr_0, validated, without reading the images."""
+    with _open_arr0(path) as (_, shape):
+        return shape
+
+
+def read_npz_batches(path, batch_size=64):
+    """Yield arr_0 in consecutive (B, H, W, 3) uint8 batches (the last may be smaller), streaming the zip member."""
+    with _open_arr0(path) as (f, shape):
+        n, image_bytes = shape[0], int(np.prod(shape[1:]))
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            buf = bytearray(f.read(b * image_bytes))  # a writable copy, so torch.from_numpy is happy
+            if len(buf) != b * image_bytes:
+                raise ValueError(f'{path}: arr_0 is truncated ({i + len(buf) // image_bytes} of {n} images)')
+            yield np.frombuffer(buf, np.uint8).reshape(b, *shape[1:])  # (B, H, W, 3)
+
+
+def read_stored_stats(path):
+    """(mu, sigma, mu_s, sigma_s) stored in the npz as ADM's reference batches carry them, or None. ADM uses stored
+    statistics instead of the file's own activations for FID and sFID, in the sample file too."""
+    with np.load(path, allow_pickle=False) as f:
+        if 'mu' not in f.files:
+            return None
+        missing = [k for k in ('sigma', 'mu_s', 'sigma_s') if k not in f.files]
+        if missing:
+            raise ValueError(f'{path}: has stored mu but not {missing}; ADM needs mu, sigma, mu_s and sigma_s')
+        stats = tuple(f[k].astype(np.float64) for k in ('mu', 'sigma', 'mu_s', 'sigma_s'))
+    for (mu, sigma), d, what in zip((stats[:2], stats[2:]), (2048, 2023), ('mu/sigma', 'mu_s/sigma_s')):
+        if mu.shape != (d,) or sigma.shape != (d, d):
+            raise ValueError(f'{path}: stored {what} have shapes {mu.shape}/{sigma.shape}, expected ({d},)/({d}, {d})')
+    return stats
+
+# -----------------------------------------------------------------------------
+# Metrics, on features. They follow evaluator.py line by line where the numbers depend on it.
+
+
+def _sqrtm(a):
+    out = linalg.sqrtm(a)  # no `disp`: deprecated in scipy 1.16 and removed in 1.18; older versions may return a tuple
+    return out[0] if isinstance(out, tuple) else out
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64, with ADM's (TTUR's) fallbacks."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f'statistics of different sizes: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}')
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # a singular product (fewer images than dimensions)
+        warnings.warn(f'fid calculation produces singular product; adding {eps} to diagonal of cov estimates')
+        offset = np.eye(len(sigma1)) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical noise gives a small imaginary part; a large one means a broken sqrtm
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, split_size=5000, probs=False):
+    """ADM's IS: the mean over consecutive, unshuffled splits of exp(mean_i KL(p_i || mean_j p_j)), in float64.
+    `logits` (N, C) are pool3 @ fc.weight.T (no bias); pass probabilities with probs=True. IS grows with the split
+    size and depends on the order (a class-sorted file scores lower), so only ADM's split of 5000 is comparable."""
+    x = torch.as_tensor(logits, dtype=torch.float64)
+    if len(x) < split_size:
+        raise ValueError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
+                         f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
+    logp = x.log() if probs else x.log_softmax(1)
+    scores = []
+    for part in logp.split(split_size):  # (<= split_size, C); the last split may be shorter (12345 -> 5000/5000/2345)
+        p = part.exp()
+        log_mean = p.mean(0).log()
+        kl = torch.where(p > 0, p * (part - log_mean), 0.0).sum(1)  # 0 log 0 = 0
+        scores.append(kl.mean().exp())
+    return torch.stack(scores).mean().item()
+
+
+def _fp16(x):
+    return x.half().float()  # round to the nearest fp16 (inf past 65504), keep computing in fp32
+
+
+def sq_distances(u, v, adm16=True):
+    """Squared L2 distances (len(u), len(v)) as ADM's DistanceBlock: ||u||^2 - 2 u.v + ||v||^2 clamped at 0, computed
+    on fp16 copies of the features (adm16) with fp16 rounding after each step, or in fp32 if anything overflows.
+    TF sums the fp16 squares in half precision on the GPU, which is not reproducible bit for bit; summing the fp16
+    squares in fp32 and rounding once keeps the ties that fp16 creates, which move P and R by ~0.002."""
+    if adm16:
+        u16, v16 = _fp16(u), _fp16(v)
+        nu, nv = _fp16((_fp16(u16 * u16)).sum(1)), _fp16((_fp16(v16 * v16)).sum(1))  # (U,), (V,)
+        d = _fp16(_fp16(nu[:, None] - 2 * _fp16(u16 @ v16.T)) + nv[None, :])  # (U, V)
+        if torch.isfinite(d).all():
+            return d.clamp_min(0)
+    d = (u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None, :]  # (U, V)
+    return d.clamp_min(0)
+
+
+def manifold_radii(x, k=3, block_size=10000, adm16=True):
+    """Squared distance from each row of x to its k-th nearest neighbour in x, the point itself counted as the 0-th."""
+    radii = []
+    for i in range(0, len(x), block_size):
+        d = torch.cat([sq_distances(x[i:i + block_size], x[j:j + block_size], adm16)
+                       for j in range(0, len(x), block_size)], 1)  # (block, N): ADM holds the same 10k x N block
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, adm16=True, device='cpu'):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM: precision = fraction of samples inside some
+    reference k-NN ball, recall = fraction of references inside some sample k-NN ball; squared distances, radius
+    included (<=), sample radii from all samples. Distances are computed in blocks, never N x N at once."""
+    ref = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
+    sample = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
+    if len(ref) <= k or len(sample) <= k:
+        raise ValueError(f'precision/recall with k={k} needs at least {k + 1} reference and {k + 1} sample images; '
+                         f'got {len(ref)} and {len(sample)}')
+    ref_radii, sample_radii = manifold_radii(ref, k, block_size, adm16), manifold_radii(sample, k, block_size, adm16)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    sample_in = torch.zeros(len(sample), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), block_size):
+        for j in range(0, len(sample), block_size):
+            d = sq_distances(ref[i:i + block_size], sample[j:j + block_size], adm16)  # (R, S): ADM's argument order
+            ref_in[i:i + block_size] |= (d <= sample_radii[None, j:j + block_size]).any(1)
+            sample_in[j:j + block_size] |= (d <= ref_radii[i:i + block_size, None]).any(0)
+    return sample_in.double().mean().item(), ref_in.double().mean().item()
+
+# -----------------------------------------------------------------------------
+# The FID Inception: torchvision's Inception3 with the TF graph's quirks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
+
+
+def resize_tf1(x, size=299):
+    """TF1 ResizeBilinear(align_corners=False) without half-pixel centres, as the ADM graph resizes: source coordinate
+    = dst * (in / out) in float32, lerped in TF's order (columns, then rows). F.interpolate uses half-pixel centres,
+    a ~0.07 px shift at 256 -> 299. x: (N, C, H, W) float."""
+    def coords(n_in):
+        scale = torch.tensor(n_in / size, dtype=torch.float32, device=x.device)  # TF computes the scale in float32
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale
+        lo = src.long()  # floor, src >= 0
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+    ylo, yhi, fy = coords(x.shape[2])
+    xlo, xhi, fx = coords(x.shape[3])
+    top, bottom = x[:, :, ylo], x[:, :, yhi]  # (N, C, size, W) each
+    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * fx  # (N, C, size, size)
+    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * fx
+    return top + (bottom - top) * fy[:, None]
+
+
+def _tf_mixed(m, x, pool='avg'):
+    """Forward of torchvision's InceptionA/C/E block `m` as in the TF graph; returns (output, branch1x1 output).
+    TF's average pool ignores the zero padding, and Mixed_7c's pool branch is a max pool in the graph."""
+    def chain(*names):
+        y = x
+        for name in names:
+            y = getattr(m, name)(y)
+        return y
+    pooled = F.max_pool2d(x, 3, 1, 1) if pool == 'max' else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    if isinstance(m, InceptionA):
+        mid = [chain('branch5x5_1', 'branch5x5_2'), chain('branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3')]
+    elif isinstance(m, InceptionC):
+        mid = [chain(*[f'branch7x7_{i}' for i in (1, 2, 3)]), chain(*[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)])]
+    else:  # InceptionE: both inner branches split into a 1x3 and a 3x1 conv
+        a, b = m.branch3x3_1(x), chain('branch3x3dbl_1', 'branch3x3dbl_2')
+        mid = [m.branch3x3_2a(a), m.branch3x3_2b(a), m.branch3x3dbl_3a(b), m.branch3x3dbl_3b(b)]
+    b1 = m.branch1x1(x)
+    return torch.cat([b1, *mid, m.branch_pool(pooled)], 1), b1
+
+
+def spatial_features(b1):
+    """ADM's sFID feature 'mixed_6/conv'[..., :7]: Mixed_6d.branch1x1 (N, 192, 17, 17) -> (N, 2023), (h, w, c) order."""
+    return b1[:, :7].permute(0, 2, 3, 1).reshape(len(b1), -1)  # (N, 17, 17, 7) -> (N, 2023)
+
+
+class FIDInception(Inception3):
+    """The 2015-12-05 TF Inception; state-dict keys are those of pt_inception-2015-12-05-6726825d.pth."""
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+
+    def forward(self, x):
+        """x: (N, 3, H, W) images in [0, 255], uint8 or float (NCHW, any H x W).
+        Returns pool3 (N, 2048), spatial (N, 2023), logits (N, 1008) = pool3 @ fc.weight.T without the bias."""
+        x = resize_tf1(x.float(), 299)
+        x = (x - 128) / 128  # the graph's Sub 128, Mul 1/128: 255 maps to 0.9921875, not to 1
+        for m in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
+                  self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2):
+            x = m(x)  # (N, 192, 35, 35) at the end
+        for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
+                     'Mixed_7a', 'Mixed_7b', 'Mixed_7c'):
+            m = getattr(self, name)
+            if name in ('Mixed_6a', 'Mixed_7a'):  # the grid reductions need no patch
+                x = m(x)
+                continue
+            x, b1 = _tf_mixed(m, x, pool='max' if name == 'Mixed_7c' else 'avg')
+            if name == 'Mixed_6d':
+                spatial = spatial_features(b1)  # TF 'mixed_6/conv': mixed_6 is Mixed_6d (mixed = 5b)
+        pool = self.avgpool(x).flatten(1)  # (N, 2048, 8, 8) -> (N, 2048), TF pool_3
+        return pool, spatial, pool @ self.fc.weight.T  # IS uses softmax/logits/MatMul, before the bias
+
+
+def find_inception(path=None):
+    """The weights file: `path` (--inception), then $IREPA_INCEPTION, then torch hub's checkpoints folder."""
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    where = f'Download {INCEPTION_URL} and pass --inception PATH, set IREPA_INCEPTION=PATH, or put it in {hub}/'
+    for p, what in ((path, '--inception'), (os.environ.get('IREPA_INCEPTION'), 'IREPA_INCEPTION')):
+        if p:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f'{what}={p}: no such file; it should be {INCEPTION_FILE}. {where}')
+            return p
+    for name in (INCEPTION_FILE, INCEPTION_ALT_FILE):
+        if os.path.isfile(os.path.join(hub, name)):
+            return os.path.join(hub, name)
+    raise FileNotFoundError(f'FID Inception weights {INCEPTION_FILE} not found (nothing is downloaded). {where}')
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_inception(path=None, any_weights=False, device='cpu'):
+    """FIDInception with the 2015-12-05 weights, in eval mode (BN uses its stored statistics), frozen."""
+    path = find_inception(path)
+    digest = sha256_file(path)
+    if not digest.startswith(INCEPTION_SHA256):
+        if not any_weights:
+            raise ValueError(f'{path}: SHA-256 starts with {digest[:8]}, not {INCEPTION_SHA256}: not {INCEPTION_FILE} '
+                             f'({INCEPTION_URL}). --any-weights uses it anyway')
+        print(f'\n{"!" * 100}\nWARNING: FID Inception weights {path} are NOT {INCEPTION_FILE} (SHA-256 {digest[:8]}).\n'
+              f'FID, sFID, IS, precision and recall are NOT comparable to published numbers.\n{"!" * 100}\n',
+              file=sys.stderr)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a pickle with code in it, an .npz, a truncated download
+        raise ValueError(f'{path}: not a PyTorch state dict ({type(e).__name__}: {str(e)[:200]})') from None
+    net = FIDInception()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
+    if missing or unexpected:
+        raise ValueError(f'{path}: not an FID Inception state dict '
+                         f'(missing {missing[:5]}, unexpected {unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
+    net.weights_sha256 = digest  # keys the reference-feature cache
+    return net.eval().requires_grad_(False).to(device)
+
+# -----------------------------------------------------------------------------
+# Features and statistics
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off and deterministic cuDNN while evaluating: with TF32 the features depend on the batch size and the GPU
+    (torchmetrics #1620, torch-fidelity #43). The previous settings are restored afterwards."""
+    b = torch.backends
+    saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = False, False, False, True
+    try:
+        yield
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = saved
+
+
+@torch.no_grad()
+def extract_features(path, net, batch_size=64, device='cpu'):
+    """pool3 (N, 2048), spatial (N, 2023) and logits (N, 1008) of arr_0, as float32 numpy arrays."""
+    device = torch.device(device)
+    n = npz_shape(path)[0]
+    outs = []
+    for batch in tqdm(read_npz_batches(path, batch_size), total=-(-n // batch_size), desc=os.path.basename(path),
+                      unit='batch', file=sys.stderr):
+        x = torch.from_numpy(batch)
+        if device.type == 'cuda':
+            x = x.pin_memory()  # async copy: the next batch is read from disk while the GPU works
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        outs.append(net(x))  # features stay on the device until the end: no sync per batch
+    return tuple(torch.cat(o).cpu().numpy() for o in zip(*outs))
+
+
+def compute_stats(feats, device='cpu'):
+    """mu and the unbiased covariance (np.cov(rowvar=False)) of (N, D) features, in float64."""
+    x = torch.as_tensor(feats, device=device).double()
+    mu = x.mean(0)
+    x = x - mu
+    sigma = x.T @ x / (len(x) - 1)  # (D, D)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def reference_features(path, net, batch_size=64, device='cpu', cache_dir=None):
+    """pool3 features and computed statistics of the reference batch, cached by file (path, size, mtime) and weights
+    hash; a module without `weights_sha256` (not from load_inception) is never cached."""
+    cache = None
+    if cache_dir and getattr(net, 'weights_sha256', None):
+        st = os.stat(path)
+        key = f'v{CACHE_VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{net.weights_sha256}'
+        cache = os.path.join(os.path.expanduser(cache_dir), hashlib.sha256(key.encode()).hexdigest()[:32] + '.npz')
+        if os.path.exists(cache):
+            print(f'{path}: reference features from the cache {cache}', file=sys.stderr)
+            with np.load(cache) as f:
+                return {k: f[k] for k in f.files}
+    pool, spatial, _ = extract_features(path, net, batch_size, device)
+    (mu, sigma), (mu_s, sigma_s) = compute_stats(pool, device), compute_stats(spatial, device)
+    ref = dict(pool=pool, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    if cache:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f'{cache}.{os.getpid()}.tmp.npz'
+        np.savez(tmp, **ref)
+        os.replace(tmp, cache)  # atomic: a concurrent or interrupted run never sees half a file
+    return ref
+
+# -----------------------------------------------------------------------------
+# The evaluation
+
+
+def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_size=64, device='cpu', cache_dir=None,
+             is_split=5000, k=3, pr_block=10000, pr_dtype='adm16'):
+    """ADM's evaluator: dict with 'IS', 'FID', 'sFID', 'precision', 'recall' of the samples against the reference.
+    `inception` is a module from load_inception or a weights path (None: the usual search)."""
+    if pr_dtype not in ('adm16', 'fp32'):
+        raise ValueError(f"pr_dtype must be 'adm16' (as ADM) or 'fp32', got {pr_dtype!r}")
+    n_ref, n_sample = npz_shape(ref_path)[0], npz_shape(sample_path)[0]  # bad files fail before minutes of Inception
+    if n_sample < is_split:
+        raise ValueError(f'{sample_path}: {n_sample} images, fewer than one Inception Score split of {is_split} '
+                         '(ADM: 5000; a smaller --is-split is for smoke tests only)')
+    if min(n_ref, n_sample) <= k:
+        raise ValueError(f'precision/recall with k={k} needs at least {k + 1} images per file; got {n_ref} reference '
+                         f'and {n_sample} sample images')
+    ref_stored, sample_stored = read_stored_stats(ref_path), read_stored_stats(sample_path)
+    net = inception if isinstance(inception, nn.Module) else load_inception(inception, any_weights, device)
+    net = net.to(device).eval()
+    with exact_fp32():
+        ref = reference_features(ref_path, net, batch_size, device, cache_dir)
+        pool, spatial, logits = extract_features(sample_path, net, batch_size, device)
+        ref_stats = ref_stored or (ref['mu'], ref['sigma'], ref['mu_s'], ref['sigma_s'])
+        sample_stats = sample_stored or (*compute_stats(pool, device), *compute_stats(spatial, device))
+        precision, recall = precision_recall(ref['pool'], pool, k, pr_block, pr_dtype == 'adm16', device)
+    return {
+        'IS': inception_score(logits, is_split),
+        'FID': frechet_distance(*sample_stats[:2], *ref_stats[:2]),  # ADM: sample_stats.frechet_distance(ref_stats)
+        'sFID': frechet_distance(*sample_stats[2:], *ref_stats[2:]),
+        'precision': precision,
+        'recall': recall,
+    }
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='cmd', required=True)
+    ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
+    ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
+    ev.add_argument('samples', help='sample batch .npz (arr_0: N x H x W x 3 uint8)')
+    ev.add_argument('--inception', default=None,
+                    help=f'path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the torch hub cache)')
+    ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
+    ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
+    ev.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ev.add_argument('--cache-dir', default='~/.cache/irepa/fid', help='where reference features are cached')
+    ev.add_argument('--no-cache', action='store_true', help='neither read nor write the reference cache')
+    ev.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
+    ev.add_argument('--pr-dtype', default='adm16', choices=['adm16', 'fp32'], help='P/R distances: fp16 as ADM or fp32')
+    ev.add_argument('--pr-block', type=int, default=10000, help='rows/columns per P/R distance block')
+    # the `sample` subcommand (checkpoint -> ADM-format .npz) is registered here
+    args = parser.parse_args(argv)
+
+    if args.cmd == 'eval':
+        try:
+            r = evaluate(args.ref, args.samples, args.inception, args.any_weights, args.batch_size, args.device,
+                         None if args.no_cache else args.cache_dir, args.is_split, pr_block=args.pr_block,
+                         pr_dtype=args.pr_dtype)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f'fid.py eval: error: {e}')
+        print('Inception Score:', r['IS'])
+        print('FID:', r['FID'])
+        print('sFID:', r['sFID'])
+        print('Precision:', r['precision'])
+        print('Recall:', r['recall'])
+
+
+if __name__ == '__main__':
+    main()
