@@ -9,11 +9,28 @@ Read top to bottom: the model, the spatial normalization and losses, the sampler
 Conventions (fixed, see DESIGN.md): time runs data -> noise, x_t = (1 - t) x + t eps, the network predicts the
 velocity v = eps - x, samplers integrate t from 1 to 0; the null label is index `num_classes`.
 """
+import argparse
+import colorsys
+import contextlib
+import copy
+import json
 import math
+import os
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # The two recipes of the paper. Every knob stays overridable from the command line.
@@ -228,18 +245,23 @@ class SiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c)), zs
 
 
-SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}  # depth, width, heads
-SiT_models = {f'SiT-{s}/{p}': (lambda d, h, n, p: lambda **kw: SiT(depth=d, hidden_size=h, num_heads=n, patch_size=p, **kw))(d, h, n, p)
+# depth, width, heads. S/B/L/XL are the paper's; T (tiny) is ours, for the CPU demo and tests.
+SIZES = {'T': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+SiT_models = {f'SiT-{s}/{p}': partial(SiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
               for s, (d, h, n) in SIZES.items() for p in (2, 4, 8)}
 
 
-def build_sit(name, **kwargs):
-    """SiT_models[name](**kwargs) with an error that lists the sizes; encoder_depth defaults to 4 (S, B) or 8 (L, XL)."""
+def sit_args(name, **kwargs):
+    """All constructor arguments of SiT_models[name](**kwargs); encoder_depth defaults to 4 (S, B), 8 (L, XL), 2 (T)."""
     if name not in SiT_models:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(SiT_models)}")
     if kwargs.get('encoder_depth') is None:
-        kwargs['encoder_depth'] = 4 if SIZES[name[4:].split('/')[0]][0] == 12 else 8
-    return SiT_models[name](**kwargs)
+        kwargs['encoder_depth'] = {'T': 2, 'S': 4, 'B': 4}.get(name[4:].split('/')[0], 8)
+    return {**SiT_models[name].keywords, **kwargs}
+
+
+def build_sit(name, **kwargs):
+    return SiT(**sit_args(name, **kwargs))
 
 
 def load_state(model, state_dict, what='checkpoint'):
@@ -410,3 +432,591 @@ def spatial_metrics(feats, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
         out['srss'] = srss.masked_fill((fg.sum(1) < 2) | ((~fg).sum(1) < 1), float('nan'))
     out['rmsc'] = (u - u.mean(1, keepdim=True)).square().sum(-1).mean(1).sqrt()
     return out
+
+
+# -----------------------------------------------------------------------------
+# Data: the built-in synthetic set, an ImageNet-style folder, prepared VAE latents
+# Every source yields (image uint8 (3, R, R) for the teacher, VAE moments (2C, h, w) or an empty tensor, label).
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
+
+
+def synthetic_image(index, resolution, num_classes, seed=0):
+    """Image `index` of the built-in set: one coloured shape on a striped, two-colour background.
+
+    The class fixes the shape (disc, square, triangle, ring, cross) and the hue; position, size, background and
+    stripes vary per image. Deterministic in (seed, index), so no file is needed and every rank sees the same set.
+    """
+    rng = np.random.default_rng([seed, index])
+    label = index % num_classes
+    yy, xx = (np.mgrid[0:resolution, 0:resolution] + 0.5) / resolution  # (R, R) pixel centres in (0, 1)
+    c0, c1 = rng.uniform(0.05, 0.6, size=(2, 3))
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(1.5, 6)
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+    img = c0 + (c1 - c0) * (0.6 * yy + 0.4 * stripes)[..., None]  # (R, R, 3)
+    cx, cy = rng.uniform(0.3, 0.7, size=2)
+    r = rng.uniform(0.15, 0.3)
+    dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+    shape = label % 5
+    if shape == 0:
+        mask = dx ** 2 + dy ** 2 < r ** 2
+    elif shape == 1:
+        mask = np.maximum(dx, dy) < 0.8 * r
+    elif shape == 2:
+        mask = (yy - cy > -r) & (yy - cy < r) & (dx < (yy - cy + r) / 2)
+    elif shape == 3:
+        mask = (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2)
+    else:
+        mask = ((dx < r / 3) & (dy < r)) | ((dy < r / 3) & (dx < r))
+    hue = (label / num_classes + rng.uniform(-0.2, 0.2) / num_classes) % 1.0
+    colour = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95))
+    shade = 0.8 + 0.2 * (1 - np.clip(np.hypot(xx - cx + r / 3, yy - cy + r / 3) / (2 * r), 0, 1))  # lit from top left
+    img[mask] = colour * shade[mask, None]
+    return (img * 255).round().clip(0, 255).astype(np.uint8), label
+
+
+def center_crop(pil_image, resolution):
+    """ADM's center crop: halve with a box filter while possible, bicubic resize of the short side, crop the centre."""
+    while min(*pil_image.size) >= 2 * resolution:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = resolution / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top: top + resolution, left: left + resolution]
+
+
+def list_image_folder(root):
+    """ImageNet layout: root/<class>/*.JPEG (or root/train/<class>/...). Returns (files, labels, class names)."""
+    root = Path(root)
+    if (root / 'train').is_dir():
+        root = root / 'train'
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-path {root} is not a folder; expected <root>/<class>/*.JPEG or a prepared latents folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for f in sorted((root / c).rglob('*')):
+            if f.suffix.lower() in IMAGE_EXTS:
+                files.append(str(f.relative_to(root)))
+                labels.append(label)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in class folders under {root}; "
+                                f"expected the ImageNet layout <root>/<class>/<image>")
+    return root, files, labels, classes
+
+
+class ImageData(torch.utils.data.Dataset):
+    """Images (synthetic or from a folder) at one resolution, optionally paired by index with prepared latents."""
+    def __init__(self, data_path, resolution, num_classes=10, seed=0, synthetic_size=10_000):
+        self.resolution, self.latents, self.stats, self.bad = resolution, None, None, 0
+        data_path = Path(data_path) if data_path else None
+        if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
+            meta = json.loads((data_path / 'meta.json').read_text())
+            if meta['resolution'] != resolution:
+                raise ValueError(f"{data_path} holds latents of {meta['resolution']} px images; pass --resolution {meta['resolution']}")
+            self.latents = np.load(data_path / 'latents.npy', mmap_mode='r')  # (N, 2C, h, w) fp16: posterior mean, std
+            self.stats, self.vae = meta['stats'], meta['vae']
+            data_path = Path(meta['source']) if meta['source'] != 'synthetic' else None
+            num_classes, seed, synthetic_size = meta['num_classes'], meta['seed'], meta['size']
+        if data_path is None:
+            self.root, self.files, self.num_classes, self.seed = None, None, num_classes, seed
+            self.labels = np.arange(synthetic_size) % num_classes
+        else:
+            self.root, self.files, labels, classes = list_image_folder(data_path)
+            self.labels, self.num_classes = np.array(labels), len(classes)
+        if self.latents is not None and len(self.latents) != len(self.labels):
+            raise ValueError(f"prepared latents hold {len(self.latents)} images but the source has {len(self.labels)}; run --prepare again")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def image(self, i):
+        if self.files is None:
+            return synthetic_image(i, self.resolution, self.num_classes, self.seed)[0]
+        for j in range(len(self.files)):  # a corrupt file is replaced by the next readable one of its class
+            if self.labels[(i + j) % len(self.files)] != self.labels[i]:
+                continue
+            path = self.root / self.files[(i + j) % len(self.files)]
+            try:
+                with Image.open(path) as im:
+                    return center_crop(im.convert('RGB'), self.resolution)
+            except (OSError, ValueError, SyntaxError) as e:
+                self.bad += 1
+                print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e}); "
+                      f"{self.bad} skipped so far by this worker", file=sys.stderr)
+        raise RuntimeError(f"no readable image of class {self.labels[i]} under {self.root}")
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(np.ascontiguousarray(self.image(i))).permute(2, 0, 1)  # (3, R, R) uint8
+        moments = torch.from_numpy(np.array(self.latents[i])) if self.latents is not None else torch.empty(0)
+        return img, moments, int(self.labels[i])
+
+
+class Batches(torch.utils.data.Sampler):
+    """This rank's share of each global batch, from step `start` on, forever.
+
+    Epoch e is a permutation seeded with seed + e and drops its last partial batch, so the data position is just the
+    step number: resuming at step k reproduces the same batches on any number of workers.
+    """
+    def __init__(self, n, global_batch, rank, world, seed, start=0):
+        if n < global_batch:
+            raise ValueError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.local = n, global_batch, global_batch // world
+        self.rank, self.seed, self.start, self.per_epoch = rank, seed, start, n // global_batch
+
+    def __iter__(self):
+        step, perm_epoch, perm = self.start, None, None
+        while True:
+            epoch, k = divmod(step, self.per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            lo = k * self.global_batch + self.rank * self.local
+            yield perm[lo: lo + self.local].tolist()
+            step += 1
+
+
+def dist_info():
+    """(rank, world size, local rank): from torchrun's environment, or a single process without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+    return 0, 1, 0
+
+
+@torch.no_grad()
+def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classes=10, seed=0, synthetic_size=10_000,
+                    batch_size=64, num_workers=0):
+    """One pass over the images (sharded over ranks): VAE posterior mean/std as an fp16 memmap, labels, latent stats.
+
+    The per-channel mean/std are those of posterior samples z = mean + std * eps, so that (z - mean_c) / std_c has unit
+    variance: E[z] = E[mu], Var[z] = E[mu^2 + sigma^2] - E[mu]^2. meta.json is written last and marks completion.
+    """
+    import encoders
+    rank, world, _ = dist_info()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = ImageData(data_path, resolution, num_classes, seed, synthetic_size)
+    vae = encoders.load_vae(vae_spec, device=device)
+    C, h = vae.latent_channels, resolution // vae.downsample
+    if rank == 0:
+        np.lib.format.open_memmap(out / 'latents.npy', mode='w+', dtype=np.float16, shape=(len(data), 2 * C, h, h)).flush()
+    if world > 1:
+        dist.barrier()
+    latents = np.load(out / 'latents.npy', mmap_mode='r+')
+    mine = list(range(rank, len(data), world))
+    chunks = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=num_workers)
+    sums = torch.zeros(3, C, dtype=torch.float64, device=device)  # sum of mu, sum of mu^2 + sigma^2, count
+    for ids, (img, _, _) in zip(chunks, tqdm(loader, desc='prepare latents', disable=rank != 0)):
+        mean, std = vae.encode(img.to(device).float() / 127.5 - 1)  # (B, C, h, w) each
+        latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
+        sums[0] += mean.double().sum((0, 2, 3))
+        sums[1] += (mean.double() ** 2 + std.double() ** 2).sum((0, 2, 3))
+        sums[2] += mean[:, 0].numel()
+    latents.flush()
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.barrier()
+    if rank == 0:
+        mu = sums[0] / sums[2]
+        sd = (sums[1] / sums[2] - mu ** 2).sqrt()
+        np.save(out / 'labels.npy', data.labels.astype(np.int64))
+        meta = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
+                    num_classes=data.num_classes, seed=seed, size=len(data), vae=vae_spec, shape=[2 * C, h, h],
+                    stats=dict(mean=mu.tolist(), std=sd.tolist()))
+        (out / 'meta.json').write_text(json.dumps(meta, indent=1))
+        print(f"prepared {len(data)} latents {tuple(meta['shape'])} in {out}; per-channel mean {np.round(meta['stats']['mean'], 4).tolist()}, "
+              f"std {np.round(meta['stats']['std'], 4).tolist()}")
+    if world > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop for one CPU, one GPU or many (torchrun); checkpoints that resume the exact trajectory
+
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12,
+                   'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}  # dense, per GPU
+RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'resume', 'device', 'compile',
+                     'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare'}
+
+
+def sit_train_flops(model):
+    """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
+    L, (_, T, D) = len(model.blocks), model.pos_embed.shape
+    return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
+
+
+def weights_fingerprint(model):
+    """A float that equal weights reproduce bit for bit and different weights almost surely do not."""
+    return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(model.parameters())).item()
+
+
+def save_checkpoint(path, state):
+    """Write to a temp file, then rename: a kill during the save never corrupts the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir):
+    files = sorted((Path(out_dir) / 'checkpoints').glob('*.pt'))  # zero-padded step names; *.pt.tmp are unfinished
+    return files[-1] if files else None
+
+
+def model_from_checkpoint(path, ema=True, device='cpu'):
+    """The SiT of a checkpoint written by train() (EMA weights by default, eval mode) and its config."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict) or 'model_args' not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by irepa.py (no 'model_args')")
+    model = SiT(**ckpt['model_args'])
+    load_state(model, ckpt['ema' if ema else 'model'])
+    return model.to(device).eval(), ckpt['config']
+
+
+def to_uint8(x):
+    """[-1, 1] floats (B, 3, H, W) -> uint8 (B, H, W, 3), rounding to nearest (DESIGN.md)."""
+    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images, path, cols=None):
+    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
+    k = max(1, 64 // images.shape[1])
+    images = images.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)  # (N, kH, kW, 3)
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(rows * h, cols * w, 3, dtype=torch.uint8)
+    for i, im in enumerate(images.cpu()):
+        grid[(i // cols) * h: (i // cols + 1) * h, (i % cols) * w: (i % cols + 1) * w] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
+
+
+def build_teachers(cfg, grid, device):
+    """The frozen teachers (bf16 on GPU). In --demo, unavailable weights fall back to a random 1-block teacher."""
+    import encoders
+    names = [n for n in cfg['encoder'].split(',') if n and n != 'none']
+    weights = cfg['encoder_weights'].split(',')
+    if len(weights) not in (1, len(names)):
+        raise ValueError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
+    teachers = []
+    for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
+        kw = dict(grid=grid, device=device, dtype=torch.bfloat16 if device.type == 'cuda' else None,
+                  compile=cfg['compile'], siglip_norm=cfg['siglip_norm'])
+        try:
+            teachers.append(encoders.load_teacher(name, w, **kw))
+        except Exception as e:
+            if not (cfg['demo'] and w == 'auto'):
+                raise
+            print(f"\n{'!' * 80}\n!! --demo: the weights of {name} are not available here ({type(e).__name__}: {e}).\n"
+                  f"!! Using a RANDOM 1-block {name} instead: its tokens mean nothing; this only exercises the code path.\n"
+                  f"{'!' * 80}\n", file=sys.stderr)
+            teachers.append(encoders.load_teacher(name, 'random:1', **kw))
+    return teachers
+
+
+def train(cfg):
+    c = SimpleNamespace(**cfg)
+    rank, world, local_rank = dist_info()
+    master = rank == 0
+    device = torch.device(f'cuda:{local_rank}' if c.device == 'cuda' and world > 1 else c.device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if c.global_batch_size % world:
+        raise ValueError(f"--global-batch-size {c.global_batch_size} is not divisible by the {world} processes")
+    out = Path(c.out_dir)
+    ckpt = None
+    if c.resume:
+        path = latest_checkpoint(out)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start afresh")
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        diff = {k: (ckpt['config'].get(k), v) for k, v in cfg.items()
+                if k not in RESUME_MAY_CHANGE and ckpt['config'].get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
+        if master:
+            print(f"resuming from {path} (step {ckpt['step']})")
+
+    # --- data: latents are prepared once (rank-parallel) and read from a memmap; images feed the teacher
+    data = ImageData(c.data_path, c.resolution, c.num_classes, c.seed, c.synthetic_size)
+    if c.vae != 'none' and data.latents is None:
+        prepared = out / 'latents'
+        if not (prepared / 'meta.json').exists():
+            if master:
+                print(f"no prepared latents: encoding the data once with {c.vae} into {prepared}")
+            prepare_latents(c.data_path, prepared, c.resolution, c.vae, device, c.num_classes, c.seed, c.synthetic_size,
+                            num_workers=c.num_workers)
+        data = ImageData(prepared, c.resolution)
+    latent = data.latents is not None
+    if latent:
+        shape = tuple(data.latents.shape[1:])
+        in_channels, input_size = shape[0] // 2, shape[1]
+        if c.latent_scale:  # REPA: z * 0.18215, no shift
+            shift, scale = torch.zeros(in_channels), torch.full((in_channels,), c.latent_scale)
+        else:  # iREPA: per-channel statistics of the dataset's latents
+            shift, scale = torch.tensor(data.stats['mean']), 1 / torch.tensor(data.stats['std'])
+        shift, scale = shift.view(1, -1, 1, 1).to(device), scale.view(1, -1, 1, 1).to(device)
+    else:
+        in_channels, input_size = 3, c.resolution
+
+    # --- model, teachers, EMA, optimizer (same seed on every rank, so random teachers agree)
+    torch.manual_seed(c.seed)
+    if c.model not in SiT_models:
+        raise ValueError(f"unknown model {c.model!r}; accepted: {', '.join(SiT_models)}")
+    grid = input_size // int(c.model.split('/')[1])
+    teachers = build_teachers(cfg, grid, device)
+    model_args = sit_args(c.model, input_size=input_size, in_channels=in_channels, num_classes=data.num_classes,
+                          encoder_depth=c.encoder_depth, z_dims=[t.dim for t in teachers], projector=c.projector,
+                          proj_kernel=c.proj_kernel, projector_dim=c.projector_dim, qk_norm=c.qk_norm)
+    model = SiT(**model_args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=0, eps=1e-8,
+                            fused=device.type == 'cuda')
+    start = 0
+    if ckpt is not None:
+        load_state(model, ckpt['model'])
+        load_state(ema, ckpt['ema'])
+        opt.load_state_dict(ckpt['opt'])
+        start = ckpt['step']
+    torch.manual_seed(c.seed * world + rank)  # a different stream of t, noise and label dropout per rank
+    if ckpt is not None:
+        rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
+        if rng is None:
+            print(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, now {world}: "
+                  f"new random streams, the trajectory will differ from an uninterrupted run", file=sys.stderr)
+        else:
+            torch.set_rng_state(rng['cpu'])
+            if device.type == 'cuda' and 'cuda' in rng:
+                torch.cuda.set_rng_state(rng['cuda'])
+    train_model = model
+    if world > 1:
+        train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None)
+    if c.compile:
+        train_model = torch.compile(train_model)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
+    vae = None
+
+    def decode(z):  # model space -> images in [-1, 1]
+        nonlocal vae
+        if not latent:
+            return z
+        if vae is None:
+            import encoders
+            vae = encoders.load_vae(data.vae, device=device)
+        return vae.decode(z / scale + shift)
+
+    @torch.no_grad()
+    def sample_images(path):
+        g = torch.Generator().manual_seed(c.seed)  # the same noise and labels at every step: grids are comparable
+        n = 16
+        noise = torch.randn(n, in_channels, input_size, input_size, generator=g).to(device)
+        y = (torch.arange(n) % data.num_classes).to(device)
+        with autocast:
+            z = sample(ema, noise, y, c.sample_mode, c.sample_steps, c.cfg_scale, c.guidance_low, c.guidance_high, g)
+            save_grid(to_uint8(decode(z.float())), path, cols=8)
+
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / 'config.json').write_text(json.dumps(cfg, indent=1))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{c.model}: {n_params / 1e6:.2f}M parameters (projectors included), {grid}x{grid} tokens, "
+              f"{'latents ' + str(tuple(data.latents.shape[1:])) if latent else 'pixels'}, {len(data)} images, "
+              f"{data.num_classes} classes, teachers: {', '.join(t.name for t in teachers) or 'none'}")
+
+    # --- the loop
+    local_batch = c.global_batch_size // world
+    batches = Batches(len(data), c.global_batch_size, rank, world, c.seed, start)
+    loader = iter(torch.utils.data.DataLoader(
+        data, batch_sampler=batches, num_workers=c.num_workers, pin_memory=device.type == 'cuda',
+        persistent_workers=c.num_workers > 0, generator=torch.Generator()))  # own generator: leaves the train RNG alone
+    flops = sit_train_flops(model) + sum(2 * sum(p.numel() for p in t.parameters()) * grid * grid for t in teachers)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == 'cuda' else None
+    sums = torch.zeros(4, device=device)  # flow, align, grad norm, steps: summed on device, read at log steps only
+    first_bad = torch.tensor(-1, device=device)
+    log = open(out / 'log.jsonl', 'a') if master else None
+    bar = tqdm(total=c.max_steps, initial=start, disable=not master, desc='train', dynamic_ncols=True)
+    t0, first_flow = time.time(), None
+    for step in range(start, c.max_steps):
+        img, moments, y = next(loader)  # uint8 (B, 3, R, R), fp16 (B, 2C, h, w) or empty, (B,)
+        img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if latent:  # a fresh posterior sample every step, then per-channel normalization
+            mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)
+            x = (mean + std * torch.randn_like(std) - shift) * scale
+        else:
+            x = img.float() / 127.5 - 1
+        with torch.no_grad(), autocast:
+            feats = [t(img.float() / 255) for t in teachers]
+        targets = teacher_targets(feats, c.spnorm, c.spnorm_gamma)
+        with autocast:
+            flow, align = flow_loss(train_model, x, y, targets)
+        loss = flow + c.proj_coeff * align
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        opt.step()
+        torch._foreach_lerp_(ema_params, model_params, 1 - c.ema_decay)
+        sums += torch.stack([flow.detach(), align.detach(), grad_norm.detach(), torch.ones((), device=device)])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
+        bar.update(1)
+
+        done = step + 1
+        last = done == c.max_steps
+        do_ckpt, do_sample = done % c.ckpt_every == 0 or last, done % c.sample_every == 0 or last
+        if done % c.log_every == 0 or do_ckpt or do_sample:  # the only host syncs: here, every log_every steps
+            stats = torch.cat([sums, first_bad.view(1).float()])
+            if world > 1:
+                dist.all_reduce(stats[:4])
+                dist.all_reduce(stats[4:], op=dist.ReduceOp.MAX)
+            stats = stats.tolist()
+            if stats[4] >= 0:
+                good = latest_checkpoint(out)
+                raise FloatingPointError(f"non-finite loss at step {int(stats[4])}; stopping. The last good checkpoint is "
+                                         f"{good or 'none'}; resume from it with --resume (maybe with --qk-norm or a lower --lr)")
+            n = stats[3]
+            dt, t0 = time.time() - t0, time.time()
+            rec = dict(step=done, flow=stats[0] / n, align=stats[1] / n, grad_norm=stats[2] / n,
+                       img_per_s=n / world * c.global_batch_size / dt, steps_per_s=n / world / dt)
+            rec['peak_mem_gb'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else
+                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+            if peak:
+                rec['mfu'] = rec['img_per_s'] / world * flops / peak
+            first_flow = first_flow if first_flow is not None else rec['flow']
+            sums.zero_()
+            if master:
+                log.write(json.dumps(rec) + '\n')
+                log.flush()
+                bar.set_postfix(flow=f"{rec['flow']:.4f}", align=f"{rec['align']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+        if do_ckpt:
+            if world > 1:  # DDP keeps replicas equal; check it before saving rank 0's copy as everyone's
+                prints = [None] * world
+                dist.all_gather_object(prints, weights_fingerprint(model))
+                if len(set(prints)) > 1:
+                    raise RuntimeError(f"step {done}: the {world} ranks hold different weights {prints}")
+            rngs = [None] * world
+            mine = dict(cpu=torch.get_rng_state(), **({'cuda': torch.cuda.get_rng_state(device)} if device.type == 'cuda' else {}))
+            if world > 1:
+                dist.all_gather_object(rngs, mine)
+            else:
+                rngs = [mine]
+            if master:
+                save_checkpoint(out / 'checkpoints' / f'{done:07d}.pt', dict(
+                    model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done, config=cfg,
+                    model_args=model_args, rng=rngs, data=dict(images_seen=done * c.global_batch_size)))
+        if do_sample and master:
+            sample_images(out / 'samples' / f'{done:07d}.png')
+    bar.close()
+    if master:
+        log.close()
+        if c.max_steps > start:
+            print(f"done: {c.max_steps} steps; flow loss {first_flow:.4f} (first log) -> {rec['flow']:.4f} (last), "
+                  f"alignment {rec['align']:.4f}; checkpoint {latest_checkpoint(out)}, samples in {out / 'samples'}"
+                  + (f"; the {world} ranks hold identical weights" if world > 1 else ''))
+    return model, ema, opt
+
+
+# -----------------------------------------------------------------------------
+# Command line: one block of defaults; --demo only changes defaults, every flag given still applies
+
+# 16-px images, a tiny SiT and a random teacher where the real one is unavailable: ~3 minutes on 2 CPU cores, enough
+# for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
+DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
+            log_every=25, ckpt_every=150, sample_every=150, sample_mode='sde', sample_steps=50, num_workers=0,
+            synthetic_size=2000, out_dir='out/demo')
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description='Train SiT with REPA / iREPA alignment (python irepa.py --demo for a '
+                                'CPU demo; torchrun --nproc_per_node=8 irepa.py ... for DDP)',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a('--model', default='SiT-XL/2', help=f"one of {', '.join(SiT_models)}")
+    a('--recipe', default='irepa', choices=list(RECIPES), help='repa: MLP projector, raw targets, lambda 0.5; '
+      'irepa: 3x3 conv projector, spatial z-score, lambda 1.0')
+    a('--encoder', default='dinov2-vit-b', help="teacher(s), comma-separated (python encoders.py --list); 'none' trains a plain SiT")
+    a('--encoder-weights', default='auto', help="'auto' (Hugging Face hub and its cache), a local file (comma-separated, one "
+      "per teacher), 'random' or 'random:N' (random init, N blocks: tests only)")
+    a('--encoder-depth', type=int, default=None, help='SiT block (1-based) whose output is aligned; default 4 (S, B), 8 (L, XL)')
+    a('--projector', choices=['mlp', 'conv'], default=None, help='default: from --recipe')
+    a('--proj-kernel', type=int, default=3, help='conv projector kernel (the official LDM script defaults to 1)')
+    a('--projector-dim', type=int, default=2048, help='hidden width of the MLP projector')
+    a('--spnorm', choices=['none', 'zscore'], default=None, help='spatial normalization of the targets; default: from --recipe')
+    a('--spnorm-gamma', type=float, default=0.6, help='share of the token mean removed by the z-score (paper: 1, LDM code: 0.6)')
+    a('--proj-coeff', type=float, default=None, help='alignment weight lambda; default: from --recipe')
+    a('--siglip-norm', choices=['imagenet', 'siglip'], default='imagenet', help="SigLIP input stats: the paper's ImageNet ones, or SigLIP's 0.5/0.5")
+    a('--qk-norm', action=argparse.BooleanOptionalAction, default=False, help='LayerNorm on queries and keys')
+    a('--data-path', default=None, help='ImageNet-style folder (<root>/<class>/*.JPEG), a folder of prepared latents, '
+      'or nothing for the built-in synthetic set')
+    a('--resolution', type=int, default=256, help='image side in pixels')
+    a('--vae', default='sd-vae-ft-mse', help="'sd-vae-ft-mse', 'sd-vae-ft-ema', a local file, or 'none' for pixel space")
+    a('--latent-scale', type=float, default=None, help="default: per-channel latent stats; 0.18215 reproduces REPA's constant")
+    a('--num-classes', type=int, default=10, help='classes of the synthetic set (a folder has its own)')
+    a('--synthetic-size', type=int, default=10_000, help='images in the synthetic set')
+    a('--prepare', action='store_true', help='encode --data-path with --vae into --out-dir (latents.npy, labels, stats) and exit')
+    a('--num-workers', type=int, default=8, help='data loader processes per rank')
+    a('--max-steps', type=int, default=400_000)
+    a('--global-batch-size', type=int, default=256, help='summed over all processes')
+    a('--lr', type=float, default=1e-4)
+    a('--grad-clip', type=float, default=1.0)
+    a('--ema-decay', type=float, default=0.9999)
+    a('--seed', type=int, default=0)
+    a('--out-dir', default='out/run')
+    a('--log-every', type=int, default=100)
+    a('--ckpt-every', type=int, default=50_000)
+    a('--sample-every', type=int, default=10_000, help='steps between sample grids of the EMA model')
+    a('--sample-mode', choices=['euler', 'heun', 'sde'], default='euler', help='sampler of the grids')
+    a('--sample-steps', type=int, default=50)
+    a('--cfg-scale', type=float, default=4.0)
+    a('--guidance-low', type=float, default=0.0)
+    a('--guidance-high', type=float, default=1.0)
+    a('--resume', action='store_true', help='continue from the newest checkpoint in --out-dir')
+    a('--device', default='auto', help="'auto', 'cuda' or 'cpu'")
+    a('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile (default: on CUDA)')
+    a('--demo', action='store_true', help=f'offline CPU demo; sets the defaults {DEMO}')
+    return p
+
+
+def resolve_config(argv=None):
+    """Parse the command line into the plain dict that is printed, saved and stored in checkpoints."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = get_parser()
+    if '--demo' in argv:
+        p.set_defaults(**DEMO)
+    cfg = vars(p.parse_args(argv))
+    for k, v in RECIPES[cfg['recipe']].items():
+        if cfg[k] is None:
+            cfg[k] = v
+    if cfg['device'] == 'auto':
+        cfg['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if cfg['compile'] is None:
+        cfg['compile'] = cfg['device'] == 'cuda'
+    if cfg['model'] not in SiT_models:
+        p.error(f"unknown --model {cfg['model']!r}; accepted: {', '.join(SiT_models)}")
+    return cfg
+
+
+def main(argv=None):
+    cfg = resolve_config(argv)
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    if ddp:
+        dist.init_process_group('nccl' if cfg['device'] == 'cuda' else 'gloo')
+    try:
+        if dist_info()[0] == 0:
+            print(json.dumps(cfg, indent=1))
+        if cfg['prepare']:
+            device = torch.device(f"cuda:{dist_info()[2]}" if cfg['device'] == 'cuda' else cfg['device'])
+            prepare_latents(cfg['data_path'], cfg['out_dir'], cfg['resolution'], cfg['vae'], device, cfg['num_classes'],
+                            cfg['seed'], cfg['synthetic_size'], num_workers=cfg['num_workers'])
+        else:
+            return train(cfg)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,20 +1,34 @@
-"""Tests for irepa: parity with the official code, invariants with known answers, round trips. CPU, minutes.
+"""Tests for irepa.py, encoders.py and fid.py: parity with the official code, invariants with known answers,
+round trips through the real loading paths, DDP with gloo. CPU, minutes; no network, no pretrained weights.
 
 Run: python -m pytest -q test_irepa.py
 The parity vectors come from IREPA_PARITY_VECTORS (default ../shared/vectors/official_parity.safetensors).
 """
+import functools
+import io
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import encoders
+import fid
 import irepa
+from encoders import TEACHERS, load_teacher
 
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(2)
@@ -411,3 +425,948 @@ def test_state_dict_from_another_config():
         irepa.load_state(tiny_sit(), tiny_sit(projector='mlp').state_dict())
     m = tiny_sit()
     irepa.load_state(m, randomize(tiny_sit()).state_dict())  # same config loads
+
+
+# -----------------------------------------------------------------------------
+# Training: exact resume, DDP, atomic checkpoints, NaN guard, data sources, bad input
+
+TINY_RUN = ['--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--encoder', 'dinov2', '--encoder-weights',
+            'random:1', '--global-batch-size', '4', '--synthetic-size', '64', '--log-every', '2', '--sample-every', '1000',
+            '--sample-steps', '2', '--num-workers', '0', '--device', 'cpu', '--ema-decay', '0.9']
+
+
+def run_args(out, steps, *extra):
+    return TINY_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)] + list(extra)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_state(a, b):
+    for key in ('model', 'ema'):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f'{key}.{k}'
+    sa, sb = a['opt']['state'], b['opt']['state']
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f'opt.{i}.{k}'
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    irepa.main(run_args(tmp_path / 'full', 6))
+    irepa.main(run_args(tmp_path / 'split', 3))
+    irepa.main(run_args(tmp_path / 'split', 6, '--resume'))
+    a, b = load_ckpt(tmp_path / 'full/checkpoints/0000006.pt'), load_ckpt(tmp_path / 'split/checkpoints/0000006.pt')
+    assert a['step'] == b['step'] == 6 and a['data']['images_seen'] == 24
+    assert_same_state(a, b)
+    full = [json.loads(l) for l in open(tmp_path / 'full/log.jsonl')]
+    split = [json.loads(l) for l in open(tmp_path / 'split/log.jsonl')]
+    assert [r['flow'] for r in full][-1] == [r['flow'] for r in split][-1]
+    assert (tmp_path / 'full/samples/0000006.png').exists() and (tmp_path / 'full/config.json').exists()
+    model, cfg = irepa.model_from_checkpoint(tmp_path / 'full/checkpoints/0000006.pt')
+    assert not model.training and cfg['model'] == 'SiT-T/4'
+
+
+def test_resume_refuses_another_config(tmp_path):
+    irepa.main(run_args(tmp_path, 2))
+    with pytest.raises(ValueError, match="recipe"):
+        irepa.main(run_args(tmp_path, 4, '--resume', '--recipe', 'repa'))
+    with pytest.raises(ValueError, match="model"):
+        irepa.main(run_args(tmp_path, 4, '--resume', '--model', 'SiT-T/2'))
+    with pytest.raises(FileNotFoundError, match='no checkpoint'):
+        irepa.main(run_args(tmp_path / 'empty', 4, '--resume'))
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    irepa.main(run_args(tmp_path, 2))
+    good = tmp_path / 'checkpoints/0000002.pt'
+    real_save = torch.save
+
+    def killed_midway(obj, f, *a, **k):  # writes a truncated file, then the process "dies"
+        real_save(obj, f, *a, **k)
+        with open(f, 'r+b') as fh:
+            fh.truncate(100)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        irepa.main(run_args(tmp_path, 4, '--resume'))
+    monkeypatch.undo()
+    assert (tmp_path / 'checkpoints/0000004.pt.tmp').exists() and not (tmp_path / 'checkpoints/0000004.pt').exists()
+    assert irepa.latest_checkpoint(tmp_path) == good
+    assert load_ckpt(good)['step'] == 2
+    irepa.main(run_args(tmp_path, 4, '--resume'))  # and the run continues from it
+    assert load_ckpt(tmp_path / 'checkpoints/0000004.pt')['step'] == 4
+
+
+def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
+    real = irepa.flow_loss
+    calls = []
+
+    def poisoned(*a, **k):
+        flow, align = real(*a, **k)
+        calls.append(1)
+        return (flow * float('nan'), align) if len(calls) == 5 else (flow, align)
+    monkeypatch.setattr(irepa, 'flow_loss', poisoned)
+    with pytest.raises(FloatingPointError, match=r'step 5.*0000004\.pt'):
+        irepa.main(run_args(tmp_path, 8, '--ckpt-every', '2'))
+    assert irepa.latest_checkpoint(tmp_path).name == '0000004.pt'  # written before the NaN; nothing after it
+    assert torch.isfinite(torch.stack([v.float().sum() for v in load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
+
+
+def torchrun(nproc, args, tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                           str(HERE / 'irepa.py')] + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
+    r = torchrun(2, run_args(tmp_path / 'ddp', 4, '--ckpt-every', '2'), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'the 2 ranks hold identical weights' in r.stdout
+    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'log.jsonl', 'samples']
+    assert sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir()) == ['0000002.pt', '0000004.pt']
+    assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == 2  # one writer
+    r = torchrun(2, run_args(tmp_path / 'odd', 2, '--global-batch-size', '3'), tmp_path)
+    assert r.returncode != 0 and 'not divisible by the 2 processes' in r.stderr
+
+
+def make_folder(root, n_per_class=3, size=40):
+    for c in ('cat', 'dog'):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(np.random.randint(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    return root
+
+
+def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
+    root = make_folder(tmp_path / 'imgs')
+    (root / 'dog' / 'broken.png').write_bytes(b'not a png')
+    data = irepa.ImageData(root, 16)
+    assert len(data) == 7 and data.num_classes == 2 and list(data.labels) == [0, 0, 0, 1, 1, 1, 1]
+    img, moments, label = data[6]  # 'broken.png' sorts last: replaced by the first readable dog, never a cat
+    assert img.dtype == torch.uint8 and moments.numel() == 0 and label == 1
+    assert torch.equal(img, data[3][0])
+    assert 'skipping unreadable image' in capsys.readouterr().err and data.bad == 1
+    big = Image.fromarray(np.random.randint(0, 255, (100, 300, 3), dtype=np.uint8))
+    assert irepa.center_crop(big, 32).shape == (32, 32, 3)
+    irepa.main(run_args(tmp_path / 'run', 2, '--data-path', str(root)))  # trains on it, corrupt file and all
+    (tmp_path / 'empty/cat').mkdir(parents=True)
+    (tmp_path / 'empty/cat/notes.txt').write_text('no images here')
+    with pytest.raises(FileNotFoundError, match='no images'):
+        irepa.ImageData(tmp_path / 'empty', 16)
+    with pytest.raises(FileNotFoundError, match='not a folder'):
+        irepa.ImageData(tmp_path / 'nothing', 16)
+
+
+def test_prepared_latents_and_latent_training(tmp_path):
+    out = tmp_path / 'latents'
+    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size', '24', '--out-dir', str(out),
+                '--num-workers', '0', '--device', 'cpu'])
+    meta = json.loads((out / 'meta.json').read_text())
+    lat = np.load(out / 'latents.npy', mmap_mode='r')
+    assert lat.shape[0] == 24 and lat.dtype == np.float16 and tuple(lat.shape[1:]) == tuple(meta['shape'])
+    C = lat.shape[1] // 2
+    mu, sd = lat[:, :C].astype(np.float64), lat[:, C:].astype(np.float64)
+    want_mean = mu.mean((0, 2, 3))
+    want_std = np.sqrt((mu ** 2 + sd ** 2).mean((0, 2, 3)) - want_mean ** 2)
+    np.testing.assert_allclose(meta['stats']['mean'], want_mean, rtol=1e-2, atol=1e-3)  # fp16 storage vs fp32 sums
+    np.testing.assert_allclose(meta['stats']['std'], want_std, rtol=1e-2)
+    data = irepa.ImageData(out, 16)
+    img, moments, label = data[5]
+    assert moments.shape == tuple(meta['shape']) and torch.equal(img.permute(1, 2, 0), torch.from_numpy(irepa.synthetic_image(5, 16, 10)[0]))
+    args = run_args(tmp_path / 'run', 2, '--data-path', str(out))
+    args[args.index('--vae') + 1] = 'random:tiny'
+    model, _, _ = irepa.main(args)
+    assert model.in_channels == C
+    with pytest.raises(ValueError, match='--resolution 16'):
+        irepa.ImageData(out, 32)
+
+
+def test_synthetic_set_is_deterministic_and_class_conditional():
+    a, la = irepa.synthetic_image(7, 32, 10, seed=1)
+    b, lb = irepa.synthetic_image(7, 32, 10, seed=1)
+    c, _ = irepa.synthetic_image(7, 32, 10, seed=2)
+    assert la == lb == 7 and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    batches = irepa.Batches(20, 8, rank=1, world=2, seed=0, start=3)  # epoch 1 (2 steps per epoch), second batch
+    first = next(iter(batches))
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(1)).tolist()
+    assert first == perm[8 + 4: 8 + 8]
+
+
+# =============================================================================
+# encoders.py: teachers (table, preprocessing, loading paths, converters, bad input) and the SD-VAE
+# No network: weights are random models saved to tmp_path and loaded back through the real paths.
+
+# one member of every family, plus the variants whose layout differs (registers, no CLS, no final norm in timm)
+REPS = ['dino-vit-b', 'dinov2-vit-b', 'dinov2reg-vit-b', 'dinov3-vit-b16', 'webssl-vit-dino300m_full2b_224',
+        'mocov3-vit-b', 'clip-vit-L', 'jepa-vit-h', 'mae-vit-l', 'siglip-vit-b', 'siglip-vit-so400m', 'siglip2-vit-g',
+        'pe-vit-b', 'pe-vit-g', 'langpe-vit-l', 'spatialpe-vit-b']
+
+
+def small_grid(name):
+    return TEACHERS[name].get('grids', (3,))[0]  # SigLIP/MAE allow only grid 16 upstream
+
+
+def shrink(monkeypatch, name):
+    """Make the table's architecture for `name` one block deep and 192 wide, so the real loading path runs fast."""
+    t = TEACHERS[name]
+    monkeypatch.setitem(TEACHERS, name, dict(t, dim=192, kw=dict(t.get('kw', {}), depth=1, embed_dim=192, num_heads=3)))
+
+
+def save(sd, path):
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    safetensors.torch.save_file(sd, path) if str(path).endswith('.safetensors') else torch.save(sd, path)
+    return str(path)
+
+
+class Recorder(nn.Module):
+    """Stands in for the network and records what it is fed: the preprocessed image."""
+
+    def __init__(self, name, grid):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, 1, 1)
+        self.tokens = TEACHERS[name]['prefix'] + grid * grid
+
+    def forward_features(self, x):
+        self.seen = x
+        return torch.zeros(x.shape[0], self.tokens, 1)
+
+# -----------------------------------------------------------------------------
+# the table
+
+
+def test_table_names_and_aliases():
+    assert len(TEACHERS) == 37
+    for alias, name in encoders.ALIASES.items():
+        assert name in TEACHERS and encoders.resolve_teacher(alias) == name
+    for short, name in [('dinov2', 'dinov2-vit-b'), ('dinov3', 'dinov3-vit-b16'), ('siglip2', 'siglip2-vit-b'),
+                        ('pe', 'pe-vit-b'), ('CLIP-ViT-L', 'clip-vit-L'),
+                        ('webssl-vit-dino7b', 'webssl-vit-dino7b_full8b_224')]:
+        assert encoders.resolve_teacher(short) == name
+    with pytest.raises(ValueError) as e:
+        encoders.resolve_teacher('dinov4')
+    assert 'dinov2reg-vit-g' in str(e.value) and 'siglip2=siglip2-vit-b' in str(e.value)
+
+
+def test_every_teacher_builds_on_meta():
+    """Every teacher at grid 16 (R=256) and, where upstream allows it, grid 32 (R=512): dim, prefix tokens, grid^2
+    tokens out. One block deep: depth changes nothing here (`python encoders.py --list` builds them whole)."""
+    for name, t in TEACHERS.items():
+        for grid in t.get('grids', (16, 32)):
+            teacher = load_teacher(name, 'random:1', grid=grid, device='meta')
+            m = teacher.model
+            assert (teacher.dim, m.embed_dim, m.num_prefix_tokens) == (t['dim'], t['dim'], t['prefix']), name
+            assert teacher.input_size == t['patch'] * grid == (224 if t['patch'] == 14 else 256) * grid // 16
+            R = 16 * grid
+            assert teacher(torch.empty(2, 3, R, R, device='meta')).shape == (2, grid * grid, t['dim']), name
+
+
+def test_webssl_sizes():
+    """The SwiGLU width of each WebSSL size is right iff the full model's parameter count matches the release."""
+    want = {'300m': 303.7, '1b': 1134.8, '2b': 2084.2, '3b': 2948.3, '5b': 4938.3, '7b': 6450.2}
+    for size, params in want.items():
+        m = load_teacher(f'webssl-vit-dino{size}', 'random', device='meta').model
+        assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == params, size
+
+
+def test_exactness_adjustments():
+    def meta(name, grid=16):
+        return load_teacher(name, 'random:1', grid=grid, device='meta').model
+    assert type(meta('clip-vit-L').blocks[0].mlp.act).__name__ == 'QuickGELU'  # OpenAI CLIP, not exact GELU
+    for name in ['clip-vit-L', 'mae-vit-l', 'pe-vit-b', 'pe-vit-l', 'pe-vit-g']:
+        assert isinstance(meta(name).norm, nn.Identity), name  # tokens before the final norm, as iREPA
+    for name in ['dino-vit-b', 'dinov2-vit-b', 'dinov3-vit-b16', 'jepa-vit-h', 'mocov3-vit-b', 'siglip-vit-b']:
+        assert isinstance(meta(name).norm, nn.LayerNorm), name
+    for name in [n for n, t in TEACHERS.items() if t['family'] == 'siglip']:
+        assert type(meta(name).blocks[0].mlp.act).__name__ == 'GELUTanh', name  # HF/big_vision use tanh-GELU
+    assert meta('pe-vit-b', grid=8).rope.ref_feat_shape == (8, 8)  # RoPE on the integer grid, like PE itself
+    assert meta('dino-vit-b').pos_embed.shape == (1, 1 + 256, 768)  # img_size override: 256 px for /16 at grid 16
+    assert meta('mae-vit-l').pos_embed.shape == (1, 1 + 256, 1024)
+    assert meta('dinov2-vit-b', grid=8).pos_embed.shape == (1, 1 + 64, 768)
+
+# -----------------------------------------------------------------------------
+# forward and preprocessing
+
+
+@pytest.mark.parametrize('name', REPS)
+def test_tiny_forward(name):
+    t, grid = TEACHERS[name], small_grid(name)
+    teacher = load_teacher(name, 'random:1', grid=grid)
+    x = torch.rand(2, 3, 40, 40)
+    out = teacher(x)
+    assert out.shape == (2, grid * grid, t['dim']) and torch.isfinite(out).all()
+    full = teacher.model.forward_features(teacher.preprocess(x))  # (2, prefix + grid^2, D)
+    assert full.shape[1] == t['prefix'] + grid * grid and torch.equal(out, full[:, t['prefix']:])
+    # final norm kept <=> the tokens are fresh-LayerNorm outputs: per-token mean 0 and variance 1
+    normed = out.mean(-1).abs().max() < 1e-4 and (out.var(-1, unbiased=False) - 1).abs().max() < 1e-3
+    assert bool(normed) == t['final_norm']
+    teacher.train()
+    assert not teacher.training and not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_preprocessing_per_family(monkeypatch):
+    import torchvision.transforms as T
+    IN, CLIP, HALF = T.Normalize(*encoders.IN), T.Normalize(*encoders.CLIP), T.Normalize(*encoders.HALF)
+    x256, x320 = torch.rand(2, 3, 256, 256), torch.rand(2, 3, 320, 320)
+    # the official code's own lines (input x/255 there is our x), one per family
+    cases = [
+        ('dinov2-vit-b', {}, x256, F.interpolate(IN(x256), 224, mode='bicubic')),
+        ('dinov2-vit-b', dict(grid=8), x256, F.interpolate(IN(x256), 112, mode='bicubic')),
+        ('dino-vit-b', {}, x320, F.interpolate(IN(x320), 256, mode='bicubic')),
+        ('dinov3-vit-b16', {}, x320, IN(T.Resize((256, 256), antialias=True)(x320))),
+        ('clip-vit-L', {}, x256, CLIP(F.interpolate(x256, 224, mode='bicubic'))),
+        ('pe-vit-b', {}, x320, HALF(F.interpolate(x320, 256, mode='bilinear'))),
+        ('pe-vit-l', {}, x256, HALF(F.interpolate(x256, 224, mode='bilinear'))),
+        ('siglip-vit-b', {}, x256, IN(x256)),  # ImageNet stats: the official code's quirk, reproduced by default
+        ('siglip-vit-b', dict(siglip_norm='siglip'), x256, HALF(x256)),
+        ('siglip2-vit-so400m', dict(siglip_norm='siglip'), x320, F.interpolate(HALF(x320), 256, mode='bicubic')),
+        ('siglip-vit-so400m', {}, x256, F.interpolate(IN(x256), 224, mode='bicubic')),
+        ('mae-vit-l', {}, x256, IN(x256)),
+        ('mocov3-vit-b', {}, x256, IN(x256)),
+        ('webssl-vit-dino7b', {}, x256, F.interpolate(IN(x256), 224, mode='bicubic')),
+        ('jepa-vit-h', {}, x256, F.interpolate(IN(x256), 224, mode='bicubic')),
+    ]
+    monkeypatch.setattr(encoders, 'build_model', lambda name, grid, *args: Recorder(name, grid))
+    for name, kw, x, want in cases:
+        teacher = load_teacher(name, 'random', **kw)
+        teacher(x)
+        seen = teacher.model.seen
+        assert seen.shape == want.shape and torch.allclose(seen, want, atol=1e-5), (name, kw)
+    # the mode matters: PE's bilinear is not bicubic
+    assert not torch.allclose(F.interpolate(x320, 256, mode='bicubic'), F.interpolate(x320, 256, mode='bilinear'),
+                              atol=1e-3)
+
+
+def test_bad_input():
+    teacher = load_teacher('dinov2', 'random:1', grid=2)
+    x = torch.rand(1, 3, 28, 28)
+    with pytest.raises(ValueError, match='divide uint8'):
+        teacher(x * 255)  # [0, 255] instead of [0, 1]
+    with pytest.raises(ValueError, match=r'\(x \+ 1\) / 2'):
+        teacher(x * 2 - 1)  # [-1, 1]
+    teacher(x)
+    teacher(x * 255)  # checked on the first call only: no host sync per training step
+    with pytest.raises(ValueError, match='float images'):
+        teacher((x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match='float images'):
+        teacher(x[0])
+    for name in ['siglip-vit-b', 'siglip2-vit-g', 'siglip-vit-so400m', 'mae-vit-l']:
+        with pytest.raises(ValueError, match='supports only grid'):
+            load_teacher(name, 'random:1', grid=32, device='meta')  # upstream asserts resolution 256
+    with pytest.raises(ValueError, match='grid'):
+        load_teacher('dinov2', 'random:1', grid=0, device='meta')
+    with pytest.raises(ValueError, match='siglip_norm'):
+        load_teacher('siglip', 'random:1', siglip_norm='clip', device='meta')
+    with pytest.raises(FileNotFoundError, match='no weights file'):
+        load_teacher('dinov2', '/nonexistent/dinov2.pth')
+
+
+def test_pickled_objects_are_not_loaded(tmp_path):
+    import argparse
+    path = str(tmp_path / 'ckpt.pt')  # e.g. a REPA checkpoint with its argparse namespace
+    torch.save({'args': argparse.Namespace(lr=1e-4), 'state_dict': {}}, path)
+    with pytest.raises(ValueError, match='weights_only'):
+        load_teacher('dinov2', path, device='meta')
+
+
+def test_bf16_and_compile_flags():
+    torch.manual_seed(0)
+    fp32 = load_teacher('dinov3', 'random:1', grid=2)
+    torch.manual_seed(0)
+    bf16 = load_teacher('dinov3', 'random:1', grid=2, dtype=torch.bfloat16, compile=True)
+    assert bf16.model.patch_embed.proj.weight.dtype == torch.bfloat16 and bf16.mean.dtype == torch.float32
+    assert bf16.compiled is not None  # torch.compile is lazy; compiling on CPU takes minutes, so not run here
+    bf16.compiled = None
+    x = torch.rand(2, 3, 32, 32)
+    out, ref = bf16(x), fp32(x)
+    assert out.dtype == torch.bfloat16 and ((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_random_weights_warn(capsys):
+    load_teacher('dinov2', 'random:1', grid=2, device='meta')
+    assert 'RANDOM weights' in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# loading weights: timm files, original layouts, the hub cache
+
+
+@pytest.mark.parametrize('name', REPS)
+def test_timm_file_roundtrip(name, tmp_path, monkeypatch):
+    import timm
+    shrink(monkeypatch, name)
+    t, grid = TEACHERS[name], small_grid(name)
+    src = load_teacher(name, 'random', grid=grid)
+    sd = src.model.state_dict()
+    with torch.device('meta'):
+        raw = timm.create_model(t['timm'], **t.get('kw', {}))
+    if isinstance(raw.norm, nn.LayerNorm) and 'norm.weight' not in sd:  # timm files keep the norm we drop
+        sd.update({'norm.weight': torch.randn(t['dim']), 'norm.bias': torch.randn(t['dim'])})
+    path = save(sd, tmp_path / ('w.pth' if t['family'] in ('dino', 'clip', 'pe') else 'w.safetensors'))
+    x = torch.rand(2, 3, 50, 50)
+    assert torch.equal(load_teacher(name, path, grid=grid)(x), src(x))
+    # strict: a file that misses a tensor is refused, naming the teacher and the file
+    del sd['patch_embed.proj.weight']
+    bad = save(sd, tmp_path / 'bad.safetensors')
+    with pytest.raises(ValueError, match=re.escape(name)) as e:
+        load_teacher(name, bad, grid=grid)
+    assert bad in str(e.value)
+
+
+def test_file_of_another_model_is_refused(tmp_path, monkeypatch):
+    shrink(monkeypatch, 'dinov2-vit-b')
+    shrink(monkeypatch, 'siglip-vit-b')
+    path = save(load_teacher('dinov2-vit-b', 'random').model.state_dict(), tmp_path / 'dinov2.safetensors')
+    with pytest.raises(ValueError) as e:
+        load_teacher('siglip-vit-b', path)
+    assert 'siglip-vit-b' in str(e.value) and path in str(e.value)
+
+
+def test_posemb_resampled_at_load(tmp_path, monkeypatch):
+    import timm
+    from timm.layers import resample_abs_pos_embed
+    # DINOv2 files hold a 518-px (37x37) position embedding; iREPA resamples it with timm (bicubic + antialias)
+    shrink(monkeypatch, 'dinov2-vit-b')
+    raw = timm.create_model('vit_base_patch14_dinov2', depth=1, embed_dim=192, num_heads=3)
+    path = save(raw.state_dict(), tmp_path / 'dinov2.safetensors')
+    teacher = load_teacher('dinov2-vit-b', path, grid=16)
+    assert torch.equal(teacher.model.pos_embed, resample_abs_pos_embed(raw.pos_embed, [16, 16]))
+    # PE files hold a 14x14 grid (224 px); PE itself resamples bilinearly, not as timm would
+    shrink(monkeypatch, 'pe-vit-b')
+    raw = timm.create_model('vit_pe_core_base_patch16_224', depth=1, embed_dim=192, num_heads=3)
+    path = save(raw.state_dict(), tmp_path / 'pe.safetensors')
+    teacher = load_teacher('pe-vit-b', path, grid=16)
+    pos = raw.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)  # (1, D, 14, 14)
+    pos = F.interpolate(pos, size=(16, 16), mode='bilinear', align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(teacher.model.pos_embed, torch.cat([raw.pos_embed[:, :1], pos], 1))
+    assert not torch.allclose(teacher.model.pos_embed, resample_abs_pos_embed(raw.pos_embed, [16, 16]), atol=1e-3)
+
+
+def test_mocov3_checkpoint(tmp_path, monkeypatch):
+    from timm.layers import resample_abs_pos_embed
+    shrink(monkeypatch, 'mocov3-vit-b')
+    src = load_teacher('mocov3-vit-b', 'random', grid=14)  # 224 px, like the released checkpoint
+    sd = {'module.base_encoder.' + k: v for k, v in src.model.state_dict().items()}
+    sd |= {'module.base_encoder.head.0.weight': torch.randn(4096, 192), 'module.momentum_encoder.cls_token':
+           torch.randn(1, 1, 192), 'module.predictor.0.weight': torch.randn(256, 256)}
+    path = str(tmp_path / 'mocov3_vitb.pth')
+    torch.save({'epoch': 300, 'arch': 'vit_base', 'state_dict': sd, 'optimizer': {'lr': 1e-4}}, path)
+    x = torch.rand(2, 3, 224, 224)
+    assert torch.equal(load_teacher('mocov3', path, grid=14)(x), src(x))
+    at16 = load_teacher('mocov3', path, grid=16)  # iREPA's 256 px: pos_embed resampled 14 -> 16 with timm
+    assert torch.equal(at16.model.pos_embed, resample_abs_pos_embed(src.model.pos_embed, [16, 16]))
+    bug = {'blocks.13.norm13.weight': 1, 'blocks.13.mlp.fc13.bias': 2, 'blocks.14.norm14.bias': 3,
+           'blocks.14.mlp.fc14.weight': 4, 'head.1.weight': 5}  # the released ViT-L's names (and its head)
+    bug = {'state_dict': {'module.base_encoder.' + k: v for k, v in bug.items()} | {'module.momentum_encoder.x': 6}}
+    assert encoders.mocov3_to_timm(bug) == {'blocks.13.norm1.weight': 1, 'blocks.13.mlp.fc1.bias': 2,
+                                            'blocks.14.norm2.bias': 3, 'blocks.14.mlp.fc2.weight': 4}
+
+
+def test_webssl_checkpoints(tmp_path, monkeypatch):
+    name = 'webssl-vit-dino300m_full2b_224'
+    shrink(monkeypatch, name)
+    src = load_teacher(name, 'random', grid=16)
+    sd, D = src.model.state_dict(), TEACHERS[name]['dim']
+    # HF Dinov2Model layout (transformers' on-disk names), with separate q/k/v
+    hf = {'embeddings.cls_token': sd['cls_token'], 'embeddings.mask_token': torch.zeros(1, D),
+          'embeddings.position_embeddings': sd['pos_embed'], 'layernorm.weight': sd['norm.weight'],
+          'layernorm.bias': sd['norm.bias']}
+    hf |= {f'embeddings.patch_embeddings.projection.{p}': sd[f'patch_embed.proj.{p}'] for p in ('weight', 'bias')}
+    for p in ('weight', 'bias'):
+        q, k, v = sd[f'blocks.0.attn.qkv.{p}'].chunk(3)
+        hf |= {f'encoder.layer.0.attention.attention.query.{p}': q, f'encoder.layer.0.attention.attention.key.{p}': k,
+               f'encoder.layer.0.attention.attention.value.{p}': v,
+               f'encoder.layer.0.attention.output.dense.{p}': sd[f'blocks.0.attn.proj.{p}'],
+               f'encoder.layer.0.norm1.{p}': sd[f'blocks.0.norm1.{p}'],
+               f'encoder.layer.0.norm2.{p}': sd[f'blocks.0.norm2.{p}'],
+               f'encoder.layer.0.mlp.weights_in.{p}': sd[f'blocks.0.mlp.fc1.{p}'],
+               f'encoder.layer.0.mlp.weights_out.{p}': sd[f'blocks.0.mlp.fc2.{p}']}
+    hf |= {f'encoder.layer.0.layer_scale{i}.lambda1': sd[f'blocks.0.ls{i}.gamma'] for i in (1, 2)}
+    assert len(hf) == len(sd) + 1 + 4  # + mask_token, q/k/v split in three
+    x = torch.rand(2, 3, 224, 224)
+    assert torch.equal(load_teacher(name, save(hf, tmp_path / 'model.safetensors'))(x), src(x))
+    # native .pth: blocks stored in chunks (blocks.<chunk>.<i>.*), SwiGLU as w12/w3, a mask_token
+    native = {re.sub(r'^blocks\.(\d+)\.', r'blocks.0.\1.', k): v for k, v in sd.items()}
+    native = {k.replace('mlp.fc1', 'mlp.w12').replace('mlp.fc2', 'mlp.w3'): v for k, v in native.items()}
+    native['mask_token'] = torch.zeros(1, D)
+    assert torch.equal(load_teacher(name, save(native, tmp_path / 'webssl_dino300m_224.pth'))(x), src(x))
+
+
+def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        load_teacher('dinov2', device='meta')
+    msg = str(e.value)
+    assert 'dinov2-vit-b' in msg and 'timm/vit_base_patch14_dinov2.lvd142m' in msg and 'model.safetensors' in msg
+    assert '--encoder-weights PATH' in msg
+    with pytest.raises(FileNotFoundError, match='pretrained_models/mocov3_vitb.pth'):
+        load_teacher('mocov3', device='meta')
+    with pytest.raises(FileNotFoundError, match='stabilityai/sd-vae-ft-mse.*diffusion_pytorch_model.safetensors'):
+        encoders.load_vae('sd-vae-ft-mse')
+    # a file already in the cache is used offline
+    shrink(monkeypatch, 'dinov2-vit-b')
+    src = load_teacher('dinov2-vit-b', 'random', grid=2)
+    repo = tmp_path / 'models--timm--vit_base_patch14_dinov2.lvd142m'
+    (repo / 'snapshots' / ('a' * 40)).mkdir(parents=True)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('a' * 40)
+    save(src.model.state_dict(), repo / 'snapshots' / ('a' * 40) / 'model.safetensors')
+    x = torch.rand(1, 3, 28, 28)
+    assert torch.equal(load_teacher('dinov2', grid=2)(x), src(x))
+
+
+def test_list(capsys, monkeypatch):
+    monkeypatch.setattr(encoders, 'TEACHERS', {n: TEACHERS[n] for n in ['dinov2-vit-b', 'siglip-vit-so400m']})
+    encoders.main(['--list', '--grid', '8'])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:7] == ['teacher', 'timm', 'model', 'input', 'patch', 'dim', 'prefix']
+    assert rows[1].split()[:7] == ['dinov2-vit-b', 'vit_base_patch14_dinov2.lvd142m', '112', '14', '768', '1', '85.6M']
+    assert rows[2].split()[:6] == ['siglip-vit-so400m', 'vit_so400m_patch14_siglip_224.webli', '224', '14', '1152', '0']
+
+# -----------------------------------------------------------------------------
+# SD-VAE: parity with diffusers
+
+
+@functools.cache
+def diffusers_vae(config):
+    """A randomly initialised diffusers AutoencoderKL (built once per config: the SD one takes seconds)."""
+    diffusers = pytest.importorskip('diffusers')
+    cfg = encoders.SD_VAE if config == 'sd' else encoders.TINY_VAE
+    n = len(cfg['block_out_channels'])
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(**cfg, down_block_types=('DownEncoderBlock2D',) * n,
+                                   up_block_types=('UpDecoderBlock2D',) * n).eval()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('config', ['sd', 'tiny'])
+def test_vae_matches_diffusers(config, tmp_path):
+    cfg = encoders.SD_VAE if config == 'sd' else encoders.TINY_VAE
+    ref = diffusers_vae(config)
+    if config == 'sd':  # the real path: a diffusers-format safetensors file
+        ours = encoders.load_vae(save(ref.state_dict(), tmp_path / 'diffusion_pytorch_model.safetensors'))
+    else:
+        ours = encoders.AutoencoderKL(**cfg)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+    assert {k: v for k, v in ref.config.items() if k in ours.config} == ours.config
+    assert ours.downsample == (8 if config == 'sd' else 2) and ours.latent_channels == 4
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean, std = ours.encode(x)
+        post = ref.encode(x).latent_dist
+        z = torch.randn_like(mean)
+        img, ref_img = ours.decode(z), ref.decode(z).sample
+    assert mean.shape == (1, 4, 32 // ours.downsample, 32 // ours.downsample) and img.shape == x.shape
+    assert rel(mean, post.mean) < 1e-5 and rel(std, post.std) < 1e-5 and rel(img, ref_img) < 1e-5
+
+
+def test_vae_loading(tmp_path, capsys):
+    ref = diffusers_vae('sd')
+    # checkpoints written by old diffusers name the mid-block attention query/key/value/proj_attn
+    names = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value', 'to_out.0': 'proj_attn'}
+    old = {re.sub(r'attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.', lambda m: f'attentions.0.{names[m[1]]}.', k): v
+           for k, v in ref.state_dict().items()}
+    assert 'encoder.mid_block.attentions.0.proj_attn.weight' in old
+    ours = encoders.load_vae(save(old, tmp_path / 'old.bin'))
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())
+    tiny = diffusers_vae('tiny')
+    with pytest.raises(ValueError, match='SD f8d4'):
+        encoders.load_vae(save(tiny.state_dict(), tmp_path / 'tiny.safetensors'))
+    vae = encoders.load_vae('random:tiny')
+    assert 'RANDOM weights' in capsys.readouterr().err
+    mean, std = vae.encode(torch.zeros(1, 3, 16, 16))
+    assert mean.shape == (1, 4, 8, 8) and vae.decode(mean).shape == (1, 3, 16, 16) and (std > 0).all()
+
+
+# =============================================================================
+# fid.py: ADM-compatible FID / sFID / IS / Precision / Recall
+# No Inception weights exist offline: the network is checked with random weights against torch-fidelity's port,
+# the metrics against worked examples with known answers (reference/evaluation-fid.md §6.4).
+
+def save_npz(path, images, **extra):
+    np.savez(path, arr_0=images, **extra)
+    return str(path)
+
+
+def random_images(n, h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def randomize_inception(net, seed=0):
+    """He-scaled convs and non-trivial BN statistics keep activations O(1) through 94 layers (PyTorch's default init
+    shrinks them to 1e-8, where a relative comparison means nothing); a non-zero fc.bias must not reach the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+        net.fc.weight.copy_(0.02 * torch.randn(net.fc.weight.shape, generator=g))
+        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g))
+    return net
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """A random-weight FID Inception saved in the format of pt_inception-2015-12-05-6726825d.pth."""
+    path = tmp_path_factory.mktemp('inception') / 'random_inception.pth'
+    torch.save(randomize_inception(fid.FIDInception()).state_dict(), path)
+    return str(path)
+
+# -----------------------------------------------------------------------------
+# npz reading and bad input
+
+
+def test_read_npz_batches_streams_arr0(tmp_path):
+    images = random_images(7, 5, 6, seed=0)
+    for save in (np.savez, np.savez_compressed):
+        path = str(tmp_path / f'{save.__name__}.npz')
+        save(path, arr_0=images, labels=np.arange(7))
+        batches = list(fid.read_npz_batches(path, 3))
+        assert [len(b) for b in batches] == [3, 3, 1] and all(b.dtype == np.uint8 for b in batches)
+        np.testing.assert_array_equal(np.concatenate(batches), np.load(path)['arr_0'])
+        assert fid.npz_shape(path) == (7, 5, 6, 3)
+
+
+def test_bad_npz_inputs_give_clear_errors(tmp_path):
+    (tmp_path / 'text.npz').write_text('hello')
+    np.savez(tmp_path / 'noarr.npz', images=random_images(4, 8, 8, 0))
+    with zipfile.ZipFile(tmp_path / 'cut.npz', 'w') as zf:  # a truncated arr_0 must not pass as a shorter file
+        buf = io.BytesIO()
+        np.save(buf, random_images(4, 8, 8, 0))
+        zf.writestr('arr_0.npy', buf.getvalue()[:-100])
+    cases = {
+        str(tmp_path / 'text.npz'): 'not an .npz',
+        str(tmp_path / 'missing.npz'): 'not an .npz',
+        str(tmp_path / 'noarr.npz'): 'no arr_0',
+        save_npz(tmp_path / 'float.npz', random_images(4, 8, 8, 0).astype(np.float32)): 'uint8',
+        save_npz(tmp_path / 'nchw.npz', random_images(4, 8, 8, 0).transpose(0, 3, 1, 2)): 'N x H x W x 3',
+        save_npz(tmp_path / 'gray.npz', random_images(4, 8, 8, 0)[..., 0]): 'N x H x W x 3',
+        save_npz(tmp_path / 'empty.npz', np.zeros((0, 8, 8, 3), np.uint8)): 'non-empty',
+        str(tmp_path / 'cut.npz'): 'truncated',
+    }
+    for path, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            list(fid.read_npz_batches(path, 2))
+    # the CLI turns them into one-line errors, before any weights are looked for
+    good = save_npz(tmp_path / 'good.npz', random_images(8, 8, 8, 0))
+    with pytest.raises(SystemExit, match='uint8'):
+        fid.main(['eval', good, str(tmp_path / 'float.npz')])
+    with pytest.raises(SystemExit, match='split of 5000'):
+        fid.main(['eval', good, good])
+    with pytest.raises(SystemExit, match='at least 4'):
+        fid.main(['eval', save_npz(tmp_path / 'three.npz', random_images(3, 8, 8, 0)), good, '--is-split', '2'])
+
+
+def test_stored_statistics(tmp_path):
+    assert fid.read_stored_stats(save_npz(tmp_path / 'plain.npz', random_images(2, 4, 4, 0))) is None
+    stats = dict(mu=np.ones(2048, np.float32), sigma=np.eye(2048, dtype=np.float32),
+                 mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    mu, sigma, mu_s, sigma_s = fid.read_stored_stats(save_npz(tmp_path / 's.npz', random_images(2, 4, 4, 0), **stats))
+    assert mu.dtype == np.float64 and mu.shape == (2048,) and sigma_s.shape == (2023, 2023) and mu[0] == 1
+    with pytest.raises(ValueError, match='sigma_s'):
+        fid.read_stored_stats(save_npz(tmp_path / 'part.npz', random_images(2, 4, 4, 0), mu=stats['mu']))
+    with pytest.raises(ValueError, match='shapes'):
+        fid.read_stored_stats(save_npz(tmp_path / 'b.npz', random_images(2, 4, 4, 0), **{**stats, 'mu_s': np.zeros(7)}))
+
+# -----------------------------------------------------------------------------
+# Frechet distance
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 16
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # commuting covariances Q diag Q^T: same closed form
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)  # symmetric
+    x = rng.normal(size=(500, d)) @ rng.normal(size=(d, d))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    c = 1.7  # sigma2 = c^2 sigma1 -> ||dmu||^2 + (1 - c)^2 tr sigma1
+    expected = d + (1 - c) ** 2 * np.trace(sigma)
+    assert fid.frechet_distance(mu, sigma, mu + 1, c * c * sigma) == pytest.approx(expected, rel=1e-8)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+    with pytest.raises(ValueError, match='different sizes'):
+        fid.frechet_distance(mu, sigma, mu[:-1], sigma[:-1, :-1])
+
+
+def _trace_sqrt_eigh(s1, s2):
+    """tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), which is well defined for singular PSD matrices."""
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(w.clip(0))) @ v.T
+    return np.sqrt(np.linalg.eigvalsh(r @ s2 @ r).clip(0)).sum()
+
+
+def test_frechet_distance_singular_and_adm_fallbacks(monkeypatch):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(10, 48)), rng.normal(size=(12, 48)) ** 2  # N < d: singular covariances
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_eigh(s1, s2)
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-6)
+
+    calls, real_sqrtm = [], fid.linalg.sqrtm
+    def sqrtm_nan_first(a):  # ADM retries with eps on the diagonal when the first sqrtm is not finite
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else (real_sqrtm(a), 0.0)  # and scipy<1.18 tuples
+    monkeypatch.setattr(fid.linalg, 'sqrtm', sqrtm_nan_first)
+    a, b = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
+    with pytest.warns(UserWarning, match='singular product'):
+        got = fid.frechet_distance(np.zeros(2), a, np.zeros(2), b)
+    np.testing.assert_allclose(calls[1], (a + 1e-6 * np.eye(2)) @ (b + 1e-6 * np.eye(2)))
+    assert got == pytest.approx(1 + 1, abs=1e-5)  # (1 - 2)^2 + (2 - 3)^2
+    monkeypatch.setattr(fid.linalg, 'sqrtm', lambda a: np.eye(2) * (1 + 0.1j))  # a broken sqrtm must not pass
+    with pytest.raises(ValueError, match='Imaginary component'):
+        fid.frechet_distance(np.zeros(2), a, np.zeros(2), b)
+
+
+# -----------------------------------------------------------------------------
+# Inception Score
+
+
+def test_inception_score_worked_values():
+    p = np.array([[0.9, 0.1], [0.1, 0.9]])
+    assert fid.inception_score(p, split_size=2, probs=True) == pytest.approx(1.4449348111684153, rel=1e-14)
+    assert fid.inception_score(np.log(p), split_size=2) == pytest.approx(1.4449348111684153, rel=1e-14)
+    assert fid.inception_score(np.zeros((6, 1008)), split_size=3) == pytest.approx(1.0, abs=1e-12)
+    k = 5
+    onehot = np.eye(k)[np.arange(20) % k] * 50  # confident, balanced over k classes in every split of 10
+    assert fid.inception_score(onehot, split_size=10) == pytest.approx(k, rel=1e-9)
+    assert fid.inception_score(np.eye(k)[np.zeros(20, int)] * 50, split_size=10) == pytest.approx(1.0, abs=1e-9)
+    # consecutive, unshuffled splits, the last one shorter: 12345 -> 5000 / 5000 / 2345
+    logits = np.random.default_rng(0).normal(size=(12345, 10)) * 3
+    parts = [fid.inception_score(logits[i:j], split_size=j - i) for i, j in ((0, 5000), (5000, 10000), (10000, 12345))]
+    assert fid.inception_score(logits) == pytest.approx(np.mean(parts), rel=1e-12)
+    labels = np.random.default_rng(1).integers(0, 10, 200)
+    shuffled, by_class = np.eye(10)[labels] * 20, np.eye(10)[np.sort(labels)] * 20
+    assert fid.inception_score(by_class, split_size=50) < 0.6 * fid.inception_score(shuffled, split_size=50)
+    with pytest.raises(ValueError, match='split of 5000'):
+        fid.inception_score(logits[:4999])
+
+# -----------------------------------------------------------------------------
+# Precision and recall
+
+
+def test_precision_recall_1d_worked_example():
+    ref = np.arange(10, dtype=np.float32)[:, None]  # 1-D refs at 0..9: squared 3-NN radii 9 at the ends, 4 inside
+    for adm16 in (True, False):
+        radii = fid.manifold_radii(torch.tensor(ref), k=3, adm16=adm16)
+        assert radii.tolist() == [9.0] + [4.0] * 8 + [9.0]
+        samples = np.array([[-3.0], [12.0], [13.0], [4.5]], np.float32)  # -3 and 12 exactly on a radius, 13 outside
+        assert fid.precision_recall(ref, samples, adm16=adm16) == (0.75, 1.0)
+        assert fid.precision_recall(samples, ref, adm16=adm16)[1] == 0.75  # recall is precision with roles swapped
+
+
+def test_precision_recall_adm16_rounding():
+    # -3 - 1e-4 rounds to -3 in fp16, so with ADM's fp16 distances it lies exactly on ref 0's radius (9) and counts
+    ref = np.arange(4, dtype=np.float32)[:, None]
+    samples = np.array([[-3 - 1e-4], [50], [51], [52]], np.float32)
+    assert fid.precision_recall(ref, samples, adm16=True) == (0.25, 1.0)
+    assert fid.precision_recall(ref, samples, adm16=False) == (0.0, 1.0)
+    # fp16 overflow (> 65504) falls back to fp32 for the block, as ADM's DistanceBlock does
+    big = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32) * 1e3
+    d = fid.sq_distances(torch.tensor(big), torch.tensor(big), adm16=True)
+    assert torch.isfinite(d).all() and d[0, 3].item() == 9e6
+
+
+def test_precision_recall_invariants():
+    rng = np.random.default_rng(0)
+    ref, samples = rng.normal(size=(120, 32)).astype(np.float32), rng.normal(size=(100, 32)).astype(np.float32)
+    assert fid.precision_recall(ref, ref) == (1.0, 1.0)
+    assert fid.precision_recall(ref, samples + 1e3) == (0.0, 0.0)
+    for adm16 in (True, False):
+        whole = fid.precision_recall(ref, samples, adm16=adm16)
+        assert 0.3 < whole[0] < 1 and 0.3 < whole[1] < 1
+        assert fid.precision_recall(ref, samples, block_size=16, adm16=adm16) == whole  # 8 x 7 blocks
+    # mode collapse: samples from one of four modes are all realistic (high P) but cover a quarter (low R)
+    centers = rng.normal(size=(4, 4)) * 20
+    ref = (centers[np.arange(400) % 4] + rng.normal(size=(400, 4))).astype(np.float32)
+    collapsed = (centers[0] + rng.normal(size=(200, 4))).astype(np.float32)
+    precision, recall = fid.precision_recall(ref, collapsed)
+    assert precision > 0.9 and recall < 0.3
+    with pytest.raises(ValueError, match='at least 4'):
+        fid.precision_recall(ref[:3], collapsed)
+
+# -----------------------------------------------------------------------------
+# The TF1-legacy resize
+
+
+def _resize_numpy(x, size):
+    """TF's resize as interpolation matrices: source coordinate dst * (in / out) in float32 as TF computes it, no
+    half-pixel centres, edge clamped; the interpolation itself in float64."""
+    def weights(n_in):
+        src = (np.arange(size, dtype=np.float32) * np.float32(n_in / size)).astype(np.float64)
+        lo = np.floor(src).astype(int)
+        m = np.zeros((size, n_in))
+        m[np.arange(size), lo] += 1 - (src - lo)
+        m[np.arange(size), np.minimum(lo + 1, n_in - 1)] += src - lo
+        return m
+    return weights(x.shape[2]) @ x @ weights(x.shape[3]).T  # (out, H) @ (N, C, H, W) @ (W, out) -> (N, C, out, out)
+
+
+def test_resize_tf1_worked_examples():
+    x = torch.tensor(random_images(2, 256, 256, seed=0)).permute(0, 3, 1, 2).float()  # (2, 3, 256, 256)
+    assert torch.equal(fid.resize_tf1(x, 256), x)  # in = out is the identity
+    assert torch.equal(fid.resize_tf1(torch.full((1, 3, 7, 9), 37.0), 299), torch.full((1, 3, 299, 299), 37.0))
+    row = fid.resize_tf1(torch.tensor([[[[0.0, 100.0]] * 3]]), 3)[0, 0, 0]  # width 2 -> 3: scale 0.6666667
+    assert row.tolist() == pytest.approx([0.0, 66.666667, 100.0], abs=1e-4)
+    y = fid.resize_tf1(x, 299)
+    assert y.shape == (2, 3, 299, 299)
+    # 256 -> 299: output column 298 samples source column 255.14381, clamped to the last one
+    assert torch.equal(y[..., 298], fid.resize_tf1(x[..., 255:], 299)[..., 0])
+    assert np.abs(y.numpy() - _resize_numpy(x.double().numpy(), 299)).max() < 1e-4
+    odd = torch.tensor(random_images(1, 32, 48, seed=1)).permute(0, 3, 1, 2).float()  # upsampling, not square
+    assert np.abs(fid.resize_tf1(odd, 299).numpy() - _resize_numpy(odd.double().numpy(), 299)).max() < 1e-4
+    pt = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+    assert (pt - y).abs().mean() > 0.5  # PyTorch's half-pixel-centre resize is a different resize
+    tf1 = pytest.importorskip('torch_fidelity.interpolate_compat_tensorflow')  # bit-exact with TF on CPU
+    assert torch.equal(y, tf1.interpolate_bilinear_2d_like_tensorflow1x(x, (299, 299), align_corners=False))
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+def test_spatial_features_flatten_order():
+    c, h, w = torch.meshgrid(torch.arange(192), torch.arange(17), torch.arange(17), indexing='ij')
+    b1 = (c * 10000 + h * 100 + w).float()[None]  # (1, 192, 17, 17), each entry encodes its (c, h, w)
+    expected = [ci * 10000 + hi * 100 + wi for hi in range(17) for wi in range(17) for ci in range(7)]
+    assert fid.spatial_features(b1)[0].tolist() == expected
+
+
+def test_inception_structure():
+    net = fid.FIDInception()
+    sd = {k: v for k, v in net.state_dict().items() if not k.endswith('num_batches_tracked')}
+    assert len(sd) == 472 and sum(p.numel() for p in net.parameters()) == 23_850_960
+    assert sd['fc.weight'].shape == (1008, 2048) and sd['Mixed_6d.branch1x1.conv.weight'].shape == (192, 768, 1, 1)
+    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert net.AuxLogits is None
+
+
+def test_matches_torch_fidelity(weights, capsys):
+    """Same random weights, same uint8 images: pool3 and the unbiased logits agree with torch-fidelity's
+    inception-v3-compat to 1e-5, and the sFID features are its Mixed_6d.branch1x1 output, first 7 channels, NHWC."""
+    tfe = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
+    net = fid.load_inception(weights, any_weights=True)
+    assert 'NOT comparable' in capsys.readouterr().err
+    ref = tfe.FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                          feature_extractor_weights_path=weights)
+    hooked = []
+    ref.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: hooked.append(o))
+    x = torch.tensor(random_images(2, 40, 56, seed=3)).permute(0, 3, 1, 2).contiguous()  # (2, 3, 40, 56) uint8
+    with torch.no_grad():
+        pool, spatial, logits = net(x)
+        ref_pool, ref_logits = ref(x)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
+    assert pool.min() >= 0 and spatial.min() >= 0 and pool.std() > 0.01  # non-degenerate random network
+    assert rel(pool, ref_pool) <= 1e-5 and rel(logits, ref_logits) <= 1e-5
+    assert not torch.allclose(logits, pool @ net.fc.weight.T + net.fc.bias)  # the bias is left out, as ADM
+    ref_spatial = hooked[0][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    assert torch.allclose(spatial, ref_spatial, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_search_and_checks(tmp_path, monkeypatch):
+    monkeypatch.delenv('IREPA_INCEPTION', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    with pytest.raises(FileNotFoundError) as e:
+        fid.find_inception()
+    assert fid.INCEPTION_FILE in str(e.value) and fid.INCEPTION_URL in str(e.value)
+    with pytest.raises(FileNotFoundError, match=fid.INCEPTION_FILE):
+        fid.find_inception(str(tmp_path / 'nowhere.pth'))
+    bogus = tmp_path / 'bogus.pth'
+    torch.save({'foo': torch.zeros(3)}, bogus)
+    monkeypatch.setenv('IREPA_INCEPTION', str(bogus))
+    assert fid.find_inception() == str(bogus)
+    with pytest.raises(ValueError, match='6726825d'):  # wrong hash: refused without --any-weights
+        fid.load_inception()
+    with pytest.raises(ValueError, match='not an FID Inception state dict'):
+        fid.load_inception(any_weights=True)
+    monkeypatch.delenv('IREPA_INCEPTION')
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
+    cached = tmp_path / 'hub' / 'checkpoints' / fid.INCEPTION_FILE
+    cached.write_bytes(bogus.read_bytes())
+    assert fid.find_inception() == str(cached)
+
+# -----------------------------------------------------------------------------
+# End to end
+
+
+def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
+    """The CLI on tiny files prints ADM's five lines; stored statistics are honoured on both sides (which also keeps
+    sqrtm off 2048 x 2048 matrices, minutes on this CPU); IS and P/R are those of the extracted features; the
+    reference features are cached."""
+    rng = np.random.default_rng(0)
+    ref_stats = dict(mu=rng.normal(size=2048), sigma=np.diag(rng.uniform(0.5, 2, 2048)),
+                     mu_s=rng.normal(size=2023), sigma_s=np.diag(rng.uniform(0.5, 2, 2023)))
+    smp_stats = dict(mu=rng.normal(size=2048), sigma=np.diag(rng.uniform(0.5, 2, 2048)),
+                     mu_s=rng.normal(size=2023), sigma_s=np.diag(rng.uniform(0.5, 2, 2023)))
+    ref = save_npz(tmp_path / 'ref.npz', random_images(6, 32, 32, seed=1), **ref_stats)
+    samples = save_npz(tmp_path / 'samples.npz', random_images(6, 48, 40, seed=2), **smp_stats)
+
+    def diagonal_sqrtm(a):  # exact for the diagonal products here
+        assert np.count_nonzero(a - np.diag(np.diagonal(a))) == 0
+        return np.diag(np.sqrt(np.diagonal(a)))
+    monkeypatch.setattr(fid.linalg, 'sqrtm', diagonal_sqrtm)
+    extracted, extract = [], fid.extract_features
+
+    def recording_extract(path, *args, **kwargs):  # the features evaluate() computed, to check the metrics against
+        extracted.append((path, extract(path, *args, **kwargs)))
+        return extracted[-1][1]
+    monkeypatch.setattr(fid, 'extract_features', recording_extract)
+
+    cache = tmp_path / 'cache'
+    fid.main(['eval', ref, samples, '--inception', weights, '--any-weights', '--device', 'cpu', '--batch-size', '4',
+              '--is-split', '3', '--cache-dir', str(cache)])
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert [line.split(':')[0] for line in lines] == ['Inception Score', 'FID', 'sFID', 'Precision', 'Recall']
+    printed = [float(line.split(': ')[1]) for line in lines]
+    assert 'NOT comparable' in err
+
+    assert [p for p, _ in extracted] == [ref, samples]
+    (ref_pool, ref_spatial, _), (pool, spatial, logits) = extracted[0][1], extracted[1][1]
+    assert pool.shape == (6, 2048) and spatial.shape == (6, 2023) and logits.shape == (6, 1008)
+    assert pool.dtype == np.float32
+
+    def fd(m1, s1, m2, s2):  # closed form for diagonal covariances
+        return ((m1 - m2) ** 2).sum() + ((np.sqrt(np.diagonal(s1)) - np.sqrt(np.diagonal(s2))) ** 2).sum()
+    expected = [fid.inception_score(logits, 3),
+                fd(smp_stats['mu'], smp_stats['sigma'], ref_stats['mu'], ref_stats['sigma']),
+                fd(smp_stats['mu_s'], smp_stats['sigma_s'], ref_stats['mu_s'], ref_stats['sigma_s']),
+                *fid.precision_recall(ref_pool, pool)]
+    assert printed == pytest.approx(expected, rel=1e-9)
+    assert fid.inception_score(logits, 3) != fid.inception_score(logits, 6)  # the split size reached the metric
+
+    # the cache holds the reference pool3 and float64 statistics; a second run reads it instead of the images
+    (cached,) = list(cache.glob('*.npz'))
+    with np.load(cached) as f:
+        np.testing.assert_array_equal(f['pool'], ref_pool)
+        sigma_s = np.cov(ref_spatial.astype(np.float64), rowvar=False)
+        np.testing.assert_allclose(f['sigma_s'], sigma_s, rtol=1e-9, atol=1e-12)
+        assert f['sigma'].dtype == np.float64
+    extracted.clear()
+    net = fid.load_inception(weights, any_weights=True)
+    small = save_npz(tmp_path / 'small.npz', random_images(4, 48, 40, seed=2), **smp_stats)  # the first 4 samples
+    r = fid.evaluate(ref, small, inception=net, batch_size=3, cache_dir=str(cache), is_split=2)
+    assert [p for p, _ in extracted] == [small]
+    assert r['FID'] == pytest.approx(printed[1], rel=1e-12)
+    assert (r['precision'], r['recall']) == fid.precision_recall(ref_pool, extracted[0][1][0])
+    np.testing.assert_allclose(extracted[0][1][0], pool[:4], rtol=1e-5, atol=1e-6)  # batches of 3 vs 4: same features
