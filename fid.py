@@ -17,6 +17,7 @@ P/R; stored mu/sigma/mu_s/sigma_s honoured; float64 statistics; TF32 off.
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import warnings
@@ -409,6 +410,111 @@ def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_siz
     }
 
 # -----------------------------------------------------------------------------
+# Sampling: a checkpoint -> exactly N images in one ADM-format .npz, sharded over ranks, resumable
+# Shard k holds images [k*B, (k+1)*B) and is seeded with (seed, k) alone, so the result does not depend on the number
+# of processes, and a killed run redoes only the shards that are missing.
+
+
+def shard_generator(seed, k, device='cpu'):
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+
+
+def write_npz(path, shard_files, shape):
+    """Stream the shards into `path` as arr_0 (N, H, W, 3) uint8, never holding all images in memory."""
+    tmp = f'{path}.tmp'
+    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=tuple(shape)))
+            for s in shard_files:
+                f.write(np.ascontiguousarray(np.load(s)).tobytes())
+    os.replace(tmp, path)
+
+
+def sample_main(a):
+    import irepa
+    from torch import distributed as dist
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    if ddp:
+        dist.init_process_group('nccl' if a.device == 'cuda' else 'gloo')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if a.device == 'cuda' else a.device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official generate.py
+    try:
+        model, info = irepa.model_from_checkpoint(a.ckpt, device=device)
+        latent = info['latent']
+        if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
+            if a.latent_stats:
+                st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
+                scale, shift = st['latents_scale'].flatten().tolist(), st['latents_bias'].flatten().tolist()
+            else:
+                scale, shift = [a.latent_scale] * model.in_channels, [0.0] * model.in_channels
+            latent = dict(vae=a.vae or 'sd-vae-ft-mse', shift=shift, scale=scale)
+        elif latent is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
+            raise ValueError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
+                             f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
+        vae = None
+        if latent:
+            import encoders
+            vae = encoders.load_vae(a.vae or latent['vae'], device=device).eval().requires_grad_(False)
+            shift = torch.tensor(latent['shift'], device=device).view(1, -1, 1, 1)
+            scale = torch.tensor(latent['scale'], device=device).view(1, -1, 1, 1)
+        out = os.path.abspath(a.out)
+        shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
+        size = model.x_embedder.input_size
+        settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
+                        mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=[a.guidance_low,
+                        a.guidance_high], class_balanced=a.class_balanced, precision=a.precision, latent=latent)
+        meta = os.path.join(shards, 'settings.json')
+        if os.path.exists(meta) and json.load(open(meta)) != json.loads(json.dumps(settings)):
+            raise ValueError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
+        if ddp:
+            dist.barrier()  # every rank has checked before rank 0 writes
+        if rank == 0:
+            os.makedirs(shards, exist_ok=True)
+            json.dump(settings, open(meta, 'w'), indent=1)
+        if ddp:
+            dist.barrier()
+        n_shards = -(-a.num_samples // a.batch_size)
+        missing = [k for k in range(n_shards) if not os.path.exists(os.path.join(shards, f'{k:06d}.npy'))]
+        todo = missing[rank::world]
+        if rank == 0:
+            print(f"sampling {a.num_samples} images: {len(missing)} of {n_shards} shards of {a.batch_size} to do, "
+                  f"{a.mode} {a.num_steps} steps, cfg {a.cfg_scale} on [{a.guidance_low}, {a.guidance_high}], "
+                  f"{world} process(es)", file=sys.stderr)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == 'bf16' else contextlib.nullcontext()
+        for k in tqdm(todo, desc='sample', unit='shard', disable=rank != 0, file=sys.stderr):
+            n = min(a.batch_size, a.num_samples - k * a.batch_size)
+            g = shard_generator(a.seed, k)
+            noise = torch.randn(n, model.in_channels, size, size, generator=g)
+            y = (torch.arange(k * a.batch_size, k * a.batch_size + n) % model.num_classes if a.class_balanced
+                 else torch.randint(0, model.num_classes, (n,), generator=g))
+            with torch.no_grad(), autocast:
+                z = irepa.sample(model, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
+                                 a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
+            with torch.no_grad():
+                x = vae.decode(z.float() / scale + shift) if vae is not None else z.float()
+            path = os.path.join(shards, f'{k:06d}.npy')
+            np.save(path + '.tmp.npy', irepa.to_uint8(x).cpu().numpy())  # (n, H, W, 3)
+            os.replace(path + '.tmp.npy', path)  # a shard exists only once complete
+        if ddp:
+            dist.barrier()
+        if rank == 0:
+            files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
+            first = np.load(files[0])
+            write_npz(out, files, (a.num_samples, *first.shape[1:]))
+            irepa.save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
+            for f in files + [os.path.join(shards, 'settings.json')]:
+                os.remove(f)
+            os.rmdir(shards)
+            print(f"wrote {a.num_samples} images {tuple(first.shape[1:])} to {out} (preview: {out[:-4]}.png)",
+                  file=sys.stderr)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -428,8 +534,36 @@ def main(argv=None):
     ev.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
     ev.add_argument('--pr-dtype', default='adm16', choices=['adm16', 'fp32'], help='P/R distances: fp16 as ADM or fp32')
     ev.add_argument('--pr-block', type=int, default=10000, help='rows/columns per P/R distance block')
-    # the `sample` subcommand (checkpoint -> ADM-format .npz) is registered here
+    sa = sub.add_parser('sample', help='a checkpoint -> N images in one ADM-format .npz (torchrun for several GPUs)')
+    sa.add_argument('--ckpt', required=True, help='checkpoint of irepa.py (or of the official iREPA/REPA code)')
+    sa.add_argument('--num-samples', type=int, default=50_000)
+    sa.add_argument('--out', default=None, help='output .npz (default: next to the checkpoint, named by the settings)')
+    sa.add_argument('--mode', choices=['sde', 'euler', 'heun'], default='sde', help="the paper's: SDE, 250 steps")
+    sa.add_argument('--num-steps', type=int, default=250)
+    sa.add_argument('--cfg-scale', type=float, default=1.0)
+    sa.add_argument('--guidance-low', type=float, default=0.0)
+    sa.add_argument('--guidance-high', type=float, default=1.0)
+    sa.add_argument('--batch-size', type=int, default=64, help='images per shard and per forward, per process')
+    sa.add_argument('--seed', type=int, default=0)
+    sa.add_argument('--class-balanced', action='store_true', help='labels i %% num_classes instead of random ones')
+    sa.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast (CUDA) for the SiT')
+    sa.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
+    sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
+    sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
+    sa.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+
+    if args.cmd == 'sample':
+        if args.out is None:
+            stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+            args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), '..', 'samples', (
+                f'{stem}-{args.mode}{args.num_steps}-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}'
+                f'-seed{args.seed}-n{args.num_samples}.npz'))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        try:
+            sample_main(args)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f'fid.py sample: error: {e}')
 
     if args.cmd == 'eval':
         try:

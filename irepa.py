@@ -665,13 +665,31 @@ def latest_checkpoint(out_dir):
 
 
 def model_from_checkpoint(path, ema=True, device='cpu'):
-    """The SiT of a checkpoint written by train() (EMA weights by default, eval mode) and its config."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict) or 'model_args' not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by irepa.py (no 'model_args')")
-    model = SiT(**ckpt['model_args'])
-    load_state(model, ckpt['ema' if ema else 'model'])
-    return model.to(device).eval(), ckpt['config']
+    """The SiT of a checkpoint (EMA weights by default) in eval mode, and a dict that describes it.
+
+    Reads checkpoints of irepa.py and of the official iREPA/REPA code. Theirs pickle an argparse Namespace, which is
+    allowed through the weights_only load; they do not store the latent normalization, so info['latent'] is None.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    if not isinstance(ckpt, dict) or 'ema' not in ckpt or not ('model_args' in ckpt or 'args' in ckpt):
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a SiT checkpoint of irepa.py or the official code (it holds {keys})")
+    state = ckpt['ema' if ema else 'model']
+    if 'model_args' in ckpt:  # ours
+        args, info = ckpt['model_args'], dict(config=ckpt['config'], latent=ckpt.get('latent'), step=ckpt['step'])
+    else:  # official: rebuild from its training arguments; the projectors are not needed to sample
+        a = vars(ckpt['args'])
+        args = sit_args(a['model'], input_size=a['resolution'] // 8, num_classes=a.get('num_classes', 1000),
+                        encoder_depth=a.get('encoder_depth'), qk_norm=a.get('qk_norm', False), z_dims=())
+        state = {k: v for k, v in state.items() if not k.startswith('projectors.')}
+        info = dict(config=a, latent=None, step=ckpt.get('steps'))
+    model = SiT(**args)
+    load_state(model, state)
+    return model.to(device).eval(), info
 
 
 def to_uint8(x):
@@ -761,6 +779,8 @@ def train(cfg):
         shift, scale = shift.view(1, -1, 1, 1).to(device), scale.view(1, -1, 1, 1).to(device)
     else:
         in_channels, input_size = 3, c.resolution
+    # how to turn model outputs back into images, stored in every checkpoint (fid.py sample needs nothing else)
+    latent_info = dict(vae=data.vae, shift=shift.flatten().tolist(), scale=scale.flatten().tolist()) if latent else None
 
     # --- model, teachers, EMA, optimizer (same seed on every rank, so random teachers agree)
     torch.manual_seed(c.seed)
@@ -906,7 +926,7 @@ def train(cfg):
             if master:
                 save_checkpoint(out / 'checkpoints' / f'{done:07d}.pt', dict(
                     model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done, config=cfg,
-                    model_args=model_args, rng=rngs, data=dict(images_seen=done * c.global_batch_size)))
+                    model_args=model_args, rng=rngs, data=dict(images_seen=done * c.global_batch_size), latent=latent_info))
         if do_sample and master:
             sample_images(out / 'samples' / f'{done:07d}.png')
     bar.close()

@@ -466,8 +466,8 @@ def test_resume_is_bitwise_exact(tmp_path):
     split = [json.loads(l) for l in open(tmp_path / 'split/log.jsonl')]
     assert [r['flow'] for r in full][-1] == [r['flow'] for r in split][-1]
     assert (tmp_path / 'full/samples/0000006.png').exists() and (tmp_path / 'full/config.json').exists()
-    model, cfg = irepa.model_from_checkpoint(tmp_path / 'full/checkpoints/0000006.pt')
-    assert not model.training and cfg['model'] == 'SiT-T/4'
+    model, info = irepa.model_from_checkpoint(tmp_path / 'full/checkpoints/0000006.pt')
+    assert not model.training and info['config']['model'] == 'SiT-T/4' and info['step'] == 6 and info['latent'] is None
 
 
 def test_resume_refuses_another_config(tmp_path):
@@ -1370,3 +1370,81 @@ def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
     assert r['FID'] == pytest.approx(printed[1], rel=1e-12)
     assert (r['precision'], r['recall']) == fid.precision_recall(ref_pool, extracted[0][1][0])
     np.testing.assert_allclose(extracted[0][1][0], pool[:4], rtol=1e-5, atol=1e-6)  # batches of 3 vs 4: same features
+
+
+# -----------------------------------------------------------------------------
+# fid.py sample: checkpoint -> exactly N images, independent of the number of processes, resumable
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    irepa.main(run_args(out, 2))
+    return out / 'checkpoints/0000002.pt'
+
+
+def sample_args(ckpt, out, n=10):
+    return ['sample', '--ckpt', str(ckpt), '--num-samples', str(n), '--batch-size', '4', '--num-steps', '3',
+            '--out', str(out), '--device', 'cpu']
+
+
+def test_sample_writes_exactly_n_and_resumes(tiny_ckpt, tmp_path, monkeypatch):
+    fid.main(sample_args(tiny_ckpt, tmp_path / 'a.npz'))
+    a = np.load(tmp_path / 'a.npz')['arr_0']
+    assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8 and (tmp_path / 'a.png').exists()
+    assert not (tmp_path / 'a.shards').exists()  # shards are removed once the npz is complete
+    real = irepa.sample
+    calls = []
+
+    def dies_on_second_shard(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(irepa, 'sample', dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        fid.main(sample_args(tiny_ckpt, tmp_path / 'b.npz'))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / 'b.shards').iterdir()) == ['000000.npy', 'settings.json']
+    assert not (tmp_path / 'b.npz').exists()
+    fid.main(sample_args(tiny_ckpt, tmp_path / 'b.npz'))  # continues: only shards 1 and 2 are drawn
+    assert np.array_equal(np.load(tmp_path / 'b.npz')['arr_0'], a)
+    (tmp_path / 'c.shards').mkdir()
+    (tmp_path / 'c.shards/settings.json').write_text('{"seed": 5}')
+    with pytest.raises(SystemExit, match='other settings'):
+        fid.main(sample_args(tiny_ckpt, tmp_path / 'c.npz'))
+
+
+def test_sample_ddp_gives_the_same_images(tiny_ckpt, tmp_path):
+    fid.main(sample_args(tiny_ckpt, tmp_path / 'one.npz', n=11) + ['--class-balanced'])
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(HERE / 'fid.py')] + sample_args(tiny_ckpt, tmp_path / 'two.npz', n=11) + ['--class-balanced'],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = np.load(tmp_path / 'one.npz')['arr_0'], np.load(tmp_path / 'two.npz')['arr_0']
+    assert two.shape[0] == 11 and np.array_equal(one, two)  # no duplicates, none missing, same seeds per shard
+
+
+def test_sample_bad_checkpoints(tmp_path):
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match='not a readable PyTorch checkpoint'):
+        fid.main(sample_args(tmp_path / 'junk.pt', tmp_path / 'x.npz'))
+    torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
+    with pytest.raises(SystemExit, match='not a SiT checkpoint'):
+        fid.main(sample_args(tmp_path / 'other.pt', tmp_path / 'x.npz'))
+
+
+def test_official_checkpoint_loads(tmp_path):
+    """The official layout: EMA with projectors, the training args as a pickled argparse Namespace."""
+    import argparse
+    official = irepa.build_sit('SiT-S/8', input_size=16, encoder_depth=4, z_dims=(768,), projector='mlp')
+    args = argparse.Namespace(model='SiT-S/8', resolution=128, num_classes=1000, encoder_depth=4, qk_norm=False)
+    torch.save({'model': official.state_dict(), 'ema': randomize(official).state_dict(), 'opt': {}, 'args': args,
+                'steps': 400000}, tmp_path / 'official.pt')
+    model, info = irepa.model_from_checkpoint(tmp_path / 'official.pt')
+    assert info['latent'] is None and info['step'] == 400000 and len(model.projectors) == 0
+    x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([1, 2])
+    torch.testing.assert_close(model(x, t, y)[0], official.eval()(x, t, y)[0])
+    with pytest.raises(SystemExit, match='--latent-scale 0.18215'):
+        fid.main(sample_args(tmp_path / 'official.pt', tmp_path / 'x.npz'))
