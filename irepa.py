@@ -734,6 +734,20 @@ def build_teachers(cfg, grid, device):
     return teachers
 
 
+def train_step(train_model, model, ema, opt, x, y, targets, proj_coeff, grad_clip, ema_decay,
+               autocast=contextlib.nullcontext()):
+    """One optimizer step: flow + proj_coeff * alignment, clipped AdamW, EMA. Returns (flow, align, grad norm) as
+    device tensors: nothing here waits for the GPU. `train_model` is `model` itself or its DDP / compiled wrapper."""
+    with autocast:
+        flow, align = flow_loss(train_model, x, y, targets)
+    opt.zero_grad(set_to_none=True)
+    (flow + proj_coeff * align).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - ema_decay)  # fp32 EMA, one kernel per group
+    return flow.detach(), align.detach(), grad_norm
+
+
 def train(cfg):
     c = SimpleNamespace(**cfg)
     rank, world, local_rank = dist_info()
@@ -816,7 +830,6 @@ def train(cfg):
         train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None)
     if c.compile:
         train_model = torch.compile(train_model)
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
     vae = None
 
@@ -870,18 +883,11 @@ def train(cfg):
         else:
             x = img.float() / 127.5 - 1
         with torch.no_grad(), autocast:
-            feats = [t(img.float() / 255) for t in teachers]
-        targets = teacher_targets(feats, c.spnorm, c.spnorm_gamma)
-        with autocast:
-            flow, align = flow_loss(train_model, x, y, targets)
-        loss = flow + c.proj_coeff * align
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
-        torch._foreach_lerp_(ema_params, model_params, 1 - c.ema_decay)
-        sums += torch.stack([flow.detach(), align.detach(), grad_norm.detach(), torch.ones((), device=device)])
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
+            targets = teacher_targets([t(img.float() / 255) for t in teachers], c.spnorm, c.spnorm_gamma)
+        flow, align, grad_norm = train_step(train_model, model, ema, opt, x, y, targets, c.proj_coeff, c.grad_clip,
+                                            c.ema_decay, autocast)
+        sums += torch.stack([flow, align, grad_norm, torch.ones((), device=device)])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(flow + align), step + 1, first_bad)
         bar.update(1)
 
         done = step + 1
