@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -442,7 +442,7 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 
 
 def synthetic_image(index, resolution, num_classes, seed=0):
-    """Image `index` of the built-in set: one coloured shape on a striped, two-colour background.
+    """Image `index` of the built-in set: one coloured shape on a striped, two-colour background, and its mask.
 
     The class fixes the shape (disc, square, triangle, ring, cross) and the hue; position, size, background and
     stripes vary per image. Deterministic in (seed, index), so no file is needed and every rank sees the same set.
@@ -472,7 +472,7 @@ def synthetic_image(index, resolution, num_classes, seed=0):
     colour = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95))
     shade = 0.8 + 0.2 * (1 - np.clip(np.hypot(xx - cx + r / 3, yy - cy + r / 3) / (2 * r), 0, 1))  # lit from top left
     img[mask] = colour * shade[mask, None]
-    return (img * 255).round().clip(0, 255).astype(np.uint8), label
+    return (img * 255).round().clip(0, 255).astype(np.uint8), label, mask  # (R, R, 3) uint8, int, (R, R) bool
 
 
 def center_crop(pil_image, resolution):
@@ -946,6 +946,250 @@ def train(cfg):
 
 
 # -----------------------------------------------------------------------------
+# The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
+
+
+def patch_masks(masks, grid):
+    """Pixel masks (B, R, R) -> token masks (B, grid*grid): a patch is foreground if any of its pixels is (official)."""
+    return F.max_pool2d(masks[:, None].float(), masks.shape[-1] // grid).flatten(1).bool()  # row-major
+
+
+def image_mask(data, i, masks_dir):
+    """Foreground mask (R, R) of image i: the synthetic set knows its shapes; a folder needs masks_dir/<same path>.png."""
+    if data.files is None:
+        return synthetic_image(i, data.resolution, data.num_classes, data.seed)[2]
+    rel = Path(data.files[i]).with_suffix('.png')
+    for p in (Path(masks_dir) / rel, Path(masks_dir) / rel.name):
+        if p.exists():
+            with Image.open(p) as m:
+                return center_crop(m.convert('L'), data.resolution) > 0
+    raise FileNotFoundError(f"no mask for {data.files[i]}: expected {Path(masks_dir) / rel} (any mode, > 0 = foreground)")
+
+
+def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
+    """Held-out accuracy of a logistic regression (standardized features, L-BFGS, L2 1e-4) on (N, D) features."""
+    n = len(feats)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, tr = perm[:max(1, int(n * val_frac))], perm[max(1, int(n * val_frac)):]
+    x = feats.double()
+    x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
+    num_classes = int(labels.max()) + 1
+    lin = nn.Linear(x.shape[1], num_classes).double()
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, history_size=10, line_search_fn='strong_wolfe')
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x[tr]), labels[tr]) + 1e-4 * lin.weight.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return (lin(x[val]).argmax(1) == labels[val]).double().mean().item()
+
+
+def measure_teacher(argv):
+    """python irepa.py metrics --encoder dinov2 [--data-path DIR --masks DIR]: LDS, CDS, SRSS, RMSC and LP accuracy."""
+    import encoders
+    p = argparse.ArgumentParser(prog='irepa.py metrics', description=measure_teacher.__doc__)
+    p.add_argument('--encoder', required=True)
+    p.add_argument('--encoder-weights', default='auto')
+    p.add_argument('--data-path', default=None, help='image folder (<root>/<class>/*); default: the synthetic set')
+    p.add_argument('--masks', default=None, help='folder of foreground masks, same relative paths as the images (.png)')
+    p.add_argument('--resolution', type=int, default=256)
+    p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
+    p.add_argument('--num-images', type=int, default=1000)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--num-classes', type=int, default=10)
+    p.add_argument('--synthetic-size', type=int, default=10_000)
+    p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe)')
+    p.add_argument('--siglip-norm', choices=['imagenet', 'siglip'], default='imagenet')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--out-dir', default='out/metrics', help='features are cached here, the summary written as <teacher>.json')
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    grid = a.grid or a.resolution // 16
+    data = ImageData(a.data_path, a.resolution, a.num_classes, a.seed, a.synthetic_size)
+    n = min(a.num_images, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(a.seed))[:n].sort().values.tolist()
+    name = encoders.resolve_teacher(a.encoder)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = str(Path(a.data_path).resolve()) if a.data_path else f'synthetic-{a.num_classes}-{a.seed}'
+    key = f"{name}|{a.encoder_weights}|{source}|{a.resolution}|{grid}|{n}|{a.seed}|{a.siglip_norm}"
+    cache = out / f"{name}-{int.from_bytes(key.encode(), 'little') % 10 ** 10:010d}.pt"
+    t0 = time.time()
+    if cache.exists():
+        feats = torch.load(cache, map_location='cpu', weights_only=True)['feats']
+        print(f"features from the cache {cache}")
+        extract_rate = None
+    else:
+        torch.manual_seed(a.seed)  # a random teacher (tests) is then the same one every run
+        teacher = encoders.load_teacher(name, a.encoder_weights, grid, device,
+                                        torch.bfloat16 if device.type == 'cuda' else None, siglip_norm=a.siglip_norm)
+        chunks = [idx[i: i + a.batch_size] for i in range(0, n, a.batch_size)]
+        loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=min(4, os.cpu_count() or 1))
+        feats = torch.cat([teacher(img.to(device).float() / 255).half().cpu()
+                           for img, _, _ in tqdm(loader, desc=f'{name} tokens', total=len(chunks))])  # (n, T, D)
+        extract_rate = n / (time.time() - t0)
+        save_checkpoint(cache, dict(feats=feats, key=key))
+    masks = None
+    if a.masks or data.files is None:
+        masks = patch_masks(torch.from_numpy(np.stack([image_mask(data, i, a.masks) for i in idx])), grid)
+        few = (masks.sum(1) < grid * grid // 4) | ((~masks).sum(1) < grid * grid // 4)
+        masks[few] = False  # SRSS only where a quarter of the patches are foreground and a quarter background (64/64 at 16x16)
+    t1 = time.time()
+    per = {k: torch.cat(v) for k, v in zip(('lds', 'cds', 'srss', 'rmsc'), zip(*[
+        spatial_metrics(feats[i: i + 64].to(device), None if masks is None else masks[i: i + 64].to(device)).values()
+        for i in range(0, n, 64)]))}
+    metric_rate = n / (time.time() - t1)
+    labels = torch.as_tensor(data.labels[idx])
+    lp = linear_probe(feats.float().mean(1), labels, a.lp_steps, seed=a.seed) \
+        if a.lp_steps and len(labels.unique()) > 1 else None
+    summary = dict(teacher=name, images=n, resolution=a.resolution, grid=grid, lp=lp,
+                   extract_img_per_s=extract_rate, metrics_img_per_s=metric_rate)
+    for k, v in per.items():
+        v = v.cpu().double()
+        ok = v[~v.isnan()]
+        summary[k] = ok.mean().item() if len(ok) else float('nan')
+        summary[k + '_std'] = ok.std().item() if len(ok) > 1 else float('nan')
+        summary[k + '_n'] = len(ok)
+    (out / f'{name}.json').write_text(json.dumps(summary, indent=1))
+    print(f"{name}: {n} images at {a.resolution} px, {grid}x{grid} tokens")
+    for k in ('lds', 'cds', 'srss', 'rmsc'):
+        print(f"  {k.upper():5s} {summary[k]:+.4f} +- {summary[k + '_std']:.4f}  ({summary[k + '_n']} images)")
+    print(f"  LP    {'n/a (one class)' if lp is None else f'{lp:.4f}'}")
+    print(f"  speed: tokens {'cached' if extract_rate is None else f'{extract_rate:.1f} img/s'}, metrics {metric_rate:.1f} img/s; "
+          f"summary in {out / (name + '.json')}")
+    return summary
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def correlate(argv):
+    """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID, and the panel."""
+    from scipy import stats
+    p = argparse.ArgumentParser(prog='irepa.py correlate', description=correlate.__doc__)
+    p.add_argument('csv', help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
+    p.add_argument('--out', default=None, help='scatter panel PNG (default: next to the CSV)')
+    a = p.parse_args(argv)
+    import csv
+    with open(a.csv, newline='') as f:
+        rows = [{k.strip().lower(): v for k, v in r.items() if k} for r in csv.DictReader(f)]
+    need = ['teacher', 'fid', 'lp', 'lds', 'cds', 'srss', 'rmsc']
+    missing = [c for c in need if not rows or c not in rows[0]]
+    if missing:
+        raise ValueError(f"{a.csv} lacks the column(s) {', '.join(missing)}; it needs {', '.join(need)}")
+    if len(rows) < 3:
+        raise ValueError(f"{a.csv} has {len(rows)} row(s); a correlation needs at least 3 teachers")
+    num = lambda v: float(v) if v.strip() not in ('', 'nan', 'NaN', 'None') else float('nan')
+    fid = np.array([num(r['fid']) for r in rows])
+    result = {}
+    print(f"{len(rows)} teachers; correlation with FID (rows with a missing value are left out of that measure)")
+    print(f"  {'measure':8s} {'Pearson r':>10s} {'Spearman r':>11s} {'n':>4s}")
+    for m in need[2:]:
+        x = np.array([num(r[m]) for r in rows])
+        ok = np.isfinite(x) & np.isfinite(fid)
+        if ok.sum() < 3 or np.ptp(x[ok]) == 0:
+            result[m] = dict(pearson=float('nan'), spearman=float('nan'), n=int(ok.sum()))
+        else:
+            result[m] = dict(pearson=float(np.corrcoef(x[ok], fid[ok])[0, 1]),
+                             spearman=float(stats.spearmanr(x[ok], fid[ok])[0]), n=int(ok.sum()))
+        print(f"  {m.upper():8s} {result[m]['pearson']:+10.3f} {result[m]['spearman']:+11.3f} {result[m]['n']:4d}")
+    W, H, pad = 320, 300, 46
+    img = Image.new('RGB', (W * 5, H), 'white')
+    d, f12, f14 = ImageDraw.Draw(img), font(12), font(15)
+    for i, m in enumerate(need[2:]):
+        x = np.array([num(r[m]) for r in rows])
+        ok = np.isfinite(x) & np.isfinite(fid)
+        ox = i * W
+        d.rectangle([ox + pad, 30, ox + W - 12, H - pad], outline='black')
+        d.text((ox + pad, 8), f"{m.upper()}   r = {result[m]['pearson']:+.3f}", fill='black', font=f14)
+        d.text((ox + W // 2 - 10, H - 20), m.upper(), fill='black', font=f12)
+        if ok.sum() < 2:
+            continue
+        (x0, x1), (y0, y1) = [(v.min() - 0.06 * np.ptp(v) - 1e-9, v.max() + 0.06 * np.ptp(v) + 1e-9) for v in (x[ok], fid[ok])]
+        px = lambda v: ox + pad + (v - x0) / (x1 - x0) * (W - 12 - pad)
+        py = lambda v: H - pad - (v - y0) / (y1 - y0) * (H - pad - 30)
+        for v, anchor_x in ((x0, px(x0)), (x1, px(x1) - 40)):
+            d.text((anchor_x, H - pad + 4), f'{v:.3g}', fill='black', font=f12)
+        for v in (y0, y1):
+            d.text((ox + 2, py(v) - 7), f'{v:.3g}', fill='black', font=f12)
+        if np.ptp(x[ok]) > 0:
+            k, b = np.polyfit(x[ok], fid[ok], 1)
+            ends = [(xe, min(max(k * xe + b, y0), y1)) for xe in (x0, x1)]  # clip to the box: move x where y leaves it
+            ends = [((ye - b) / k if k else xe, ye) for xe, ye in ends]
+            d.line([px(ends[0][0]), py(ends[0][1]), px(ends[1][0]), py(ends[1][1])], fill=(214, 39, 40), width=2)
+        for xv, yv in zip(x[ok], fid[ok]):
+            d.ellipse([px(xv) - 4, py(yv) - 4, px(xv) + 4, py(yv) + 4], fill=(31, 119, 180))
+    d.text((4, H // 2 - 40), 'FID', fill='black', font=f12)
+    out = a.out or str(Path(a.csv).with_suffix('.png'))
+    img.save(out)
+    print(f"scatter panel: {out}")
+    return result
+
+
+def colormap(x):
+    """Values in [0, 1] (any shape) -> uint8 RGB through viridis' anchor colours."""
+    anchors = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=torch.float)
+    x = x.clamp(0, 1) * (len(anchors) - 1)
+    lo = x.floor().long().clamp(max=len(anchors) - 2)
+    w = (x - lo)[..., None]
+    return ((1 - w) * anchors[lo] + w * anchors[lo + 1]).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def spnorm_viz(argv):
+    """python irepa.py spnorm-viz --encoder dinov2 [--image IMG]: one token's cosine similarity before/after the z-score."""
+    import encoders
+    p = argparse.ArgumentParser(prog='irepa.py spnorm-viz', description=spnorm_viz.__doc__)
+    p.add_argument('--encoder', required=True)
+    p.add_argument('--encoder-weights', default='auto')
+    p.add_argument('--image', default=None, help='an image file (center-cropped); default: a synthetic image')
+    p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image')
+    p.add_argument('--token', default=None, help='row,col of the query token on the grid (default: the centre)')
+    p.add_argument('--resolution', type=int, default=256)
+    p.add_argument('--spnorm-gamma', type=float, default=0.6)
+    p.add_argument('--out', default='out/spnorm-viz.png')
+    a = p.parse_args(argv)
+    grid = a.resolution // 16
+    if a.image:
+        with Image.open(a.image) as im:
+            img = center_crop(im.convert('RGB'), a.resolution)
+    else:
+        img = synthetic_image(a.index, a.resolution, 10)[0]
+    row, col = map(int, a.token.split(',')) if a.token else (grid // 2, grid // 2)
+    if not (0 <= row < grid and 0 <= col < grid):
+        raise ValueError(f"--token {row},{col} is outside the {grid}x{grid} grid")
+    teacher = encoders.load_teacher(a.encoder, a.encoder_weights, grid)
+    f = teacher(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255).float()  # (1, T, D)
+    panels = [torch.from_numpy(img)]
+    for tokens in (f, spatial_norm(f, a.spnorm_gamma)):
+        u = F.normalize(tokens[0], dim=-1)
+        sim = (u @ u[row * grid + col]).view(grid, grid)  # cosine similarity to the query token
+        heat = colormap((sim + 1) / 2).repeat_interleave(a.resolution // grid, 0).repeat_interleave(a.resolution // grid, 1)
+        panels.append(heat)
+    canvas = Image.fromarray(torch.cat(panels, 1).numpy())
+    d, cell = ImageDraw.Draw(canvas), a.resolution // grid
+    for k in range(3):  # mark the query token on each panel
+        d.rectangle([k * a.resolution + col * cell, row * cell, k * a.resolution + (col + 1) * cell - 1, (row + 1) * cell - 1], outline='red', width=2)
+    titled = Image.new('RGB', (canvas.width, canvas.height + 24), 'white')
+    titled.paste(canvas, (0, 24))
+    for k, t in enumerate(['image', f'{teacher.name}: cos sim', f'after spatial z-score (gamma {a.spnorm_gamma})']):
+        ImageDraw.Draw(titled).text((k * a.resolution + 4, 4), t, fill='black', font=font(13))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    titled.save(a.out)
+    lds = [spatial_metrics(t)['lds'].item() for t in (f, spatial_norm(f, a.spnorm_gamma))]
+    print(f"token ({row}, {col}); LDS of this image {lds[0]:+.4f} before, {lds[1]:+.4f} after the z-score; picture: {a.out}")
+    return lds
+
+
+# -----------------------------------------------------------------------------
 # Command line: one block of defaults; --demo only changes defaults, every flag given still applies
 
 # 16-px images, a tiny SiT and a random teacher where the real one is unavailable: ~3 minutes on 2 CPU cores, enough
@@ -1025,7 +1269,13 @@ def resolve_config(argv=None):
     return cfg
 
 
+COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:  # the analysis commands; everything else trains (or prepares latents)
+        return COMMANDS[argv[0]](argv[1:])
     cfg = resolve_config(argv)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
     if ddp:

@@ -586,11 +586,13 @@ def test_prepared_latents_and_latent_training(tmp_path):
 
 
 def test_synthetic_set_is_deterministic_and_class_conditional():
-    a, la = irepa.synthetic_image(7, 32, 10, seed=1)
-    b, lb = irepa.synthetic_image(7, 32, 10, seed=1)
-    c, _ = irepa.synthetic_image(7, 32, 10, seed=2)
+    a, la, ma = irepa.synthetic_image(7, 32, 10, seed=1)
+    b, lb, mb = irepa.synthetic_image(7, 32, 10, seed=1)
+    c, _, _ = irepa.synthetic_image(7, 32, 10, seed=2)
     assert la == lb == 7 and np.array_equal(a, b) and not np.array_equal(a, c)
-    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8 and ma.shape == (32, 32) and 0 < ma.mean() < 0.5
+    colours = a[ma].astype(float)  # the object is one hue, shaded: its pixels vary far less than the background
+    assert colours.std(0).mean() < a[~ma].astype(float).std(0).mean()
     batches = irepa.Batches(20, 8, rank=1, world=2, seed=0, start=3)  # epoch 1 (2 steps per epoch), second batch
     first = next(iter(batches))
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(1)).tolist()
@@ -1448,3 +1450,64 @@ def test_official_checkpoint_loads(tmp_path):
     torch.testing.assert_close(model(x, t, y)[0], official.eval()(x, t, y)[0])
     with pytest.raises(SystemExit, match='--latent-scale 0.18215'):
         fid.main(sample_args(tmp_path / 'official.pt', tmp_path / 'x.npz'))
+
+
+# -----------------------------------------------------------------------------
+# The paper's study: measuring a teacher, correlation with FID, the spatial-norm picture
+
+
+def test_patch_masks_and_linear_probe():
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[0, 1, 5] = True  # one pixel in patch (row 0, col 1) of a 4 x 4 grid of 2-px patches
+    assert irepa.patch_masks(m, 4)[0].nonzero().flatten().tolist() == [2]
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    separable = torch.randn(200, 16, generator=g) * 0.1 + F.one_hot(labels, 16).float()
+    assert irepa.linear_probe(separable, labels, steps=50) == 1.0
+    noise = torch.randn(200, 16, generator=g)
+    assert irepa.linear_probe(noise, labels, steps=50) < 0.6  # chance is 0.25
+
+
+def test_metrics_command_end_to_end(tmp_path, capsys):
+    args = ['metrics', '--encoder', 'dinov2', '--encoder-weights', 'random:1', '--num-images', '24', '--resolution', '64',
+            '--out-dir', str(tmp_path), '--lp-steps', '20', '--batch-size', '8', '--device', 'cpu']
+    s = irepa.main(args)
+    for k in ('lds', 'cds', 'srss', 'rmsc', 'lp'):
+        assert math.isfinite(s[k]), k
+    assert s['srss_n'] > 0 and s['lds_n'] == 24 and 0 <= s['rmsc'] <= 1 and s['metrics_img_per_s'] > 0
+    assert json.loads((tmp_path / 'dinov2-vit-b.json').read_text())['lds'] == s['lds']
+    assert len(list(tmp_path.glob('dinov2-vit-b-*.pt'))) == 1  # the token cache
+    again = irepa.main(args)
+    assert 'features from the cache' in capsys.readouterr().out and again['lds'] == s['lds']
+
+
+def test_correlate_command(tmp_path, capsys):
+    path = tmp_path / 'r.csv'
+    lds = np.linspace(0.1, 0.5, 6)
+    rows = ['Teacher,FID,LP,LDS,CDS,SRSS,RMSC'] + [f't{i},{30 - 20 * v},{50 + (i * 7) % 5},{v},{v / 10},{2 * v},{1 - v}'
+                                                  for i, v in enumerate(lds)]
+    path.write_text('\n'.join(rows) + '\n')
+    r = irepa.main(['correlate', str(path)])
+    for m in ('lds', 'cds', 'srss'):
+        assert abs(r[m]['pearson'] + 1) < 1e-9 and abs(r[m]['spearman'] + 1) < 1e-9  # perfectly linear, decreasing
+    assert abs(r['rmsc']['pearson'] - 1) < 1e-9 and abs(r['lp']['pearson']) < 1
+    with Image.open(tmp_path / 'r.png') as im:
+        assert im.size == (1600, 300)
+    path.write_text('\n'.join(rows[:3]) + '\n')
+    with pytest.raises(ValueError, match='at least 3'):
+        irepa.main(['correlate', str(path)])
+    path.write_text('teacher,FID,LDS\nA,1,2\nB,2,3\nC,3,4\n')
+    with pytest.raises(ValueError, match='lacks the column.*lp, cds, srss, rmsc'):
+        irepa.main(['correlate', str(path)])
+
+
+def test_spnorm_viz_command(tmp_path):
+    out = tmp_path / 'viz.png'
+    before, after = irepa.main(['spnorm-viz', '--encoder', 'dinov2', '--encoder-weights', 'random:1', '--resolution',
+                                '64', '--token', '1,2', '--out', str(out)])
+    with Image.open(out) as im:
+        assert im.size == (3 * 64, 64 + 24)
+    assert after != before
+    with pytest.raises(ValueError, match='outside the 4x4 grid'):
+        irepa.main(['spnorm-viz', '--encoder', 'dinov2', '--encoder-weights', 'random:1', '--resolution', '64',
+                    '--token', '4,0', '--out', str(out)])
