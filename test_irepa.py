@@ -1089,25 +1089,27 @@ def test_stored_statistics(tmp_path):
 # Frechet distance
 
 
-def test_frechet_distance_closed_forms():
+@pytest.mark.parametrize('method', ['eigh', 'sqrtm'])
+def test_frechet_distance_closed_forms(method):
+    frechet_distance = functools.partial(fid.frechet_distance, method=method)
     rng = np.random.default_rng(0)
     d = 16
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # commuting covariances Q diag Q^T: same closed form
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
-    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)  # symmetric
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)  # symmetric
     x = rng.normal(size=(500, d)) @ rng.normal(size=(d, d))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
     c = 1.7  # sigma2 = c^2 sigma1 -> ||dmu||^2 + (1 - c)^2 tr sigma1
     expected = d + (1 - c) ** 2 * np.trace(sigma)
-    assert fid.frechet_distance(mu, sigma, mu + 1, c * c * sigma) == pytest.approx(expected, rel=1e-8)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+    assert frechet_distance(mu, sigma, mu + 1, c * c * sigma) == pytest.approx(expected, rel=1e-8)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
     with pytest.raises(ValueError, match='different sizes'):
-        fid.frechet_distance(mu, sigma, mu[:-1], sigma[:-1, :-1])
+        frechet_distance(mu, sigma, mu[:-1], sigma[:-1, :-1])
 
 
 def _trace_sqrt_eigh(s1, s2):
@@ -1122,8 +1124,15 @@ def test_frechet_distance_singular_and_adm_fallbacks(monkeypatch):
     x, y = rng.normal(size=(10, 48)), rng.normal(size=(12, 48)) ** 2  # N < d: singular covariances
     mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_eigh(s1, s2)
-    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    got = fid.frechet_distance(mu1, s1, mu2, s2, method='sqrtm')
     assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-6)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)  # eigh: exact when singular too
+    x = rng.normal(size=(2000, 64)) @ rng.normal(size=(64, 64))  # full rank, as 50K Inception features
+    y = x[:1000] * 1.1 + rng.normal(size=(1000, 64)) + 0.3
+    stats = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert fid.frechet_distance(*stats) == pytest.approx(fid.frechet_distance(*stats, method='sqrtm'), rel=1e-10)
+    with pytest.raises(ValueError, match="'eigh' or 'sqrtm'"):
+        fid.frechet_distance(*stats, method='svd')
 
     calls, real_sqrtm = [], fid.linalg.sqrtm
     def sqrtm_nan_first(a):  # ADM retries with eps on the diagonal when the first sqrtm is not finite
@@ -1132,12 +1141,12 @@ def test_frechet_distance_singular_and_adm_fallbacks(monkeypatch):
     monkeypatch.setattr(fid.linalg, 'sqrtm', sqrtm_nan_first)
     a, b = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
     with pytest.warns(UserWarning, match='singular product'):
-        got = fid.frechet_distance(np.zeros(2), a, np.zeros(2), b)
+        got = fid.frechet_distance(np.zeros(2), a, np.zeros(2), b, method='sqrtm')
     np.testing.assert_allclose(calls[1], (a + 1e-6 * np.eye(2)) @ (b + 1e-6 * np.eye(2)))
     assert got == pytest.approx(1 + 1, abs=1e-5)  # (1 - 2)^2 + (2 - 3)^2
     monkeypatch.setattr(fid.linalg, 'sqrtm', lambda a: np.eye(2) * (1 + 0.1j))  # a broken sqrtm must not pass
     with pytest.raises(ValueError, match='Imaginary component'):
-        fid.frechet_distance(np.zeros(2), a, np.zeros(2), b)
+        fid.frechet_distance(np.zeros(2), a, np.zeros(2), b, method='sqrtm')
 
 
 # -----------------------------------------------------------------------------
@@ -1312,8 +1321,8 @@ def test_weights_search_and_checks(tmp_path, monkeypatch):
 
 
 def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
-    """The CLI on tiny files prints ADM's five lines; stored statistics are honoured on both sides (which also keeps
-    sqrtm off 2048 x 2048 matrices, minutes on this CPU); IS and P/R are those of the extracted features; the
+    """The CLI on tiny files prints ADM's five lines; stored statistics are honoured on both sides (diagonal ones, so a
+    mocked exact sqrtm keeps scipy's off 2048 x 2048 matrices, minutes on this CPU); IS and P/R are those of the extracted features; the
     reference features are cached."""
     rng = np.random.default_rng(0)
     ref_stats = dict(mu=rng.normal(size=2048), sigma=np.diag(rng.uniform(0.5, 2, 2048)),
@@ -1336,7 +1345,7 @@ def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
 
     cache = tmp_path / 'cache'
     fid.main(['eval', ref, samples, '--inception', weights, '--any-weights', '--device', 'cpu', '--batch-size', '4',
-              '--is-split', '3', '--cache-dir', str(cache)])
+              '--is-split', '3', '--cache-dir', str(cache), '--fd-method', 'sqrtm'])  # ADM's path, end to end
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert [line.split(':')[0] for line in lines] == ['Inception Score', 'FID', 'sFID', 'Precision', 'Recall']
