@@ -477,6 +477,8 @@ class AutoencoderKL(nn.Module):
                            up_block_types=('UpDecoderBlock2D',) * len(chs), block_out_channels=chs,
                            layers_per_block=layers_per_block, act_fn='silu', latent_channels=latent_channels,
                            norm_num_groups=norm_num_groups)
+        self.args = dict(in_channels=in_channels, out_channels=out_channels, block_out_channels=list(chs),
+                         layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups)
         self.latent_channels, self.downsample = latent_channels, 2 ** (len(chs) - 1)
         self.encoder = Encoder(in_channels, 2 * latent_channels, chs, layers_per_block, norm_num_groups)
         self.decoder = Decoder(latent_channels, out_channels, chs, layers_per_block, norm_num_groups)
@@ -492,6 +494,12 @@ class AutoencoderKL(nn.Module):
         """(B, C, h, w) latents -> (B, 3, h*f, w*f) images in about [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
+    def forward(self, x):
+        """Encode, sample the posterior, decode: (mean, std, z, reconstruction), for training the VAE (REPA-E)."""
+        mean, std = self.encode(x)
+        z = mean + std * torch.randn_like(std)
+        return mean, std, z, self.decode(z)
+
 
 def load_vae(spec='sd-vae-ft-mse', device='cpu'):
     """spec: 'sd-vae-ft-mse' | 'sd-vae-ft-ema' (HF hub, cached), a local diffusers-format state dict (.safetensors,
@@ -506,14 +514,118 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
     old = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}  # diffusers' pre-0.14 names
     sd = {re.sub(r'attentions\.0\.(query|key|value|proj_attn)\.', lambda m: f'attentions.0.{old[m[1]]}.', k): v
           for k, v in read_state_dict(path).items()}
+    config = SD_VAE  # diffusers files carry no config; `irepa.py export-vae` writes its own into the metadata
+    if str(path).endswith('.safetensors'):
+        with safetensors.safe_open(path, 'pt') as f:
+            config = json.loads((f.metadata() or {}).get('config', 'null')) or SD_VAE
     with torch.device('meta'):  # no random init: every tensor comes from the file
-        vae = AutoencoderKL(**SD_VAE)
+        vae = AutoencoderKL(**config)
     try:
         vae.load_state_dict(sd, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"'{path}' is not a diffusers AutoencoderKL state dict with the SD f8d4 config "
-                         f"(block_out_channels {SD_VAE['block_out_channels']}): {str(e)[:600]}") from e
+        raise ValueError(f"'{path}' is not a diffusers AutoencoderKL state dict with the config {config} "
+                         f"(SD f8d4 unless the file's metadata says otherwise): {str(e)[:600]}") from e
     return vae.float().to(device)  # fp32 whatever the file holds
+
+# -----------------------------------------------------------------------------
+# REPA-E's VAE regularizer networks: LPIPS (VGG16 through timm + learned linear layers) and the PatchGAN discriminator
+
+LPIPS_FILE, LPIPS_MD5 = 'vgg.pth', 'd507d7349b931f0638a25a48a722f98a'  # the learned linear layers (taming, lpips v0.1)
+LPIPS_WHERE = ("the `lpips` pip package ships it as lpips/weights/v0.1/vgg.pth; taming-transformers downloads it from "
+               "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1")
+
+
+class LPIPS(nn.Module):
+    """LPIPS with VGG16: unit-normalized channel differences at relu1_2 ... relu5_3, weighted by learned 1x1 convs,
+    averaged over space and summed over layers; (B, 3, H, W) x 2 -> (B,). Like upstream, it maps its inputs with
+    2x - 1, i.e. it expects [0, 1]; REPA-E feeds it [-1, 1] images (a quirk that irepa.py reproduces by default)."""
+
+    def __init__(self, vgg):
+        super().__init__()
+        self.vgg = vgg  # timm features_only VGG16: the five relu outputs
+        self.register_buffer('shift', torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('scale', torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512)])
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen network, always eval
+
+    def forward(self, a, b):
+        fa, fb = [self.vgg(((x * 2 - 1) - self.shift) / self.scale) for x in (a, b)]
+        unit = lambda f: f / (f.square().sum(1, keepdim=True).sqrt() + 1e-10)  # unit length over channels
+        return sum(lin((unit(x) - unit(y)).square()).mean((1, 2, 3)) for lin, x, y in zip(self.lins, fa, fb))
+
+
+def load_lpips(spec='auto', device='cpu'):
+    """spec: 'auto' (VGG16 from timm's hub, the linear layers from $IREPA_LPIPS, the torch hub cache or the `lpips`
+    package), 'LINEAR[,VGG]' local files, or 'random' (tests, loudly)."""
+    import timm
+    vgg_kw = dict(features_only=True, out_indices=(0, 1, 2, 3, 4))
+    if spec == 'random':
+        print("*** WARNING: LPIPS has RANDOM weights: its distances mean nothing. ***", file=sys.stderr)
+        lpips = LPIPS(timm.create_model('vgg16', pretrained=False, **vgg_kw))
+        for lin in lpips.lins:
+            nn.init.uniform_(lin.weight, 0, 0.2)  # learned LPIPS weights are non-negative
+        return lpips.to(device)
+    linear, _, vgg = spec.partition(',') if spec != 'auto' else ('', '', '')
+    if not linear:
+        import importlib.util
+        pkg = importlib.util.find_spec('lpips')
+        candidates = [os.environ.get('IREPA_LPIPS', ''), os.path.join(torch.hub.get_dir(), 'checkpoints', LPIPS_FILE),
+                      os.path.join(os.path.dirname(pkg.origin), 'weights', 'v0.1', LPIPS_FILE) if pkg else '']
+        linear = next((p for p in candidates if p and os.path.isfile(p)), None)
+        if linear is None:
+            raise FileNotFoundError(f"LPIPS: no {LPIPS_FILE} (md5 {LPIPS_MD5}) in $IREPA_LPIPS, {candidates[1]} or the lpips "
+                                    f"package: {LPIPS_WHERE}. Pass it with --lpips-weights PATH")
+    if not vgg:
+        vgg, = hub_files('timm/vgg16.tv_in1k', 'model.safetensors', 'LPIPS VGG16', 'pass --lpips-weights LINEAR,VGG')
+    model = timm.create_model('vgg16.tv_in1k', pretrained=True, pretrained_cfg_overlay=dict(file=vgg), **vgg_kw)
+    lpips = LPIPS(model)
+    sd = {f'{m[1]}.weight': v for k, v in read_state_dict(linear).items()  # lin<k>.model.<1: after a dropout>.weight
+          if (m := re.fullmatch(r'lin(\d)\.model\.\d\.weight', k))}
+    lpips.lins.load_state_dict(sd, strict=True)
+    return lpips.to(device)
+
+
+class PatchGAN(nn.Module):
+    """The taming/pix2pix NLayerDiscriminator (3 layers, 64 filters, BatchNorm): a logit per overlapping patch."""
+
+    def __init__(self, ndf=64, n_layers=3):
+        super().__init__()
+        chs = [3] + [ndf * min(2 ** n, 8) for n in range(n_layers + 1)]  # 3, 64, 128, 256, 512
+        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for n in range(1, n_layers + 1):  # the last of these keeps the resolution (stride 1)
+            layers += [nn.Conv2d(chs[n], chs[n + 1], 4, 2 if n < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(chs[n + 1]), nn.LeakyReLU(0.2, True)]
+        self.main = nn.Sequential(*layers, nn.Conv2d(chs[-1], 1, 4, 1, 1))
+        for m in self.modules():  # taming's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        if min(x.shape[-2:]) < 24:
+            raise ValueError(f"the PatchGAN discriminator needs images of at least 24 px, got {tuple(x.shape)}")
+        return self.main(x)
+
+
+def load_discriminator(spec='random', device='cpu'):
+    """'random' (taming's init; REPA-E starts from a released pretrained one) or a local state dict file (keys main.*,
+    or a REPA-E checkpoint holding 'discriminator')."""
+    disc = PatchGAN()
+    if spec != 'random':
+        sd = read_state_dict(spec)
+        sd = sd.get('discriminator', sd)
+        try:
+            disc.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ValueError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): {str(e)[:400]}") from e
+    return disc.to(device)
+
 
 # -----------------------------------------------------------------------------
 # Command line: python encoders.py --list

@@ -471,7 +471,12 @@ def sample_main(a):
         vae = None
         if latent:
             import encoders
-            vae = encoders.load_vae(a.vae or latent['vae'], device=device).eval().requires_grad_(False)
+            if latent['vae'] == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
+                vae = encoders.AutoencoderKL(**latent['vae_args'])
+                vae.load_state_dict(info['vae_state'])
+                vae = vae.to(device).eval().requires_grad_(False)
+            else:
+                vae = encoders.load_vae(a.vae or latent['vae'], device=device).eval().requires_grad_(False)
             shift = torch.tensor(latent['shift'], device=device).view(1, -1, 1, 1)
             scale = torch.tensor(latent['scale'], device=device).view(1, -1, 1, 1)
         out = os.path.abspath(a.out)

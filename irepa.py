@@ -192,7 +192,7 @@ class SiT(nn.Module):
     """SiT with one projector per teacher on the output of block `encoder_depth` (1-based, before any norm)."""
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, class_dropout_prob=0.1, qk_norm=False,
-                 encoder_depth=8, z_dims=(768,), projector='conv', proj_kernel=3, projector_dim=2048):
+                 encoder_depth=8, z_dims=(768,), projector='conv', proj_kernel=3, projector_dim=2048, latent_bn=False):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in 1..{depth} (the block whose output is aligned), got {encoder_depth}")
@@ -207,6 +207,9 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.projectors = nn.ModuleList([Projector(projector, hidden_size, z, projector_dim, proj_kernel) for z in z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        if latent_bn:  # REPA-E: the VAE moves, so latents are normalized by running batch statistics (no affine: it
+            # could cheat the diffusion loss). The loss applies it; forward and the samplers work in normalized space.
+            self.bn = nn.BatchNorm2d(in_channels, eps=1e-4, momentum=0.1, affine=False)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -233,15 +236,18 @@ class SiT(nn.Module):
         x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
         return x.reshape(N, C, h * p, h * p)
 
-    def forward(self, x, t, y, align=True):
-        """x (N, C, H, W) at times t (N,) with labels y (N,) -> velocity (N, C, H, W) and [projected tokens (N, T, z)]."""
+    def forward(self, x, t, y, align=True, align_only=False):
+        """x (N, C, H, W) at times t (N,) with labels y (N,) -> velocity (N, C, H, W) and [projected tokens (N, T, z)].
+        align_only stops after block encoder_depth and returns (None, zs): REPA-E's VAE step needs nothing more."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         zs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)
-            if align and i + 1 == self.encoder_depth:
+            if (align or align_only) and i + 1 == self.encoder_depth:
                 zs = [projector(x) for projector in self.projectors]
+                if align_only:
+                    return None, zs
         return self.unpatchify(self.final_layer(x, c)), zs
 
 
@@ -315,10 +321,10 @@ def alignment_loss(zs, targets):
     return -torch.stack(cos).mean()
 
 
-def flow_loss(model, x, y, targets):
+def flow_loss(model, x, y, targets, t=None, noise=None):
     """Flow matching with uniform t and velocity target, plus alignment: returns (flow MSE, alignment loss)."""
-    t = torch.rand(x.shape[0], device=x.device)
-    noise = torch.randn_like(x)
+    t = torch.rand(x.shape[0], device=x.device) if t is None else t
+    noise = torch.randn_like(x) if noise is None else noise
     v, zs = model(interpolate(x, noise, t), t, y, align=bool(targets))
     return F.mse_loss(v.float(), (noise - x).float()), alignment_loss(zs, targets).to(x.device)
 
@@ -583,14 +589,24 @@ def dist_info():
     return 0, 1, 0
 
 
+def moment_sums(mean, std):
+    """Posterior (B, C, h, w) mean and std -> (3, C) float64 sums of mu, mu^2 + sigma^2 and the count."""
+    mean, std = mean.double(), std.double()
+    return torch.stack([mean.sum((0, 2, 3)), (mean ** 2 + std ** 2).sum((0, 2, 3)),
+                        torch.full_like(mean[0, :, 0, 0], mean[:, 0].numel())])
+
+
+def latent_stats(sums):
+    """Per-channel mean and std of posterior samples z = mu + sigma eps: E[z] = E[mu], Var z = E[mu^2 + sigma^2] - E[mu]^2."""
+    mean = sums[0] / sums[2]
+    return mean, (sums[1] / sums[2] - mean ** 2).sqrt()
+
+
 @torch.no_grad()
 def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classes=10, seed=0, synthetic_size=10_000,
                     batch_size=64, num_workers=0):
-    """One pass over the images (sharded over ranks): VAE posterior mean/std as an fp16 memmap, labels, latent stats.
-
-    The per-channel mean/std are those of posterior samples z = mean + std * eps, so that (z - mean_c) / std_c has unit
-    variance: E[z] = E[mu], Var[z] = E[mu^2 + sigma^2] - E[mu]^2. meta.json is written last and marks completion.
-    """
+    """One pass over the images (sharded over ranks): VAE posterior mean/std as an fp16 memmap, labels, and the
+    per-channel latent statistics (latent_stats). meta.json is written last and marks completion."""
     import encoders
     rank, world, _ = dist_info()
     out = Path(out_dir)
@@ -606,20 +622,17 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
     mine = list(range(rank, len(data), world))
     chunks = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=num_workers)
-    sums = torch.zeros(3, C, dtype=torch.float64, device=device)  # sum of mu, sum of mu^2 + sigma^2, count
+    sums = torch.zeros(3, C, dtype=torch.float64, device=device)
     for ids, (img, _, _) in zip(chunks, tqdm(loader, desc='prepare latents', disable=rank != 0)):
         mean, std = vae.encode(img.to(device).float() / 127.5 - 1)  # (B, C, h, w) each
         latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
-        sums[0] += mean.double().sum((0, 2, 3))
-        sums[1] += (mean.double() ** 2 + std.double() ** 2).sum((0, 2, 3))
-        sums[2] += mean[:, 0].numel()
+        sums += moment_sums(mean, std)
     latents.flush()
     if world > 1:
         dist.all_reduce(sums)
         dist.barrier()
     if rank == 0:
-        mu = sums[0] / sums[2]
-        sd = (sums[1] / sums[2] - mu ** 2).sqrt()
+        mu, sd = latent_stats(sums)
         np.save(out / 'labels.npy', data.labels.astype(np.int64))
         meta = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
                     num_classes=data.num_classes, seed=seed, size=len(data), vae=vae_spec, shape=[2 * C, h, h],
@@ -634,8 +647,9 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
 # -----------------------------------------------------------------------------
 # Training: one loop for one CPU, one GPU or many (torchrun); checkpoints that resume the exact trajectory
 
-PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12,
-                   'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}  # dense, per GPU
+# dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
+                   'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'resume', 'device', 'compile',
                      'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare'}
 
@@ -644,6 +658,13 @@ def sit_train_flops(model):
     """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
     L, (_, T, D) = len(model.blocks), model.pos_embed.shape
     return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
+
+
+def teacher_flops(teacher):
+    """Forward FLOPs per image of a ViT teacher: 2 (weights of its blocks' matmuls) N + 4 L N^2 D for QK^T and AV,
+    N = prefix + grid^2 tokens (DINOv2-B at 224 px: 46 GFLOP); the patch embedding (< 0.5%) is left out."""
+    n, blocks = teacher.prefix + teacher.grid ** 2, teacher.model.blocks
+    return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * teacher.dim
 
 
 def weights_fingerprint(model):
@@ -680,7 +701,8 @@ def model_from_checkpoint(path, ema=True, device='cpu'):
         raise ValueError(f"{path} is not a SiT checkpoint of irepa.py or the official code (it holds {keys})")
     state = ckpt['ema' if ema else 'model']
     if 'model_args' in ckpt:  # ours
-        args, info = ckpt['model_args'], dict(config=ckpt['config'], latent=ckpt.get('latent'), step=ckpt['step'])
+        args, info = ckpt['model_args'], dict(config=ckpt['config'], latent=ckpt.get('latent'), step=ckpt['step'],
+                                              vae_state=ckpt.get('vae'))  # REPA-E: the VAE trained with the SiT
     else:  # official: rebuild from its training arguments; the projectors are not needed to sample
         a = vars(ckpt['args'])
         args = sit_args(a['model'], input_size=a['resolution'] // 8, num_classes=a.get('num_classes', 1000),
@@ -734,18 +756,120 @@ def build_teachers(cfg, grid, device):
     return teachers
 
 
+def ema_update(ema, model, decay):
+    """fp32 EMA of the parameters and float buffers (REPA-E's latent BatchNorm statistics), one kernel per group."""
+    floats = lambda m: [*m.parameters(), *(b for b in m.buffers() if b.is_floating_point())]
+    with torch.no_grad():
+        torch._foreach_lerp_(floats(ema), floats(model), 1 - decay)
+
+
 def train_step(train_model, model, ema, opt, x, y, targets, proj_coeff, grad_clip, ema_decay,
-               autocast=contextlib.nullcontext()):
+               autocast=contextlib.nullcontext(), t=None, noise=None):
     """One optimizer step: flow + proj_coeff * alignment, clipped AdamW, EMA. Returns (flow, align, grad norm) as
     device tensors: nothing here waits for the GPU. `train_model` is `model` itself or its DDP / compiled wrapper."""
     with autocast:
-        flow, align = flow_loss(train_model, x, y, targets)
-    opt.zero_grad(set_to_none=True)
+        flow, align = flow_loss(train_model, x, y, targets, t, noise)
     (flow + proj_coeff * align).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - ema_decay)  # fp32 EMA, one kernel per group
+    opt.zero_grad(set_to_none=True)  # right away: frees the memory, and no gradient outlives its step (REPA-E relies on it)
+    ema_update(ema, model, ema_decay)
     return flow.detach(), align.detach(), grad_norm
+
+
+# -----------------------------------------------------------------------------
+# REPA-E (--repa-e): the VAE trains end to end through the alignment loss (objectives digest §3)
+
+REPAE_LOSS = dict(l1=1.0, lpips=1.0, kl=1e-6, gan=0.1)  # REPA-E's l1_lpips_kl_gan.yaml: the VAE regularizer
+
+
+def normalize_latents(bn, z):
+    """REPA-E's latent BatchNorm (affine off). In eval mode: running statistics, differentiable in z. In train mode:
+    batch statistics over all ranks (SyncBN), which update the running ones; z is detached there, so no gradient
+    needs to flow through the statistics and this works with any backend (SyncBatchNorm needs a GPU)."""
+    if not bn.training:
+        return bn(z)
+    with torch.no_grad():
+        s = torch.stack([z.sum((0, 2, 3)), z.square().sum((0, 2, 3)), torch.full_like(z[0, :, 0, 0], z[:, 0].numel())])
+        if dist_info()[1] > 1:
+            dist.all_reduce(s)
+        mean, n = s[0] / s[2], s[2]
+        var = s[1] / n - mean ** 2  # biased, to normalize; the running variance is unbiased, as BatchNorm's
+        bn.running_mean.lerp_(mean, bn.momentum)
+        bn.running_var.lerp_(var * n / (n - 1), bn.momentum)
+        bn.num_batches_tracked += 1
+    return (z - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + bn.eps).sqrt()
+
+
+def kl_loss(mean, std):
+    """KL(q(z|x) || N(0, I)) summed over the latent, averaged over images (LDM's DiagonalGaussian.kl)."""
+    return 0.5 * (mean.square() + std.square() - 1 - 2 * std.log()).sum((1, 2, 3)).mean()
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def repae_step(c, model, train_model, ema, vae, disc, lpips, opts, img, y, targets, autocast):
+    """One REPA-E iteration. (1) VAE: regularizer + vae_align_coeff x alignment through the frozen SiT (eval mode:
+    BN running statistics, no label dropout; the gradient reaches z through the trunk and projector). (2) The
+    discriminator, hinge loss. (3) The SiT on the detached latent with the same t and noise: flow + proj_coeff x
+    alignment. Three optimizers, each clipped. Returns device tensors only."""
+    opt, opt_vae, opt_disc = opts
+    x = img.float() / 127.5 - 1
+    with autocast:
+        mean, std, z, recon = vae(x)  # (B, C, h, w) x 3 and (B, 3, R, R); vae may be DDP-wrapped
+    t, noise = torch.rand(x.shape[0], device=x.device), torch.randn_like(z)
+    model.requires_grad_(False).eval()
+    disc.requires_grad_(False)
+    lpips_in = (lambda v: v) if c.lpips_quirk else (lambda v: (v + 1) / 2)  # upstream feeds [-1, 1] to a [0, 1] LPIPS
+    with autocast:
+        zs = model(interpolate(normalize_latents(model.bn, z), noise, t), t, y, align_only=True)[1]
+        vae_align = alignment_loss(zs, targets)
+        terms = dict(l1=(x - recon.float()).abs().mean(), lpips=lpips(lpips_in(x), lpips_in(recon.float())).mean(),
+                     kl=kl_loss(mean.float(), std.float()), gan=-disc(recon).float().mean())
+    vae_loss = sum(REPAE_LOSS[k] * v for k, v in terms.items()) + c.vae_align_coeff * vae_align
+    vae_loss.backward()
+    grad_norm_vae = torch.nn.utils.clip_grad_norm_(vae.parameters(), c.grad_clip)
+    opt_vae.step()
+    opt_vae.zero_grad(set_to_none=True)
+    model.requires_grad_(True).train()
+    disc.requires_grad_(True)
+    with autocast:
+        d_loss = hinge_d_loss(disc(x), disc(recon.detach()).float())  # two forwards: BN statistics per batch, as taming
+    d_loss.backward()
+    if dist_info()[1] > 1:  # by hand: DDP allows one forward per backward, the discriminator runs twice
+        for p in disc.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist_info()[1]
+    grad_norm_disc = torch.nn.utils.clip_grad_norm_(disc.parameters(), c.grad_clip)
+    opt_disc.step()
+    opt_disc.zero_grad(set_to_none=True)
+    flow, align, grad_norm = train_step(train_model, model, ema, opt, normalize_latents(model.bn, z.detach()), y, targets,
+                                        c.proj_coeff, c.grad_clip, c.ema_decay, autocast, t, noise)
+    return dict(flow=flow, align=align, grad_norm=grad_norm, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(),
+                d_loss=d_loss.detach(), grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc,
+                **{k: v.detach() for k, v in terms.items()})
+
+
+def repae_nets(cfg, device):
+    """The trainable VAE, the discriminator and LPIPS of --repa-e; in --demo, unavailable LPIPS weights fall back to
+    random ones (loudly)."""
+    import encoders
+    vae = encoders.load_vae(cfg['vae'], device=device)
+    disc = encoders.load_discriminator(cfg['disc_weights'], device=device)
+    try:
+        lpips = encoders.load_lpips(cfg['lpips_weights'], device=device)
+    except FileNotFoundError as e:
+        if not cfg['demo']:
+            raise
+        print(f"\n!! --demo: {e}\n!! Using RANDOM LPIPS weights instead.\n", file=sys.stderr)
+        lpips = encoders.load_lpips('random', device=device)
+    return vae, disc, lpips
+
+
+# -----------------------------------------------------------------------------
+# The training loop
 
 
 def train(cfg):
@@ -772,9 +896,14 @@ def train(cfg):
         if master:
             print(f"resuming from {path} (step {ckpt['step']})")
 
-    # --- data: latents are prepared once (rank-parallel) and read from a memmap; images feed the teacher
+    # --- data: latents are prepared once (rank-parallel) and read from a memmap; images feed the teacher.
+    # REPA-E trains the VAE, so it encodes images every step instead.
     data = ImageData(c.data_path, c.resolution, c.num_classes, c.seed, c.synthetic_size)
-    if c.vae != 'none' and data.latents is None:
+    if c.repa_e and (c.vae == 'none' or data.latents is not None):
+        raise ValueError("--repa-e trains the VAE end to end, so it needs images and a VAE to start from: pass an image "
+                         "folder (or nothing: the synthetic set) and --vae (e.g. sd-vae-ft-mse), not prepared latents or "
+                         "--vae none")
+    if c.vae != 'none' and data.latents is None and not c.repa_e:
         prepared = out / 'latents'
         if not (prepared / 'meta.json').exists():
             if master:
@@ -782,6 +911,8 @@ def train(cfg):
             prepare_latents(c.data_path, prepared, c.resolution, c.vae, device, c.num_classes, c.seed, c.synthetic_size,
                             num_workers=c.num_workers)
         data = ImageData(prepared, c.resolution)
+    torch.manual_seed(c.seed)  # the same on every rank: random teachers and networks agree
+    vae, disc, lpips = repae_nets(cfg, device) if c.repa_e else (None, None, None)
     latent = data.latents is not None
     if latent:
         shape = tuple(data.latents.shape[1:])
@@ -791,30 +922,50 @@ def train(cfg):
         else:  # iREPA: per-channel statistics of the dataset's latents
             shift, scale = torch.tensor(data.stats['mean']), 1 / torch.tensor(data.stats['std'])
         shift, scale = shift.view(1, -1, 1, 1).to(device), scale.view(1, -1, 1, 1).to(device)
+    elif c.repa_e:
+        in_channels, input_size = vae.latent_channels, c.resolution // vae.downsample
     else:
         in_channels, input_size = 3, c.resolution
-    # how to turn model outputs back into images, stored in every checkpoint (fid.py sample needs nothing else)
-    latent_info = dict(vae=data.vae, shift=shift.flatten().tolist(), scale=scale.flatten().tolist()) if latent else None
 
-    # --- model, teachers, EMA, optimizer (same seed on every rank, so random teachers agree)
-    torch.manual_seed(c.seed)
+    # --- model, teachers, EMA, optimizers
     if c.model not in SiT_models:
         raise ValueError(f"unknown model {c.model!r}; accepted: {', '.join(SiT_models)}")
     grid = input_size // int(c.model.split('/')[1])
     teachers = build_teachers(cfg, grid, device)
     model_args = sit_args(c.model, input_size=input_size, in_channels=in_channels, num_classes=data.num_classes,
                           encoder_depth=c.encoder_depth, z_dims=[t.dim for t in teachers], projector=c.projector,
-                          proj_kernel=c.proj_kernel, projector_dim=c.projector_dim, qk_norm=c.qk_norm)
+                          proj_kernel=c.proj_kernel, projector_dim=c.projector_dim, qk_norm=c.qk_norm, latent_bn=c.repa_e)
     model = SiT(**model_args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=(0.9, 0.999), weight_decay=0, eps=1e-8,
-                            fused=device.type == 'cuda')
+    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0, eps=1e-8,
+                                                 fused=True)  # one kernel for all tensors, on CUDA and CPU alike
+    opt = adamw(model.parameters(), c.lr)
+    if c.repa_e:
+        opts = (opt, adamw(vae.parameters(), c.vae_lr), adamw(disc.parameters(), c.disc_lr))
     start = 0
     if ckpt is not None:
         load_state(model, ckpt['model'])
-        load_state(ema, ckpt['ema'])
         opt.load_state_dict(ckpt['opt'])
         start = ckpt['step']
+        if c.repa_e:
+            load_state(vae, ckpt['vae'], 'checkpoint (VAE)')
+            load_state(disc, ckpt['disc'], 'checkpoint (discriminator)')
+            opts[1].load_state_dict(ckpt['opt_vae'])
+            opts[2].load_state_dict(ckpt['opt_disc'])
+    elif c.repa_e:  # the latent BatchNorm starts from the statistics of the initial VAE's latents (REPA-E's stats file)
+        ids = list(range(rank, min(len(data), c.repae_stats_images), world))
+        sums = 0
+        with torch.no_grad():
+            for i in range(0, len(ids), 64):
+                img = torch.stack([data[j][0] for j in ids[i: i + 64]]).to(device)
+                sums = sums + moment_sums(*vae.encode(img.float() / 127.5 - 1))
+        if world > 1:
+            dist.all_reduce(sums)
+        mean, std = latent_stats(sums)
+        model.bn.running_mean.copy_(mean)
+        model.bn.running_var.copy_(std ** 2)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if ckpt is not None:
+        load_state(ema, ckpt['ema'])
     torch.manual_seed(c.seed * world + rank)  # a different stream of t, noise and label dropout per rank
     if ckpt is not None:
         rng = ckpt['rng'][rank] if len(ckpt['rng']) == world else None
@@ -825,22 +976,31 @@ def train(cfg):
             torch.set_rng_state(rng['cpu'])
             if device.type == 'cuda' and 'cuda' in rng:
                 torch.cuda.set_rng_state(rng['cuda'])
-    train_model = model
+    train_model, train_vae = model, vae
     if world > 1:
-        train_model = DDP(model, device_ids=[local_rank] if device.type == 'cuda' else None)
+        ids = [local_rank] if device.type == 'cuda' else None
+        train_model = DDP(model, device_ids=ids)
+        train_vae = DDP(vae, device_ids=ids) if c.repa_e else None
     if c.compile:
         train_model = torch.compile(train_model)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
-    vae = None
+
+    def latent_info():  # how to turn model outputs back into images; stored in every checkpoint for fid.py sample
+        if c.repa_e:  # the trained VAE and the EMA of the BatchNorm statistics (REPA-E denormalizes without its eps)
+            return dict(vae='checkpoint', vae_args=vae.args, shift=ema.bn.running_mean.tolist(),
+                        scale=ema.bn.running_var.rsqrt().tolist())
+        return dict(vae=data.vae, shift=shift.flatten().tolist(), scale=scale.flatten().tolist()) if latent else None
 
     def decode(z):  # model space -> images in [-1, 1]
         nonlocal vae
-        if not latent:
+        info = latent_info()
+        if info is None:
             return z
         if vae is None:
             import encoders
             vae = encoders.load_vae(data.vae, device=device)
-        return vae.decode(z / scale + shift)
+        return vae.decode(z / torch.tensor(info['scale'], device=device).view(1, -1, 1, 1)
+                          + torch.tensor(info['shift'], device=device).view(1, -1, 1, 1))
 
     @torch.no_grad()
     def sample_images(path):
@@ -856,20 +1016,20 @@ def train(cfg):
         out.mkdir(parents=True, exist_ok=True)
         (out / 'config.json').write_text(json.dumps(cfg, indent=1))
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{c.model}: {n_params / 1e6:.2f}M parameters (projectors included), {grid}x{grid} tokens, "
-              f"{'latents ' + str(tuple(data.latents.shape[1:])) if latent else 'pixels'}, {len(data)} images, "
-              f"{data.num_classes} classes, teachers: {', '.join(t.name for t in teachers) or 'none'}")
+        what = ('latents ' + str(tuple(data.latents.shape[1:])) if latent else
+                f'REPA-E latents {(in_channels, input_size, input_size)}' if c.repa_e else 'pixels')
+        print(f"{c.model}: {n_params / 1e6:.2f}M parameters (projectors included), {grid}x{grid} tokens, {what}, "
+              f"{len(data)} images, {data.num_classes} classes, teachers: {', '.join(t.name for t in teachers) or 'none'}")
 
     # --- the loop
-    local_batch = c.global_batch_size // world
     batches = Batches(len(data), c.global_batch_size, rank, world, c.seed, start)
     loader = iter(torch.utils.data.DataLoader(
         data, batch_sampler=batches, num_workers=c.num_workers, pin_memory=device.type == 'cuda',
         persistent_workers=c.num_workers > 0, generator=torch.Generator()))  # own generator: leaves the train RNG alone
-    flops = sit_train_flops(model) + sum(2 * sum(p.numel() for p in t.parameters()) * grid * grid for t in teachers)
+    flops = sit_train_flops(model) + sum(teacher_flops(t) for t in teachers)  # per image, for the MFU
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == 'cuda' else None
-    sums = torch.zeros(4, device=device)  # flow, align, grad norm, steps: summed on device, read at log steps only
+    sums, n_steps = {}, 0  # losses summed on the device, read at log steps only
     first_bad = torch.tensor(-1, device=device)
     log = open(out / 'log.jsonl', 'a') if master else None
     bar = tqdm(total=c.max_steps, initial=start, disable=not master, desc='train', dynamic_ncols=True)
@@ -877,42 +1037,47 @@ def train(cfg):
     for step in range(start, c.max_steps):
         img, moments, y = next(loader)  # uint8 (B, 3, R, R), fp16 (B, 2C, h, w) or empty, (B,)
         img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if latent:  # a fresh posterior sample every step, then per-channel normalization
-            mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)
-            x = (mean + std * torch.randn_like(std) - shift) * scale
-        else:
-            x = img.float() / 127.5 - 1
         with torch.no_grad(), autocast:
             targets = teacher_targets([t(img.float() / 255) for t in teachers], c.spnorm, c.spnorm_gamma)
-        flow, align, grad_norm = train_step(train_model, model, ema, opt, x, y, targets, c.proj_coeff, c.grad_clip,
-                                            c.ema_decay, autocast)
-        sums += torch.stack([flow, align, grad_norm, torch.ones((), device=device)])
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(flow + align), step + 1, first_bad)
+        if c.repa_e:
+            stats = repae_step(c, model, train_model, ema, train_vae, disc, lpips, opts, img, y, targets, autocast)
+        else:
+            if latent:  # a fresh posterior sample every step, then per-channel normalization
+                mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)
+                x = (mean + std * torch.randn_like(std) - shift) * scale
+            else:
+                x = img.float() / 127.5 - 1
+            stats = dict(zip(('flow', 'align', 'grad_norm'), train_step(
+                train_model, model, ema, opt, x, y, targets, c.proj_coeff, c.grad_clip, c.ema_decay, autocast)))
+        sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
+        n_steps += 1
+        loss = sum(v for k, v in stats.items() if not k.startswith('grad_norm'))
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
         bar.update(1)
 
         done = step + 1
         last = done == c.max_steps
         do_ckpt, do_sample = done % c.ckpt_every == 0 or last, done % c.sample_every == 0 or last
         if done % c.log_every == 0 or do_ckpt or do_sample:  # the only host syncs: here, every log_every steps
-            stats = torch.cat([sums, first_bad.view(1).float()])
+            names = list(sums)
+            vec = torch.stack([sums[k] for k in names] + [first_bad.float()])
             if world > 1:
-                dist.all_reduce(stats[:4])
-                dist.all_reduce(stats[4:], op=dist.ReduceOp.MAX)
-            stats = stats.tolist()
-            if stats[4] >= 0:
+                dist.all_reduce(vec[:-1])
+                dist.all_reduce(vec[-1:], op=dist.ReduceOp.MAX)
+            vec = vec.tolist()
+            if vec[-1] >= 0:
                 good = latest_checkpoint(out)
-                raise FloatingPointError(f"non-finite loss at step {int(stats[4])}; stopping. The last good checkpoint is "
+                raise FloatingPointError(f"non-finite loss at step {int(vec[-1])}; stopping. The last good checkpoint is "
                                          f"{good or 'none'}; resume from it with --resume (maybe with --qk-norm or a lower --lr)")
-            n = stats[3]
             dt, t0 = time.time() - t0, time.time()
-            rec = dict(step=done, flow=stats[0] / n, align=stats[1] / n, grad_norm=stats[2] / n,
-                       img_per_s=n / world * c.global_batch_size / dt, steps_per_s=n / world / dt)
+            rec = dict(step=done, **{k: v / (n_steps * world) for k, v in zip(names, vec)},
+                       img_per_s=n_steps * c.global_batch_size / dt, steps_per_s=n_steps / dt)
             rec['peak_mem_gb'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else
                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
             if peak:
                 rec['mfu'] = rec['img_per_s'] / world * flops / peak
             first_flow = first_flow if first_flow is not None else rec['flow']
-            sums.zero_()
+            sums, n_steps = {}, 0
             if master:
                 log.write(json.dumps(rec) + '\n')
                 log.flush()
@@ -930,9 +1095,13 @@ def train(cfg):
             else:
                 rngs = [mine]
             if master:
-                save_checkpoint(out / 'checkpoints' / f'{done:07d}.pt', dict(
-                    model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done, config=cfg,
-                    model_args=model_args, rng=rngs, data=dict(images_seen=done * c.global_batch_size), latent=latent_info))
+                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done, config=cfg,
+                             model_args=model_args, rng=rngs, data=dict(images_seen=done * c.global_batch_size),
+                             latent=latent_info())
+                if c.repa_e:
+                    state.update(vae=vae.state_dict(), disc=disc.state_dict(), opt_vae=opts[1].state_dict(),
+                                 opt_disc=opts[2].state_dict())
+                save_checkpoint(out / 'checkpoints' / f'{done:07d}.pt', state)
         if do_sample and master:
             sample_images(out / 'samples' / f'{done:07d}.png')
     bar.close()
@@ -1219,6 +1388,15 @@ def get_parser():
     a('--proj-coeff', type=float, default=None, help='alignment weight lambda; default: from --recipe')
     a('--siglip-norm', choices=['imagenet', 'siglip'], default='imagenet', help="SigLIP input stats: the paper's ImageNet ones, or SigLIP's 0.5/0.5")
     a('--qk-norm', action=argparse.BooleanOptionalAction, default=False, help='LayerNorm on queries and keys')
+    a('--repa-e', action='store_true', help='REPA-E: train the VAE end to end (with --recipe irepa: iREPA-E)')
+    a('--vae-align-coeff', type=float, default=1.5, help='REPA-E: weight of the alignment loss in the VAE step')
+    a('--vae-lr', type=float, default=1e-4, help='REPA-E: learning rate of the VAE')
+    a('--disc-lr', type=float, default=1e-4, help='REPA-E: learning rate of the discriminator')
+    a('--lpips-weights', default='auto', help="REPA-E: 'auto', 'LINEAR[,VGG]' files (vgg.pth of LPIPS), or 'random'")
+    a('--disc-weights', default='random', help="REPA-E: 'random' or a discriminator state dict (REPA-E starts from a released one)")
+    a('--lpips-quirk', action=argparse.BooleanOptionalAction, default=True,
+      help='REPA-E feeds LPIPS [-1, 1] images although it expects [0, 1]; --no-lpips-quirk feeds [0, 1]')
+    a('--repae-stats-images', type=int, default=2048, help='REPA-E: images for the initial latent BatchNorm statistics')
     a('--data-path', default=None, help='ImageNet-style folder (<root>/<class>/*.JPEG), a folder of prepared latents, '
       'or nothing for the built-in synthetic set')
     a('--resolution', type=int, default=256, help='image side in pixels')
@@ -1257,6 +1435,10 @@ def resolve_config(argv=None):
     if '--demo' in argv:
         p.set_defaults(**DEMO)
     cfg = vars(p.parse_args(argv))
+    if cfg['repa_e'] and cfg['proj_coeff'] is None:
+        cfg['proj_coeff'] = 0.5  # REPA-E's SiT step weighs the alignment 0.5 for both recipes
+    if cfg['repa_e'] and cfg['demo'] and cfg['vae'] == 'none':  # the demo's pixel space has no VAE to train
+        cfg['vae'], cfg['resolution'] = 'random:tiny', max(cfg['resolution'], 32)  # 32 px: the PatchGAN needs >= 24
     for k, v in RECIPES[cfg['recipe']].items():
         if cfg[k] is None:
             cfg[k] = v
@@ -1269,7 +1451,26 @@ def resolve_config(argv=None):
     return cfg
 
 
-COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz}
+def export_vae(argv):
+    """python irepa.py export-vae CKPT OUT.safetensors: the end-to-end-tuned VAE of a --repa-e checkpoint in diffusers'
+    layout with its config in the metadata, for `--prepare --vae OUT.safetensors` and a fresh SiT on frozen latents."""
+    import safetensors.torch
+    p = argparse.ArgumentParser(prog='irepa.py export-vae', description=export_vae.__doc__)
+    p.add_argument('ckpt')
+    p.add_argument('out')
+    a = p.parse_args(argv)
+    ckpt = torch.load(a.ckpt, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict) or 'vae' not in ckpt:
+        raise ValueError(f"{a.ckpt} holds no trained VAE: export-vae needs a checkpoint of `irepa.py --repa-e`")
+    latent = ckpt['latent']
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ckpt['vae'].items()}, a.out, metadata=dict(
+        config=json.dumps(latent['vae_args']), latent_mean=json.dumps(latent['shift']),
+        latent_std=json.dumps([1 / s for s in latent['scale']])))
+    print(f"wrote the VAE of {a.ckpt} (step {ckpt['step']}) to {a.out}; its latents' BatchNorm statistics (EMA): mean "
+          f"{np.round(latent['shift'], 4).tolist()}, std {np.round([1 / s for s in latent['scale']], 4).tolist()}")
+
+
+COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae}
 
 
 def main(argv=None):

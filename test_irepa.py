@@ -4,6 +4,8 @@ round trips through the real loading paths, DDP with gloo. CPU, minutes; no netw
 Run: python -m pytest -q test_irepa.py
 The parity vectors come from IREPA_PARITY_VECTORS (default ../shared/vectors/official_parity.safetensors).
 """
+import contextlib
+import copy
 import functools
 import io
 import json
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1520,3 +1523,150 @@ def test_spnorm_viz_command(tmp_path):
     with pytest.raises(ValueError, match='outside the 4x4 grid'):
         irepa.main(['spnorm-viz', '--encoder', 'dinov2', '--encoder-weights', 'random:1', '--resolution', '64',
                     '--token', '4,0', '--out', str(out)])
+
+
+# -----------------------------------------------------------------------------
+# REPA-E (--repa-e): gradient routing, the latent BatchNorm, the regularizer's algebra, runs and resumes
+
+def repae_parts(quirk=True):
+    torch.manual_seed(0)
+    vae = encoders.AutoencoderKL(**encoders.TINY_VAE)  # f2d4: 32-px images -> (4, 16, 16) latents
+    disc, lpips = encoders.load_discriminator('random'), encoders.load_lpips('random')
+    model = tiny_sit(input_size=16, latent_bn=True)  # patch 2: 8 x 8 tokens
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opts = tuple(torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, vae, disc))
+    c = SimpleNamespace(lpips_quirk=quirk, vae_align_coeff=1.5, grad_clip=1.0, proj_coeff=0.5, ema_decay=0.99)
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return c, model, ema, vae, disc, lpips, opts, img, torch.tensor([0, 1, 2, 3]), [torch.randn(4, 64, 24, generator=g)]
+
+
+def test_repae_gradient_routing():
+    c, model, ema, vae, disc, lpips, opts, img, y, targets = repae_parts()
+    has_grad = lambda m: [p.grad is not None for p in m.parameters()]
+    seen = []
+    for name, opt in zip(('sit', 'vae', 'disc'), opts):
+        opt.register_step_pre_hook(lambda o, a, k, name=name: seen.append(
+            (name, has_grad(model), has_grad(model.projectors), has_grad(vae), has_grad(disc))))
+    before = [copy.deepcopy(m.state_dict()) for m in (model, vae, disc)]
+    for _ in range(2):  # the second iteration checks that no gradient outlives its step
+        irepa.repae_step(c, model, model, ema, vae, disc, lpips, opts, img, y, targets, contextlib.nullcontext())
+    assert [s[0] for s in seen] == ['vae', 'disc', 'sit'] * 2
+    for name, sit, proj, v, d in seen:
+        if name == 'vae':  # the VAE step: gradients reach the VAE only, none the SiT, its projector or the discriminator
+            assert not any(sit) and not any(proj) and all(v) and not any(d)
+        if name == 'disc':
+            assert not any(sit) and not any(v) and all(d)
+        if name == 'sit':  # the SiT step works on the detached latent: nothing reaches the VAE
+            assert all(proj) and any(sit) and not any(v) and not any(d)
+    for m, b in zip((model, vae, disc), before):  # and all three moved
+        assert any(not torch.equal(v, b[k]) for k, v in m.state_dict().items())
+
+
+def test_repae_latent_batchnorm():
+    bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    mean, std = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([2.0, 0.5, 1.0, 3.0])
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(std ** 2)
+    z = torch.randn(8, 4, 5, 5) * std.view(1, 4, 1, 1) + mean.view(1, 4, 1, 1)
+    out = irepa.normalize_latents(bn.eval(), z)
+    torch.testing.assert_close(out, (z - mean.view(1, 4, 1, 1)) / std.view(1, 4, 1, 1), rtol=1e-3, atol=1e-4)  # eps
+    back = out * bn.running_var.sqrt().view(1, 4, 1, 1) + bn.running_mean.view(1, 4, 1, 1)  # the sampler's decode
+    torch.testing.assert_close(back, z, rtol=1e-3, atol=1e-3)
+    ref = copy.deepcopy(bn).train()  # train mode equals torch's BatchNorm, statistics and running update alike
+    torch.testing.assert_close(irepa.normalize_latents(bn.train(), z), ref(z), rtol=1e-5, atol=1e-5)
+    for k in ('running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(getattr(bn, k), getattr(ref, k), rtol=1e-6, atol=1e-6)
+    model, ema = tiny_sit(latent_bn=True), tiny_sit(latent_bn=True)
+    model.bn.running_mean.fill_(2.0)
+    irepa.ema_update(ema, model, 0.75)  # the EMA includes the BatchNorm statistics
+    torch.testing.assert_close(ema.bn.running_mean, torch.full((4,), 0.5))
+
+
+def test_repae_loss_algebra():
+    assert irepa.kl_loss(torch.zeros(2, 4, 3, 3), torch.ones(2, 4, 3, 3)).item() == 0
+    assert irepa.kl_loss(torch.ones(2, 4, 3, 3), torch.ones(2, 4, 3, 3)).item() == pytest.approx(0.5 * 36)
+    assert irepa.hinge_d_loss(torch.zeros(3, 1, 2, 2), torch.zeros(3, 1, 2, 2)).item() == 1
+    assert irepa.hinge_d_loss(torch.full((3,), 2.0), torch.full((3,), -2.0)).item() == 0  # confident and right
+    lpips = encoders.load_lpips('random')
+    x, x2 = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert lpips(x, x).abs().max() == 0 and (lpips(x, x2) > 0).all()
+    for quirk, low in ((True, -1.0), (False, 0.0)):  # upstream feeds LPIPS [-1, 1] images although it expects [0, 1]
+        c, model, ema, vae, disc, lp, opts, img, y, targets = repae_parts(quirk)
+        img[0, 0, 0, 0] = 0
+        seen = []
+        recording = lambda a, b: (seen.append(a.min().item()), lp(a, b))[1]
+        irepa.repae_step(c, model, model, ema, vae, disc, recording, opts, img, y, targets, contextlib.nullcontext())
+        assert seen[0] == low
+
+
+def test_repae_lpips_linear_layers_load(tmp_path, monkeypatch):
+    """The taming/lpips vgg.pth layout (lin<k>.model.1.weight) lands in the right layers."""
+    import timm
+    lins = {f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lins, tmp_path / 'vgg.pth')
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, 'create_model', lambda name, pretrained=False, pretrained_cfg_overlay=None, **kw:
+                        real_create('vgg16', pretrained=False, **kw))  # no VGG16 weights offline
+    lpips = encoders.load_lpips(f"{tmp_path / 'vgg.pth'},unused-vgg-file")
+    for k in range(5):
+        assert torch.equal(lpips.lins[k].weight, lins[f'lin{k}.model.1.weight'])
+    monkeypatch.setenv('IREPA_LPIPS', str(tmp_path / 'missing.pth'))
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    with pytest.raises(FileNotFoundError, match='vgg.pth.*lpips'):
+        encoders.load_lpips('auto')
+
+
+REPAE_RUN = ['--repa-e', '--model', 'SiT-T/2', '--resolution', '32', '--vae', 'random:tiny', '--encoder', 'dinov2',
+             '--encoder-weights', 'random:1', '--lpips-weights', 'random', '--global-batch-size', '4', '--synthetic-size',
+             '16', '--repae-stats-images', '8', '--log-every', '1', '--sample-every', '1000', '--sample-steps', '2',
+             '--num-workers', '0', '--device', 'cpu', '--recipe', 'irepa']
+
+
+def test_repae_run_resume_export_and_sample(tmp_path):
+    def run(out, steps, *extra):
+        return irepa.main(REPAE_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)] + list(extra))
+    run(tmp_path / 'full', 4)
+    run(tmp_path / 'split', 2)
+    run(tmp_path / 'split', 4, '--resume')
+    a, b = load_ckpt(tmp_path / 'full/checkpoints/0000004.pt'), load_ckpt(tmp_path / 'split/checkpoints/0000004.pt')
+    assert_same_state(a, b)  # SiT, EMA (with the BatchNorm statistics), SiT optimizer
+    for key in ('vae', 'disc'):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f'{key}.{k}'
+    for key in ('opt_vae', 'opt_disc'):
+        for i in a[key]['state']:
+            for k in a[key]['state'][i]:
+                assert torch.equal(a[key]['state'][i][k], b[key]['state'][i][k])
+    assert 'bn.running_var' in a['ema'] and a['latent']['vae'] == 'checkpoint'
+    log = [json.loads(l) for l in open(tmp_path / 'full/log.jsonl')]
+    assert all(math.isfinite(r[k]) for r in log for k in ('flow', 'align', 'vae_loss', 'd_loss', 'kl', 'lpips', 'gan'))
+    assert (tmp_path / 'full/samples/0000004.png').exists()
+    # the end-to-end VAE, exported for a fresh SiT on frozen latents, decodes exactly as the checkpoint's
+    ckpt = tmp_path / 'full/checkpoints/0000004.pt'
+    irepa.main(['export-vae', str(ckpt), str(tmp_path / 'vae.safetensors')])
+    vae = encoders.load_vae(str(tmp_path / 'vae.safetensors'))
+    ref = encoders.AutoencoderKL(**a['latent']['vae_args'])
+    ref.load_state_dict(a['vae'])
+    z = torch.randn(2, 4, 16, 16)
+    torch.testing.assert_close(vae.decode(z), ref.decode(z), rtol=0, atol=0)
+    fid.main(sample_args(ckpt, tmp_path / 's.npz', n=3))  # fid.py sample decodes with the trained VAE and BN statistics
+    assert np.load(tmp_path / 's.npz')['arr_0'].shape == (3, 32, 32, 3)
+    irepa.main(run_args(tmp_path / 'plain', 1))
+    with pytest.raises(ValueError, match='no trained VAE'):
+        irepa.main(['export-vae', str(tmp_path / 'plain/checkpoints/0000001.pt'), str(tmp_path / 'x.safetensors')])
+
+
+def test_repae_bad_input(tmp_path):
+    base = [a for a in REPAE_RUN]
+    with pytest.raises(ValueError, match='--repa-e trains the VAE'):
+        irepa.main(base[:base.index('--vae')] + ['--vae', 'none'] + base[base.index('--vae') + 2:] +
+                   ['--out-dir', str(tmp_path), '--max-steps', '1'])
+    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '32', '--synthetic-size', '8', '--out-dir',
+                str(tmp_path / 'lat'), '--num-workers', '0', '--device', 'cpu'])
+    with pytest.raises(ValueError, match='not prepared latents'):
+        irepa.main(base + ['--data-path', str(tmp_path / 'lat'), '--out-dir', str(tmp_path / 'o'), '--max-steps', '1'])
+    small = encoders.AutoencoderKL(**encoders.TINY_VAE)
+    torch.save(small.state_dict(), tmp_path / 'tiny-vae.pt')  # no config: read as SD f8d4, which it is not
+    with pytest.raises(ValueError, match='not a diffusers AutoencoderKL state dict'):
+        encoders.load_vae(str(tmp_path / 'tiny-vae.pt'))

@@ -1,0 +1,273 @@
+"""
+Speed of irepa's pieces on synthetic tensors already on the device: one JSON line per workload on stdout (img/s,
+median ms per step, peak memory, MFU), a header line on stderr. Training and tests never import this file.
+
+    python bench.py       # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
+
+The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens in the untimed warm-up):
+
+    python bench.py --device cuda --model SiT-B/2  --batch-size 256 --workloads train
+    python bench.py --device cuda --model SiT-B/2  --batch-size 256 --workloads train --teacher none
+    python bench.py --device cuda --model SiT-XL/2 --batch-size 256 --workloads train
+    python bench.py --device cuda --model SiT-XL/2 --batch-size 256 --workloads train --teacher none  # goal mfu >= 0.40
+    python bench.py --device cuda --model SiT-XL/2 --batch-size 256 --workloads sample --sample-steps 50
+    python bench.py --device cuda --batch-size 256 --workloads metrics,fid
+    python bench.py --device cuda --model SiT-B/2 --batch-size 256 --workloads train,train-naive  # (fp32 XL/2 at 256 OOMs)
+
+train: irepa.train_step after the frozen teacher + spatial norm (or on random targets: --teacher none). train-naive:
+the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item() every step, DiT's
+per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and the train line
+carries `speedup`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T + 2 L T^2 D) (DESIGN.md;
++ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown GPUs: null.
+"""
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+
+import encoders
+import fid
+import irepa
+
+# -----------------------------------------------------------------------------
+# Flags. None means "the device's default" below: a CPU run must stay under a minute, a GPU run must fill the GPU.
+p = argparse.ArgumentParser(description='Benchmark the iREPA training step, sampler, spatial metrics and FID features')
+p.add_argument('--model', default=None, help='CUDA SiT-XL/2, CPU SiT-T/2')
+p.add_argument('--batch-size', type=int, default=None, help='CUDA 256, CPU 4')
+p.add_argument('--steps', type=int, default=None, help='timed steps, median reported; CUDA 20, CPU 3')
+p.add_argument('--warmup', type=int, default=None, help='untimed steps first (compilation happens here); CUDA 3, CPU 1')
+p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='default on for CUDA')
+p.add_argument('--dtype', choices=['bf16', 'fp32'], default=None, help='autocast dtype; CUDA bf16, CPU fp32')
+p.add_argument('--workloads', default=None, help='of train,train-naive,sample,metrics,fid; CUDA: all but train-naive')
+p.add_argument('--resolution', type=int, default=None, help='pixels; latents are resolution/8. CUDA 256, CPU 128')
+p.add_argument('--teacher', default='dinov2', help="any teacher of encoders.py, random weights; 'none': random targets")
+p.add_argument('--teacher-depth', type=int, default=None, help='blocks of the random teacher; CUDA all, CPU 2')
+p.add_argument('--sample-steps', type=int, default=None, help='SDE steps; CUDA 50, CPU 10')
+p.add_argument('--sample-repeats', type=int, default=None, help='timed sampler runs; CUDA 3, CPU 2')
+p.add_argument('--cfg-scale', type=float, default=1.5, help='> 1, so the CFG-doubled batch is exercised')
+p.add_argument('--fid-batch-size', type=int, default=None, help='CUDA --batch-size, CPU 2')
+p.add_argument('--threads', type=int, default=None, help="CPU threads; CPU 1, CUDA torch's default")
+args = p.parse_args()
+cuda = args.device.startswith('cuda')
+# On this project's 2-core CPU a SiT-S/2 step at 256 px and batch 8 takes ~10-20 s, the FID Inception ~0.2-1.4 s per
+# image, so the CPU defaults shrink the work; the shapes that matter on a GPU are the CUDA ones. One CPU thread: on a
+# shared machine, OpenMP threads beyond the free cores spin at every barrier (measured here: 10-25x slower steps).
+DEFAULTS = dict(model='SiT-XL/2', batch_size=256, steps=20, warmup=3, compile=True, dtype='bf16', resolution=256,
+                teacher_depth=None, sample_steps=50, sample_repeats=3, workloads='train,sample,metrics,fid') if cuda else \
+    dict(model='SiT-T/2', batch_size=4, steps=3, warmup=1, compile=False, dtype='fp32', resolution=128, teacher_depth=2,
+         sample_steps=10, sample_repeats=2, workloads='train-naive,train,sample,metrics,fid', fid_batch_size=2, threads=1)
+for k, v in DEFAULTS.items():
+    if getattr(args, k) is None:
+        setattr(args, k, v)
+args.fid_batch_size = args.fid_batch_size or args.batch_size
+if args.threads:
+    torch.set_num_threads(args.threads)
+ORDER = ['train-naive', 'train', 'sample', 'metrics', 'fid']
+workloads = args.workloads.split(',')
+if set(workloads) - set(ORDER):
+    sys.exit(f"unknown workloads {sorted(set(workloads) - set(ORDER))}; accepted: {', '.join(ORDER)}")
+
+# -----------------------------------------------------------------------------
+# Device, clock, memory, peak FLOPs
+device = torch.device(args.device)
+B, R = args.batch_size, args.resolution
+if cuda:
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as irepa.train, for fp32 leftovers
+name = torch.cuda.get_device_name(device) if cuda else 'cpu'
+peak = next((v for k, v in irepa.PEAK_BF16_FLOPS.items() if k in name), None) if cuda else None
+autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bf16' else contextlib.nullcontext()
+print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {name} (bf16 peak "
+      f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}), {torch.get_num_threads()} threads", file=sys.stderr)
+
+
+def sync():  # the bench syncs around each timed call to read the clock; the timed code itself never waits
+    if cuda:
+        torch.cuda.synchronize(device)
+
+
+def peak_mem():
+    return torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(steps, warmup, n):
+    """{name: (median seconds, peak memory)} of n calls of each step function after `warmup` untimed ones (compilation
+    happens there); the functions take turns call by call. Peak memory: the largest over the timed calls."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times, mems = {k: [] for k in steps}, {k: 0 for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+            mems[k] = max(mems[k], peak_mem())
+    return {k: (statistics.median(times[k]), mems[k]) for k in steps}
+
+
+def record(workload, seconds, mem, images, flops_per_img=None, **extra):
+    """One JSON line for `images` per step; flops_per_img (useful FLOPs) gives the MFU against the bf16 peak."""
+    rec = dict(workload=workload, model=args.model, device=name, dtype=args.dtype, compile=args.compile,
+               batch_size=images, resolution=R, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
+               peak_mem_gb=round(mem / 2 ** 30, 3),
+               mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)')
+    rec['mfu'] = round(images / seconds * flops_per_img / peak, 4) if peak and flops_per_img else None
+    if flops_per_img and not peak:
+        rec['peak'] = f"unknown device {name}: not in irepa.PEAK_BF16_FLOPS"
+    return {**rec, **extra}
+
+
+# -----------------------------------------------------------------------------
+# Training: the real step and the straightforward one, from the same seed (same teacher, init, data)
+
+def make_train(naive):
+    """(step function, finish(seconds, mem) -> JSON record)."""
+    latent = R // 8  # SD-VAE f8: (B, 4, 32, 32) latents at 256 px
+    grid = latent // int(args.model.split('/')[1])
+    torch.manual_seed(0)
+    teacher = None
+    if args.teacher != 'none':
+        weights = 'random' if args.teacher_depth is None else f'random:{args.teacher_depth}'
+        teacher = encoders.load_teacher(args.teacher, weights, grid, device, compile=args.compile and not naive,
+                                        dtype=torch.bfloat16 if args.dtype == 'bf16' and not naive else None)
+    z_dim = teacher.dim if teacher else 768
+    model = irepa.build_sit(args.model, input_size=latent, z_dims=[z_dim], projector='conv').to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    x = torch.randn(B, 4, latent, latent, device=device)
+    y = torch.randint(0, 1000, (B,), device=device)
+    images = torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8, device=device)
+    random_targets = [torch.randn(B, grid * grid, z_dim, device=device)]
+
+    def targets(ctx):  # the teacher runs every step, as in irepa.train (online teacher)
+        if teacher is None:
+            return random_targets
+        with torch.no_grad(), ctx:
+            return irepa.teacher_targets([teacher(images.float() / 255)], 'zscore', 0.6)
+
+    out = []
+    if naive:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+
+        @torch.no_grad()
+        def update_ema(ema_model, model, decay=0.9999):  # DiT / REPA's update_ema: one Python iteration per tensor
+            ema_params = OrderedDict(ema_model.named_parameters())
+            for n, param in model.named_parameters():
+                ema_params[n].mul_(decay).add_(param.data, alpha=1 - decay)
+
+        def step():
+            torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's fp32 default (cuDNN convs keep TF32)
+            flow, align = irepa.flow_loss(model, x, y, targets(contextlib.nullcontext()))
+            loss = flow + 1.0 * align
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            update_ema(ema, model)
+            out[:] = [loss.item()]  # a host sync every step, as most training loops log
+            torch.backends.cuda.matmul.allow_tf32 = cuda  # back to irepa.train's setting for everything else
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0, fused=True)
+        train_model = torch.compile(model) if args.compile else model
+
+        def step():
+            out[:] = irepa.train_step(train_model, model, ema, opt, x, y, targets(autocast), 1.0, 1.0, 0.9999, autocast)
+
+    def finish(sec, mem):
+        student = irepa.sit_train_flops(model)  # the 3x3 conv projector (~2% at XL/2) is not counted
+        extra = dict(teacher='none (random targets)' if teacher is None else
+                     f"{teacher.name}, random weights, {len(teacher.model.blocks)} blocks",
+                     last_loss=round(float(out[0]) + (0 if naive else float(out[1])), 4),
+                     train_gflop_per_img=round(student / 1e9, 2))
+        if naive:
+            extra.update(dtype='fp32', compile=False, tf32='off for matmuls (PyTorch default)')
+        if teacher is not None:
+            tf = irepa.teacher_flops(teacher)
+            extra.update(teacher_gflop_per_img=round(tf / 1e9, 2),
+                         mfu_with_teacher=round(B / sec * (student + tf) / peak, 4) if peak else None)
+        return record('train-naive' if naive else 'train', sec, mem, B, student, **extra)
+    return step, finish
+
+
+# -----------------------------------------------------------------------------
+# Sampling, spatial metrics, FID features
+
+def make_sample():
+    latent = R // 8
+    torch.manual_seed(0)
+    model = irepa.build_sit(args.model, input_size=latent, z_dims=[768], projector='conv').to(device).eval()
+    net = torch.compile(model, dynamic=False) if args.compile else model  # one graph for B, one for the CFG-doubled 2B
+    noise = torch.randn(B, 4, latent, latent, device=device)
+    y = torch.randint(0, 1000, (B,), device=device)
+
+    def run(steps):
+        with autocast:
+            irepa.sample(net, noise, y, 'sde', steps, cfg_scale=args.cfg_scale, guidance_high=0.7)
+    run(2)  # warm-up: t = 1 runs unguided (B), t = 0.04 guided (2B), so both shapes compile here
+
+    def finish(sec, mem):
+        # network evaluations per image on irepa.sample's SDE grid: doubled inside the guidance interval t <= 0.7
+        ts = torch.linspace(1.0, 0.04, args.sample_steps, dtype=torch.float64).tolist()
+        nfe = sum(2 if args.cfg_scale > 1 and t <= 0.7 else 1 for t in ts)
+        return record('sample', sec, mem, B, nfe * irepa.sit_train_flops(model) / 3,  # forward = 1/3 of fwd + bwd
+                      ms_per_sampler_step=round(sec / args.sample_steps * 1e3, 2), sampler='sde',
+                      sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, guidance_high=0.7, nfe_per_img=nfe)
+    return lambda: run(args.sample_steps), finish
+
+
+def make_metrics():
+    feats = torch.randn(B, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
+    masks = torch.rand(B, 256, device=device) > 0.5
+    return (lambda: irepa.spatial_metrics(feats, masks),
+            lambda sec, mem: record('metrics', sec, mem, B, model='irepa.spatial_metrics on (B, 256, 768)',
+                                    dtype='fp32', compile=False))
+
+
+def make_fid():
+    net = fid.FIDInception().eval().requires_grad_(False).to(device)  # random weights: same speed as the real ones
+    images = torch.randint(0, 256, (args.fid_batch_size, 3, R, R), dtype=torch.uint8, device=device)
+
+    def step():
+        with torch.no_grad(), fid.exact_fp32():  # as evaluation runs: fp32, TF32 off
+            net(images)
+    return step, lambda sec, mem: record('fid', sec, mem, args.fid_batch_size, model='FIDInception (random weights)',
+                                         dtype='fp32', compile=False, tf32=False, peak='not compared: fp32 evaluation')
+
+
+# -----------------------------------------------------------------------------
+MAKERS = {'train-naive': lambda: make_train(True), 'train': lambda: make_train(False), 'sample': make_sample,
+          'metrics': make_metrics, 'fid': make_fid}
+jobs = [[w] for w in ORDER if w in workloads and not w.startswith('train')]
+if 'train' in workloads or 'train-naive' in workloads:  # one job: both variants are timed turn by turn
+    jobs.insert(0, [w for w in ('train-naive', 'train') if w in workloads])
+for job in jobs:
+    try:
+        made = {w: MAKERS[w]() for w in job}
+        n, warmup = (args.sample_repeats, 0) if job == ['sample'] else (args.steps, args.warmup)
+        res = timed({w: step for w, (step, _) in made.items()}, warmup, n)
+        recs = {w: made[w][1](*res[w]) for w in job}
+    except torch.OutOfMemoryError:
+        recs = {w: dict(workload=w, model=args.model, device=name, batch_size=B, error='out of memory') for w in job}
+    if 'img_per_s' in recs.get('train', {}) and 'img_per_s' in recs.get('train-naive', {}):
+        recs['train']['speedup'] = round(recs['train']['img_per_s'] / recs['train-naive']['img_per_s'], 2)
+    for rec in recs.values():
+        print(json.dumps(rec), flush=True)
+    made = res = None
+    torch._dynamo.reset()  # compiled graphs keep their model alive: free it before the next job
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.backends.cuda.matmul.allow_tf32 = True  # in case an out-of-memory stopped train-naive before it restored it
