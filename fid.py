@@ -301,8 +301,35 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def random_inception(seed=0):
+    """An FIDInception with random weights that keep activations O(1) through its 94 layers (He-scaled convs,
+    non-trivial BatchNorm statistics; PyTorch's default init shrinks them to 1e-8): for tests and offline smoke runs."""
+    net = FIDInception()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+        net.fc.weight.copy_(0.02 * torch.randn(net.fc.weight.shape, generator=g))
+        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g))  # must not reach the logits
+    return net
+
+
 def load_inception(path=None, any_weights=False, device='cpu'):
-    """FIDInception with the 2015-12-05 weights, in eval mode (BN uses its stored statistics), frozen."""
+    """FIDInception with the 2015-12-05 weights, in eval mode (BN uses its stored statistics), frozen.
+    path 'random': random weights (random_inception) for smoke runs without the file, said loudly."""
+    if path == 'random':
+        print(f'\n{"!" * 100}\nWARNING: the FID Inception has RANDOM weights (--inception random): FID, sFID, IS, '
+              f'precision and recall are NOT comparable to anything; this only exercises the pipeline.\n{"!" * 100}\n',
+              file=sys.stderr)
+        net = random_inception()
+        net.weights_sha256 = 'random-0'
+        return net.eval().requires_grad_(False).to(device)
     path = find_inception(path)
     digest = sha256_file(path)
     if not digest.startswith(INCEPTION_SHA256):
@@ -544,7 +571,8 @@ def main(argv=None):
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
     ev.add_argument('samples', help='sample batch .npz (arr_0: N x H x W x 3 uint8)')
     ev.add_argument('--inception', default=None,
-                    help=f'path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the torch hub cache)')
+                    help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the torch hub cache); 'random' for smoke runs")
+    ev.add_argument('--json', default=None, help='also write the five numbers to this JSON file')
     ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
     ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
     ev.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -598,6 +626,11 @@ def main(argv=None):
         print('sFID:', r['sFID'])
         print('Precision:', r['precision'])
         print('Recall:', r['recall'])
+        if args.json:
+            tmp = args.json + '.tmp'
+            with open(tmp, 'w') as fh:
+                json.dump(dict(r, ref=args.ref, samples=args.samples), fh, indent=1)
+            os.replace(tmp, args.json)  # complete or absent: run.sh skips an evaluation whose file exists
 
 
 if __name__ == '__main__':

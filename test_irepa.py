@@ -1007,29 +1007,11 @@ def random_images(n, h, w, seed):
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def randomize_inception(net, seed=0):
-    """He-scaled convs and non-trivial BN statistics keep activations O(1) through 94 layers (PyTorch's default init
-    shrinks them to 1e-8, where a relative comparison means nothing); a non-zero fc.bias must not reach the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
-        net.fc.weight.copy_(0.02 * torch.randn(net.fc.weight.shape, generator=g))
-        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g))
-    return net
-
-
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
     """A random-weight FID Inception saved in the format of pt_inception-2015-12-05-6726825d.pth."""
     path = tmp_path_factory.mktemp('inception') / 'random_inception.pth'
-    torch.save(randomize_inception(fid.FIDInception()).state_dict(), path)
+    torch.save(fid.random_inception().state_dict(), path)
     return str(path)
 
 # -----------------------------------------------------------------------------
@@ -1670,3 +1652,14 @@ def test_repae_bad_input(tmp_path):
     torch.save(small.state_dict(), tmp_path / 'tiny-vae.pt')  # no config: read as SD f8d4, which it is not
     with pytest.raises(ValueError, match='not a diffusers AutoencoderKL state dict'):
         encoders.load_vae(str(tmp_path / 'tiny-vae.pt'))
+
+
+def test_eval_random_inception_and_json(tmp_path, capsys):
+    ref = save_npz(tmp_path / 'ref.npz', random_images(6, 32, 32, seed=1))
+    samples = save_npz(tmp_path / 'samples.npz', random_images(6, 32, 32, seed=2))
+    fid.main(['eval', ref, samples, '--inception', 'random', '--device', 'cpu', '--is-split', '6', '--no-cache',
+              '--json', str(tmp_path / 'r.json')])
+    out, err = capsys.readouterr()
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert 'RANDOM weights' in err and set(r) >= {'IS', 'FID', 'sFID', 'precision', 'recall'}
+    assert f"FID: {r['FID']}" in out and all(math.isfinite(r[k]) for k in ('IS', 'FID', 'sFID'))
