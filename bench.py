@@ -170,8 +170,8 @@ def make_train(naive):
 
         def step():
             torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's fp32 default (cuDNN convs keep TF32)
-            flow, align = irepa.flow_loss(model, x, y, targets(contextlib.nullcontext()))
-            loss = flow + 1.0 * align
+            losses = irepa.flow_loss(model, x, y, targets(contextlib.nullcontext()))
+            loss = losses['flow'] + 1.0 * losses['align']
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -184,7 +184,9 @@ def make_train(naive):
         train_model = torch.compile(model) if args.compile else model
 
         def step():
-            out[:] = irepa.train_step(train_model, model, ema, opt, x, y, targets(autocast), 1.0, 1.0, 0.9999, autocast)
+            tg = targets(autocast)
+            r = irepa.train_step(lambda: irepa.flow_loss(train_model, x, y, tg), model, ema, opt, 1.0, 1.0, 0.9999, autocast)
+            out[:] = [r['flow'], r['align']]
 
     def finish(sec, mem):
         student = irepa.sit_train_flops(model)  # the 3x3 conv projector (~2% at XL/2) is not counted

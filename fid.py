@@ -587,7 +587,8 @@ def main(argv=None):
     sa.add_argument('--ckpt', required=True, help='checkpoint of irepa.py (or of the official iREPA/REPA code)')
     sa.add_argument('--num-samples', type=int, default=50_000)
     sa.add_argument('--out', default=None, help='output .npz (default: next to the checkpoint, named by the settings)')
-    sa.add_argument('--mode', choices=['sde', 'euler', 'heun'], default='sde', help="the paper's: SDE, 250 steps")
+    sa.add_argument('--mode', choices=['sde', 'euler', 'heun', 'meanflow'], default='sde',
+                    help="the paper's: SDE, 250 steps; MeanFlow models: meanflow, 1 (or 2, 4) steps")
     sa.add_argument('--num-steps', type=int, default=250)
     sa.add_argument('--cfg-scale', type=float, default=1.0)
     sa.add_argument('--guidance-low', type=float, default=0.0)

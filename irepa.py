@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -192,7 +193,8 @@ class SiT(nn.Module):
     """SiT with one projector per teacher on the output of block `encoder_depth` (1-based, before any norm)."""
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, class_dropout_prob=0.1, qk_norm=False,
-                 encoder_depth=8, z_dims=(768,), projector='conv', proj_kernel=3, projector_dim=2048, latent_bn=False):
+                 encoder_depth=8, z_dims=(768,), projector='conv', proj_kernel=3, projector_dim=2048, latent_bn=False,
+                 meanflow=False):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in 1..{depth} (the block whose output is aligned), got {encoder_depth}")
@@ -203,6 +205,9 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if meanflow:  # MeanFlow: a second time embedder on h = t - r; labels are dropped in the loss, not in here
+            self.h_embedder = TimestepEmbedder(hidden_size)
+            self.y_embedder.dropout_prob = 0.0  # the table keeps its null row for guidance
         self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, input_size // patch_size))  # fixed, (1, T, D)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.projectors = nn.ModuleList([Projector(projector, hidden_size, z, projector_dim, proj_kernel) for z in z_dims])
@@ -223,6 +228,8 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for m in self.h_embedder.mlp[::2] if hasattr(self, 'h_embedder') else []:
+            nn.init.normal_(m.weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: each block starts as the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -236,11 +243,14 @@ class SiT(nn.Module):
         x = x.view(N, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
         return x.reshape(N, C, h * p, h * p)
 
-    def forward(self, x, t, y, align=True, align_only=False):
+    def forward(self, x, t, y, align=True, align_only=False, r=None):
         """x (N, C, H, W) at times t (N,) with labels y (N,) -> velocity (N, C, H, W) and [projected tokens (N, T, z)].
-        align_only stops after block encoder_depth and returns (None, zs): REPA-E's VAE step needs nothing more."""
+        align_only stops after block encoder_depth and returns (None, zs): REPA-E's VAE step needs nothing more.
+        MeanFlow models take r (N,) <= t and return the average velocity over [r, t]; r = t (default) is v."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        if hasattr(self, 'h_embedder'):
+            c = c + self.h_embedder(t - (t if r is None else r))
         zs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)
@@ -322,11 +332,63 @@ def alignment_loss(zs, targets):
 
 
 def flow_loss(model, x, y, targets, t=None, noise=None):
-    """Flow matching with uniform t and velocity target, plus alignment: returns (flow MSE, alignment loss)."""
+    """Flow matching with uniform t and velocity target, plus alignment: {'flow': MSE, 'align': alignment loss}."""
     t = torch.rand(x.shape[0], device=x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     v, zs = model(interpolate(x, noise, t), t, y, align=bool(targets))
-    return F.mse_loss(v.float(), (noise - x).float()), alignment_loss(zs, targets).to(x.device)
+    return dict(flow=F.mse_loss(v.float(), (noise - x).float()), align=alignment_loss(zs, targets).to(x.device))
+
+
+# MeanFlow (--meanflow): the network learns the average velocity u(z, r, t) = 1/(t - r) int_r^t v, so that one step
+# z_r = z_t - (t - r) u jumps along the flow. Differentiating (t - r) u = int_r^t v in t gives the MeanFlow identity
+# u = v - (t - r) du/dt with du/dt = v d_z u + d_t u (dr/dt = 0), which makes the regression target.
+
+MEANFLOW = dict(p_mean=-0.4, p_std=1.0, ratio=0.25, norm_c=0.01, norm_p=1.0, label_drop=0.1)  # MeanFlow's ImageNet config
+
+
+def sample_tr(n, device, p_mean=-0.4, p_std=1.0, ratio=0.25):
+    """t >= r, both logit-normal(p_mean, p_std); a random `ratio` of the rows keeps r != t, the others r = t."""
+    t, r = torch.sigmoid(torch.randn(2, n, device=device) * p_std + p_mean)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    return t, torch.where(torch.rand(n, device=device) < ratio, r, t)
+
+
+def meanflow_target(u_fn, z, t, r, v_g):
+    """sg(v_g - (t - r) du/dt): du/dt is the JVP of u_fn at (z, t, r) along (v_g, 1, 0), computed without a graph
+    (no_grad) and with SDPA's math kernel, the one that supports forward-mode AD."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, dudt = torch.func.jvp(u_fn, (z, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
+    return v_g - (t - r).clamp(0, 1).view(-1, 1, 1, 1) * dudt
+
+
+@torch.no_grad()
+def guided_velocity(model, z, t, y, v, omega=1.0, kappa=0.0, interval=(0.0, 1.0)):
+    """MeanFlow's guidance folded into training: v_g = omega v + kappa u(z,t,t|c) + (1 - omega - kappa) u(z,t,t|null)
+    inside the interval (effective scale omega / (1 - kappa)), v outside it and for rows whose label is the null one."""
+    if omega == 1.0 and kappa == 0.0:
+        return v
+    u_c, u_u = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)]),
+                     align=False)[0].chunk(2)  # at h = 0: the instantaneous velocity
+    keep = ((t >= interval[0]) & (t <= interval[1]) & (y != model.num_classes)).view(-1, 1, 1, 1)
+    return torch.where(keep, omega * v + kappa * u_c + (1 - omega - kappa) * u_u, v)
+
+
+def meanflow_loss(model, x, y, targets, raw=None, omega=1.0, kappa=0.0, interval=(0.0, 1.0)):
+    """MeanFlow loss with REPA/iREPA alignment: {'flow': the adaptively weighted loss, 'align': the alignment loss,
+    'mse': the plain mean squared error, for the log (the weighted loss stays near 1 while errors are large)}. `model`
+    carries the gradient (the DDP wrapper under torchrun, so gradients are synchronized); `raw` is the bare module for
+    the guidance and JVP passes (torch.func.jvp cannot go through DDP). Everything in fp32, as MeanFlow."""
+    raw = raw or model
+    t, r = sample_tr(x.shape[0], x.device, MEANFLOW['p_mean'], MEANFLOW['p_std'], MEANFLOW['ratio'])
+    noise = torch.randn_like(x)
+    z, v = interpolate(x, noise, t), noise - x
+    y = torch.where(torch.rand(y.shape, device=y.device) < MEANFLOW['label_drop'], raw.num_classes, y)  # in the loss
+    v_g = guided_velocity(raw, z, t, y, v, omega, kappa, interval)
+    u_tgt = meanflow_target(lambda z_, t_, r_: raw(z_, t_, y, align=False, r=r_)[0], z, t, r, v_g)
+    u, zs = model(z, t, y, r=r, align=bool(targets))  # the gradient-carrying pass; its hidden state is aligned
+    err = (u.float() - u_tgt).square().sum((1, 2, 3))  # per image, summed over pixels
+    loss = (err / (err.detach() + MEANFLOW['norm_c']) ** MEANFLOW['norm_p']).mean()  # adaptive weight 1 / sg(L + c)^p
+    return dict(flow=loss, align=alignment_loss(zs, targets).to(x.device), mse=err.detach().mean() / u[0].numel())
 
 
 # -----------------------------------------------------------------------------
@@ -336,7 +398,8 @@ def flow_loss(model, x, y, targets, t=None, noise=None):
 @torch.no_grad()
 def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
            generator=None):
-    """Generate latents from `noise` (t = 1) with labels y. mode: 'euler', 'heun' (ODE) or 'sde' (Euler-Maruyama).
+    """Generate latents from `noise` (t = 1) with labels y. mode: 'euler', 'heun' (ODE), 'sde' (Euler-Maruyama) or
+    'meanflow' (average-velocity jumps; MeanFlow models).
 
     Classifier-free guidance acts on all channels, only while guidance_low <= t <= guidance_high, with the cond and
     uncond halves in one batch. The SDE uses w(t) = 2t on the grid linspace(1, 0.04, num_steps) and a last,
@@ -344,18 +407,19 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
     """
     if model.training:
         raise ValueError("sample with the model in eval mode (the EMA model): train mode drops labels at random")
-    if mode not in ('euler', 'heun', 'sde'):
-        raise ValueError(f"unknown sampler {mode!r}; accepted: 'euler', 'heun', 'sde'")
+    if mode not in ('euler', 'heun', 'sde', 'meanflow'):
+        raise ValueError(f"unknown sampler {mode!r}; accepted: 'euler', 'heun', 'sde', 'meanflow'")
     dtype, device = noise.dtype, noise.device
     y_null = torch.full_like(y, model.num_classes)
 
-    def velocity(x, t, guided):  # x (B, C, H, W) float64, t a python float -> (B, C, H, W) float64
+    def velocity(x, t, guided, r=None):  # x (B, C, H, W) float64, t a python float -> (B, C, H, W) float64
         if guided:  # cond and uncond in one batch
             x, yy = torch.cat([x, x]), torch.cat([y, y_null])
         else:
             yy = y
         t_in = torch.full((x.shape[0],), t, dtype=torch.float64, device=device).to(dtype)
-        v = model(x.to(dtype), t_in, yy, align=False)[0].double()
+        r_in = None if r is None else torch.full_like(t_in, r)  # MeanFlow: the average velocity over [r, t]
+        v = model(x.to(dtype), t_in, yy, align=False, r=r_in)[0].double()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -365,6 +429,11 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
         return cfg_scale > 1.0 and guidance_low <= t <= guidance_high
 
     x = noise.double()
+    if mode == 'meanflow':  # z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid: num_steps = 1 is one-step generation
+        ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+        for t, r in zip(ts[:-1], ts[1:]):
+            x = x - (t - r) * velocity(x, t, guided(t), r)
+        return x.to(dtype)
     if mode in ('euler', 'heun'):
         ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
@@ -763,18 +832,17 @@ def ema_update(ema, model, decay):
         torch._foreach_lerp_(floats(ema), floats(model), 1 - decay)
 
 
-def train_step(train_model, model, ema, opt, x, y, targets, proj_coeff, grad_clip, ema_decay,
-               autocast=contextlib.nullcontext(), t=None, noise=None):
-    """One optimizer step: flow + proj_coeff * alignment, clipped AdamW, EMA. Returns (flow, align, grad norm) as
-    device tensors: nothing here waits for the GPU. `train_model` is `model` itself or its DDP / compiled wrapper."""
+def train_step(loss_fn, model, ema, opt, proj_coeff, grad_clip, ema_decay, autocast=contextlib.nullcontext()):
+    """One optimizer step on loss_fn() = {'flow', 'align', anything else to log}: flow + proj_coeff * align, clipped
+    AdamW, EMA. Returns the losses and the gradient norm as device tensors: nothing here waits for the GPU."""
     with autocast:
-        flow, align = flow_loss(train_model, x, y, targets, t, noise)
-    (flow + proj_coeff * align).backward()
+        losses = loss_fn()
+    (losses['flow'] + proj_coeff * losses['align']).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)  # right away: frees the memory, and no gradient outlives its step (REPA-E relies on it)
     ema_update(ema, model, ema_decay)
-    return flow.detach(), align.detach(), grad_norm
+    return dict({k: v.detach() for k, v in losses.items()}, grad_norm=grad_norm)
 
 
 # -----------------------------------------------------------------------------
@@ -845,11 +913,11 @@ def repae_step(c, model, train_model, ema, vae, disc, lpips, opts, img, y, targe
     grad_norm_disc = torch.nn.utils.clip_grad_norm_(disc.parameters(), c.grad_clip)
     opt_disc.step()
     opt_disc.zero_grad(set_to_none=True)
-    flow, align, grad_norm = train_step(train_model, model, ema, opt, normalize_latents(model.bn, z.detach()), y, targets,
-                                        c.proj_coeff, c.grad_clip, c.ema_decay, autocast, t, noise)
-    return dict(flow=flow, align=align, grad_norm=grad_norm, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(),
-                d_loss=d_loss.detach(), grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc,
-                **{k: v.detach() for k, v in terms.items()})
+    zn = normalize_latents(model.bn, z.detach())
+    sit = train_step(lambda: flow_loss(train_model, zn, y, targets, t, noise), model, ema, opt, c.proj_coeff,
+                     c.grad_clip, c.ema_decay, autocast)
+    return dict(sit, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(), d_loss=d_loss.detach(),
+                grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc, **{k: v.detach() for k, v in terms.items()})
 
 
 def repae_nets(cfg, device):
@@ -899,6 +967,8 @@ def train(cfg):
     # --- data: latents are prepared once (rank-parallel) and read from a memmap; images feed the teacher.
     # REPA-E trains the VAE, so it encodes images every step instead.
     data = ImageData(c.data_path, c.resolution, c.num_classes, c.seed, c.synthetic_size)
+    if c.repa_e and c.meanflow:
+        raise ValueError("--repa-e and --meanflow are separate recipes here; pick one")
     if c.repa_e and (c.vae == 'none' or data.latents is not None):
         raise ValueError("--repa-e trains the VAE end to end, so it needs images and a VAE to start from: pass an image "
                          "folder (or nothing: the synthetic set) and --vae (e.g. sd-vae-ft-mse), not prepared latents or "
@@ -934,9 +1004,10 @@ def train(cfg):
     teachers = build_teachers(cfg, grid, device)
     model_args = sit_args(c.model, input_size=input_size, in_channels=in_channels, num_classes=data.num_classes,
                           encoder_depth=c.encoder_depth, z_dims=[t.dim for t in teachers], projector=c.projector,
-                          proj_kernel=c.proj_kernel, projector_dim=c.projector_dim, qk_norm=c.qk_norm, latent_bn=c.repa_e)
+                          proj_kernel=c.proj_kernel, projector_dim=c.projector_dim, qk_norm=c.qk_norm, latent_bn=c.repa_e,
+                          meanflow=c.meanflow)
     model = SiT(**model_args).to(device)
-    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0, eps=1e-8,
+    adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, c.adam_beta2), weight_decay=0, eps=1e-8,
                                                  fused=True)  # one kernel for all tensors, on CUDA and CPU alike
     opt = adamw(model.parameters(), c.lr)
     if c.repa_e:
@@ -1047,8 +1118,13 @@ def train(cfg):
                 x = (mean + std * torch.randn_like(std) - shift) * scale
             else:
                 x = img.float() / 127.5 - 1
-            stats = dict(zip(('flow', 'align', 'grad_norm'), train_step(
-                train_model, model, ema, opt, x, y, targets, c.proj_coeff, c.grad_clip, c.ema_decay, autocast)))
+            if c.meanflow:  # fp32, as MeanFlow; the JVP and guidance passes use the bare module
+                loss_fn = partial(meanflow_loss, train_model, x, y, targets, raw=model, omega=c.mf_omega,
+                                  kappa=c.mf_kappa, interval=(c.mf_t_start, c.mf_t_end))
+            else:
+                loss_fn = partial(flow_loss, train_model, x, y, targets)
+            stats = train_step(loss_fn, model, ema, opt, c.proj_coeff, c.grad_clip, c.ema_decay,
+                               contextlib.nullcontext() if c.meanflow else autocast)
         sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
         n_steps += 1
         loss = sum(v for k, v in stats.items() if not k.startswith('grad_norm'))
@@ -1364,8 +1440,7 @@ def spnorm_viz(argv):
 # 16-px images, a tiny SiT and a random teacher where the real one is unavailable: ~3 minutes on 2 CPU cores, enough
 # for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
 DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
-            log_every=25, ckpt_every=150, sample_every=150, sample_mode='sde', sample_steps=50, num_workers=0,
-            synthetic_size=2000, out_dir='out/demo')
+            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
 
 
 def get_parser():
@@ -1397,6 +1472,11 @@ def get_parser():
     a('--lpips-quirk', action=argparse.BooleanOptionalAction, default=True,
       help='REPA-E feeds LPIPS [-1, 1] images although it expects [0, 1]; --no-lpips-quirk feeds [0, 1]')
     a('--repae-stats-images', type=int, default=2048, help='REPA-E: images for the initial latent BatchNorm statistics')
+    a('--meanflow', action='store_true', help='MeanFlow: learn average velocities for 1- or few-step sampling')
+    a('--mf-omega', type=float, default=1.0, help='MeanFlow guidance folded into training: omega')
+    a('--mf-kappa', type=float, default=0.5, help='MeanFlow guidance: kappa (effective scale omega / (1 - kappa))')
+    a('--mf-t-start', type=float, default=0.0, help='MeanFlow guidance interval start')
+    a('--mf-t-end', type=float, default=1.0, help='MeanFlow guidance interval end')
     a('--data-path', default=None, help='ImageNet-style folder (<root>/<class>/*.JPEG), a folder of prepared latents, '
       'or nothing for the built-in synthetic set')
     a('--resolution', type=int, default=256, help='image side in pixels')
@@ -1409,6 +1489,7 @@ def get_parser():
     a('--max-steps', type=int, default=400_000)
     a('--global-batch-size', type=int, default=256, help='summed over all processes')
     a('--lr', type=float, default=1e-4)
+    a('--adam-beta2', type=float, default=None, help='AdamW beta2; default 0.999, 0.95 with --meanflow (as MeanFlow)')
     a('--grad-clip', type=float, default=1.0)
     a('--ema-decay', type=float, default=0.9999)
     a('--seed', type=int, default=0)
@@ -1416,9 +1497,10 @@ def get_parser():
     a('--log-every', type=int, default=100)
     a('--ckpt-every', type=int, default=50_000)
     a('--sample-every', type=int, default=10_000, help='steps between sample grids of the EMA model')
-    a('--sample-mode', choices=['euler', 'heun', 'sde'], default='euler', help='sampler of the grids')
-    a('--sample-steps', type=int, default=50)
-    a('--cfg-scale', type=float, default=4.0)
+    a('--sample-mode', choices=['euler', 'heun', 'sde', 'meanflow'], default=None,
+      help='sampler of the grids; default euler (sde in --demo, meanflow with --meanflow)')
+    a('--sample-steps', type=int, default=None, help='default 50 (1 with --meanflow: one-step generation)')
+    a('--cfg-scale', type=float, default=None, help='guidance of the grids; default 4.0 (1.0 with --meanflow: trained in)')
     a('--guidance-low', type=float, default=0.0)
     a('--guidance-high', type=float, default=1.0)
     a('--resume', action='store_true', help='continue from the newest checkpoint in --out-dir')
@@ -1440,6 +1522,11 @@ def resolve_config(argv=None):
     if cfg['repa_e'] and cfg['demo'] and cfg['vae'] == 'none':  # the demo's pixel space has no VAE to train
         cfg['vae'], cfg['resolution'] = 'random:tiny', max(cfg['resolution'], 32)  # 32 px: the PatchGAN needs >= 24
     for k, v in RECIPES[cfg['recipe']].items():
+        if cfg[k] is None:
+            cfg[k] = v
+    mf = cfg['meanflow']
+    for k, v in dict(adam_beta2=0.95 if mf else 0.999, sample_mode='meanflow' if mf else 'sde' if cfg['demo'] else 'euler',
+                     sample_steps=1 if mf else 50, cfg_scale=1.0 if mf else 4.0).items():
         if cfg[k] is None:
             cfg[k] = v
     if cfg['device'] == 'auto':

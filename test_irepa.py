@@ -272,11 +272,11 @@ def test_flow_loss_zero_for_oracle():
         def forward(self, x_t, t, y, align=True):
             return (x_t - x) / t.view(-1, 1, 1, 1), []
     torch.manual_seed(0)
-    flow, align = irepa.flow_loss(Oracle(), x, torch.zeros(4, dtype=torch.long), [])
-    assert flow.item() < 1e-20 and align.item() == 0
+    losses = irepa.flow_loss(Oracle(), x, torch.zeros(4, dtype=torch.long), [])
+    assert losses['flow'].item() < 1e-20 and losses['align'].item() == 0
     torch.manual_seed(0)
-    flow, _ = irepa.flow_loss(lambda x_t, t, y, align: (torch.zeros_like(x_t), []), x, None, [])
-    assert flow.item() > 0.5  # the zero predictor pays |eps - x|^2
+    losses = irepa.flow_loss(lambda x_t, t, y, align: (torch.zeros_like(x_t), []), x, None, [])
+    assert losses['flow'].item() > 0.5  # the zero predictor pays |eps - x|^2
 
 
 def test_spatial_norm():
@@ -509,9 +509,9 @@ def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
     calls = []
 
     def poisoned(*a, **k):
-        flow, align = real(*a, **k)
+        losses = real(*a, **k)
         calls.append(1)
-        return (flow * float('nan'), align) if len(calls) == 5 else (flow, align)
+        return dict(losses, flow=losses['flow'] * float('nan')) if len(calls) == 5 else losses
     monkeypatch.setattr(irepa, 'flow_loss', poisoned)
     with pytest.raises(FloatingPointError, match=r'step 5.*0000004\.pt'):
         irepa.main(run_args(tmp_path, 8, '--ckpt-every', '2'))
@@ -1663,3 +1663,110 @@ def test_eval_random_inception_and_json(tmp_path, capsys):
     r = json.loads((tmp_path / 'r.json').read_text())
     assert 'RANDOM weights' in err and set(r) >= {'IS', 'FID', 'sFID', 'precision', 'recall'}
     assert f"FID: {r['FID']}" in out and all(math.isfinite(r[k]) for k in ('IS', 'FID', 'sFID'))
+
+
+# -----------------------------------------------------------------------------
+# MeanFlow (--meanflow): the identity, the JVP, the time sampler, guidance, DDP, one-step sampling
+
+
+def gaussian_u(z, t, r):
+    """Exact average velocity for data N(0, I) on the linear path: D(t) = (1 - t)^2 + t^2, v = z (2t - 1) / D(t),
+    u(z, r, t) = z (1 - sqrt(D(r) / D(t))) / (t - r)   (objectives digest §7.1)."""
+    D = lambda s: (1 - s) ** 2 + s ** 2
+    t, r = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+    return z * (1 - torch.sqrt(D(r) / D(t))) / (t - r)
+
+
+def test_meanflow_gaussian_oracle_identity():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(6, generator=g, dtype=torch.float64) * 0.8 + 0.2
+    r = t * torch.rand(6, generator=g, dtype=torch.float64) * 0.9
+    v = z * (2 * t - 1).view(-1, 1, 1, 1) / ((1 - t) ** 2 + t ** 2).view(-1, 1, 1, 1)  # the marginal velocity
+    target = irepa.meanflow_target(gaussian_u, z, t, r, v)
+    assert (target - gaussian_u(z, t, r)).abs().max() < 1e-12  # u = v - (t - r) du/dt holds for the exact u
+    _, wrong = torch.func.jvp(gaussian_u, (z, t, r), (v, torch.ones_like(t), torch.ones_like(r)))  # r moving with t
+    assert (v - (t - r).view(-1, 1, 1, 1) * wrong - gaussian_u(z, t, r)).abs().max() > 1e-2  # the identity fails
+
+
+def meanflow_sit():
+    m = randomize(tiny_sit(meanflow=True, depth=2, class_dropout_prob=0.1)).double().eval()
+    return m
+
+
+def test_meanflow_model_jvp_equals_finite_difference():
+    m = meanflow_sit()
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t, r, y = torch.tensor([0.7, 0.4], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64), torch.tensor([1, 2])
+    u = lambda z_, t_, r_: m(z_, t_, y, align=False, r=r_)[0]
+    with pytest.raises(NotImplementedError):  # the fused attention kernels have no forward-mode AD...
+        torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    with torch.no_grad(), irepa.sdpa_kernel(irepa.SDPBackend.MATH):  # ...the math one does
+        _, dz = torch.func.jvp(lambda z_: u(z_, t, r), (z,), (v,))
+        _, full = torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+        fd = lambda e, f: (f(e) - f(-e)) / (2 * e)
+        fd_z = fd(1e-6, lambda e: u(z + e * v, t, r))
+        fd_full = fd(1e-3, lambda e: u(z + e * v, t + e, r))  # coarser: the time embedding casts t to float32
+    assert (dz - fd_z).abs().max() < 1e-7 * fd_z.abs().max()
+    assert (full - fd_full).abs().max() < 1e-3 * fd_full.abs().max()
+    target = irepa.meanflow_target(u, z, t, r, v)
+    assert torch.equal(target[1], v[1])  # r = t: the target is the (guided) velocity itself
+    assert not torch.allclose(target[0], v[0])
+
+
+def test_meanflow_one_step_exact_for_point_mass():
+    x0 = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+
+    class PointMass(nn.Module):  # the average velocity of point-mass data is (z - x0) / t for every r
+        num_classes = 10
+
+        def forward(self, x, t, y, align=True, r=None):
+            return (x - x0) / t.view(-1, 1, 1, 1), []
+    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    for steps in (1, 2):
+        out = irepa.sample(PointMass().eval(), noise, torch.zeros(3, dtype=torch.long), 'meanflow', steps)
+        torch.testing.assert_close(out, x0.expand(3, -1, -1, -1), rtol=1e-12, atol=1e-12)
+
+
+def test_meanflow_time_sampler_and_guidance():
+    torch.manual_seed(0)
+    t, r = irepa.sample_tr(200_000, 'cpu')
+    assert (t >= r).all() and ((t > 0) & (t < 1)).all()
+    assert abs((r != t).double().mean().item() - 0.25) < 0.01
+    assert abs(torch.logit(t).mean().item() - (-0.4 + 1 / math.sqrt(math.pi))) < 0.01  # E max of two N(-0.4, 1)
+    m = meanflow_sit()
+    z, v, tt = torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, m.num_classes])  # the last row had its label dropped
+    assert irepa.guided_velocity(m, z, tt, y, v, 1.0, 0.0) is v  # omega 1, kappa 0: no guidance, no network call
+    g = irepa.guided_velocity(m, z, tt, y, v, 2.0, 0.0)
+    with torch.no_grad():
+        u_u = m(z, tt, torch.full_like(y, m.num_classes), align=False)[0]
+    torch.testing.assert_close(g[:3], (2 * v - u_u)[:3])
+    assert torch.equal(g[3], v[3])  # dropped labels train the unconditional branch on v
+    assert torch.equal(irepa.guided_velocity(m, z, tt, y, v, 2.0, 0.5, interval=(0.6, 1.0)), v)  # outside the interval
+
+
+MF_RUN = ['--meanflow', '--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--encoder', 'dinov2',
+          '--encoder-weights', 'random:1', '--global-batch-size', '4', '--synthetic-size', '64', '--log-every', '2',
+          '--sample-every', '1000', '--num-workers', '0', '--device', 'cpu']
+
+
+def test_meanflow_ddp_syncs(tmp_path):
+    r = torchrun(2, MF_RUN + ['--out-dir', str(tmp_path / 'mf'), '--max-steps', '2', '--ckpt-every', '2'], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'the 2 ranks hold identical weights' in r.stdout
+
+
+def test_meanflow_demo_writes_one_step_samples(tmp_path):
+    irepa.main(['--demo', '--meanflow', '--encoder-weights', 'random:1', '--max-steps', '4', '--log-every', '2',
+                '--out-dir', str(tmp_path)])
+    ckpt = load_ckpt(tmp_path / 'checkpoints/0000004.pt')
+    cfg = ckpt['config']
+    assert (cfg['sample_mode'], cfg['sample_steps'], cfg['cfg_scale'], cfg['adam_beta2']) == ('meanflow', 1, 1.0, 0.95)
+    assert 'h_embedder.mlp.0.weight' in ckpt['ema'] and (tmp_path / 'samples/0000004.png').exists()
+    log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
+    assert all(0 < r['flow'] < 1 and math.isfinite(r['mse']) and math.isfinite(r['align']) for r in log)
+    fid.main(sample_args(tmp_path / 'checkpoints/0000004.pt', tmp_path / 'mf.npz', n=4) + ['--mode', 'meanflow',
+                                                                                          '--num-steps', '1'])
+    assert np.load(tmp_path / 'mf.npz')['arr_0'].shape == (4, 16, 16, 3)

@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# The main sweep: teachers x recipes (REPA, iREPA) at one SiT size -> the results table and the correlation panel.
+#
+#   bash run.sh              prepare latents once; per teacher and recipe: train, sample 50K, evaluate;
+#                            per teacher: spatial metrics + linear probe; then results.{csv,md} and correlation.png
+#   bash run.sh --dry-run    print every command and its estimated GPU-hours; run nothing
+#   bash run.sh smoke        the whole sweep offline on the CPU in minutes, with RANDOM weights (exercises the code only)
+#
+# Every setting below can be overridden from the environment, e.g.
+#   MODEL=SiT-B/2 TEACHERS="dinov2 dinov3" DATA=/data/imagenet/train REF=VIRTUAL_imagenet256_labeled.npz bash run.sh
+# GPUs and nodes come from the environment too: NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
+# with several nodes run the same command on each (OUT on a shared filesystem): every node trains and samples, the
+# first one then evaluates and writes the table. Every stage skips work whose output exists and is complete, so a
+# killed sweep continues where it stopped (training resumes from its newest checkpoint, sampling from its shards).
+# Relative paths are relative to this directory.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# -----------------------------------------------------------------------------
+# Settings
+
+TEACHERS=${TEACHERS:-"dinov2 dinov3 webssl-vit-dino1b pe-vit-g"}  # the paper's Table 3: DINOv2-B, DINOv3-B, WebSSL-1B, PE-Core-G
+EXTRA_TEACHERS=${EXTRA_TEACHERS:-}            # more teachers (python encoders.py --list), e.g. "siglip2 mae"
+RECIPES=${RECIPES:-"repa irepa"}              # also: conv-only spnorm-mlp (Table 3), repa-e irepa-e, meanflow-repa meanflow-irepa
+ENCODER_WEIGHTS=${ENCODER_WEIGHTS:-auto}      # auto: Hugging Face hub or its cache; WEIGHTS_DIR/<teacher>.* wins if present
+WEIGHTS_DIR=${WEIGHTS_DIR:-}                  # offline: one file per teacher, named by its canonical name (see README)
+MODEL=${MODEL:-SiT-XL/2}                      # or SiT-B/2
+STEPS=${STEPS:-100000}                        # the paper's tables: 100K steps
+BATCH=${BATCH:-256}                           # global batch, whatever the number of GPUs
+CKPT_EVERY=${CKPT_EVERY:-25000}               # a killed run loses at most this many steps (XL/2 checkpoint: ~11 GB)
+DATA=${DATA:-/data/imagenet/train}            # ImageNet train, <class>/*.JPEG
+RES=${RES:-256}
+VAE=${VAE:-sd-vae-ft-mse}
+NUM_SAMPLES=${NUM_SAMPLES:-50000}             # the paper's sampler: SDE, 250 steps, no guidance, random labels
+SAMPLE_MODE=${SAMPLE_MODE:-sde}
+SAMPLE_STEPS=${SAMPLE_STEPS:-250}
+CFG=${CFG:-1.0}
+MF_STEPS=${MF_STEPS:-1}                       # MeanFlow recipes sample with --mode meanflow, 1 NFE (or 2, 4)
+SAMPLE_BATCH=${SAMPLE_BATCH:-256}             # per GPU, as the official generate.py
+SAMPLE_PRECISION=${SAMPLE_PRECISION:-fp32}    # fp32 (+TF32) as the official generate.py; bf16 is faster
+REF=${REF:-VIRTUAL_imagenet256_labeled.npz}   # ADM's ImageNet 256 reference batch
+INCEPTION=${INCEPTION:-${IREPA_INCEPTION:-}}  # pt_inception-2015-12-05-6726825d.pth (empty: the torch hub cache)
+PROBE_DATA=${PROBE_DATA:-/data/imagenet/val}  # images with labels for the spatial metrics and the linear probe (<class>/*)
+PROBE_IMAGES=${PROBE_IMAGES:-10000}           # tokens are held in memory: 10K x 256 x D fp16 (3.9 GB at D = 768)
+MASKS=${MASKS:-}                              # foreground masks for SRSS (same relative paths, .png); empty: no SRSS
+OUT=${OUT:-out/sweep}
+LAT=${LAT:-$OUT/latents}                      # prepared once; share it between sweeps with LAT=...
+TRAIN_ARGS=${TRAIN_ARGS:-}                    # extra flags, e.g. "--lpips-weights vgg.pth --disc-weights disc.pt" for REPA-E
+PREPARE_ARGS=${PREPARE_ARGS:-}
+SAMPLE_ARGS=${SAMPLE_ARGS:-}
+EVAL_ARGS=${EVAL_ARGS:-}
+METRICS_ARGS=${METRICS_ARGS:-}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29500}
+LAUNCH=${LAUNCH:-}                            # the launcher of the GPU stages; empty: torchrun with the settings above
+PYTHON=${PYTHON:-python}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}               # dense bf16 peak of one GPU (H100/H200 SXM); A100: 312
+MFU=${MFU:-0.40}                              # assumed sustained share of that peak, for the GPU-hour estimates
+
+DRY=; SMOKE=
+for arg in "$@"; do
+    case $arg in
+        --dry-run) DRY=1 ;;
+        smoke) SMOKE=1 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown argument '$arg' (accepted: smoke, --dry-run, --help)" >&2; exit 2 ;;
+    esac
+done
+
+# The smoke run: every stage, tiny and offline. Its numbers mean nothing: random teachers, VAE and Inception.
+if [[ $SMOKE ]]; then
+    cat <<'EOF'
+################################################################################################################
+#  SMOKE RUN: random-weight teachers (1 block), a random tiny VAE, a random-weight Inception, the built-in      #
+#  synthetic images, 6 training steps. It exercises every stage of the sweep; its FIDs and correlations are     #
+#  MEANINGLESS and must never be compared with the paper.                                                     #
+################################################################################################################
+EOF
+    OUT=${SMOKE_OUT:-out/smoke}; LAT=$OUT/latents
+    TEACHERS="dinov2 pe"; EXTRA_TEACHERS=; RECIPES="repa irepa"; ENCODER_WEIGHTS=random:1; WEIGHTS_DIR=
+    MODEL=SiT-T/2; STEPS=6; BATCH=8; CKPT_EVERY=3; DATA=; RES=32; VAE=random:tiny
+    NUM_SAMPLES=16; SAMPLE_MODE=sde; SAMPLE_STEPS=5; CFG=1.0; SAMPLE_BATCH=16; SAMPLE_PRECISION=fp32
+    REF=$OUT/ref.npz; INCEPTION=random; PROBE_DATA=; PROBE_IMAGES=64; MASKS=
+    PREPARE_ARGS="--synthetic-size 256 --num-workers 0 --device cpu"
+    TRAIN_ARGS="--num-workers 0 --device cpu --log-every 2 --sample-every 6 --sample-steps 5"
+    SAMPLE_ARGS="--device cpu"
+    EVAL_ARGS="--is-split 16 --device cpu --cache-dir $OUT/fid-cache"
+    METRICS_ARGS="--lp-steps 20 --device cpu"
+    NPROC=1; NNODES=1; NODE_RANK=0; LAUNCH=${LAUNCH:-$PYTHON}
+fi
+
+# GPUs per node: NPROC, else nvidia-smi's list (not queried by --dry-run, which assumes 8 unless NPROC is set)
+if [[ -z ${NPROC:-} ]]; then
+    if [[ $DRY ]]; then NPROC=8; else NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true); fi
+    (( NPROC > 0 )) || NPROC=1
+fi
+WORLD=$(( NPROC * NNODES ))
+if [[ -z $LAUNCH ]]; then
+    if (( NNODES > 1 )); then
+        LAUNCH="torchrun --nnodes=$NNODES --node_rank=$NODE_RANK --nproc_per_node=$NPROC --master_addr=$MASTER_ADDR --master_port=$MASTER_PORT"
+    else
+        LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"
+    fi
+fi
+read -ra LAUNCH <<< "$LAUNCH"
+read -ra TRAIN_EXTRA <<< "$TRAIN_ARGS"; read -ra PREPARE_EXTRA <<< "$PREPARE_ARGS"; read -ra SAMPLE_EXTRA <<< "$SAMPLE_ARGS"
+read -ra EVAL_EXTRA <<< "$EVAL_ARGS"; read -ra METRICS_EXTRA <<< "$METRICS_ARGS"
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+SAFE='^[A-Za-z0-9_./:=,@%+-]+$'
+show() {  # print a command so that it can be pasted back into a shell
+    local a s=
+    for a in "$@"; do
+        if [[ $a =~ $SAFE ]]; then s+="$a "; else s+="'${a//\'/\'\\\'\'}' "; fi
+    done
+    echo "+ ${s% }"
+}
+
+# GPU-hours of FLOPS (bf16-equivalent) at MFU of PEAK_TFLOPS, accumulated into TOTAL (all stages) and TODO (to run)
+TOTAL=0; TODO=0
+gpu_hours() { awk -v f="$1" -v p="$PEAK_TFLOPS" -v m="$MFU" 'BEGIN { printf "%.3g", f / (p * 1e12 * m) / 3600 }'; }
+add() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
+
+# stage NAME OUTPUT FLOPS GPUS COMMAND...: run COMMAND unless OUTPUT exists. Every tool writes its output last and
+# atomically (meta.json, a checkpoint, the .npz, the .json), so an existing output is a complete one.
+stage() {
+    local name=$1 out=$2 flops=$3 gpus=$4; shift 4
+    local h; h=$(gpu_hours "$flops")
+    TOTAL=$(add "$TOTAL" "$h")
+    echo
+    if [[ $flops == 0 ]]; then echo "== $name"
+    else echo "== $name: ~$h GPU-h ($(awk -v h="$h" -v g="$gpus" 'BEGIN { printf "%.3g", h / g }') h on $gpus GPU(s))"; fi
+    if [[ -e $out ]]; then
+        echo "skip $name: $out exists"
+        return 0
+    fi
+    TODO=$(add "$TODO" "$h")
+    show "$@"
+    [[ $DRY ]] || "$@"
+}
+
+# -----------------------------------------------------------------------------
+# FLOP counts (meta device: no weights, no GPU) and canonical teacher names, from the code itself
+
+info=$(CUDA_VISIBLE_DEVICES= "$PYTHON" - "$MODEL" "$RES" "$VAE" $TEACHERS $EXTRA_TEACHERS <<'EOF'
+import contextlib, io, sys, torch
+import encoders, irepa
+model, res, vae, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+down, channels = {'none': (1, 3), 'random:tiny': (2, 4)}.get(vae, (8, 4))  # SD-VAE f8d4, the tiny test VAE f2d4
+with torch.device('meta'):
+    sit = irepa.build_sit(model, input_size=res // down, in_channels=channels, num_classes=1000)
+grid = res // down // int(model.split('/')[1])
+print('grid', grid)
+print('sit_train', irepa.sit_train_flops(sit))  # per image: 6 (12 L D^2 T + 2 L T^2 D)
+print('sit_fwd', irepa.sit_train_flops(sit) // 3)
+seen = set()
+for n in names:
+    c = encoders.resolve_teacher(n)
+    if c not in seen:
+        seen.add(c)
+        with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warning of a FLOP count
+            t = encoders.load_teacher(c, 'random', grid=grid, device='meta')
+        print('teacher', c, irepa.teacher_flops(t))  # forward per image
+EOF
+)
+declare -A TFLOPS
+ALL=()
+while read -r key a b; do
+    case $key in
+        grid) GRID=$a ;;
+        sit_train) SIT_TRAIN=$a ;;
+        sit_fwd) SIT_FWD=$a ;;
+        teacher) ALL+=("$a"); TFLOPS[$a]=$b ;;
+    esac
+done <<< "$info"
+
+VAE_ENC=2.73e11      # SD-VAE encoder forward at 256 px, FLOPs (torch FlopCounterMode)
+VAE_DEC=6.22e11      # SD-VAE decoder forward from 32x32x4
+INCEPTION_FWD=1.14e10
+IMAGENET=1281167
+TAG=${MODEL//\//-}   # SiT-XL/2 -> SiT-XL-2
+STEP=$(printf %07d "$STEPS")
+echo "sweep: $MODEL, $STEPS steps x $BATCH images, teachers ${ALL[*]}, recipes $RECIPES -> $OUT"
+echo "GPUs: $NPROC per node x $NNODES node(s) ($LAUNCH); costs: FLOPs / ($MFU x $PEAK_TFLOPS TFLOP/s bf16 per GPU);" \
+     "TF32 counted at half that rate, fp32 at 1/15"
+[[ $DRY ]] && echo "dry run: printing the commands, running none of them"
+
+if [[ ! $DRY && ! $SMOKE ]]; then  # fail before days of training, not after
+    [[ -e $LAT/meta.json || -d $DATA ]] || { echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
+    [[ -e $REF ]] || echo "warning: REF=$REF does not exist yet; the evaluations need it (see README, Weights)" >&2
+fi
+
+# recipe -> the flags of irepa.py (Table 3's ablation rows; REPA-E and MeanFlow)
+recipe_flags() {
+    case $1 in
+        repa|irepa) echo "--recipe $1" ;;
+        conv-only) echo "--recipe irepa --spnorm none" ;;      # iREPA w/o spatial norm
+        spnorm-mlp) echo "--recipe irepa --projector mlp" ;;   # iREPA w/o conv
+        repa-e|irepa-e) echo "--repa-e --recipe ${1%-e}" ;;
+        meanflow-repa|meanflow-irepa) echo "--meanflow --recipe ${1#meanflow-}" ;;
+        *) echo "run.sh: unknown recipe '$1'" >&2; return 1 ;;
+    esac
+}
+weights() {  # the --encoder-weights of teacher $1
+    local f
+    if [[ $WEIGHTS_DIR ]]; then
+        for f in "$WEIGHTS_DIR/$1".*; do [[ -e $f ]] && { echo "$f"; return; }; done
+    fi
+    echo "$ENCODER_WEIGHTS"
+}
+for r in $RECIPES; do recipe_flags "$r" > /dev/null; done
+
+# -----------------------------------------------------------------------------
+# 1. Latents, once: the SD-VAE posterior mean/std of every training image, and the per-channel latent statistics
+
+if [[ $SMOKE ]]; then
+    stage "prepare (synthetic set)" "$LAT/meta.json" 0 1 \
+        "${LAUNCH[@]}" irepa.py --prepare --vae "$VAE" --resolution "$RES" --out-dir "$LAT" "${PREPARE_EXTRA[@]}"
+else
+    stage "prepare $DATA" "$LAT/meta.json" "$(awk "BEGIN { print $IMAGENET * $VAE_ENC * 2 }")" "$WORLD" \
+        "${LAUNCH[@]}" irepa.py --prepare --data-path "$DATA" --vae "$VAE" --resolution "$RES" --out-dir "$LAT" "${PREPARE_EXTRA[@]}"
+fi
+
+# -----------------------------------------------------------------------------
+# 2. Per teacher and recipe: train, then sample (on every node)
+
+sample_file() {  # run directory -> its sample batch
+    if [[ $2 == meanflow-* ]]; then echo "$1/samples/$STEP-meanflow$MF_STEPS-n$NUM_SAMPLES.npz"
+    else echo "$1/samples/$STEP-$SAMPLE_MODE$SAMPLE_STEPS-cfg$CFG-n$NUM_SAMPLES.npz"; fi
+}
+for t in "${ALL[@]}"; do
+    for r in $RECIPES; do
+        run=$OUT/runs/$TAG-$t-$r
+        read -ra flags <<< "$(recipe_flags "$r")"
+        data=$LAT; [[ $r == *-e ]] && data=$DATA  # REPA-E trains the VAE, so it reads images, not latents
+        resume=(); compgen -G "$run/checkpoints/*.pt" > /dev/null && resume=(--resume)
+        flops=$(awk "BEGIN { print $STEPS * $BATCH * ($SIT_TRAIN + ${TFLOPS[$t]}) }")  # student fwd+bwd, teacher fwd
+        [[ $r == *-e ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
+        stage "train $TAG $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
+            "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$VAE" --resolution "$RES" --model "$MODEL" \
+            --encoder "$t" --encoder-weights "$(weights "$t")" "${flags[@]}" --max-steps "$STEPS" \
+            --global-batch-size "$BATCH" --ckpt-every "$CKPT_EVERY" --out-dir "$run" "${resume[@]}" "${TRAIN_EXTRA[@]}"
+
+        if [[ $r == meanflow-* ]]; then
+            sampler=(--mode meanflow --num-steps "$MF_STEPS" --cfg-scale 1.0); nfe=$MF_STEPS
+        else
+            sampler=(--mode "$SAMPLE_MODE" --num-steps "$SAMPLE_STEPS" --cfg-scale "$CFG")
+            nfe=$(awk "BEGIN { print $SAMPLE_STEPS * ($CFG > 1 ? 2 : 1) * (\"$SAMPLE_MODE\" == \"heun\" ? 2 : 1) }")
+        fi
+        slow=$([[ $SAMPLE_PRECISION == fp32 ]] && echo 2 || echo 1)  # fp32 sampling runs on TF32 tensor cores
+        stage "sample $TAG $t $r" "$(sample_file "$run" "$r")" \
+            "$(awk "BEGIN { print $NUM_SAMPLES * $nfe * $SIT_FWD * $slow }")" "$WORLD" \
+            "${LAUNCH[@]}" fid.py sample --ckpt "$run/checkpoints/$STEP.pt" --num-samples "$NUM_SAMPLES" "${sampler[@]}" \
+            --batch-size "$SAMPLE_BATCH" --precision "$SAMPLE_PRECISION" --out "$(sample_file "$run" "$r")" "${SAMPLE_EXTRA[@]}"
+    done
+done
+
+if (( NODE_RANK > 0 )); then
+    echo "node $NODE_RANK: training and sampling done; node 0 evaluates and writes the table"
+    exit 0
+fi
+
+# -----------------------------------------------------------------------------
+# 3. Evaluate every sample batch, measure every teacher, write the table (first node, one GPU each)
+
+synthetic_reference() {  # synthetic_reference FILE: 64 images of the built-in set (another seed) as an ADM batch
+    "$PYTHON" -c "import os, sys, numpy as np, irepa
+np.savez(sys.argv[1] + '.tmp.npz', arr_0=np.stack([irepa.synthetic_image(i, $RES, 10, seed=1)[0] for i in range(64)]))
+os.replace(sys.argv[1] + '.tmp.npz', sys.argv[1])" "$1"
+}
+[[ $SMOKE ]] && stage "reference batch (synthetic)" "$REF" 0 1 synthetic_reference "$REF"
+inception=(); [[ $INCEPTION ]] && inception=(--inception "$INCEPTION")
+ROWS=()
+for t in "${ALL[@]}"; do
+    for r in $RECIPES; do
+        run=$OUT/runs/$TAG-$t-$r
+        samples=$(sample_file "$run" "$r")
+        result=${samples%.npz}.json
+        stage "eval $TAG $t $r" "$result" "$(awk "BEGIN { print ($NUM_SAMPLES + 10000) * $INCEPTION_FWD * 15 }")" 1 \
+            "$PYTHON" fid.py eval "$REF" "$samples" --json "$result" "${inception[@]}" "${EVAL_EXTRA[@]}"
+        ROWS+=("$t" "$r" "$result" "$OUT/metrics/$t.json")
+    done
+done
+
+for t in "${ALL[@]}"; do
+    probe=(); [[ $PROBE_DATA ]] && probe=(--data-path "$PROBE_DATA")
+    masks=(); [[ $MASKS ]] && masks=(--masks "$MASKS")
+    stage "metrics $t" "$OUT/metrics/$t.json" "$(awk "BEGIN { print $PROBE_IMAGES * ${TFLOPS[$t]} }")" 1 \
+        "$PYTHON" irepa.py metrics --encoder "$t" --encoder-weights "$(weights "$t")" "${probe[@]}" "${masks[@]}" \
+        --resolution "$RES" --grid "$GRID" --num-images "$PROBE_IMAGES" --out-dir "$OUT/metrics" "${METRICS_EXTRA[@]}"
+done
+
+# results_table OUT: results.csv, results.md and correlation-input.csv from the ROWS (teacher, recipe, eval json,
+# metrics json); results.csv is written last and marks the stage complete
+results_table() {
+    "$PYTHON" - "$1" "${ROWS[@]}" <<'EOF'
+import csv, json, math, os, sys
+out, rows = sys.argv[1], [sys.argv[i:i + 4] for i in range(2, len(sys.argv), 4)]
+cols = ['teacher', 'recipe', 'FID', 'sFID', 'IS', 'Precision', 'Recall', 'LDS', 'CDS', 'SRSS', 'RMSC', 'LP']
+fmt = dict(FID='.2f', sFID='.2f', IS='.1f', Precision='.3f', Recall='.3f', LDS='.4f', CDS='.4f', SRSS='.4f', RMSC='.4f', LP='.3f')
+table = []
+for teacher, recipe, result, metrics in rows:
+    e, m = json.load(open(result)), json.load(open(metrics))
+    table.append(dict(teacher=teacher, recipe=recipe, FID=e['FID'], sFID=e['sFID'], IS=e['IS'], Precision=e['precision'],
+                      Recall=e['recall'], LDS=m['lds'], CDS=m['cds'], SRSS=m['srss'], RMSC=m['rmsc'], LP=m['lp']))
+teachers = sorted({r['teacher'] for r in table})
+corr = [r for r in table if r['recipe'] == 'repa'] if len(teachers) >= 3 else table
+for path, rs in ((os.path.join(out, 'correlation-input.csv'), corr), (os.path.join(out, 'results.csv'), table)):
+    with open(path + '.tmp', 'w', newline='') as f:  # results.csv last: it marks the stage complete
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rs)
+    os.replace(path + '.tmp', path)
+cell = lambda r, c: r[c] if c in ('teacher', 'recipe') else 'n/a' if r[c] is None or not math.isfinite(r[c]) else format(r[c], fmt[c])
+md = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)] + ['| ' + ' | '.join(cell(r, c) for c in cols) + ' |' for r in table]
+with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write('\n'.join(md) + '\n')
+print('\n'.join(md))
+print(f"correlation input: {'the REPA rows' if len(teachers) >= 3 else f'all {len(corr)} rows (fewer than 3 teachers: a code check, not the study)'}")
+EOF
+}
+
+# The table is remade whenever an evaluation or a measurement is newer than it; the panel whenever the table is.
+# The paper correlates the REPA rows (one per teacher); with fewer than 3 teachers every row goes in (code check only).
+for f in "${ROWS[@]}"; do
+    [[ $f == *.json && -e $f && -e $OUT/results.csv && $f -nt $OUT/results.csv ]] && rm -f "$OUT/results.csv"
+done
+[[ -e $OUT/results.csv && -e $OUT/correlation.png && $OUT/results.csv -nt $OUT/correlation.png ]] && rm -f "$OUT/correlation.png"
+stage "results table" "$OUT/results.csv" 0 1 results_table "$OUT"
+n_corr=0; [[ -e $OUT/correlation-input.csv ]] && n_corr=$(( $(wc -l < "$OUT/correlation-input.csv") - 1 ))
+if [[ $DRY ]] || (( n_corr >= 3 )); then
+    stage "correlation panel" "$OUT/correlation.png" 0 1 \
+        "$PYTHON" irepa.py correlate "$OUT/correlation-input.csv" --out "$OUT/correlation.png"
+else
+    echo "no correlation panel: $n_corr row(s) in $OUT/correlation-input.csv, a correlation needs 3"
+fi
+
+echo
+awk -v a="$TOTAL" -v t="$TODO" -v g="$WORLD" 'BEGIN { printf "estimated cost: %.1f GPU-h for the whole sweep, %.1f GPU-h still to run (~%.1f h on %d GPUs)\n", a, t, t / g, g }'
+if [[ ! $DRY ]]; then
+    echo "results: $OUT/results.md, $OUT/results.csv; correlation panel: $OUT/correlation.png"
+    [[ $SMOKE ]] && echo "(smoke run: RANDOM weights everywhere, the numbers are meaningless)"
+fi
+exit 0
