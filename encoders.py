@@ -506,7 +506,9 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
     .bin, .pt) with the SD f8d4 config, 'random' (SD config) or 'random:tiny' (f2d4, tests)."""
     if spec in ('random', 'random:tiny'):
         print(f"*** WARNING: the VAE has RANDOM weights ({spec}): its latents mean nothing. ***", file=sys.stderr)
-        return AutoencoderKL(**(TINY_VAE if spec == 'random:tiny' else SD_VAE)).to(device)
+        with torch.random.fork_rng(devices=[]):  # always the same random VAE: the one that encodes (on every rank)
+            torch.manual_seed(0)                # is the one that decodes, in another process
+            return AutoencoderKL(**(TINY_VAE if spec == 'random:tiny' else SD_VAE)).to(device)
     path = spec
     if spec in ('sd-vae-ft-mse', 'sd-vae-ft-ema'):
         path, = hub_files(f'stabilityai/{spec}', 'diffusion_pytorch_model.safetensors', f"VAE {spec}",

@@ -530,6 +530,7 @@ def sample_main(a):
                   f"{a.mode} {a.num_steps} steps, cfg {a.cfg_scale} on [{a.guidance_low}, {a.guidance_high}], "
                   f"{world} process(es)", file=sys.stderr)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == 'bf16' else contextlib.nullcontext()
+        net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
         for k in tqdm(todo, desc='sample', unit='shard', disable=rank != 0, file=sys.stderr):
             n = min(a.batch_size, a.num_samples - k * a.batch_size)
             g = shard_generator(a.seed, k)
@@ -537,7 +538,7 @@ def sample_main(a):
             y = (torch.arange(k * a.batch_size, k * a.batch_size + n) % model.num_classes if a.class_balanced
                  else torch.randint(0, model.num_classes, (n,), generator=g))
             with torch.no_grad(), autocast:
-                z = irepa.sample(model, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
+                z = irepa.sample(net, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
                                  a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
             with torch.no_grad():
                 x = vae.decode(z.float() / scale + shift) if vae is not None else z.float()
@@ -596,7 +597,10 @@ def main(argv=None):
     sa.add_argument('--batch-size', type=int, default=64, help='images per shard and per forward, per process')
     sa.add_argument('--seed', type=int, default=0)
     sa.add_argument('--class-balanced', action='store_true', help='labels i %% num_classes instead of random ones')
-    sa.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast (CUDA) for the SiT')
+    sa.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast for the SiT (the '
+                    "paper's numbers are fp32; compare the two with fid.py eval before switching)")
+    sa.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the SiT '
+                    '(default: on CUDA); the last shard, if smaller, compiles once more')
     sa.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
     sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
     sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
@@ -604,6 +608,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.cmd == 'sample':
+        args.compile = args.device.startswith('cuda') if args.compile is None else args.compile
         if args.out is None:
             stem = os.path.splitext(os.path.basename(args.ckpt))[0]
             args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), '..', 'samples', (

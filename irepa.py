@@ -1,13 +1,21 @@
 """
-iREPA in one file: SiT + REPA/iREPA alignment, its objectives, samplers and spatial metrics.
+iREPA in one file: SiT with REPA/iREPA alignment, its objectives (flow matching, REPA-E, MeanFlow), samplers, the
+spatial-structure metrics, the data, the DDP training loop and the command line.
 
 iREPA ("What matters for Representation Alignment: Global Information or Spatial Structure?", arXiv 2512.10794) makes
 two changes to REPA: the 3-layer MLP projector becomes one 3x3 convolution on the token grid, and the teacher tokens
 get a spatial z-score over the token axis, y = (f - gamma * mean_T f) / (std_T f + 1e-6).
 
-Read top to bottom: the model, the spatial normalization and losses, the samplers, the spatial-structure metrics.
-Conventions (fixed, see DESIGN.md): time runs data -> noise, x_t = (1 - t) x + t eps, the network predicts the
-velocity v = eps - x, samplers integrate t from 1 to 0; the null label is index `num_classes`.
+    python irepa.py --demo                                                   # offline, CPU, ~4 minutes
+    python irepa.py --prepare --data-path /data/imagenet/train --out-dir data/in256          # SD-VAE latents, once
+    torchrun --nproc_per_node=8 irepa.py --encoder dinov2 --data-path data/in256 --out-dir out/xl-irepa
+    torchrun --nproc_per_node=8 irepa.py ... --recipe repa | --repa-e | --meanflow            # the other recipes
+    python irepa.py metrics --encoder dinov2 | correlate results.csv | spnorm-viz | export-vae   # the paper's study
+
+Read top to bottom: the model; the spatial normalization and the losses; the samplers; the spatial metrics; the data;
+training (REPA-E included); the study commands; the command line. Conventions (fixed, see DESIGN.md): time runs
+data -> noise, x_t = (1 - t) x + t eps, the network predicts the velocity v = eps - x, samplers integrate t from 1
+to 0; the null label is index `num_classes`.
 """
 import argparse
 import colorsys
@@ -339,6 +347,7 @@ def flow_loss(model, x, y, targets, t=None, noise=None):
     return dict(flow=F.mse_loss(v.float(), (noise - x).float()), align=alignment_loss(zs, targets).to(x.device))
 
 
+# -----------------------------------------------------------------------------
 # MeanFlow (--meanflow): the network learns the average velocity u(z, r, t) = 1/(t - r) int_r^t v, so that one step
 # z_r = z_t - (t - r) u jumps along the flow. Differentiating (t - r) u = int_r^t v in t gives the MeanFlow identity
 # u = v - (t - r) du/dt with du/dt = v d_z u + d_t u (dr/dt = 0), which makes the regression target.
@@ -418,8 +427,8 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
         else:
             yy = y
         t_in = torch.full((x.shape[0],), t, dtype=torch.float64, device=device).to(dtype)
-        r_in = None if r is None else torch.full_like(t_in, r)  # MeanFlow: the average velocity over [r, t]
-        v = model(x.to(dtype), t_in, yy, align=False, r=r_in)[0].double()
+        kw = {} if r is None else dict(r=torch.full_like(t_in, r))  # MeanFlow: the average velocity over [r, t]
+        v = model(x.to(dtype), t_in, yy, align=False, **kw)[0].double()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -1299,7 +1308,8 @@ def measure_teacher(argv):
         summary[k] = ok.mean().item() if len(ok) else float('nan')
         summary[k + '_std'] = ok.std().item() if len(ok) > 1 else float('nan')
         summary[k + '_n'] = len(ok)
-    (out / f'{name}.json').write_text(json.dumps(summary, indent=1))
+    (out / f'{name}.json.tmp').write_text(json.dumps(summary, indent=1))
+    os.replace(out / f'{name}.json.tmp', out / f'{name}.json')  # complete or absent: run.sh skips a measured teacher
     print(f"{name}: {n} images at {a.resolution} px, {grid}x{grid} tokens")
     for k in ('lds', 'cds', 'srss', 'rmsc'):
         print(f"  {k.upper():5s} {summary[k]:+.4f} +- {summary[k + '_std']:.4f}  ({summary[k + '_n']} images)")

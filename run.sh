@@ -93,7 +93,8 @@ fi
 
 # GPUs per node: NPROC, else nvidia-smi's list (not queried by --dry-run, which assumes 8 unless NPROC is set)
 if [[ -z ${NPROC:-} ]]; then
-    if [[ $DRY ]]; then NPROC=8; else NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true); fi
+    if [[ $DRY ]]; then NPROC=8; echo "NPROC unset: the dry run assumes 8 GPUs per node"
+    else NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true); fi
     (( NPROC > 0 )) || NPROC=1
 fi
 WORLD=$(( NPROC * NNODES ))
@@ -120,6 +121,18 @@ show() {  # print a command so that it can be pasted back into a shell
     echo "+ ${s% }"
 }
 
+# stale OUTPUT INPUTS...: OUTPUT exists but an input is newer. A real run then deletes it, so that its stage runs again.
+stale() {
+    local out=$1 f; shift
+    [[ -e $out ]] || return 0
+    for f; do
+        if [[ -e $f && $f -nt $out ]]; then
+            if [[ $DRY ]]; then echo "note: $out is older than $f; a real run remakes it"; else rm -f "$out"; fi
+            return 0
+        fi
+    done
+}
+
 # GPU-hours of FLOPS (bf16-equivalent) at MFU of PEAK_TFLOPS, accumulated into TOTAL (all stages) and TODO (to run)
 TOTAL=0; TODO=0
 gpu_hours() { awk -v f="$1" -v p="$PEAK_TFLOPS" -v m="$MFU" 'BEGIN { printf "%.3g", f / (p * 1e12 * m) / 3600 }'; }
@@ -140,7 +153,10 @@ stage() {
     fi
     TODO=$(add "$TODO" "$h")
     show "$@"
-    [[ $DRY ]] || "$@"
+    [[ $DRY ]] && return 0
+    local t0=$SECONDS
+    "$@"
+    echo "done $name in $(( SECONDS - t0 )) s"
 }
 
 # -----------------------------------------------------------------------------
@@ -190,8 +206,9 @@ echo "GPUs: $NPROC per node x $NNODES node(s) ($LAUNCH); costs: FLOPs / ($MFU x 
 [[ $DRY ]] && echo "dry run: printing the commands, running none of them"
 
 if [[ ! $DRY && ! $SMOKE ]]; then  # fail before days of training, not after
-    [[ -e $LAT/meta.json || -d $DATA ]] || { echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
-    [[ -e $REF ]] || echo "warning: REF=$REF does not exist yet; the evaluations need it (see README, Weights)" >&2
+    [[ -e $LAT/meta.json && $RECIPES != *-e* || -d $DATA ]] || { echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
+    [[ -e $REF ]] || echo "warning: REF=$REF does not exist yet; the evaluations need it (see README)" >&2
+    [[ -z $PROBE_DATA || -d $PROBE_DATA ]] || echo "warning: PROBE_DATA=$PROBE_DATA is not a folder; the metrics need it" >&2
 fi
 
 # recipe -> the flags of irepa.py (Table 3's ablation rows; REPA-E and MeanFlow)
@@ -217,10 +234,14 @@ for r in $RECIPES; do recipe_flags "$r" > /dev/null; done
 # -----------------------------------------------------------------------------
 # 1. Latents, once: the SD-VAE posterior mean/std of every training image, and the per-channel latent statistics
 
-if [[ $SMOKE ]]; then
+need_latents=; for r in $RECIPES; do [[ $r == *-e ]] || need_latents=1; done  # REPA-E encodes images itself
+if [[ ! $need_latents ]]; then
+    echo "no latents to prepare: every recipe is REPA-E, which trains the VAE on images"
+elif [[ $SMOKE ]]; then
     stage "prepare (synthetic set)" "$LAT/meta.json" 0 1 \
         "${LAUNCH[@]}" irepa.py --prepare --vae "$VAE" --resolution "$RES" --out-dir "$LAT" "${PREPARE_EXTRA[@]}"
 else
+    # the VAE's convolutions run on TF32 (cuDNN's default): half bf16's rate; JPEG decoding may well be the real limit
     stage "prepare $DATA" "$LAT/meta.json" "$(awk "BEGIN { print $IMAGENET * $VAE_ENC * 2 }")" "$WORLD" \
         "${LAUNCH[@]}" irepa.py --prepare --data-path "$DATA" --vae "$VAE" --resolution "$RES" --out-dir "$LAT" "${PREPARE_EXTRA[@]}"
 fi
@@ -240,6 +261,7 @@ for t in "${ALL[@]}"; do
         resume=(); compgen -G "$run/checkpoints/*.pt" > /dev/null && resume=(--resume)
         flops=$(awk "BEGIN { print $STEPS * $BATCH * ($SIT_TRAIN + ${TFLOPS[$t]}) }")  # student fwd+bwd, teacher fwd
         [[ $r == *-e ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
+        [[ $r == meanflow-* ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
         stage "train $TAG $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
             "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$VAE" --resolution "$RES" --model "$MODEL" \
             --encoder "$t" --encoder-weights "$(weights "$t")" "${flags[@]}" --max-steps "$STEPS" \
@@ -251,7 +273,7 @@ for t in "${ALL[@]}"; do
             sampler=(--mode "$SAMPLE_MODE" --num-steps "$SAMPLE_STEPS" --cfg-scale "$CFG")
             nfe=$(awk "BEGIN { print $SAMPLE_STEPS * ($CFG > 1 ? 2 : 1) * (\"$SAMPLE_MODE\" == \"heun\" ? 2 : 1) }")
         fi
-        slow=$([[ $SAMPLE_PRECISION == fp32 ]] && echo 2 || echo 1)  # fp32 sampling runs on TF32 tensor cores
+        slow=$([[ $SAMPLE_PRECISION == fp32 ]] && echo 2 || echo 1)  # fp32 sampling runs on TF32: half bf16's rate
         stage "sample $TAG $t $r" "$(sample_file "$run" "$r")" \
             "$(awk "BEGIN { print $NUM_SAMPLES * $nfe * $SIT_FWD * $slow }")" "$WORLD" \
             "${LAUNCH[@]}" fid.py sample --ckpt "$run/checkpoints/$STEP.pt" --num-samples "$NUM_SAMPLES" "${sampler[@]}" \
@@ -267,9 +289,9 @@ fi
 # -----------------------------------------------------------------------------
 # 3. Evaluate every sample batch, measure every teacher, write the table (first node, one GPU each)
 
-synthetic_reference() {  # synthetic_reference FILE: 64 images of the built-in set (another seed) as an ADM batch
+synthetic_reference() {  # synthetic_reference FILE: 32 images of the built-in set (another seed) as an ADM batch
     "$PYTHON" -c "import os, sys, numpy as np, irepa
-np.savez(sys.argv[1] + '.tmp.npz', arr_0=np.stack([irepa.synthetic_image(i, $RES, 10, seed=1)[0] for i in range(64)]))
+np.savez(sys.argv[1] + '.tmp.npz', arr_0=np.stack([irepa.synthetic_image(i, $RES, 10, seed=1)[0] for i in range(32)]))
 os.replace(sys.argv[1] + '.tmp.npz', sys.argv[1])" "$1"
 }
 [[ $SMOKE ]] && stage "reference batch (synthetic)" "$REF" 0 1 synthetic_reference "$REF"
@@ -280,9 +302,10 @@ for t in "${ALL[@]}"; do
         run=$OUT/runs/$TAG-$t-$r
         samples=$(sample_file "$run" "$r")
         result=${samples%.npz}.json
+        # Inception on the samples and (once, then cached) the 10K reference images, in exact fp32: ~1/15 of bf16's rate
         stage "eval $TAG $t $r" "$result" "$(awk "BEGIN { print ($NUM_SAMPLES + 10000) * $INCEPTION_FWD * 15 }")" 1 \
             "$PYTHON" fid.py eval "$REF" "$samples" --json "$result" "${inception[@]}" "${EVAL_EXTRA[@]}"
-        ROWS+=("$t" "$r" "$result" "$OUT/metrics/$t.json")
+        ROWS+=("$t" "$r" "$result" "$OUT/metrics/$t.json")  # teacher, recipe, evaluation, measurement
     done
 done
 
@@ -308,7 +331,8 @@ for teacher, recipe, result, metrics in rows:
     table.append(dict(teacher=teacher, recipe=recipe, FID=e['FID'], sFID=e['sFID'], IS=e['IS'], Precision=e['precision'],
                       Recall=e['recall'], LDS=m['lds'], CDS=m['cds'], SRSS=m['srss'], RMSC=m['rmsc'], LP=m['lp']))
 teachers = sorted({r['teacher'] for r in table})
-corr = [r for r in table if r['recipe'] == 'repa'] if len(teachers) >= 3 else table
+base = 'repa' if any(r['recipe'] == 'repa' for r in table) else table[0]['recipe']  # the paper correlates REPA's FIDs
+corr = [r for r in table if r['recipe'] == base] if len(teachers) >= 3 else table
 for path, rs in ((os.path.join(out, 'correlation-input.csv'), corr), (os.path.join(out, 'results.csv'), table)):
     with open(path + '.tmp', 'w', newline='') as f:  # results.csv last: it marks the stage complete
         w = csv.DictWriter(f, cols)
@@ -320,17 +344,15 @@ md = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)] + ['| ' + ' | '.
 with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
 print('\n'.join(md))
-print(f"correlation input: {'the REPA rows' if len(teachers) >= 3 else f'all {len(corr)} rows (fewer than 3 teachers: a code check, not the study)'}")
+print(f"correlation input: {f'the {base} rows' if len(teachers) >= 3 else f'all {len(corr)} rows (fewer than 3 teachers: a code check, not the study)'}")
 EOF
 }
 
-# The table is remade whenever an evaluation or a measurement is newer than it; the panel whenever the table is.
-# The paper correlates the REPA rows (one per teacher); with fewer than 3 teachers every row goes in (code check only).
-for f in "${ROWS[@]}"; do
-    [[ $f == *.json && -e $f && -e $OUT/results.csv && $f -nt $OUT/results.csv ]] && rm -f "$OUT/results.csv"
-done
-[[ -e $OUT/results.csv && -e $OUT/correlation.png && $OUT/results.csv -nt $OUT/correlation.png ]] && rm -f "$OUT/correlation.png"
+# The table is remade whenever an evaluation or a measurement is newer than it, the panel whenever the table is.
+# The paper correlates the REPA rows (one per teacher); with fewer than 3 teachers every row goes in (a code check).
+stale "$OUT/results.csv" "$OUT"/runs/*/samples/*.json "$OUT"/metrics/*.json
 stage "results table" "$OUT/results.csv" 0 1 results_table "$OUT"
+stale "$OUT/correlation.png" "$OUT/results.csv"
 n_corr=0; [[ -e $OUT/correlation-input.csv ]] && n_corr=$(( $(wc -l < "$OUT/correlation-input.csv") - 1 ))
 if [[ $DRY ]] || (( n_corr >= 3 )); then
     stage "correlation panel" "$OUT/correlation.png" 0 1 \

@@ -6,6 +6,7 @@ The parity vectors come from IREPA_PARITY_VECTORS (default ../shared/vectors/off
 """
 import contextlib
 import copy
+import csv
 import functools
 import io
 import json
@@ -1770,3 +1771,98 @@ def test_meanflow_demo_writes_one_step_samples(tmp_path):
     fid.main(sample_args(tmp_path / 'checkpoints/0000004.pt', tmp_path / 'mf.npz', n=4) + ['--mode', 'meanflow',
                                                                                           '--num-steps', '1'])
     assert np.load(tmp_path / 'mf.npz')['arr_0'].shape == (4, 16, 16, 3)
+
+
+# -----------------------------------------------------------------------------
+# run.sh: the dry run lists every stage with its cost; the smoke sweep runs end to end and resumes after a kill
+
+
+def run_sh(*args, env=None, timeout=900):
+    """bash run.sh ARGS with this interpreter as its python; (exit code, stdout + stderr)."""
+    env = {**os.environ, 'PYTHON': sys.executable, 'CUDA_VISIBLE_DEVICES': '', **(env or {})}
+    p = subprocess.run(['bash', str(HERE / 'run.sh'), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_run_sh_dry_run_lists_every_stage_with_costs_and_runs_nothing(tmp_path):
+    """--dry-run of the paper's sweep (4 teachers x REPA/iREPA at SiT-XL/2): every command with a GPU-hour estimate,
+    a total, and nothing written (the FLOPs come from models on the meta device; CUDA is hidden)."""
+    out = tmp_path / 'sweep'
+    rc, log = run_sh('--dry-run', env=dict(OUT=str(out), NPROC='8'), timeout=300)
+    assert rc == 0, log[-3000:]
+    assert not out.exists(), 'a dry run must not write anything'
+    cmds = [l for l in log.splitlines() if l.startswith('+ ')]
+    heads = [l for l in log.splitlines() if l.startswith('== ')]
+    count = lambda words: sum(all(w in l for w in words) for l in cmds)
+    assert count(['torchrun', '--nproc_per_node=8', 'irepa.py', '--prepare']) == 1
+    for t in ('dinov2-vit-b', 'dinov3-vit-b16', 'webssl-vit-dino1b_full2b_224', 'pe-vit-g'):
+        for r in ('repa', 'irepa'):
+            assert count(['torchrun', 'irepa.py', f'--encoder {t} ', f'--recipe {r} ', '--model SiT-XL/2',
+                          '--max-steps 100000', '--global-batch-size 256']) == 1, (t, r)
+            assert count(['torchrun', 'fid.py sample', f'SiT-XL-2-{t}-{r}/', '--num-samples 50000', '--mode sde',
+                          '--num-steps 250', '--cfg-scale 1.0']) == 1, (t, r)
+            assert count(['fid.py eval', f'SiT-XL-2-{t}-{r}/', '--json']) == 1, (t, r)
+        assert count(['irepa.py metrics', f'--encoder {t} ']) == 1, t
+    assert count(['irepa.py correlate']) == 1 and count(['results_table']) == 1
+    costs = {l.split(':')[0][3:]: float(l.split('~')[1].split()[0]) for l in heads if '~' in l}
+    assert len(costs) == 1 + 8 + 8 + 8 + 4, heads
+    assert all(h > 0 for h in costs.values())
+    # SiT-XL/2 + DINOv2-B, 100K x 256 images at 40% of 989 TFLOP/s: (710 + 46) GFLOP per image -> ~13.6 GPU-h
+    assert 10 < costs['train SiT-XL-2 dinov2-vit-b repa'] < 20
+    assert costs['train SiT-XL-2 pe-vit-g irepa'] > 2 * costs['train SiT-XL-2 dinov2-vit-b irepa']  # a 1.9B teacher
+    total = [l for l in log.splitlines() if l.startswith('estimated cost:')]
+    assert len(total) == 1 and math.isclose(float(total[0].split()[2]), sum(costs.values()), rel_tol=0.02), total
+
+
+def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
+    """bash run.sh smoke: killed after its first sample batch, rerun: the finished stages are skipped and the sweep
+    completes with one finite row per teacher x recipe and the correlation panel; a third run only skips; a deleted
+    evaluation is redone alone (with the table and the panel that depend on it)."""
+    out = tmp_path / 'smoke'
+    env = {**os.environ, 'PYTHON': sys.executable, 'CUDA_VISIBLE_DEVICES': '', 'SMOKE_OUT': str(out)}
+    p = subprocess.Popen(['bash', str(HERE / 'run.sh'), 'smoke'], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = []
+    for line in p.stdout:
+        first.append(line)
+        if line.startswith('done sample SiT-T-2 dinov2-vit-b repa'):
+            os.killpg(p.pid, 9)  # the whole process group: bash and the stage it has just started
+            break
+    p.wait(timeout=60)
+    p.stdout.close()
+    assert any(l.startswith('done sample SiT-T-2 dinov2-vit-b repa') for l in first), ''.join(first)[-3000:]
+    assert 'RANDOM' in ''.join(first)  # the smoke banner says so loudly
+    assert not (out / 'results.csv').exists()
+
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
+    assert rc == 0, log[-3000:]
+    for stage in ('prepare', 'train SiT-T-2 dinov2-vit-b repa', 'sample SiT-T-2 dinov2-vit-b repa'):
+        assert f'skip {stage}' in log, stage
+    assert 'done eval SiT-T-2 pe-vit-b irepa' in log and 'done correlation panel' in log
+
+    with open(out / 'results.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r['teacher'], r['recipe']) for r in rows) == sorted(
+        (t, r) for t in ('dinov2-vit-b', 'pe-vit-b') for r in ('repa', 'irepa'))
+    numeric = ['FID', 'sFID', 'IS', 'Precision', 'Recall', 'LDS', 'CDS', 'SRSS', 'RMSC', 'LP']
+    assert list(rows[0]) == ['teacher', 'recipe'] + numeric
+    for r in rows:
+        assert all(math.isfinite(float(r[c])) for c in numeric), r
+    md = (out / 'results.md').read_text().splitlines()
+    assert len(md) == 2 + 4 and md[0].startswith('| teacher | recipe | FID')
+    png = out / 'correlation.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    evals = sorted(out.glob('runs/*/samples/*.json'))
+    assert len(evals) == 4 and all({'FID', 'sFID', 'IS'} <= set(json.loads(e.read_text())) for e in evals)
+
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
+    assert rc == 0, log[-3000:]
+    assert not [l for l in log.splitlines() if l.startswith('+ ')], 'a finished sweep reruns nothing'
+    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2  # prepare, train+sample, reference, eval, metrics, table+panel
+
+    evals[0].unlink()
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
+    assert rc == 0, log[-3000:]
+    ran = [l.split(' in ')[0][5:] for l in log.splitlines() if l.startswith('done ')]
+    assert len(ran) == 3 and ran[0].startswith('eval ') and ran[1:] == ['results table', 'correlation panel'], ran
+    assert evals[0].exists()
