@@ -571,7 +571,7 @@ def center_crop(pil_image, resolution):
 
 
 def list_image_folder(root):
-    """ImageNet layout: root/<class>/*.JPEG (or root/train/<class>/...). Returns (files, labels, class names)."""
+    """ImageNet layout: root/<class>/*.JPEG (or root/train/<class>/...). Returns (root, files, labels, class names)."""
     root = Path(root)
     if (root / 'train').is_dir():
         root = root / 'train'

@@ -1866,3 +1866,16 @@ def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     ran = [l.split(' in ')[0][5:] for l in log.splitlines() if l.startswith('done ')]
     assert len(ran) == 3 and ran[0].startswith('eval ') and ran[1:] == ['results table', 'correlation panel'], ran
     assert evals[0].exists()
+
+
+def test_repae_demo_runs_offline(tmp_path, capsys):
+    """python irepa.py --demo --repa-e: a tiny random VAE, random LPIPS and teacher where the real ones are missing,
+    all said loudly; finite losses, a checkpoint and a sample grid."""
+    irepa.main(['--demo', '--repa-e', '--max-steps', '2', '--log-every', '1', '--synthetic-size', '32',
+                '--global-batch-size', '4', '--repae-stats-images', '8', '--out-dir', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert 'RANDOM' in err and 'the VAE has RANDOM weights' in err
+    log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
+    assert len(log) == 2 and all(math.isfinite(r[k]) for r in log for k in ('flow', 'align', 'vae_loss', 'd_loss'))
+    assert (tmp_path / 'checkpoints/0000002.pt').exists() and (tmp_path / 'samples/0000002.png').exists()
+    assert load_ckpt(tmp_path / 'checkpoints/0000002.pt')['config']['vae'] == 'random:tiny'
