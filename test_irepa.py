@@ -1868,9 +1868,11 @@ def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     assert evals[0].exists()
 
 
-def test_repae_demo_runs_offline(tmp_path, capsys):
+def test_repae_demo_runs_offline(tmp_path, capsys, monkeypatch):
     """python irepa.py --demo --repa-e: a tiny random VAE, random LPIPS and teacher where the real ones are missing,
     all said loudly; finite losses, a checkpoint and a sample grid."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     irepa.main(['--demo', '--repa-e', '--max-steps', '2', '--log-every', '1', '--synthetic-size', '32',
                 '--global-batch-size', '4', '--repae-stats-images', '8', '--out-dir', str(tmp_path)])
     err = capsys.readouterr().err
