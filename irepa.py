@@ -1113,7 +1113,7 @@ def train(cfg):
     first_bad = torch.tensor(-1, device=device)
     log = open(out / 'log.jsonl', 'a') if master else None
     bar = tqdm(total=c.max_steps, initial=start, disable=not master, desc='train', dynamic_ncols=True)
-    t0, first_flow = time.time(), None
+    t0, first = time.time(), None
     for step in range(start, c.max_steps):
         img, moments, y = next(loader)  # uint8 (B, 3, R, R), fp16 (B, 2C, h, w) or empty, (B,)
         img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -1161,12 +1161,13 @@ def train(cfg):
                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
             if peak:
                 rec['mfu'] = rec['img_per_s'] / world * flops / peak
-            first_flow = first_flow if first_flow is not None else rec['flow']
+            first = first or rec
             sums, n_steps = {}, 0
             if master:
                 log.write(json.dumps(rec) + '\n')
                 log.flush()
-                bar.set_postfix(flow=f"{rec['flow']:.4f}", align=f"{rec['align']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+                bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
+                                img_s=f"{rec['img_per_s']:.1f}")
         if do_ckpt:
             if world > 1:  # DDP keeps replicas equal; check it before saving rank 0's copy as everyone's
                 prints = [None] * world
@@ -1193,7 +1194,8 @@ def train(cfg):
     if master:
         log.close()
         if c.max_steps > start:
-            print(f"done: {c.max_steps} steps; flow loss {first_flow:.4f} (first log) -> {rec['flow']:.4f} (last), "
+            key = 'mse' if c.meanflow else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error is telling
+            print(f"done: {c.max_steps} steps; {key} loss {first[key]:.4f} (first log) -> {rec[key]:.4f} (last), "
                   f"alignment {rec['align']:.4f}; checkpoint {latest_checkpoint(out)}, samples in {out / 'samples'}"
                   + (f"; the {world} ranks hold identical weights" if world > 1 else ''))
     return model, ema, opt
