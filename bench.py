@@ -14,11 +14,11 @@ The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens
     python bench.py --device cuda --batch-size 256 --workloads metrics,fid
     python bench.py --device cuda --model SiT-B/2 --batch-size 256 --workloads train,train-naive  # (fp32 XL/2 at 256 OOMs)
 
-train: irepa.train_step after the frozen teacher + spatial norm (or on random targets: --teacher none). train-naive:
+train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or on random targets: --teacher none). train-naive:
 the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item() every step, DiT's
 per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and the train line
-carries `speedup`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T + 2 L T^2 D) (DESIGN.md;
-+ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown GPUs: null.
+carries `speedup`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T + 2 L T^2 D)
+(+ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown GPUs: null.
 """
 import argparse
 import contextlib
@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import torch
 
@@ -152,11 +153,11 @@ def make_train(naive):
     images = torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8, device=device)
     random_targets = [torch.randn(B, grid * grid, z_dim, device=device)]
 
-    def targets(ctx):  # the teacher runs every step, as in irepa.train (online teacher)
+    def targets():  # the teacher runs every step (fp32, eager), as a straightforward loop would
         if teacher is None:
             return random_targets
-        with torch.no_grad(), ctx:
-            return irepa.teacher_targets([teacher(images.float() / 255)], 'zscore', 0.6)
+        with torch.no_grad():
+            return [irepa.spatial_norm(teacher(images.float() / 255), 0.6)]
 
     out = []
     if naive:
@@ -170,7 +171,7 @@ def make_train(naive):
 
         def step():
             torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's fp32 default (cuDNN convs keep TF32)
-            losses = irepa.flow_loss(model, x, y, targets(contextlib.nullcontext()))
+            losses = irepa.flow_loss(model, x, y, targets())
             loss = losses['flow'] + 1.0 * losses['align']
             opt.zero_grad()
             loss.backward()
@@ -180,12 +181,14 @@ def make_train(naive):
             out[:] = [loss.item()]  # a host sync every step, as most training loops log
             torch.backends.cuda.matmul.allow_tf32 = cuda  # back to irepa.train's setting for everything else
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0, fused=True)
-        train_model = torch.compile(model) if args.compile else model
+        s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
+            cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast,
+            opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if args.compile else model,
+            teachers=[teacher] if teacher else [], norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4))
+        moments = torch.cat([x, torch.zeros_like(x)], 1)  # posterior mean x and std 0: the step trains on x
 
         def step():
-            tg = targets(autocast)
-            r = irepa.train_step(lambda: irepa.flow_loss(train_model, x, y, tg), model, ema, opt, 1.0, 1.0, 0.9999, autocast)
+            r = irepa.flow_step(s, images, moments, y, irepa.teacher_targets(s, images) if teacher else random_targets)
             out[:] = [r['flow'], r['align']]
 
     def finish(sec, mem):
@@ -197,7 +200,7 @@ def make_train(naive):
         if naive:
             extra.update(dtype='fp32', compile=False, tf32='off for matmuls (PyTorch default)')
         if teacher is not None:
-            tf = irepa.teacher_flops(teacher)
+            tf = teacher.flops()
             extra.update(teacher_gflop_per_img=round(tf / 1e9, 2),
                          mfu_with_teacher=round(B / sec * (student + tf) / peak, 4) if peak else None)
         return record('train-naive' if naive else 'train', sec, mem, B, student, **extra)

@@ -310,6 +310,12 @@ class Teacher(nn.Module):
             self.checked = True
         return (self.compiled or self.features)(images)
 
+    def flops(self):
+        """Forward FLOPs per image: 2 (weights of the blocks' matmuls) N + 4 L N^2 D for QK^T and AV, N = prefix +
+        grid^2 tokens (DINOv2-B at 224 px: 46 GFLOP); the patch embedding (< 0.5%) is left out."""
+        n, blocks = self.prefix + self.grid ** 2, self.model.blocks
+        return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * self.dim
+
 
 def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
     """A frozen teacher yielding (B, grid*grid, D) tokens. weights: 'auto' (HF hub and its cache), a local file in the
@@ -352,6 +358,27 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
     if compile:
         teacher.compiled = torch.compile(teacher.features)
     return teacher
+
+
+def load_teachers(names, weights='auto', demo=False, **kw):
+    """The teachers of a comma-separated list ('none' or '': no teacher), with one weights entry or one per teacher;
+    kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes a random 1-block one."""
+    names = [n for n in names.split(',') if n and n != 'none']
+    weights = weights.split(',')
+    if len(weights) not in (1, len(names)):
+        raise ValueError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
+    teachers = []
+    for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
+        try:
+            teachers.append(load_teacher(name, w, **kw))
+        except Exception as e:
+            if not (demo and w == 'auto'):
+                raise
+            print(f"\n{'!' * 80}\n!! --demo: the weights of {name} are not available here ({type(e).__name__}: {e}).\n"
+                  f"!! Using a RANDOM 1-block {name} instead: its tokens mean nothing; this only exercises the code path.\n"
+                  f"{'!' * 80}\n", file=sys.stderr)
+            teachers.append(load_teacher(name, 'random:1', **kw))
+    return teachers
 
 # -----------------------------------------------------------------------------
 # SD-VAE: AutoencoderKL with diffusers' state-dict names and config fields, so its checkpoints load with strict=True
@@ -529,6 +556,19 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
                          f"(SD f8d4 unless the file's metadata says otherwise): {str(e)[:600]}") from e
     return vae.float().to(device)  # fp32 whatever the file holds
 
+def export_vae(ckpt_path, out):
+    """The VAE of an irepa.py REPA-E checkpoint -> a safetensors file in diffusers' layout with its config (and the
+    EMA statistics of its latent BatchNorm) in the metadata, which load_vae reads back."""
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict) or 'vae' not in ckpt:
+        raise ValueError(f"{ckpt_path} holds no trained VAE: export-vae needs a checkpoint of --recipe repa-e or irepa-e")
+    norm = ckpt['latent']  # irepa.LatentNorm.to_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ckpt['vae'].items()}, out, metadata=dict(
+        config=json.dumps(norm['vae_args']), latent_mean=json.dumps(norm['mean']), latent_std=json.dumps(norm['std'])))
+    print(f"wrote the VAE of {ckpt_path} (step {ckpt['step']}) to {out}; its latents' BatchNorm statistics (EMA): "
+          f"mean {[round(v, 4) for v in norm['mean']]}, std {[round(v, 4) for v in norm['std']]}")
+
+
 # -----------------------------------------------------------------------------
 # REPA-E's VAE regularizer networks: LPIPS (VGG16 through timm + learned linear layers) and the PatchGAN discriminator
 
@@ -560,10 +600,16 @@ class LPIPS(nn.Module):
         return sum(lin((unit(x) - unit(y)).square()).mean((1, 2, 3)) for lin, x, y in zip(self.lins, fa, fb))
 
 
-def load_lpips(spec='auto', device='cpu'):
+def load_lpips(spec='auto', device='cpu', demo=False):
     """spec: 'auto' (VGG16 from timm's hub, the linear layers from $IREPA_LPIPS, the torch hub cache or the `lpips`
-    package), 'LINEAR[,VGG]' local files, or 'random' (tests, loudly)."""
+    package), 'LINEAR[,VGG]' local files, or 'random' (tests, loudly). demo=True: missing files give random weights."""
     import timm
+    if demo and spec != 'random':
+        try:
+            return load_lpips(spec, device)
+        except FileNotFoundError as e:
+            print(f"\n!! --demo: {e}\n!! Using RANDOM LPIPS weights instead.\n", file=sys.stderr)
+            spec = 'random'
     vgg_kw = dict(features_only=True, out_indices=(0, 1, 2, 3, 4))
     if spec == 'random':
         print("*** WARNING: LPIPS has RANDOM weights: its distances mean nothing. ***", file=sys.stderr)

@@ -9,7 +9,7 @@ VIRTUAL_imagenet256_labeled.npz:
 It prints ADM's five lines: Inception Score, FID, sFID, Precision, Recall.
 
 The network is the 2015-12-05 TF Inception graph ported to PyTorch (pytorch-fid's weights file). What makes the numbers
-match the TF evaluator (see reference/evaluation-fid.md): TF1-legacy bilinear resize to 299 and (x - 128) / 128;
+match the TF evaluator: TF1-legacy bilinear resize to 299 and (x - 128) / 128;
 pool_3 for FID and P/R; Mixed_6d.branch1x1 (TF 'mixed_6/conv'), first 7 channels, flattened (h, w, c) for sFID;
 bias-free logits over 1008 classes in consecutive splits of 5000 for IS; k=3 manifolds on fp16 squared distances for
 P/R; stored mu/sigma/mu_s/sigma_s honoured; float64 statistics; TF32 off.
@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -27,8 +28,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy import linalg
 from torchvision.models.inception import Inception3, InceptionA, InceptionC
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
@@ -471,6 +474,48 @@ def write_npz(path, shard_files, shape):
     os.replace(tmp, path)
 
 
+def to_uint8(x):
+    """[-1, 1] floats (B, 3, H, W) -> uint8 (B, H, W, 3), rounding to nearest (REPA truncates; DiT rounds)."""
+    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images, path, cols=None):
+    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
+    k = max(1, 64 // images.shape[1])
+    images = images.permute(0, 3, 1, 2).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (N, 3, kH, kW)
+    grid = make_grid(images.cpu(), nrow=cols or math.ceil(math.sqrt(len(images))), padding=0)  # (3, rows kH, cols kW)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def model_from_checkpoint(path, ema=True, device='cpu'):
+    """The SiT of a checkpoint (EMA weights by default) in eval mode, and a dict that describes it. Reads checkpoints
+    of irepa.py and of the official iREPA/REPA code. Theirs pickle an argparse Namespace, which is allowed through
+    the weights_only load; they do not store the latent normalization, so info['latent'] is None."""
+    import irepa
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    if not isinstance(ckpt, dict) or 'ema' not in ckpt or not ('model_args' in ckpt or 'args' in ckpt):
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a SiT checkpoint of irepa.py or the official code (it holds {keys})")
+    state = ckpt['ema' if ema else 'model']
+    if 'model_args' in ckpt:  # ours
+        args, info = ckpt['model_args'], dict(config=ckpt['config'], latent=ckpt.get('latent'), step=ckpt['step'],
+                                              vae_state=ckpt.get('vae'))  # REPA-E: the VAE trained with the SiT
+    else:  # official: rebuild from its training arguments; the projectors are not needed to sample
+        a = vars(ckpt['args'])
+        args = irepa.sit_args(a['model'], input_size=a['resolution'] // 8, num_classes=a.get('num_classes', 1000),
+                              encoder_depth=a.get('encoder_depth'), qk_norm=a.get('qk_norm', False), z_dims=())
+        state = {k: v for k, v in state.items() if not k.startswith('projectors.')}
+        info = dict(config=a, latent=None, step=ckpt.get('steps'))
+    model = irepa.SiT(**args)
+    irepa.load_state(model, state)
+    return model.to(device).eval(), info
+
+
 def sample_main(a):
     import irepa
     from torch import distributed as dist
@@ -483,35 +528,34 @@ def sample_main(a):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official generate.py
     try:
-        model, info = irepa.model_from_checkpoint(a.ckpt, device=device)
-        latent = info['latent']
+        model, info = model_from_checkpoint(a.ckpt, device=device)
+        norm = irepa.LatentNorm.from_dict(info['latent'])
         if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
-            if a.latent_stats:
+            if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale
                 st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
-                scale, shift = st['latents_scale'].flatten().tolist(), st['latents_bias'].flatten().tolist()
-            else:
-                scale, shift = [a.latent_scale] * model.in_channels, [0.0] * model.in_channels
-            latent = dict(vae=a.vae or 'sd-vae-ft-mse', shift=shift, scale=scale)
-        elif latent is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
+                norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', st['latents_bias'], 1 / st['latents_scale'])
+            else:  # REPA: z = latent * 0.18215
+                norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', [0.0] * model.in_channels,
+                                        [1 / a.latent_scale] * model.in_channels)
+        elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
             raise ValueError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
                              f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
         vae = None
-        if latent:
+        if norm is not None:
             import encoders
-            if latent['vae'] == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
-                vae = encoders.AutoencoderKL(**latent['vae_args'])
+            if norm.vae == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
+                vae = encoders.AutoencoderKL(**norm.vae_args)
                 vae.load_state_dict(info['vae_state'])
-                vae = vae.to(device).eval().requires_grad_(False)
             else:
-                vae = encoders.load_vae(a.vae or latent['vae'], device=device).eval().requires_grad_(False)
-            shift = torch.tensor(latent['shift'], device=device).view(1, -1, 1, 1)
-            scale = torch.tensor(latent['scale'], device=device).view(1, -1, 1, 1)
+                vae = encoders.load_vae(a.vae or norm.vae, device=device)
+            vae = vae.to(device).eval().requires_grad_(False)
         out = os.path.abspath(a.out)
         shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
         size = model.x_embedder.input_size
         settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
                         mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=[a.guidance_low,
-                        a.guidance_high], class_balanced=a.class_balanced, precision=a.precision, latent=latent)
+                        a.guidance_high], class_balanced=a.class_balanced, precision=a.precision,
+                        latent=norm and norm.to_dict())
         meta = os.path.join(shards, 'settings.json')
         if os.path.exists(meta) and json.load(open(meta)) != json.loads(json.dumps(settings)):
             raise ValueError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
@@ -541,9 +585,9 @@ def sample_main(a):
                 z = irepa.sample(net, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
                                  a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
             with torch.no_grad():
-                x = vae.decode(z.float() / scale + shift) if vae is not None else z.float()
+                x = irepa.to_pixels(z.float(), vae, norm)
             path = os.path.join(shards, f'{k:06d}.npy')
-            np.save(path + '.tmp.npy', irepa.to_uint8(x).cpu().numpy())  # (n, H, W, 3)
+            np.save(path + '.tmp.npy', to_uint8(x).cpu().numpy())  # (n, H, W, 3)
             os.replace(path + '.tmp.npy', path)  # a shard exists only once complete
         if ddp:
             dist.barrier()
@@ -551,7 +595,7 @@ def sample_main(a):
             files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
             first = np.load(files[0])
             write_npz(out, files, (a.num_samples, *first.shape[1:]))
-            irepa.save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
+            save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
             for f in files + [os.path.join(shards, 'settings.json')]:
                 os.remove(f)
             os.rmdir(shards)

@@ -21,7 +21,7 @@ cd "$(dirname "$0")"
 
 TEACHERS=${TEACHERS:-"dinov2 dinov3 webssl-vit-dino1b pe-vit-g"}  # the paper's Table 3: DINOv2-B, DINOv3-B, WebSSL-1B, PE-Core-G
 EXTRA_TEACHERS=${EXTRA_TEACHERS:-}            # more teachers (python encoders.py --list), e.g. "siglip2 mae"
-RECIPES=${RECIPES:-"repa irepa"}              # also: conv-only spnorm-mlp (Table 3), repa-e irepa-e, meanflow-repa meanflow-irepa
+RECIPES=${RECIPES:-"repa irepa"}              # rows of irepa.RECIPES: also conv-only spnorm-mlp (Table 3), repa-e irepa-e, meanflow-repa meanflow-irepa
 ENCODER_WEIGHTS=${ENCODER_WEIGHTS:-auto}      # auto: Hugging Face hub or its cache; WEIGHTS_DIR/<teacher>.* wins if present
 WEIGHTS_DIR=${WEIGHTS_DIR:-}                  # offline: one file per teacher, named by its canonical name (see README)
 MODEL=${MODEL:-SiT-XL/2}                      # or SiT-B/2
@@ -84,7 +84,7 @@ EOF
     NUM_SAMPLES=16; SAMPLE_MODE=sde; SAMPLE_STEPS=5; CFG=1.0; SAMPLE_BATCH=16; SAMPLE_PRECISION=fp32
     REF=$OUT/ref.npz; INCEPTION=random; PROBE_DATA=; PROBE_IMAGES=64; MASKS=
     PREPARE_ARGS="--synthetic-size 256 --num-workers 0 --device cpu"
-    TRAIN_ARGS="--num-workers 0 --device cpu --log-every 2 --sample-every 6 --sample-steps 5"
+    TRAIN_ARGS="--num-workers 0 --device cpu --log-every 2 --sample-every 0"
     SAMPLE_ARGS="--device cpu"
     EVAL_ARGS="--is-split 16 --device cpu --cache-dir $OUT/fid-cache"
     METRICS_ARGS="--lp-steps 20 --device cpu"
@@ -160,12 +160,16 @@ stage() {
 }
 
 # -----------------------------------------------------------------------------
-# FLOP counts (meta device: no weights, no GPU) and canonical teacher names, from the code itself
+# FLOP counts (meta device: no weights, no GPU), canonical teacher names and each recipe's objective, from the code
 
-info=$(CUDA_VISIBLE_DEVICES= "$PYTHON" - "$MODEL" "$RES" "$VAE" $TEACHERS $EXTRA_TEACHERS <<'EOF'
-import contextlib, io, sys, torch
+info=$(CUDA_VISIBLE_DEVICES= SWEEP_RECIPES="$RECIPES" "$PYTHON" - "$MODEL" "$RES" "$VAE" $TEACHERS $EXTRA_TEACHERS <<'EOF'
+import contextlib, io, os, sys, torch
 import encoders, irepa
 model, res, vae, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+for r in os.environ['SWEEP_RECIPES'].split():
+    if r not in irepa.RECIPES:
+        sys.exit(f"run.sh: unknown recipe '{r}' in RECIPES; the recipes are {', '.join(irepa.RECIPES)}")
+    print('recipe', r, irepa.RECIPES[r]['objective'])
 down, channels = {'none': (1, 3), 'random:tiny': (2, 4)}.get(vae, (8, 4))  # SD-VAE f8d4, the tiny test VAE f2d4
 with torch.device('meta'):
     sit = irepa.build_sit(model, input_size=res // down, in_channels=channels, num_classes=1000)
@@ -180,19 +184,22 @@ for n in names:
         seen.add(c)
         with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warning of a FLOP count
             t = encoders.load_teacher(c, 'random', grid=grid, device='meta')
-        print('teacher', c, irepa.teacher_flops(t))  # forward per image
+        print('teacher', c, t.flops())  # forward per image
 EOF
 )
-declare -A TFLOPS
+declare -A TFLOPS OBJECTIVE
 ALL=()
 while read -r key a b; do
     case $key in
+        recipe) OBJECTIVE[$a]=$b ;;  # flow, repa-e or meanflow
         grid) GRID=$a ;;
         sit_train) SIT_TRAIN=$a ;;
         sit_fwd) SIT_FWD=$a ;;
         teacher) ALL+=("$a"); TFLOPS[$a]=$b ;;
     esac
 done <<< "$info"
+need_latents=; images=  # REPA-E trains the VAE on images; the other objectives train on prepared latents
+for r in $RECIPES; do if [[ ${OBJECTIVE[$r]} == repa-e ]]; then images=1; else need_latents=1; fi; done
 
 VAE_ENC=2.73e11      # SD-VAE encoder forward at 256 px, FLOPs (torch FlopCounterMode)
 VAE_DEC=6.22e11      # SD-VAE decoder forward from 32x32x4
@@ -206,22 +213,11 @@ echo "GPUs: $NPROC per node x $NNODES node(s) ($LAUNCH); costs: FLOPs / ($MFU x 
 [[ $DRY ]] && echo "dry run: printing the commands, running none of them"
 
 if [[ ! $DRY && ! $SMOKE ]]; then  # fail before days of training, not after
-    [[ -e $LAT/meta.json && $RECIPES != *-e* || -d $DATA ]] || { echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
+    [[ -e $LAT/meta.json && ! $images || -d $DATA ]] || { echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
     [[ -e $REF ]] || echo "warning: REF=$REF does not exist yet; the evaluations need it (see README)" >&2
     [[ -z $PROBE_DATA || -d $PROBE_DATA ]] || echo "warning: PROBE_DATA=$PROBE_DATA is not a folder; the metrics need it" >&2
 fi
 
-# recipe -> the flags of irepa.py (Table 3's ablation rows; REPA-E and MeanFlow)
-recipe_flags() {
-    case $1 in
-        repa|irepa) echo "--recipe $1" ;;
-        conv-only) echo "--recipe irepa --spnorm none" ;;      # iREPA w/o spatial norm
-        spnorm-mlp) echo "--recipe irepa --projector mlp" ;;   # iREPA w/o conv
-        repa-e|irepa-e) echo "--repa-e --recipe ${1%-e}" ;;
-        meanflow-repa|meanflow-irepa) echo "--meanflow --recipe ${1#meanflow-}" ;;
-        *) echo "run.sh: unknown recipe '$1'" >&2; return 1 ;;
-    esac
-}
 weights() {  # the --encoder-weights of teacher $1
     local f
     if [[ $WEIGHTS_DIR ]]; then
@@ -229,12 +225,10 @@ weights() {  # the --encoder-weights of teacher $1
     fi
     echo "$ENCODER_WEIGHTS"
 }
-for r in $RECIPES; do recipe_flags "$r" > /dev/null; done
 
 # -----------------------------------------------------------------------------
 # 1. Latents, once: the SD-VAE posterior mean/std of every training image, and the per-channel latent statistics
 
-need_latents=; for r in $RECIPES; do [[ $r == *-e ]] || need_latents=1; done  # REPA-E encodes images itself
 if [[ ! $need_latents ]]; then
     echo "no latents to prepare: every recipe is REPA-E, which trains the VAE on images"
 elif [[ $SMOKE ]]; then
@@ -250,24 +244,23 @@ fi
 # 2. Per teacher and recipe: train, then sample (on every node)
 
 sample_file() {  # run directory -> its sample batch
-    if [[ $2 == meanflow-* ]]; then echo "$1/samples/$STEP-meanflow$MF_STEPS-n$NUM_SAMPLES.npz"
+    if [[ ${OBJECTIVE[$2]} == meanflow ]]; then echo "$1/samples/$STEP-meanflow$MF_STEPS-n$NUM_SAMPLES.npz"
     else echo "$1/samples/$STEP-$SAMPLE_MODE$SAMPLE_STEPS-cfg$CFG-n$NUM_SAMPLES.npz"; fi
 }
 for t in "${ALL[@]}"; do
     for r in $RECIPES; do
         run=$OUT/runs/$TAG-$t-$r
-        read -ra flags <<< "$(recipe_flags "$r")"
-        data=$LAT; [[ $r == *-e ]] && data=$DATA  # REPA-E trains the VAE, so it reads images, not latents
+        data=$LAT; [[ ${OBJECTIVE[$r]} == repa-e ]] && data=$DATA  # REPA-E trains the VAE, so it reads images
         resume=(); compgen -G "$run/checkpoints/*.pt" > /dev/null && resume=(--resume)
         flops=$(awk "BEGIN { print $STEPS * $BATCH * ($SIT_TRAIN + ${TFLOPS[$t]}) }")  # student fwd+bwd, teacher fwd
-        [[ $r == *-e ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
-        [[ $r == meanflow-* ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
+        [[ ${OBJECTIVE[$r]} == repa-e ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
+        [[ ${OBJECTIVE[$r]} == meanflow ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
         stage "train $TAG $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
             "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$VAE" --resolution "$RES" --model "$MODEL" \
-            --encoder "$t" --encoder-weights "$(weights "$t")" "${flags[@]}" --max-steps "$STEPS" \
+            --encoder "$t" --encoder-weights "$(weights "$t")" --recipe "$r" --max-steps "$STEPS" \
             --global-batch-size "$BATCH" --ckpt-every "$CKPT_EVERY" --out-dir "$run" "${resume[@]}" "${TRAIN_EXTRA[@]}"
 
-        if [[ $r == meanflow-* ]]; then
+        if [[ ${OBJECTIVE[$r]} == meanflow ]]; then  # 1 NFE, guidance trained in
             sampler=(--mode meanflow --num-steps "$MF_STEPS" --cfg-scale 1.0); nfe=$MF_STEPS
         else
             sampler=(--mode "$SAMPLE_MODE" --num-steps "$SAMPLE_STEPS" --cfg-scale "$CFG")
