@@ -1021,7 +1021,7 @@ OBJECTIVES = {'flow': flow_step, 'repa-e': repae_step, 'meanflow': meanflow_step
 # -----------------------------------------------------------------------------
 # The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
 @torch.no_grad()
-def spatial_metrics(feats, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
+def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
     """Per-image LDS, CDS, SRSS and RMSC of tokens (B, T, D) on a square, row-major grid; returns a dict of (B,) tensors.
     K is the cosine similarity of two tokens, d their Manhattan distance on the grid.
     LDS  = mean K over 4-neighbours - mean K over pairs with d >= far_dist.
@@ -1029,17 +1029,17 @@ def spatial_metrics(feats, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
     SRSS = mean over foreground anchors of [mean K to foreground tokens at d <= d_pos - mean K to background tokens at
            d >= d_neg]; NaN without masks, with < 2 foreground or no background tokens (average it with nanmean).
     RMSC = sqrt(mean over tokens of |x - mean_T x|^2) for the L2-normalized tokens x; in [0, 1]."""
-    if feats.dim() != 3:
-        raise ValueError(f"feats must be (B, T, D) tokens, got shape {tuple(feats.shape)}")
-    B, T, _ = feats.shape
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
+    B, T, _ = tokens.shape
     H = math.isqrt(T)
     if H * H != T:
         raise ValueError(f"the tokens must lie on a square grid, got T={T} (not a square number)")
     if masks is not None and tuple(masks.shape) != (B, T):
         raise ValueError(f"masks must be (B, T) = {(B, T)} foreground flags, one per token; got {tuple(masks.shape)}")
-    u = F.normalize(feats.float(), dim=-1, eps=1e-8)
+    u = F.normalize(tokens.float(), dim=-1, eps=1e-8)
     K = u @ u.transpose(1, 2)  # (B, T, T)
-    rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2).to(feats.device)
+    rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2).to(tokens.device)
     dist = (rc[:, None] - rc[None]).abs().sum(-1)  # (T, T) Manhattan distance
     g = u.view(B, H, H, -1)  # (B, H, W, D)
     local = torch.cat([(g[:, 1:] * g[:, :-1]).sum(-1).flatten(1), (g[:, :, 1:] * g[:, :, :-1]).sum(-1).flatten(1)], 1)
@@ -1050,9 +1050,9 @@ def spatial_metrics(feats, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
     x0 = torch.tensor(ds, dtype=S.dtype, device=S.device) - sum(ds) / len(ds)  # centred distances
     out['cds'] = -((S - S.mean(1, keepdim=True)) @ x0) / (x0 @ x0).clamp(min=1e-12)
     if masks is None:
-        out['srss'] = torch.full((B,), float('nan'), device=feats.device)
+        out['srss'] = torch.full((B,), float('nan'), device=tokens.device)
     else:
-        fg = masks.bool().to(feats.device)  # (B, T)
+        fg = masks.bool().to(tokens.device)  # (B, T)
         pos = fg[:, :, None] & fg[:, None, :] & ((dist >= 1) & (dist <= d_pos))  # (B, T, T) anchor FG, partner FG, near
         neg = fg[:, :, None] & ~fg[:, None, :] & (dist >= d_neg)  # anchor FG, partner BG, far
         n_pos, n_neg = pos.sum(2), neg.sum(2)  # (B, T)
@@ -1112,7 +1112,7 @@ def teacher_tokens(a, data, idx, grid, device):
     cache = Path(a.out_dir) / f"{name}-{int.from_bytes(key.encode(), 'little') % 10 ** 10:010d}.pt"
     if cache.exists():
         print(f"features from the cache {cache}")
-        return torch.load(cache, map_location='cpu', weights_only=True)['feats'], None
+        return torch.load(cache, map_location='cpu', weights_only=True)['tokens'], None
     t0 = time.time()
     torch.manual_seed(a.seed)  # a random teacher (tests) is then the same one every run
     teacher = encoders.load_teacher(name, a.encoder_weights, grid, device,
@@ -1120,9 +1120,9 @@ def teacher_tokens(a, data, idx, grid, device):
     chunks = [idx[i: i + a.batch_size] for i in range(0, len(idx), a.batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=min(4, os.cpu_count() or 1))
     with torch.no_grad():  # (n, T, D)
-        feats = torch.cat([teacher(img.to(device).float() / 255).half().cpu() for img, _, _ in tqdm(loader, name)])
-    atomic_save(cache, dict(feats=feats, key=key))
-    return feats, len(idx) / (time.time() - t0)
+        tokens = torch.cat([teacher(img.to(device).float() / 255).half().cpu() for img, _, _ in tqdm(loader, name)])
+    atomic_save(cache, dict(tokens=tokens, key=key))
+    return tokens, len(idx) / (time.time() - t0)
 
 def measure_teacher(argv):
     """python irepa.py metrics --encoder dinov2 [--data-path DIR --masks DIR]: LDS, CDS, SRSS, RMSC and LP accuracy."""
@@ -1140,7 +1140,7 @@ def measure_teacher(argv):
     data = ImageData(a.data_path, a.resolution, a.num_classes, a.seed, a.synthetic_size)
     n = min(a.num_images, len(data))
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(a.seed))[:n].sort().values.tolist()
-    feats, extract_rate = teacher_tokens(a, data, idx, grid, device)
+    tokens, extract_rate = teacher_tokens(a, data, idx, grid, device)
     masks = None
     if a.masks or data.files is None:
         masks = patch_masks(torch.from_numpy(np.stack([image_mask(data, i, a.masks) for i in idx])), grid)
@@ -1148,12 +1148,12 @@ def measure_teacher(argv):
         masks[few] = False  # SRSS only where a quarter of the patches are foreground and a quarter background (64/64 at 16x16)
     t0 = time.time()
     per = {k: torch.cat(v) for k, v in zip(('lds', 'cds', 'srss', 'rmsc'), zip(*[
-        spatial_metrics(feats[i: i + 64].to(device), None if masks is None else masks[i: i + 64].to(device)).values()
+        spatial_metrics(tokens[i: i + 64].to(device), None if masks is None else masks[i: i + 64].to(device)).values()
         for i in range(0, n, 64)]))}
     summary = dict(teacher=name, images=n, resolution=a.resolution, grid=grid, extract_img_per_s=extract_rate,
                    metrics_img_per_s=n / (time.time() - t0))
     labels = torch.as_tensor(data.labels[idx])
-    summary['lp'] = linear_probe(feats.float().mean(1), labels, a.lp_steps, seed=a.seed) \
+    summary['lp'] = linear_probe(tokens.float().mean(1), labels, a.lp_steps, seed=a.seed) \
         if a.lp_steps and len(labels.unique()) > 1 else None
     print(f"{name}: {n} images at {a.resolution} px, {grid}x{grid} tokens")
     for k, v in per.items():
