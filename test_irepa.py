@@ -412,8 +412,9 @@ def test_state_dict_from_another_config():
 # Recipes and the config: each row is complete, flags override it, every row trains
 
 def test_config_precedence_row_demo_flags(capsys):
+    device = dict(device=irepa.auto_device('auto'), compile=irepa.auto_device('auto') == 'cuda')  # what 'auto' becomes
     cfg = vars(irepa.resolve_config(['--recipe', 'repa']))
-    assert cfg == irepa.DEFAULTS | irepa.RECIPES['repa'] | dict(recipe='repa', device='cpu', compile=False)
+    assert cfg == irepa.DEFAULTS | irepa.RECIPES['repa'] | dict(recipe='repa') | device
     assert (cfg['projector'], cfg['spnorm'], cfg['proj_coeff']) == ('mlp', 'none', 0.5)  # REPA
     cfg = vars(irepa.resolve_config(['--proj-coeff', '0.7', '--demo', '--lr', '3e-4', '--recipe', 'repa']))
     assert cfg['proj_coeff'] == 0.7 and cfg['projector'] == 'mlp'  # a flag beats its row; the rest of the row stays
@@ -458,7 +459,7 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
-        recipe=recipe, demo=True, device='cpu', compile=False)
+        recipe=recipe, demo=True, device=irepa.auto_device('auto'), compile=irepa.auto_device('auto') == 'cuda')
     log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
     own = {'flow': set(), 'repa-e': {'vae_loss', 'd_loss', 'kl'}, 'meanflow': {'mse'}}[row['objective']]
     assert len(log) == 2 and all(own <= set(r) and math.isfinite(r['flow'] + r['align']) for r in log)
@@ -874,9 +875,19 @@ def test_bf16_and_compile_flags():
     assert out.dtype == torch.bfloat16 and ((out.float() - ref).norm() / ref.norm()) < 0.05
 
 
-def test_random_weights_warn(capsys):
-    load_teacher('dinov2', 'random:1', grid=2, device='meta')
-    assert 'RANDOM weights' in capsys.readouterr().err
+def test_load_teachers_and_the_demo_fallback(tmp_path, monkeypatch, capsys):
+    """Unavailable 'auto' weights stop a run that is not --demo; --demo gets a random 1-block teacher and says so."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))  # and not from a cache this machine might have
+    with pytest.raises(FileNotFoundError, match='model.safetensors'):
+        encoders.load_teachers('dinov2', 'auto', grid=2)
+    teachers = encoders.load_teachers('dinov2,none', 'auto', demo=True, grid=2)
+    assert len(teachers) == 1 and len(teachers[0].model.blocks) == 1 and 'RANDOM' in capsys.readouterr().err
+    assert [t.dim for t in encoders.load_teachers('dinov2,dinov3', 'random:1,random:1', grid=2)] == [768, 768]
+    assert encoders.load_teachers('none', 'auto') == []
+    with pytest.raises(ValueError, match='one per teacher'):
+        encoders.load_teachers('dinov2,dinov3', 'random:1,random:1,random:1', grid=2)
 
 # -----------------------------------------------------------------------------
 # loading weights: timm files, original layouts, the hub cache
