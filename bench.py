@@ -14,11 +14,12 @@ The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens
     python bench.py --device cuda --batch-size 256 --workloads metrics,fid
     python bench.py --device cuda --model SiT-B/2 --batch-size 256 --workloads train,train-naive  # (fp32 XL/2 at 256 OOMs)
 
-train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or on random targets: --teacher none). train-naive:
-the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item() every step, DiT's
-per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and the train line
-carries `speedup`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T + 2 L T^2 D)
-(+ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown GPUs: null.
+train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or on random targets: --teacher none).
+train-naive: the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item()
+every step, DiT's per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and
+the train line carries `speedup`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T +
+2 L T^2 D) (+ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown
+GPUs: null.
 """
 import argparse
 import contextlib

@@ -556,6 +556,7 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
                          f"(SD f8d4 unless the file's metadata says otherwise): {str(e)[:600]}") from e
     return vae.float().to(device)  # fp32 whatever the file holds
 
+
 def export_vae(ckpt_path, out):
     """The VAE of an irepa.py REPA-E checkpoint -> a safetensors file in diffusers' layout with its config (and the
     EMA statistics of its latent BatchNorm) in the metadata, which load_vae reads back."""
