@@ -42,7 +42,7 @@ import irepa
 # -----------------------------------------------------------------------------
 # Flags. None means "the device's default" below: a CPU run must stay under a minute, a GPU run must fill the GPU.
 p = argparse.ArgumentParser(description='Benchmark the iREPA training step, sampler, spatial metrics and FID features')
-p.add_argument('--model', default=None, help='CUDA SiT-XL/2, CPU SiT-T/2')
+p.add_argument('--model', default=None, choices=irepa.MODELS, metavar='NAME', help='CUDA SiT-XL/2, CPU SiT-T/2')
 p.add_argument('--batch-size', type=int, default=None, help='CUDA 256, CPU 4')
 p.add_argument('--steps', type=int, default=None, help='timed steps, median reported; CUDA 20, CPU 3')
 p.add_argument('--warmup', type=int, default=None, help='untimed steps first (compilation happens here); CUDA 3, CPU 1')
@@ -75,8 +75,13 @@ if args.threads:
     torch.set_num_threads(args.threads)
 ORDER = ['train-naive', 'train', 'sample', 'metrics', 'fid']
 workloads = args.workloads.split(',')
-if set(workloads) - set(ORDER):
-    sys.exit(f"unknown workloads {sorted(set(workloads) - set(ORDER))}; accepted: {', '.join(ORDER)}")
+if set(workloads) - set(ORDER):  # a mistake of the user: argparse's one line and exit code 2, as the other files
+    p.error(f"unknown workloads {sorted(set(workloads) - set(ORDER))}; accepted: {', '.join(ORDER)}")
+if args.teacher != 'none':
+    try:
+        encoders.resolve_teacher(args.teacher)
+    except encoders.UserError as e:
+        p.error(str(e))
 
 # -----------------------------------------------------------------------------
 # Device, clock, memory, peak FLOPs

@@ -31,6 +31,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class UserError(ValueError):
+    """A mistake of the user, not of the code: a bad value, a missing file, an unknown name, a wrong folder layout, a
+    checkpoint of another model. The command lines (cli below) print it as one line and exit with code 2, as argparse
+    does; any other exception is a bug and keeps its traceback. irepa.py and fid.py raise this same class."""
+
+
+def cli(main):
+    """Run a command line's main(): a UserError becomes 'error: ...' on stderr and exit code 2, without a traceback."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
 # -----------------------------------------------------------------------------
 # The teachers: one table of facts. timm (and torchvision under it) takes seconds to import, so it is imported only
 # where a teacher is built; `import encoders` stays cheap.
@@ -133,8 +148,8 @@ def resolve_teacher(name):
     """Canonical teacher name for a canonical name or alias (case-insensitive)."""
     names = {n.lower(): n for n in TEACHERS} | {a.lower(): n for a, n in ALIASES.items()}
     if name.lower() not in names:
-        raise ValueError(f"unknown teacher '{name}'. Teachers: {', '.join(TEACHERS)}. "
-                         f"Aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())}")
+        raise UserError(f"unknown teacher '{name}'. Teachers: {', '.join(TEACHERS)}. "
+                        f"Aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())}")
     return names[name.lower()]
 
 # -----------------------------------------------------------------------------
@@ -143,15 +158,15 @@ def resolve_teacher(name):
 
 def read_state_dict(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights file at '{path}'")
+        raise UserError(f"no weights file at '{path}'")
     if str(path).endswith('.safetensors'):
         return safetensors.torch.load_file(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # the file pickles objects, not just tensors and plain containers
-        raise ValueError(f"'{path}' holds more than tensors and plain containers, so it is not loaded (weights_only). "
-                         f"If you trust it, re-save its state dict: torch.save(torch.load(p, weights_only=False)"
-                         f"['state_dict'], 'clean.pth')") from e
+        raise UserError(f"'{path}' holds more than tensors and plain containers, so it is not loaded (weights_only). "
+                        f"If you trust it, re-save its state dict: torch.save(torch.load(p, weights_only=False)"
+                        f"['state_dict'], 'clean.pth')") from e
 
 
 def hub_location(name):
@@ -176,7 +191,7 @@ def hub_files(repo, filename, what, how):
                 shards = sorted(set(json.load(f)['weight_map'].values()))
             return [hf_hub_download(repo, shard) for shard in shards]
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
-        raise FileNotFoundError(
+        raise UserError(
             f"{what}: cannot get '{filename}' from https://huggingface.co/{repo} (not in the Hugging Face cache, and "
             f"the hub is unreachable, gated or refused: {type(e).__name__}). Download it where you have network "
             f"(`hf download {repo} {filename}`) and {how}") from e
@@ -325,8 +340,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     if grid not in t.get('grids', (grid,)):
-        raise ValueError(f"teacher {name} supports only grid {t['grids'][0]} ({t['patch'] * 16}-px input, as the "
-                         f"official code asserts it), got grid {grid}")
+        raise UserError(f"teacher {name} supports only grid {t['grids'][0]} ({t['patch'] * 16}-px input, as the "
+                        f"official code asserts it), got grid {grid}")
     if siglip_norm not in ('imagenet', 'siglip'):
         raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
     norm = HALF if siglip_norm == 'siglip' and t['family'] == 'siglip' else t['norm']
@@ -350,8 +365,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
         except (RuntimeError, KeyError) as e:  # missing/unexpected keys or shape mismatches under a strict load
             if sd is None:
                 raise
-            raise ValueError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']}): "
-                             f"is it a checkpoint of another model? timm says: {str(e)[:600]}") from e
+            raise UserError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']}): "
+                            f"is it a checkpoint of another model? timm says: {' '.join(str(e).split())[:600]}") from e
     teacher = Teacher(name, model, grid, norm).to(device)
     if dtype is not None:
         teacher.model.to(dtype)
@@ -366,7 +381,7 @@ def load_teachers(names, weights='auto', demo=False, **kw):
     names = [n for n in names.split(',') if n and n != 'none']
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
-        raise ValueError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
+        raise UserError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
     teachers = []
     for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
         try:
@@ -552,8 +567,8 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
     try:
         vae.load_state_dict(sd, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"'{path}' is not a diffusers AutoencoderKL state dict with the config {config} "
-                         f"(SD f8d4 unless the file's metadata says otherwise): {str(e)[:600]}") from e
+        raise UserError(f"'{path}' is not a diffusers AutoencoderKL state dict with the config {config} "
+                        f"(SD f8d4 unless the file's metadata says otherwise): {' '.join(str(e).split())[:600]}") from e
     return vae.float().to(device)  # fp32 whatever the file holds
 
 
@@ -562,7 +577,7 @@ def export_vae(ckpt_path, out):
     EMA statistics of its latent BatchNorm) in the metadata, which load_vae reads back."""
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     if not isinstance(ckpt, dict) or 'vae' not in ckpt:
-        raise ValueError(f"{ckpt_path} holds no trained VAE: export-vae needs a checkpoint of --recipe repa-e or irepa-e")
+        raise UserError(f"{ckpt_path} holds no trained VAE: export-vae needs a checkpoint of --recipe repa-e or irepa-e")
     norm = ckpt['latent']  # irepa.LatentNorm.to_dict()
     safetensors.torch.save_file({k: v.contiguous() for k, v in ckpt['vae'].items()}, out, metadata=dict(
         config=json.dumps(norm['vae_args']), latent_mean=json.dumps(norm['mean']), latent_std=json.dumps(norm['std'])))
@@ -608,7 +623,7 @@ def load_lpips(spec='auto', device='cpu', demo=False):
     if demo and spec != 'random':
         try:
             return load_lpips(spec, device)
-        except FileNotFoundError as e:
+        except UserError as e:
             print(f"\n!! --demo: {e}\n!! Using RANDOM LPIPS weights instead.\n", file=sys.stderr)
             spec = 'random'
     vgg_kw = dict(features_only=True, out_indices=(0, 1, 2, 3, 4))
@@ -626,8 +641,8 @@ def load_lpips(spec='auto', device='cpu', demo=False):
                       os.path.join(os.path.dirname(pkg.origin), 'weights', 'v0.1', LPIPS_FILE) if pkg else '']
         linear = next((p for p in candidates if p and os.path.isfile(p)), None)
         if linear is None:
-            raise FileNotFoundError(f"LPIPS: no {LPIPS_FILE} (md5 {LPIPS_MD5}) in $IREPA_LPIPS, {candidates[1]} or the lpips "
-                                    f"package: {LPIPS_WHERE}. Pass it with --lpips-weights PATH")
+            raise UserError(f"LPIPS: no {LPIPS_FILE} (md5 {LPIPS_MD5}) in $IREPA_LPIPS, {candidates[1]} or the lpips "
+                            f"package: {LPIPS_WHERE}. Pass it with --lpips-weights PATH")
     if not vgg:
         vgg, = hub_files('timm/vgg16.tv_in1k', 'model.safetensors', 'LPIPS VGG16', 'pass --lpips-weights LINEAR,VGG')
     model = timm.create_model('vgg16.tv_in1k', pretrained=True, pretrained_cfg_overlay=dict(file=vgg), **vgg_kw)
@@ -672,7 +687,7 @@ def load_discriminator(spec='random', device='cpu'):
         try:
             disc.load_state_dict(sd)
         except RuntimeError as e:
-            raise ValueError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): {str(e)[:400]}") from e
+            raise UserError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): {' '.join(str(e).split())[:400]}") from e
     return disc.to(device)
 
 
@@ -702,4 +717,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli(main)

@@ -34,6 +34,8 @@ from torchvision.models.inception import Inception3, InceptionA, InceptionC
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from encoders import UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+
 INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
 INCEPTION_ALT_FILE = 'weights-inception-2015-12-05-6726825d.pth'  # torch-fidelity's copy, same tensors and hash prefix
@@ -50,20 +52,20 @@ def _open_arr0(path):
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f'{path}: not an .npz file ({e})') from None
+        raise UserError(f'{path}: not an .npz file ({e})') from None
     with zf:
         if 'arr_0.npy' not in zf.namelist():
             keys = [n[:-4] for n in zf.namelist()]
-            raise ValueError(f'{path}: no arr_0 in the npz (keys: {keys}); ADM files keep the images in arr_0')
+            raise UserError(f'{path}: no arr_0 in the npz (keys: {keys}); ADM files keep the images in arr_0')
         with zf.open('arr_0.npy') as f:
             version = np.lib.format.read_magic(f)
             if version not in ((1, 0), (2, 0)):
-                raise ValueError(f'{path}: arr_0 has .npy format version {version}; expected 1.0 or 2.0')
+                raise UserError(f'{path}: arr_0 has .npy format version {version}; expected 1.0 or 2.0')
             fmt = np.lib.format
             shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
             if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran or shape[0] == 0:
-                raise ValueError(f'{path}: arr_0 must be a non-empty N x H x W x 3 uint8 array in C order (ADM), '
-                                 f'got shape {shape}, dtype {dtype}{", Fortran order" if fortran else ""}')
+                raise UserError(f'{path}: arr_0 must be a non-empty N x H x W x 3 uint8 array in C order (ADM), '
+                                f'got shape {shape}, dtype {dtype}{", Fortran order" if fortran else ""}')
             yield f, shape
 
 
@@ -81,7 +83,7 @@ def read_npz_batches(path, batch_size=64):
             b = min(batch_size, n - i)
             buf = bytearray(f.read(b * image_bytes))  # a writable copy, so torch.from_numpy is happy
             if len(buf) != b * image_bytes:
-                raise ValueError(f'{path}: arr_0 is truncated ({i + len(buf) // image_bytes} of {n} images)')
+                raise UserError(f'{path}: arr_0 is truncated ({i + len(buf) // image_bytes} of {n} images)')
             yield np.frombuffer(buf, np.uint8).reshape(b, *shape[1:])  # (B, H, W, 3)
 
 
@@ -93,11 +95,11 @@ def read_stored_stats(path):
             return None
         missing = [k for k in ('sigma', 'mu_s', 'sigma_s') if k not in f.files]
         if missing:
-            raise ValueError(f'{path}: has stored mu but not {missing}; ADM needs mu, sigma, mu_s and sigma_s')
+            raise UserError(f'{path}: has stored mu but not {missing}; ADM needs mu, sigma, mu_s and sigma_s')
         stats = tuple(f[k].astype(np.float64) for k in ('mu', 'sigma', 'mu_s', 'sigma_s'))
     for (mu, sigma), d, what in zip((stats[:2], stats[2:]), (2048, 2023), ('mu/sigma', 'mu_s/sigma_s')):
         if mu.shape != (d,) or sigma.shape != (d, d):
-            raise ValueError(f'{path}: stored {what} have shapes {mu.shape}/{sigma.shape}, expected ({d},)/({d}, {d})')
+            raise UserError(f'{path}: stored {what} have shapes {mu.shape}/{sigma.shape}, expected ({d},)/({d}, {d})')
     return stats
 
 # -----------------------------------------------------------------------------
@@ -148,8 +150,8 @@ def inception_score(logits, split_size=5000, probs=False):
     size and depends on the order (a class-sorted file scores lower), so only ADM's split of 5000 is comparable."""
     x = torch.as_tensor(logits, dtype=torch.float64)
     if len(x) < split_size:
-        raise ValueError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
-                         f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
+        raise UserError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
+                        f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
     logp = x.log() if probs else x.log_softmax(1)
     scores = []
     for part in logp.split(split_size):  # (<= split_size, C); the last split may be shorter (12345 -> 5000/5000/2345)
@@ -196,8 +198,8 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, adm16=True,
     ref = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
     sample = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
     if len(ref) <= k or len(sample) <= k:
-        raise ValueError(f'precision/recall with k={k} needs at least {k + 1} reference and {k + 1} sample images; '
-                         f'got {len(ref)} and {len(sample)}')
+        raise UserError(f'precision/recall with k={k} needs at least {k + 1} reference and {k + 1} sample images; '
+                        f'got {len(ref)} and {len(sample)}')
     ref_radii, sample_radii = manifold_radii(ref, k, block_size, adm16), manifold_radii(sample, k, block_size, adm16)
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
     sample_in = torch.zeros(len(sample), dtype=torch.bool, device=device)
@@ -288,12 +290,12 @@ def find_inception(path=None):
     for p, what in ((path, '--inception'), (os.environ.get('IREPA_INCEPTION'), 'IREPA_INCEPTION')):
         if p:
             if not os.path.isfile(p):
-                raise FileNotFoundError(f'{what}={p}: no such file; it should be {INCEPTION_FILE}. {where}')
+                raise UserError(f'{what}={p}: no such file; it should be {INCEPTION_FILE}. {where}')
             return p
     for name in (INCEPTION_FILE, INCEPTION_ALT_FILE):
         if os.path.isfile(os.path.join(hub, name)):
             return os.path.join(hub, name)
-    raise FileNotFoundError(f'FID Inception weights {INCEPTION_FILE} not found (nothing is downloaded). {where}')
+    raise UserError(f'FID Inception weights {INCEPTION_FILE} not found (nothing is downloaded). {where}')
 
 
 def sha256_file(path):
@@ -337,21 +339,21 @@ def load_inception(path=None, any_weights=False, device='cpu'):
     digest = sha256_file(path)
     if not digest.startswith(INCEPTION_SHA256):
         if not any_weights:
-            raise ValueError(f'{path}: SHA-256 starts with {digest[:8]}, not {INCEPTION_SHA256}: not {INCEPTION_FILE} '
-                             f'({INCEPTION_URL}). --any-weights uses it anyway')
+            raise UserError(f'{path}: SHA-256 starts with {digest[:8]}, not {INCEPTION_SHA256}: not {INCEPTION_FILE} '
+                            f'({INCEPTION_URL}). --any-weights uses it anyway')
         print(f'\n{"!" * 100}\nWARNING: FID Inception weights {path} are NOT {INCEPTION_FILE} (SHA-256 {digest[:8]}).\n'
               f'FID, sFID, IS, precision and recall are NOT comparable to published numbers.\n{"!" * 100}\n',
               file=sys.stderr)
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a pickle with code in it, an .npz, a truncated download
-        raise ValueError(f'{path}: not a PyTorch state dict ({type(e).__name__}: {str(e)[:200]})') from None
+        raise UserError(f'{path}: not a PyTorch state dict ({type(e).__name__}: {str(e)[:200]})') from None
     net = FIDInception()
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
     if missing or unexpected:
-        raise ValueError(f'{path}: not an FID Inception state dict '
-                         f'(missing {missing[:5]}, unexpected {unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
+        raise UserError(f'{path}: not an FID Inception state dict '
+                        f'(missing {missing[:5]}, unexpected {unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
     net.weights_sha256 = digest  # keys the reference-feature cache
     return net.eval().requires_grad_(False).to(device)
 
@@ -431,11 +433,11 @@ def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_siz
         raise ValueError(f"pr_dtype must be 'adm16' (as ADM) or 'fp32', got {pr_dtype!r}")
     n_ref, n_sample = npz_shape(ref_path)[0], npz_shape(sample_path)[0]  # bad files fail before minutes of Inception
     if n_sample < is_split:
-        raise ValueError(f'{sample_path}: {n_sample} images, fewer than one Inception Score split of {is_split} '
-                         '(ADM: 5000; a smaller --is-split is for smoke tests only)')
+        raise UserError(f'{sample_path}: {n_sample} images, fewer than one Inception Score split of {is_split} '
+                        '(ADM: 5000; a smaller --is-split is for smoke tests only)')
     if min(n_ref, n_sample) <= k:
-        raise ValueError(f'precision/recall with k={k} needs at least {k + 1} images per file; got {n_ref} reference '
-                         f'and {n_sample} sample images')
+        raise UserError(f'precision/recall with k={k} needs at least {k + 1} images per file; got {n_ref} reference '
+                        f'and {n_sample} sample images')
     ref_stored, sample_stored = read_stored_stats(ref_path), read_stored_stats(sample_path)
     net = inception if isinstance(inception, nn.Module) else load_inception(inception, any_weights, device)
     net = net.to(device).eval()
@@ -497,10 +499,10 @@ def model_from_checkpoint(path, ema=True, device='cpu'):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
     if not isinstance(ckpt, dict) or 'ema' not in ckpt or not ('model_args' in ckpt or 'args' in ckpt):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a SiT checkpoint of irepa.py or the official code (it holds {keys})")
+        raise UserError(f"{path} is not a SiT checkpoint of irepa.py or the official code (it holds {keys})")
     state = ckpt['ema' if ema else 'model']
     if 'model_args' in ckpt:  # ours
         args, info = ckpt['model_args'], dict(config=ckpt['config'], latent=ckpt.get('latent'), step=ckpt['step'],
@@ -538,8 +540,8 @@ def sample_main(a):
                 norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', [0.0] * model.in_channels,
                                         [1 / a.latent_scale] * model.in_channels)
         elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
-            raise ValueError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
-                             f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
+            raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
+                            f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
         vae = None
         if norm is not None:
             import encoders
@@ -558,7 +560,7 @@ def sample_main(a):
                         latent=norm and norm.to_dict())
         meta = os.path.join(shards, 'settings.json')
         if os.path.exists(meta) and json.load(open(meta)) != json.loads(json.dumps(settings)):
-            raise ValueError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
+            raise UserError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
         if ddp:
             dist.barrier()  # every rank has checked before rank 0 writes
         if rank == 0:
@@ -659,18 +661,12 @@ def main(argv=None):
                 f'{stem}-{args.mode}{args.num_steps}-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}'
                 f'-seed{args.seed}-n{args.num_samples}.npz'))
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        try:
-            sample_main(args)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f'fid.py sample: error: {e}')
+        sample_main(args)
 
     if args.cmd == 'eval':
-        try:
-            r = evaluate(args.ref, args.samples, args.inception, args.any_weights, args.batch_size, args.device,
-                         None if args.no_cache else args.cache_dir, args.is_split, pr_block=args.pr_block,
-                         pr_dtype=args.pr_dtype, fd_method=args.fd_method)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f'fid.py eval: error: {e}')
+        r = evaluate(args.ref, args.samples, args.inception, args.any_weights, args.batch_size, args.device,
+                     None if args.no_cache else args.cache_dir, args.is_split, pr_block=args.pr_block,
+                     pr_dtype=args.pr_dtype, fd_method=args.fd_method)
         print('Inception Score:', r['IS'])
         print('FID:', r['FID'])
         print('sFID:', r['sFID'])
@@ -684,4 +680,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli(main)

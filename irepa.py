@@ -18,10 +18,13 @@ import argparse
 import colorsys
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
+import re
 import resource
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -37,6 +40,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+
+from encoders import UserError, cli  # a mistake of the user: one line on stderr, exit code 2
 
 # -----------------------------------------------------------------------------
 # The recipes: every default of a method is in its row; a flag given on the command line overrides it. `objective`
@@ -73,7 +78,8 @@ DEFAULTS = dict(
     data_path=None, resolution=256, vae='sd-vae-ft-mse', latent_scale=None, num_classes=10, synthetic_size=10_000,
     max_steps=400_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0,  # REPA's optimizer
     out_dir='out/run', log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
-    device='auto', compile=None, resume=False, prepare=False, demo=False)
+    device='auto', compile=None, resume=False, prepare=False, demo=False,
+    overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # a cluster
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
 # cores, enough for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
@@ -84,6 +90,11 @@ DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to 
 # The EMA model's grids every --sample-every steps, per preview sampler: (steps, guidance scale); MeanFlow: trained in
 PREVIEW_IMAGES, PREVIEW_COLS = 16, 8
 PREVIEW = {'euler': (50, 4.0), 'heun': (25, 4.0), 'sde': (50, 4.0), 'meanflow': (1, 1.0)}
+
+# A run stopped by SIGTERM/SIGINT (preemption) or --time-limit exits with this code once its checkpoint is written:
+# EX_TEMPFAIL of sysexits.h, "temporary failure, try again": requeue the job with --resume. 2 is a user error.
+PREEMPTED = 75
+GRAD_FLOOR_INTERVALS = 3  # a gradient norm under --grad-floor for this many log intervals in a row is a warning
 
 # -----------------------------------------------------------------------------
 # SiT: a DiT-style transformer with adaLN-Zero blocks, predicting the velocity
@@ -195,7 +206,7 @@ class Projector(nn.Module):
                 nn.Linear(projector_dim, z_dim))
         elif kind == 'conv':
             if kernel % 2 == 0:
-                raise ValueError(f"conv projector kernel must be odd to keep the token grid, got {kernel}")
+                raise UserError(f"conv projector kernel must be odd to keep the token grid, got {kernel}")
             self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel, padding=kernel // 2)
         else:
             raise ValueError(f"unknown projector {kind!r}; accepted: 'mlp' (REPA), 'conv' (iREPA)")
@@ -219,9 +230,9 @@ class SiT(nn.Module):
                  encoder_depth=8, z_dims=(768,), projector='conv', proj_kernel=3, projector_dim=2048, meanflow=False):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth must be in 1..{depth} (the block whose output is aligned), got {encoder_depth}")
+            raise UserError(f"encoder_depth must be in 1..{depth} (the block whose output is aligned), got {encoder_depth}")
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+            raise UserError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.encoder_depth = encoder_depth
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -283,7 +294,7 @@ MODELS = [f'SiT-{s}/{p}' for s in SIZES for p in (2, 4, 8)]
 def sit_args(name, **kwargs):
     """The constructor arguments of SiT `name` (SiT-XL/2: size XL, patch 2); None values take the size's default."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
+        raise UserError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
     size, patch = name[4:].split('/')
     base = dict(zip(('depth', 'hidden_size', 'num_heads', 'encoder_depth'), SIZES[size]), patch_size=int(patch))
     return base | {k: v for k, v in kwargs.items() if v is not None}
@@ -302,7 +313,7 @@ def load_state(model, state_dict, what='checkpoint'):
     if missing or unexpected or shapes:
         lines = [f"  {label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for label, keys in
                  ((f"missing from the {what}", missing), ("not in the model", unexpected)) if keys]
-        raise ValueError('\n'.join([f"the {what} was made for another model config:", *lines, *('  ' + s for s in shapes[:6])]))
+        raise UserError('\n'.join([f"the {what} was made for another model config:", *lines, *('  ' + s for s in shapes[:6])]))
     model.load_state_dict(state_dict)
 
 # -----------------------------------------------------------------------------
@@ -436,25 +447,25 @@ def list_image_folder(root):
     if (root / 'train').is_dir():
         root = root / 'train'
     if not root.is_dir():
-        raise FileNotFoundError(f"--data-path {root} is not a folder; expected <root>/<class>/*.JPEG or a prepared latents folder")
+        raise UserError(f"--data-path {root} is not a folder; expected <root>/<class>/*.JPEG or a prepared latents folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     found = [(str(f.relative_to(root)), label) for label, c in enumerate(classes) for f in sorted((root / c).rglob('*'))
              if f.suffix.lower() in IMAGE_EXTS]
     files, labels = map(list, zip(*found)) if found else ([], [])
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in class folders under {root}; "
-                                f"expected the ImageNet layout <root>/<class>/<image>")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) in class folders under {root}; "
+                        f"expected the ImageNet layout <root>/<class>/<image>")
     return root, files, labels, classes
 
 class ImageData(torch.utils.data.Dataset):
     """Images (synthetic or from a folder) at one resolution, optionally paired by index with prepared latents."""
     def __init__(self, data_path, resolution, num_classes=10, seed=0, synthetic_size=10_000):
-        self.resolution, self.latents, self.meta, self.bad = resolution, None, None, 0
+        self.resolution, self.latents, self.meta, self.unreadable = resolution, None, None, []  # see collate_reporting
         data_path = Path(data_path) if data_path else None
         if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
             self.meta = meta = json.loads((data_path / 'meta.json').read_text())
             if meta['resolution'] != resolution:
-                raise ValueError(f"{data_path} holds latents of {meta['resolution']} px images; pass --resolution {meta['resolution']}")
+                raise UserError(f"{data_path} holds latents of {meta['resolution']} px images; pass --resolution {meta['resolution']}")
             self.latents = np.load(data_path / 'latents.npy', mmap_mode='r')  # (N, 2C, h, w) fp16: posterior mean, std
             data_path = Path(meta['source']) if meta['source'] != 'synthetic' else None
             num_classes, seed, synthetic_size = meta['num_classes'], meta['seed'], meta['size']
@@ -465,7 +476,7 @@ class ImageData(torch.utils.data.Dataset):
             self.root, self.files, labels, classes = list_image_folder(data_path)
             self.labels, self.num_classes = np.array(labels), len(classes)
         if self.latents is not None and len(self.latents) != len(self.labels):
-            raise ValueError(f"prepared latents hold {len(self.latents)} images but the source has {len(self.labels)}; run --prepare again")
+            raise UserError(f"prepared latents hold {len(self.latents)} images but the source has {len(self.labels)}; run --prepare again")
 
     def __len__(self):
         return len(self.labels)
@@ -480,22 +491,37 @@ class ImageData(torch.utils.data.Dataset):
             try:
                 return center_crop(path, self.resolution)
             except (OSError, ValueError, SyntaxError) as e:
-                self.bad += 1
-                print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e}); "
-                      f"{self.bad} skipped so far by this worker", file=sys.stderr)
-        raise RuntimeError(f"no readable image of class {self.labels[i]} under {self.root}")
+                self.unreadable.append((str(path), f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+        raise UserError(f"no readable image of class {self.labels[i]} under {self.root}")
 
     def __getitem__(self, i):
         img = torch.from_numpy(np.ascontiguousarray(self.image(i))).permute(2, 0, 1)  # (3, R, R) uint8
         moments = torch.from_numpy(np.array(self.latents[i])) if self.latents is not None else torch.empty(0)
         return img, moments, int(self.labels[i])
 
+def collate_reporting(data, samples):
+    """default_collate of (image, moments, label) samples, plus the list of unreadable files (path, reason) that this
+    process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it travels
+    with the batch, and the main process reports each file once (report_unreadable)."""
+    info = torch.utils.data.get_worker_info()
+    data = info.dataset if info else data
+    bad, data.unreadable = data.unreadable, []
+    return (*torch.utils.data.default_collate(samples), bad)
+
+def report_unreadable(seen, bad):
+    """Warn about each unreadable file of `bad` not in `seen` (path -> reason) yet, once; add it there."""
+    for path, why in bad:
+        if path not in seen:
+            seen[path] = why
+            print(f"warning: unreadable image {path} ({why}); the next readable image of its class replaces it "
+                  f"(reported once; the count is in log.jsonl as bad_images)", file=sys.stderr)
+
 def batches(n, global_batch, rank, world, seed, start=0):
     """This rank's share of each global batch, from step `start` on, forever. Epoch e is a permutation seeded with
     seed + e and drops its last partial batch, so the data position is just the step number: resuming at step k
     reproduces the same batches on any number of workers."""
     if n < global_batch:
-        raise ValueError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
+        raise UserError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
     def shares(step, local=global_batch // world):
         while True:
             epoch, k = divmod(step, n // global_batch)
@@ -556,9 +582,12 @@ def latent_stats(sums):
 def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=None):
     """(ids, posterior mean, std) of the images `ids`, a batch at a time: (B, C, h, w) each. The loader has a generator
     of its own: the global RNG (random teachers and networks are drawn from it) stays untouched."""
+    seen = {}
     chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=num_workers, generator=torch.Generator())
-    for chunk, (img, _, _) in zip(chunks, tqdm(loader, desc=desc, disable=desc is None)):
+    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=num_workers, generator=torch.Generator(),
+                                         collate_fn=functools.partial(collate_reporting, data))
+    for chunk, (img, _, _, bad) in zip(chunks, tqdm(loader, desc=desc, disable=desc is None)):
+        report_unreadable(seen, bad)
         yield chunk, *vae.encode(img.to(device).float() / 127.5 - 1)
 
 @torch.no_grad()
@@ -602,7 +631,8 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
-                     'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare'}
+                     'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare', 'overwrite',
+                     'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
 
 def sit_train_flops(model):
     """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
@@ -614,15 +644,90 @@ def weights_fingerprint(model):
     return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(model.parameters())).item()
 
 def atomic_save(path, state):
-    """Write to a temp file, then rename: a kill during the save never corrupts the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temp file, then rename: a kill or a failed write (disk full, permissions) during the save never
+    touches the previous checkpoint. A failed write removes its partial file and says why."""
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)  # a partial file only fills the disk further
+        raise UserError(f"could not write {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 def latest_checkpoint(out_dir):
     files = sorted((Path(out_dir) / 'checkpoints').glob('*.pt'))  # zero-padded step names; *.pt.tmp are unfinished
     return files[-1] if files else None
+
+def seconds(text):
+    """A duration: '3h55m', '90m', '1h30m20s', '45s' or plain seconds ('600') -> seconds."""
+    m = re.fullmatch(r'(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?', text.strip())
+    if not m or not any(m.groups()):
+        raise ValueError(f"not a duration: {text!r}; write it as 3h55m, 90m, 45s or seconds")
+    return sum(float(v or 0) * k for v, k in zip(m.groups(), (3600, 60, 1)))
+
+def fresh_out_dir(out, overwrite, master):
+    """A fresh run neither continues nor mixes with another run: refused where out/ holds a run's checkpoints, unless
+    --overwrite, which moves that run's files (checkpoints, log, config, grids) into out/replaced-<UTC time>/ and says
+    so. Nothing is deleted; prepared latents (out/latents) stay, they are data."""
+    old = latest_checkpoint(out)
+    if old and not overwrite:
+        raise UserError(f"{out} already holds the checkpoints of a run (the newest: {old}); continue it with --resume, "
+                        f"or start this one in another --out-dir (--overwrite moves the old run aside)")
+    moved = [p for p in (out / n for n in ('checkpoints', 'log.jsonl', 'config.json', 'samples')) if p.exists()]
+    if master and overwrite and moved:
+        aside = out / time.strftime('replaced-%Y%m%d-%H%M%S', time.gmtime())
+        aside.mkdir()
+        for p in moved:
+            os.replace(p, aside / p.name)
+        print(f"--overwrite: moved the earlier run's {', '.join(p.name for p in moved)} into {aside}", file=sys.stderr)
+    elif master and (out / 'log.jsonl').exists():
+        print(f"note: {out} holds the log of an earlier run without checkpoints; this run starts a new log.jsonl",
+              file=sys.stderr)
+
+def open_log(s):
+    """log.jsonl, on rank 0: a fresh run starts it; a resumed run continues its own, from its checkpoint's step on
+    (lines past that step are of steps the interrupted run lost, and they are done again)."""
+    path = s.out / 'log.jsonl'
+    if s.cfg.resume and path.exists():
+        keep = [line for line in open(path) if line.strip() and json.loads(line)['step'] <= s.start]
+        path.with_name('log.jsonl.tmp').write_text(''.join(keep))
+        os.replace(path.with_name('log.jsonl.tmp'), path)
+    return open(path, 'a' if s.cfg.resume else 'w')
+
+def prune_checkpoints(out, keep_last):
+    """--keep-last N: remove all but the newest N checkpoints, called once the newest is complete (renamed)."""
+    for old in sorted((out / 'checkpoints').glob('*.pt'))[:-keep_last] if keep_last > 0 else []:
+        old.unlink()
+
+def catch_stop_signals(s):
+    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT only set a flag: the loop finishes
+    its step, checkpoints and exits with PREEMPTED. DataLoader workers ignore them (ignore_stop_signals)."""
+    def handler(signum, frame):
+        s.signal = signum
+    s.signal, s.stop_work, s.stopped = None, None, False
+    s.old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+def ignore_stop_signals(worker_id):
+    """A DataLoader worker's init: schedulers signal every process of a job, and a worker that dies of it would crash
+    the step before the checkpoint; the main process stops the workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+def should_stop(s):
+    """Whether every rank stops after this step: a stop signal arrived or --time-limit is up, on any rank. Under DDP
+    the flags travel in a CPU (gloo) all_reduce started one step earlier, so no rank waits on the device or stops
+    alone (none is left waiting in a collective); one process reads its own flag."""
+    local = s.signal is not None or (s.deadline is not None and time.time() > s.deadline)
+    if s.world == 1:
+        s.stopped = local
+        return local
+    if s.stop_work is not None:
+        s.stop_work.wait()  # started a step ago: long finished, unless a rank is that far behind
+        s.stopped = s.stop_flag.item() > 0
+    s.stop_flag = torch.tensor([float(local)])
+    s.stop_work = dist.all_reduce(s.stop_flag, group=s.cpu_group, async_op=True)
+    return s.stopped
 
 def adamw(params, lr, beta2):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=0, eps=1e-8,
@@ -640,8 +745,8 @@ def training_data(cfg, device, master):
     data = ImageData(cfg.data_path, cfg.resolution, cfg.num_classes, cfg.seed, cfg.synthetic_size)
     if cfg.objective == 'repa-e':
         if cfg.vae == 'none' or data.latents is not None:
-            raise ValueError(f"--recipe {cfg.recipe} trains the VAE end to end, so it needs images and a VAE to start from: "
-                             "an image folder (or none: the synthetic set) and --vae, not prepared latents or --vae none")
+            raise UserError(f"--recipe {cfg.recipe} trains the VAE end to end, so it needs images and a VAE to start from: "
+                            "an image folder (or none: the synthetic set) and --vae, not prepared latents or --vae none")
         return data, None
     if cfg.vae != 'none' and data.latents is None:
         prepared = Path(cfg.out_dir) / 'latents'
@@ -661,11 +766,11 @@ def resume_checkpoint(cfg, out, master):
     """The newest checkpoint in out/checkpoints, refused if it was made with another config (RESUME_MAY_CHANGE aside)."""
     path = latest_checkpoint(out)
     if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start afresh")
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start afresh")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     diff = {k: (ckpt['config'].get(k), v) for k, v in vars(cfg).items() if k not in RESUME_MAY_CHANGE and ckpt['config'].get(k) != v}
     if diff:
-        raise ValueError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
+        raise UserError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
     if master:
         print(f"resuming from {path} (step {ckpt['step']})")
     return ckpt
@@ -677,13 +782,17 @@ def setup(cfg):
     rank, world, local_rank = dist_info()
     device = torch.device(f'cuda:{local_rank}' if cfg.device == 'cuda' and world > 1 else cfg.device)
     if cfg.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {world} processes")
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {world} processes")
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
                         vae=None, bn=None, saved={}, sums={}, n_steps=0, first_bad=torch.tensor(-1, device=device),
-                        t0=time.time(), first_rec=None, rec=None)  # saved: what a checkpoint holds, by name
+                        t0=time.time(), first_rec=None, rec=None,  # saved: what a checkpoint holds, by name
+                        deadline=time.time() + seconds(cfg.time_limit) if cfg.time_limit else None,
+                        drawn=0, bad_draws=0, bad_files={}, grad_prev={}, grad_low={})  # the data and gradient watch
+    if not cfg.resume:
+        fresh_out_dir(s.out, cfg.overwrite, s.master)
     ckpt = resume_checkpoint(cfg, s.out, s.master) if cfg.resume else None
     s.data, s.norm = training_data(cfg, device, s.master)
     torch.manual_seed(cfg.seed)  # the same on every rank: random teachers and networks agree
@@ -714,14 +823,17 @@ def setup(cfg):
     s.loader = iter(torch.utils.data.DataLoader(
         s.data, batch_sampler=batches(len(s.data), cfg.global_batch_size, rank, world, cfg.seed, s.start),
         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator()))  # its own generator: leaves the training RNG alone
+        generator=torch.Generator(),  # its own generator: leaves the training RNG alone
+        collate_fn=functools.partial(collate_reporting, s.data), worker_init_fn=ignore_stop_signals))
+    s.cpu_group = dist.new_group(backend='gloo') if world > 1 else None  # should_stop's flags, off the GPU
+    catch_stop_signals(s)
     s.flops = sit_train_flops(s.model) + sum(t.flops() for t in s.teachers)  # per image, for the MFU
     s.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == 'cuda' else None
     if s.master:  # the run folder, and one line that says what trains on what
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / 'config.json').write_text(json.dumps(vars(cfg), indent=1))
-        s.log = open(s.out / 'log.jsonl', 'a')
+        s.log = open_log(s)
         C, size, T = s.model.in_channels, s.model.x_embedder.input_size, s.model.pos_embed.shape[1]
         print(f"{cfg.model} ({cfg.recipe}): {sum(p.numel() for p in s.model.parameters()) / 1e6:.2f}M parameters "
               f"(projectors included), {T} tokens, {'pixels' if C == 3 else f'latents {(C, size, size)}'}, "
@@ -775,28 +887,65 @@ def flow_step(s, img, moments, y, targets):
         losses = flow_loss(s.train_model, model_input(s, img, moments), y, targets)
     return optimizer_step(s, losses)
 
+def next_batch(s):
+    """The next batch, on the device; the unreadable images met on the way are reported (once each) and counted."""
+    img, moments, y, bad = next(s.loader)
+    s.drawn, s.bad_draws = s.drawn + len(y), s.bad_draws + len(bad)
+    report_unreadable(s.bad_files, bad)
+    return [v.to(s.device, non_blocking=True) for v in (img, moments, y)]
+
 def log_interval(s, step):
     """The one host sync of training, every log_every steps and before checkpoints and grids: the interval's means
-    (over the ranks too), the NaN guard, speed, memory and MFU; rank 0 appends them to log.jsonl."""
-    names, vec = list(s.sums), torch.stack([*s.sums.values(), s.first_bad.float()])
+    (over the ranks too), the NaN guard, the unreadable images, the gradient watch, speed, memory and MFU; rank 0
+    appends them to log.jsonl."""
+    counts = torch.tensor([s.bad_draws, s.drawn], dtype=torch.float32, device=s.device)
+    names, vec = list(s.sums), torch.stack([*s.sums.values(), *counts, s.first_bad.float()])
     if s.world > 1:
         dist.all_reduce(vec[:-1])
         dist.all_reduce(vec[-1:], op=dist.ReduceOp.MAX)
-    vec = vec.tolist()
-    if vec[-1] >= 0:
-        raise FloatingPointError(f"non-finite loss at step {int(vec[-1])}; stopping. The last good checkpoint is "
+    *vec, bad, drawn, first_bad = vec.tolist()
+    if first_bad >= 0:  # every loss and every trained network's gradient norm (REPA-E: the VAE, the discriminator)
+        raise FloatingPointError(f"non-finite {', '.join(k for k, v in zip(names, vec) if not math.isfinite(v))} at "
+                                 f"step {int(first_bad)}; stopping. The last good checkpoint is "
                                  f"{latest_checkpoint(s.out) or 'none'}; --resume from it (with --qk-norm or a lower --lr?)")
+    if bad > s.cfg.max_bad_fraction * drawn:  # not a silently different dataset
+        files = '; '.join(f'{p} ({why})' for p, why in list(s.bad_files.items())[:20])
+        raise UserError(f"{int(bad)} of the {int(drawn)} images drawn so far were unreadable, more than "
+                        f"--max-bad-fraction {s.cfg.max_bad_fraction:g}; stopping. This process met: {files}")
     dt, s.t0 = time.time() - s.t0, time.time()
     rec = dict(step=step, **{k: v / (s.n_steps * s.world) for k, v in zip(names, vec)},
                img_per_s=s.n_steps * s.cfg.global_batch_size / dt, steps_per_s=s.n_steps / dt,
                peak_mem_gb=(torch.cuda.max_memory_allocated(s.device) if s.device.type == 'cuda' else
                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
     rec['mfu'] = rec['img_per_s'] / s.world * s.flops / s.peak if s.peak else None  # unknown on CPUs
+    rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
+    if warnings := grad_watch(s, rec):
+        rec['grad_watch'] = warnings
     s.sums, s.n_steps, s.rec, s.first_rec = {}, 0, rec, s.first_rec or rec
     if s.master:
         print(json.dumps(rec), file=s.log, flush=True)
         s.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
                           img_s=f"{rec['img_per_s']:.1f}")
+
+def grad_watch(s, rec):
+    """The failures a finite loss hides (REPA-E's collapse, REPA-E#30): for each trained network, its mean gradient
+    norm below --grad-floor for GRAD_FLOOR_INTERVALS log intervals in a row, or more than --grad-jump times larger or
+    smaller than in the interval before. Returns this interval's warnings (the log keeps them); rank 0 prints each
+    low stretch once and every jump."""
+    out = []
+    for k in [k for k in rec if k.startswith('grad_norm')]:
+        g, prev = rec[k], s.grad_prev.get(k)
+        s.grad_low[k] = s.grad_low.get(k, 0) + 1 if g < s.cfg.grad_floor else 0
+        if s.grad_low[k] >= GRAD_FLOOR_INTERVALS:
+            out.append(f"{k} {g:.3g} below --grad-floor {s.cfg.grad_floor:g} for {s.grad_low[k]} log intervals: "
+                       f"is it still learning?")
+        if prev and g and max(g / prev, prev / g) > s.cfg.grad_jump:
+            out.append(f"{k} jumped from {prev:.3g} to {g:.3g} (more than --grad-jump {s.cfg.grad_jump:g} times)")
+        s.grad_prev[k] = g
+    for w in out:
+        if s.master and ('jumped' in w or f'for {GRAD_FLOOR_INTERVALS} log' in w):
+            print(f"warning: step {rec['step']}: {w}", file=sys.stderr)
+    return out
 
 def latent_norm(s):
     """SiT latents -> VAE latents: fixed for prepared latents; REPA-E: its BatchNorm's EMA statistics, without eps."""
@@ -814,9 +963,22 @@ def save_state(s, step):
         dist.all_gather_object(prints, weights_fingerprint(s.model))
         if len(set(prints)) > 1:
             raise RuntimeError(f"step {step}: the {s.world} ranks hold different weights {prints}")
+    error = None
     if s.master:
-        atomic_save(s.out / 'checkpoints' / f'{step:07d}.pt', {k: v.state_dict() for k, v in s.saved.items()} | dict(
-            step=step, config=vars(s.cfg), model_args=s.model_args, rng=rngs, latent=(n := latent_norm(s)) and n.to_dict()))
+        try:
+            atomic_save(s.out / 'checkpoints' / f'{step:07d}.pt', {k: v.state_dict() for k, v in s.saved.items()} | dict(
+                step=step, config=vars(s.cfg), model_args=s.model_args, rng=rngs, latent=(n := latent_norm(s)) and n.to_dict()))
+        except UserError as e:
+            error = f"{e}; stopping. The previous checkpoint, {latest_checkpoint(s.out) or 'none'}, is intact: free " \
+                    f"space or fix the permissions, then --resume"
+    if s.world > 1:  # every rank stops when rank 0 could not write
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    if s.master:
+        prune_checkpoints(s.out, s.cfg.keep_last)
 
 @torch.no_grad()
 def sample_grid(s, path):
@@ -832,6 +994,21 @@ def sample_grid(s, path):
         z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, generator=g)
         fid.save_grid(fid.to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
 
+def end_of_run(s):
+    """The stop signals' handlers back as they were; a stopped run says why and where it stands, then exits with
+    PREEMPTED (every rank, once its checkpoint is written)."""
+    if s.stop_work is not None:
+        s.stop_work.wait()  # the last flag reduction: no rank leaves one in flight
+    for sig, handler in s.old_handlers.items():
+        signal.signal(sig, handler)
+    if s.stopped and s.rec['step'] < s.cfg.max_steps:
+        why = signal.Signals(s.signal).name if s.signal else f'--time-limit {s.cfg.time_limit}' \
+            if s.deadline and time.time() > s.deadline else "another rank's stop signal"
+        if s.master:
+            print(f"stopped by {why} after step {s.rec['step']}: checkpoint {latest_checkpoint(s.out)}; continue "
+                  f"with --resume (exit code {PREEMPTED}: requeue)", file=sys.stderr)
+        raise SystemExit(PREEMPTED)
+
 def train(cfg):
     """The loop: a batch, its teacher targets, the recipe's step, device-side sums; at intervals a log line, a
     checkpoint, a sample grid. Returns the run's state `s`."""
@@ -839,16 +1016,17 @@ def train(cfg):
     step_fn = OBJECTIVES[cfg.objective]  # flow_step, repae_step or meanflow_step (defined after this section)
     s.bar = tqdm(total=cfg.max_steps, initial=s.start, disable=not s.master, desc='train', dynamic_ncols=True)
     for step in range(s.start, cfg.max_steps):
-        img, moments, y = (v.to(s.device, non_blocking=True) for v in next(s.loader))  # see ImageData
+        img, moments, y = next_batch(s)  # see ImageData
         targets = teacher_targets(s, img)
         stats = step_fn(s, img, moments, y, targets)
         s.sums = {k: s.sums.get(k, 0) + v.float() for k, v in stats.items()}  # on the device: nothing waits for it
         s.n_steps += 1
-        loss = sum(v for k, v in stats.items() if not k.startswith('grad_norm'))
+        loss = sum(stats.values())  # every loss and gradient norm: a NaN in any of them stops the run (log_interval)
         s.first_bad = torch.where((s.first_bad < 0) & ~torch.isfinite(loss), step + 1, s.first_bad)  # the NaN guard
         s.bar.update(1)
         done = step + 1
-        ckpt = done % cfg.ckpt_every == 0 or done == cfg.max_steps
+        stop = should_stop(s)  # SIGTERM, SIGINT or --time-limit, agreed by every rank: checkpoint, exit PREEMPTED
+        ckpt = done % cfg.ckpt_every == 0 or done == cfg.max_steps or stop
         grid = cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.max_steps)
         if done % cfg.log_every == 0 or ckpt or grid:
             log_interval(s, done)
@@ -856,9 +1034,12 @@ def train(cfg):
             save_state(s, done)
         if grid and s.master:
             sample_grid(s, s.out / 'samples' / f'{done:07d}.png')
+        if stop:
+            break
     s.bar.close()
     if s.master:
         s.log.close()
+    end_of_run(s)
     if s.master and s.rec:
         key = 'mse' if 'mse' in s.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
         print(f"done: {cfg.max_steps} steps; {key} loss {s.first_rec[key]:.4f} (first log) -> {s.rec[key]:.4f} "
@@ -1075,7 +1256,7 @@ def image_mask(data, i, masks_dir):
     for p in (Path(masks_dir) / rel, Path(masks_dir) / rel.name):
         if p.exists():
             return center_crop(p, data.resolution, 'L') > 0
-    raise FileNotFoundError(f"no mask for {data.files[i]}: expected {Path(masks_dir) / rel} (any mode, > 0 = foreground)")
+    raise UserError(f"no mask for {data.files[i]}: expected {Path(masks_dir) / rel} (any mode, > 0 = foreground)")
 
 def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
     """Held-out accuracy of a logistic regression (standardized features, L-BFGS, L2 1e-4) on (N, D) features."""
@@ -1118,9 +1299,14 @@ def teacher_tokens(a, data, idx, grid, device):
     teacher = encoders.load_teacher(name, a.encoder_weights, grid, device,
                                     torch.bfloat16 if device.type == 'cuda' else None, siglip_norm=a.siglip_norm)
     chunks = [idx[i: i + a.batch_size] for i in range(0, len(idx), a.batch_size)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=min(4, os.cpu_count() or 1))
-    with torch.no_grad():  # (n, T, D)
-        tokens = torch.cat([teacher(img.to(device).float() / 255).half().cpu() for img, _, _ in tqdm(loader, name)])
+    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=min(4, os.cpu_count() or 1),
+                                         collate_fn=functools.partial(collate_reporting, data))
+    seen, tokens = {}, []
+    with torch.no_grad():
+        for img, _, _, bad in tqdm(loader, name):
+            report_unreadable(seen, bad)
+            tokens.append(teacher(img.to(device).float() / 255).half().cpu())
+    tokens = torch.cat(tokens)  # (n, T, D)
     atomic_save(cache, dict(tokens=tokens, key=key))
     return tokens, len(idx) / (time.time() - t0)
 
@@ -1181,9 +1367,9 @@ def correlate(argv):
         rows = [{k.strip().lower(): v for k, v in r.items() if k} for r in csv.DictReader(f)]
     need = ['teacher', 'fid', 'lp', 'lds', 'cds', 'srss', 'rmsc']
     if missing := [c for c in need if not rows or c not in rows[0]]:
-        raise ValueError(f"{a.csv} lacks the column(s) {', '.join(missing)}; it needs {', '.join(need)}")
+        raise UserError(f"{a.csv} lacks the column(s) {', '.join(missing)}; it needs {', '.join(need)}")
     if len(rows) < 3:
-        raise ValueError(f"{a.csv} has {len(rows)} row(s); a correlation needs at least 3 teachers")
+        raise UserError(f"{a.csv} has {len(rows)} row(s); a correlation needs at least 3 teachers")
     num = lambda v: float(v) if v.strip() not in ('', 'nan', 'NaN', 'None') else float('nan')
     fid = np.array([num(r['fid']) for r in rows])
     columns, result = {m: np.array([num(r[m]) for r in rows]) for m in need[2:]}, {}
@@ -1250,7 +1436,7 @@ def spnorm_viz(argv):
     img = center_crop(a.image, a.resolution) if a.image else synthetic_image(a.index, a.resolution, 10)[0]
     row, col = map(int, a.token.split(',')) if a.token else (grid // 2, grid // 2)
     if not (0 <= row < grid and 0 <= col < grid):
-        raise ValueError(f"--token {row},{col} is outside the {grid}x{grid} grid")
+        raise UserError(f"--token {row},{col} is outside the {grid}x{grid} grid")
     teacher = encoders.load_teacher(a.encoder, a.encoder_weights, grid)
     f = teacher(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255).float()  # (1, T, D)
     R, cell = a.resolution, a.resolution // grid
@@ -1289,8 +1475,14 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     latent_scale='latents times this constant (REPA: 0.18215) instead of the per-channel statistics',
     out_dir='config.json, log.jsonl, checkpoints/, samples/', demo=f'offline CPU demo; sets {DEMO}',
     compile='torch.compile the SiT and the teachers (default: on CUDA)', prepare='encode --data-path, then exit',
-    resume='continue from the newest checkpoint in --out-dir')
-TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool)  # flags whose default is None
+    resume='continue from the newest checkpoint in --out-dir',
+    overwrite="start afresh in an --out-dir holding another run: its files move to <out-dir>/replaced-<time>/",
+    keep_last='keep only the newest N checkpoints, removing older ones once a new one is written (0: keep all)',
+    time_limit=f"checkpoint and exit (code {PREEMPTED}) once this much time has passed, e.g. 3h55m for a 4-hour job",
+    max_bad_fraction='stop when more than this fraction of the images drawn so far is unreadable',
+    grad_floor=f'warn when a network\'s gradient norm stays below this for {GRAD_FLOOR_INTERVALS} log intervals',
+    grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next')
+TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, time_limit=str)  # default None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
 
@@ -1321,6 +1513,11 @@ def resolve_config(argv=None):
     cfg = DEFAULTS | row | demo | given
     cfg['device'] = auto_device(cfg['device'])
     cfg['compile'] = cfg['device'] == 'cuda' if cfg['compile'] is None else cfg['compile']
+    if cfg['time_limit'] is not None:
+        try:
+            seconds(cfg['time_limit'])
+        except ValueError as e:
+            p.error(f"--time-limit: {e}")
     return SimpleNamespace(**cfg)
 
 COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae}
@@ -1346,4 +1543,4 @@ def main(argv=None):
             dist.destroy_process_group()
 
 if __name__ == '__main__':
-    main()
+    cli(main)
