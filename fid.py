@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -529,6 +530,7 @@ def sample_main(a):
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official generate.py
+    stop = SimpleNamespace(old_handlers={}, signal=None)
     try:
         model, info = model_from_checkpoint(a.ckpt, device=device)
         norm = irepa.LatentNorm.from_dict(info['latent'])
@@ -577,7 +579,10 @@ def sample_main(a):
                   f"{world} process(es)", file=sys.stderr)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == 'bf16' else contextlib.nullcontext()
         net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
+        irepa.catch_stop_signals(stop)  # SIGTERM, SIGINT: stop between shards, then exit irepa.PREEMPTED
         for k in tqdm(todo, desc='sample', unit='shard', disable=rank != 0, file=sys.stderr):
+            if stop.signal:
+                break
             n = min(a.batch_size, a.num_samples - k * a.batch_size)
             g = shard_generator(a.seed, k)
             noise = torch.randn(n, model.in_channels, size, size, generator=g)
@@ -591,8 +596,15 @@ def sample_main(a):
             path = os.path.join(shards, f'{k:06d}.npy')
             np.save(path + '.tmp.npy', to_uint8(x).cpu().numpy())  # (n, H, W, 3)
             os.replace(path + '.tmp.npy', path)  # a shard exists only once complete
+        stopped = torch.tensor([float(stop.signal is not None)], device=device)
         if ddp:
-            dist.barrier()
+            dist.all_reduce(stopped)  # and a barrier: every rank's shards are written, or some rank stopped
+        if stopped.item():
+            left = sum(not os.path.exists(os.path.join(shards, f'{k:06d}.npy')) for k in range(n_shards))
+            if rank == 0:
+                print(f"stopped by a signal with {left} of {n_shards} shards to do in {shards}; the same command "
+                      f"goes on from there (exit code {irepa.PREEMPTED}: requeue)", file=sys.stderr)
+            raise SystemExit(irepa.PREEMPTED)
         if rank == 0:
             files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
             first = np.load(files[0])
@@ -604,6 +616,7 @@ def sample_main(a):
             print(f"wrote {a.num_samples} images {tuple(first.shape[1:])} to {out} (preview: {out[:-4]}.png)",
                   file=sys.stderr)
     finally:
+        irepa.release_stop_signals(stop)
         if ddp:
             dist.destroy_process_group()
 

@@ -701,12 +701,17 @@ def prune_checkpoints(out, keep_last):
         old.unlink()
 
 def catch_stop_signals(s):
-    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT only set a flag: the loop finishes
-    its step, checkpoints and exits with PREEMPTED. DataLoader workers ignore them (ignore_stop_signals)."""
+    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT only set s.signal: the training
+    loop finishes its step, checkpoints and exits with PREEMPTED (fid.py sample: between shards). DataLoader workers
+    ignore them (ignore_stop_signals). release_stop_signals puts the handlers back."""
     def handler(signum, frame):
         s.signal = signum
     s.signal, s.stop_work, s.stopped = None, None, False
     s.old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+def release_stop_signals(s):
+    for sig, handler in s.old_handlers.items():
+        signal.signal(sig, handler)
 
 def ignore_stop_signals(worker_id):
     """A DataLoader worker's init: schedulers signal every process of a job, and a worker that dies of it would crash
@@ -999,8 +1004,7 @@ def end_of_run(s):
     PREEMPTED (every rank, once its checkpoint is written)."""
     if s.stop_work is not None:
         s.stop_work.wait()  # the last flag reduction: no rank leaves one in flight
-    for sig, handler in s.old_handlers.items():
-        signal.signal(sig, handler)
+    release_stop_signals(s)
     if s.stopped and s.rec['step'] < s.cfg.max_steps:
         why = signal.Signals(s.signal).name if s.signal else f'--time-limit {s.cfg.time_limit}' \
             if s.deadline and time.time() > s.deadline else "another rank's stop signal"

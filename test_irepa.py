@@ -70,6 +70,18 @@ def tiny_sit(**kw):
     return irepa.SiT(**{**base, **kw})
 
 
+def user_error(capsys, main, *argv):
+    """Run a command line as its __main__ does (encoders.cli): exit code 2 and one 'error: ...' line on stderr, no
+    traceback. Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        encoders.cli(lambda: main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert e.value.code == 2 and len(lines) == 1 and 'Traceback' not in err, (e.value.code, err[-2000:])
+    return lines[0]
+
+
 def randomize(model, seed=0):
     """Official init zeroes the output layers, which would make most comparisons vacuous."""
     g = torch.Generator().manual_seed(seed)
@@ -550,7 +562,7 @@ def test_resume_refuses_another_config(tmp_path):
         irepa.main(run_args(tmp_path, 4, '--resume', '--recipe', 'repa'))
     with pytest.raises(ValueError, match="model"):
         irepa.main(run_args(tmp_path, 4, '--resume', '--model', 'SiT-T/2'))
-    with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    with pytest.raises(encoders.UserError, match='no checkpoint'):
         irepa.main(run_args(tmp_path / 'empty', 4, '--resume'))
     irepa.main(run_args(tmp_path, 3, '--resume', '--preview', 'euler'))  # the grids' sampler may change
 
@@ -593,6 +605,64 @@ def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
     assert torch.isfinite(torch.stack([v.float().sum() for v in load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
 
 
+def steps_logged(out):
+    return [json.loads(line)['step'] for line in open(out / 'log.jsonl')]
+
+
+@slow
+def test_a_used_out_dir_is_refused_resume_continues_overwrite_moves_aside(tmp_path, capsys):
+    irepa.main(run_args(tmp_path, 2))
+    said = user_error(capsys, irepa.main, *run_args(tmp_path, 1))  # a fresh run where a run has its checkpoints
+    assert str(tmp_path) in said and '--resume' in said and 'another --out-dir' in said
+    assert irepa.latest_checkpoint(tmp_path).name == '0000002.pt' and steps_logged(tmp_path) == [2]  # untouched
+    irepa.main(run_args(tmp_path, 4, '--resume'))  # continues the run and its own log
+    assert irepa.latest_checkpoint(tmp_path).name == '0000004.pt' and steps_logged(tmp_path) == [2, 4]
+    irepa.main(run_args(tmp_path, 1, '--overwrite'))  # afresh, the old run moved aside (and said so), nothing deleted
+    aside, = tmp_path.glob('replaced-*')
+    assert 'moved' in capsys.readouterr().err and str(aside) != str(tmp_path)
+    assert sorted(p.name for p in (aside / 'checkpoints').iterdir()) == ['0000002.pt', '0000004.pt']
+    assert steps_logged(aside) == [2, 4] and steps_logged(tmp_path) == [1]
+    assert [p.name for p in (tmp_path / 'checkpoints').iterdir()] == ['0000001.pt']
+    with pytest.raises(SystemExit) as e:  # --time-limit: checkpoint and exit PREEMPTED; here after the first step
+        irepa.main(run_args(tmp_path / 'timed', 50, '--time-limit', '0s'))
+    assert e.value.code == irepa.PREEMPTED and irepa.latest_checkpoint(tmp_path / 'timed').name == '0000001.pt'
+    assert 'stopped by --time-limit 0s after step 1' in capsys.readouterr().err
+
+
+def stop_when_logged(cmd, out, step, env, pids=None, timeout=300):
+    """Start cmd (its own process group), wait until out/log.jsonl reaches `step`, SIGTERM the group (or the pids that
+    pids(process) returns), wait for it. Returns (exit code, stderr, the step of the checkpoint it left)."""
+    import signal
+    import time
+    err = open(out.parent / f'{out.name}.err', 'w+')
+    p = subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    t0 = time.time()
+    while not ((out / 'log.jsonl').exists() and any(json.loads(l)['step'] >= step for l in open(out / 'log.jsonl'))):
+        assert p.poll() is None and time.time() - t0 < timeout, open(err.name).read()[-3000:]
+        time.sleep(0.05)
+    for pid in pids(p) if pids else [-p.pid]:
+        os.kill(pid, signal.SIGTERM)  # a negative pid: the whole group, as schedulers signal every process of a job
+    p.wait(timeout=120)
+    ckpts = sorted((out / 'checkpoints').glob('*.pt'))
+    assert len(ckpts) == 1, ckpts  # the stop's own checkpoint (--ckpt-every is far away)
+    return p.returncode, open(err.name).read(), load_ckpt(ckpts[0])['step']
+
+
+@slow
+def test_sigterm_checkpoints_the_step_and_resume_is_exact(tmp_path):
+    """SIGTERM to a training (its DataLoader worker too): it finishes the step, checkpoints it, exits PREEMPTED; the
+    resumed run equals an uninterrupted one bit for bit."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '2'}  # as this process: the same float arithmetic
+    cmd = [sys.executable, str(HERE / 'irepa.py')] + run_args(tmp_path / 'stop', 1000, '--num-workers', '1')
+    code, err, k = stop_when_logged(cmd, tmp_path / 'stop', 2, env)
+    assert code == irepa.PREEMPTED and f'stopped by SIGTERM after step {k}' in err and 'Traceback' not in err, err[-3000:]
+    assert k >= 2 and steps_logged(tmp_path / 'stop')[-1] == k
+    irepa.main(run_args(tmp_path / 'stop', k + 2, '--resume'))
+    irepa.main(run_args(tmp_path / 'full', k + 2))
+    assert_same_state(load_ckpt(tmp_path / f'stop/checkpoints/{k + 2:07d}.pt'),
+                      load_ckpt(tmp_path / f'full/checkpoints/{k + 2:07d}.pt'))
+
+
 def torchrun(nproc, args, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
@@ -601,12 +671,25 @@ def torchrun(nproc, args, tmp_path):
 
 @slow
 def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
-    r = torchrun(2, run_args(tmp_path / 'ddp', 4, '--ckpt-every', '2', '--sample-every', '0'), tmp_path)  # no grids
+    """Two gloo processes; SIGTERM to one rank only: both agree on the step to stop at (no rank left in a collective),
+    rank 0 checkpoints it, both exit PREEMPTED, and the resumed run equals the uninterrupted one bit for bit."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
+    rank1 = lambda p: [int(c) for c in subprocess.run(['ps', '-o', 'pid=', '--ppid', str(p.pid)], capture_output=True,
+                       text=True).stdout.split() if b'LOCAL_RANK=1\0' in open(f'/proc/{c}/environ', 'rb').read()]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HERE / 'irepa.py')]
+    code, err, k = stop_when_logged(cmd + run_args(tmp_path / 'stop', 1000, '--sample-every', '0'), tmp_path / 'stop', 2,
+                                    env, rank1)
+    assert f'stopped by another rank\'s stop signal after step {k}' in err and 'exitcode  : 75' in err, err[-3000:]
+    n = k + 2 + k % 2  # even: the uninterrupted run below checkpoints every 2 steps
+    r = torchrun(2, run_args(tmp_path / 'stop', n, '--resume', '--sample-every', '0'), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, run_args(tmp_path / 'ddp', n, '--ckpt-every', '2', '--sample-every', '0'), tmp_path)  # no grids
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the 2 ranks hold identical weights' in r.stdout
     assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'log.jsonl']
-    assert sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir()) == ['0000002.pt', '0000004.pt']
-    assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == 2  # one writer
+    assert sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir()) == [f'{i:07d}.pt' for i in range(2, n + 1, 2)]
+    assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == n // 2  # one writer
+    assert_same_state(load_ckpt(tmp_path / f'stop/checkpoints/{n:07d}.pt'), load_ckpt(tmp_path / f'ddp/checkpoints/{n:07d}.pt'))
     r = torchrun(2, run_args(tmp_path / 'odd', 2, '--global-batch-size', '3'), tmp_path)
     assert r.returncode != 0 and 'not divisible by the 2 processes' in r.stderr
 
@@ -634,9 +717,9 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
     irepa.main(run_args(tmp_path / 'run', 2, '--data-path', str(root)))  # trains on it, corrupt file and all
     (tmp_path / 'empty/cat').mkdir(parents=True)
     (tmp_path / 'empty/cat/notes.txt').write_text('no images here')
-    with pytest.raises(FileNotFoundError, match='no images'):
+    with pytest.raises(encoders.UserError, match='no images'):
         irepa.ImageData(tmp_path / 'empty', 16)
-    with pytest.raises(FileNotFoundError, match='not a folder'):
+    with pytest.raises(encoders.UserError, match='not a folder'):
         irepa.ImageData(tmp_path / 'nothing', 16)
 
 
@@ -849,7 +932,7 @@ def test_bad_input():
         load_teacher('dinov2', 'random:1', grid=0, device='meta')
     with pytest.raises(ValueError, match='siglip_norm'):
         load_teacher('siglip', 'random:1', siglip_norm='clip', device='meta')
-    with pytest.raises(FileNotFoundError, match='no weights file'):
+    with pytest.raises(encoders.UserError, match='no weights file'):
         load_teacher('dinov2', '/nonexistent/dinov2.pth')
 
 
@@ -880,7 +963,7 @@ def test_load_teachers_and_the_demo_fallback(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))  # and not from a cache this machine might have
-    with pytest.raises(FileNotFoundError, match='model.safetensors'):
+    with pytest.raises(encoders.UserError, match='model.safetensors'):
         encoders.load_teachers('dinov2', 'auto', grid=2)
     teachers = encoders.load_teachers('dinov2,none', 'auto', demo=True, grid=2)
     assert len(teachers) == 1 and len(teachers[0].model.blocks) == 1 and 'RANDOM' in capsys.readouterr().err
@@ -998,14 +1081,14 @@ def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(encoders.UserError) as e:
         load_teacher('dinov2', device='meta')
     msg = str(e.value)
     assert 'dinov2-vit-b' in msg and 'timm/vit_base_patch14_dinov2.lvd142m' in msg and 'model.safetensors' in msg
     assert '--encoder-weights PATH' in msg
-    with pytest.raises(FileNotFoundError, match='pretrained_models/mocov3_vitb.pth'):
+    with pytest.raises(encoders.UserError, match='pretrained_models/mocov3_vitb.pth'):
         load_teacher('mocov3', device='meta')
-    with pytest.raises(FileNotFoundError, match='stabilityai/sd-vae-ft-mse.*diffusion_pytorch_model.safetensors'):
+    with pytest.raises(encoders.UserError, match='stabilityai/sd-vae-ft-mse.*diffusion_pytorch_model.safetensors'):
         encoders.load_vae('sd-vae-ft-mse')
     # a file already in the cache is used offline
     shrink(monkeypatch, 'dinov2-vit-b')
@@ -1123,7 +1206,7 @@ def test_read_npz_batches_streams_arr0(tmp_path):
         assert fid.npz_shape(path) == (7, 5, 6, 3)
 
 
-def test_bad_npz_inputs_give_clear_errors(tmp_path):
+def test_bad_npz_inputs_give_clear_errors(tmp_path, capsys):
     (tmp_path / 'text.npz').write_text('hello')
     np.savez(tmp_path / 'noarr.npz', images=random_images(4, 8, 8, 0))
     with zipfile.ZipFile(tmp_path / 'cut.npz', 'w') as zf:  # a truncated arr_0 must not pass as a shorter file
@@ -1143,14 +1226,12 @@ def test_bad_npz_inputs_give_clear_errors(tmp_path):
     for path, message in cases.items():
         with pytest.raises(ValueError, match=message):
             list(fid.read_npz_batches(path, 2))
-    # the CLI turns them into one-line errors, before any weights are looked for
+    # the command line turns them into one-line errors with exit code 2, before any weights are looked for
     good = save_npz(tmp_path / 'good.npz', random_images(8, 8, 8, 0))
-    with pytest.raises(SystemExit, match='uint8'):
-        fid.main(['eval', good, str(tmp_path / 'float.npz')])
-    with pytest.raises(SystemExit, match='split of 5000'):
-        fid.main(['eval', good, good])
-    with pytest.raises(SystemExit, match='at least 4'):
-        fid.main(['eval', save_npz(tmp_path / 'three.npz', random_images(3, 8, 8, 0)), good, '--is-split', '2'])
+    assert 'uint8' in user_error(capsys, fid.main, 'eval', good, tmp_path / 'float.npz')
+    assert 'split of 5000' in user_error(capsys, fid.main, 'eval', good, good)
+    three = save_npz(tmp_path / 'three.npz', random_images(3, 8, 8, 0))
+    assert 'at least 4' in user_error(capsys, fid.main, 'eval', three, good, '--is-split', '2')
 
 
 def test_stored_statistics(tmp_path):
@@ -1376,10 +1457,10 @@ def test_matches_torch_fidelity(weights, capsys):
 def test_weights_search_and_checks(tmp_path, monkeypatch):
     monkeypatch.delenv('IREPA_INCEPTION', raising=False)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(encoders.UserError) as e:
         fid.find_inception()
     assert fid.INCEPTION_FILE in str(e.value) and fid.INCEPTION_URL in str(e.value)
-    with pytest.raises(FileNotFoundError, match=fid.INCEPTION_FILE):
+    with pytest.raises(encoders.UserError, match=fid.INCEPTION_FILE):
         fid.find_inception(str(tmp_path / 'nowhere.pth'))
     bogus = tmp_path / 'bogus.pth'
     torch.save({'foo': torch.zeros(3)}, bogus)
@@ -1503,7 +1584,7 @@ def test_sample_writes_exactly_n_and_resumes(tiny_ckpt, tmp_path, monkeypatch):
     assert np.array_equal(np.load(tmp_path / 'b.npz')['arr_0'], a)
     (tmp_path / 'c.shards').mkdir()
     (tmp_path / 'c.shards/settings.json').write_text('{"seed": 5}')
-    with pytest.raises(SystemExit, match='other settings'):
+    with pytest.raises(encoders.UserError, match='other settings'):
         fid.main(sample_args(tiny_ckpt, tmp_path / 'c.npz'))
 
 
@@ -1522,10 +1603,10 @@ def test_sample_ddp_gives_the_same_images(tiny_ckpt, tmp_path):
 @slow
 def test_sample_bad_checkpoints(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(SystemExit, match='not a readable PyTorch checkpoint'):
+    with pytest.raises(encoders.UserError, match='not a readable PyTorch checkpoint'):
         fid.main(sample_args(tmp_path / 'junk.pt', tmp_path / 'x.npz'))
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
-    with pytest.raises(SystemExit, match='not a SiT checkpoint'):
+    with pytest.raises(encoders.UserError, match='not a SiT checkpoint'):
         fid.main(sample_args(tmp_path / 'other.pt', tmp_path / 'x.npz'))
 
 
@@ -1541,7 +1622,7 @@ def test_official_checkpoint_loads(tmp_path):
     assert info['latent'] is None and info['step'] == 400000 and len(model.projectors) == 0
     x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([1, 2])
     torch.testing.assert_close(model(x, t, y)[0], official.eval()(x, t, y)[0])
-    with pytest.raises(SystemExit, match='--latent-scale 0.18215'):
+    with pytest.raises(encoders.UserError, match='--latent-scale 0.18215'):
         fid.main(sample_args(tmp_path / 'official.pt', tmp_path / 'x.npz'))
 
 
@@ -1655,7 +1736,7 @@ def test_repae_lpips_linear_layers_load(tmp_path, monkeypatch):
         assert torch.equal(lpips.lins[k].weight, lins[f'lin{k}.model.1.weight'])
     monkeypatch.setenv('IREPA_LPIPS', str(tmp_path / 'missing.pth'))
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    with pytest.raises(FileNotFoundError, match='vgg.pth.*lpips'):
+    with pytest.raises(encoders.UserError, match='vgg.pth.*lpips'):
         encoders.load_lpips('auto')
 
 
