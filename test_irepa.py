@@ -1589,6 +1589,29 @@ def test_sample_writes_exactly_n_and_resumes(tiny_ckpt, tmp_path, monkeypatch):
 
 
 @slow
+def test_sample_stops_between_shards_on_sigterm(tiny_ckpt, tmp_path):
+    """SIGTERM during fid.py sample: the shard in progress is finished, the run exits PREEMPTED without an npz, and the
+    same command completes it into the npz an uninterrupted run writes."""
+    import signal
+    import time
+    args = lambda out: sample_args(tiny_ckpt, out, n=16) + ['--batch-size', '2']  # 8 shards
+    p = subprocess.Popen([sys.executable, str(HERE / 'fid.py')] + args(tmp_path / 'b.npz'), cwd=tmp_path,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    while not (tmp_path / 'b.shards/000000.npy').exists():
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    done = sorted(f.name for f in (tmp_path / 'b.shards').glob('*.npy'))
+    assert p.returncode == irepa.PREEMPTED and 'stopped by a signal' in err and 'Traceback' not in err, err[-3000:]
+    assert 1 <= len(done) < 8 and not (tmp_path / 'b.npz').exists() and not list((tmp_path / 'b.shards').glob('*.tmp*'))
+    fid.main(args(tmp_path / 'b.npz'))  # goes on from the shards written
+    fid.main(args(tmp_path / 'a.npz'))
+    assert np.array_equal(np.load(tmp_path / 'b.npz')['arr_0'], np.load(tmp_path / 'a.npz')['arr_0'])
+
+
+@slow
 def test_sample_ddp_gives_the_same_images(tiny_ckpt, tmp_path):
     fid.main(sample_args(tiny_ckpt, tmp_path / 'one.npz', n=11) + ['--class-balanced'])
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
