@@ -605,6 +605,40 @@ def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
     assert torch.isfinite(torch.stack([v.float().sum() for v in load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
 
 
+@slow
+def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    """A missing data folder, a wrong layout, an unknown teacher, a missing teacher (hub offline, or a file), a missing
+    VAE, a bad flag value: one 'error: ...' line, exit code 2, no traceback, in every command line; a bug keeps its
+    traceback."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hub'))  # an empty cache
+    (tmp_path / 'flat').mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'flat/a.png')  # no class folders
+    for extra, says in (
+            (['--data-path', tmp_path / 'nothing'], 'is not a folder'),
+            (['--data-path', tmp_path / 'flat'], 'no images'),
+            (['--encoder', 'dinov9'], "unknown teacher 'dinov9'"),
+            (['--encoder-weights', 'auto'], 'cannot get'),  # not --demo: no random stand-in
+            (['--encoder-weights', tmp_path / 'none.safetensors'], 'no weights file'),
+            (['--vae', tmp_path / 'vae.safetensors'], 'no weights file')):
+        assert says in user_error(capsys, irepa.main, *run_args(tmp_path / 'run', 2, *extra)), extra
+    assert "unknown teacher 'dinov9'" in user_error(capsys, lambda argv: encoders.load_teacher(*argv), 'dinov9')
+    with pytest.raises(SystemExit) as e:  # a bad flag value: argparse's usage and one error line
+        irepa.main(['--time-limit', '3 hours'])
+    assert e.value.code == 2 and "error: --time-limit: not a duration: '3 hours'" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # not a user error: the traceback stays
+        encoders.cli(lambda: 1 / 0)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    for cmd, says in (([HERE / 'irepa.py', '--data-path', tmp_path / 'nothing', '--device', 'cpu'], 'error: --data-path'),
+                      ([HERE / 'fid.py', 'sample', '--ckpt', tmp_path / 'flat/a.png'], 'not a readable PyTorch'),
+                      ([HERE / 'bench.py', '--teacher', 'dinov9'], "error: unknown teacher 'dinov9'")):
+        r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        errors = [line for line in r.stderr.splitlines() if 'error: ' in line]
+        assert r.returncode == 2 and len(errors) == 1 and says in errors[0] and 'Traceback' not in r.stderr, r.stderr
+
+
 def steps_logged(out):
     return [json.loads(line)['step'] for line in open(out / 'log.jsonl')]
 
@@ -615,6 +649,8 @@ def test_a_used_out_dir_is_refused_resume_continues_overwrite_moves_aside(tmp_pa
     said = user_error(capsys, irepa.main, *run_args(tmp_path, 1))  # a fresh run where a run has its checkpoints
     assert str(tmp_path) in said and '--resume' in said and 'another --out-dir' in said
     assert irepa.latest_checkpoint(tmp_path).name == '0000002.pt' and steps_logged(tmp_path) == [2]  # untouched
+    assert 'made with another config' in user_error(capsys, irepa.main, *run_args(tmp_path, 4, '--resume', '--model',
+                                                                                   'SiT-T/2'))  # another model's
     irepa.main(run_args(tmp_path, 4, '--resume'))  # continues the run and its own log
     assert irepa.latest_checkpoint(tmp_path).name == '0000004.pt' and steps_logged(tmp_path) == [2, 4]
     irepa.main(run_args(tmp_path, 1, '--overwrite'))  # afresh, the old run moved aside (and said so), nothing deleted
