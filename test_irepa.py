@@ -520,7 +520,7 @@ TINY_RUN = ['--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--enco
 
 
 def run_args(out, steps, *extra):
-    return TINY_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)] + list(extra)
+    return TINY_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)] + [str(a) for a in extra]
 
 
 def load_ckpt(path):
@@ -747,10 +747,19 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
     img, moments, label = data[6]  # 'broken.png' sorts last: replaced by the first readable dog, never a cat
     assert img.dtype == torch.uint8 and moments.numel() == 0 and label == 1
     assert torch.equal(img, data[3][0])
-    assert 'skipping unreadable image' in capsys.readouterr().err and data.bad == 1
+    assert data.unreadable == [(str(root / 'dog/broken.png'), data.unreadable[0][1])]  # for the loop to report
     big = Image.fromarray(np.random.randint(0, 255, (100, 300, 3), dtype=np.uint8))
     assert irepa.center_crop(big, 32).shape == (32, 32, 3)
-    irepa.main(run_args(tmp_path / 'run', 2, '--data-path', str(root)))  # trains on it, corrupt file and all
+    (root / 'dog/broken2.png').write_bytes(b'')  # 2 of 8 unreadable: trains when allowed, each file reported once
+    capsys.readouterr()
+    irepa.main(run_args(tmp_path / 'run', 6, '--data-path', root, '--max-bad-fraction', '0.5', '--num-workers', '2'))
+    err, log = capsys.readouterr().err, [json.loads(l) for l in open(tmp_path / 'run/log.jsonl')]
+    assert [r['step'] for r in log] == [2, 4, 6] and 0 < log[0]['bad_images'] <= log[1]['bad_images'] <= log[2]['bad_images']
+    for name in ('broken.png', 'broken2.png'):
+        assert err.count(f'warning: unreadable image {root / "dog" / name} (') == 1, err  # drawn more often than that
+    with pytest.raises(encoders.UserError, match=r'images drawn so far were unreadable, more than --max-bad-fraction '
+                                                 r'0\.01.*broken'):  # by default: not a silently different dataset
+        irepa.main(run_args(tmp_path / 'strict', 6, '--data-path', root))
     (tmp_path / 'empty/cat').mkdir(parents=True)
     (tmp_path / 'empty/cat/notes.txt').write_text('no images here')
     with pytest.raises(encoders.UserError, match='no images'):
