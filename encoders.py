@@ -43,6 +43,9 @@ def cli(main):
     try:
         return main()
     except UserError as e:
+        from tqdm import tqdm
+        for bar in list(tqdm._instances):  # a progress bar in flight ends its line first
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

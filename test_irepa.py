@@ -473,7 +473,8 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
         recipe=recipe, demo=True, device=irepa.auto_device('auto'), compile=irepa.auto_device('auto') == 'cuda')
     log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
-    own = {'flow': set(), 'repa-e': {'vae_loss', 'd_loss', 'kl'}, 'meanflow': {'mse'}}[row['objective']]
+    own = {'flow': set(), 'repa-e': {'vae_loss', 'd_loss', 'kl', 'grad_norm_vae', 'grad_norm_disc'},  # NaN-guarded
+           'meanflow': {'mse'}}[row['objective']]
     assert len(log) == 2 and all(own <= set(r) and math.isfinite(r['flow'] + r['align']) for r in log)
     ckpt = load_ckpt(tmp_path / 'checkpoints/0000002.pt')
     proj = ckpt['model']['projectors.0.projection_layer.weight' if row['projector'] == 'conv' else
@@ -603,6 +604,45 @@ def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
         irepa.main(run_args(tmp_path, 8, '--ckpt-every', '2'))
     assert irepa.latest_checkpoint(tmp_path).name == '0000004.pt'  # written before the NaN; nothing after it
     assert torch.isfinite(torch.stack([v.float().sum() for v in load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
+    real_step = irepa.clipped_step  # a non-finite gradient norm with a finite loss (REPA-E: its VAE, discriminator)
+    monkeypatch.setattr(irepa, 'clipped_step', lambda *a: real_step(*a) * (float('nan') if len(calls) == 3 else 1))
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=r'non-finite grad_norm at step 3'):
+        irepa.main(run_args(tmp_path / 'grad', 4, '--log-every', '4'))
+
+
+@slow
+def test_gradient_watch_warns_on_a_run_that_does_not_learn(tmp_path, capsys):
+    """--lr 0 learns nothing: its gradient norm stays where it was, under a floor set above it, for 3 log intervals:
+    a warning (once) and a field in each log record from then on; a jump of more than --grad-jump times warns too."""
+    irepa.main(run_args(tmp_path, 4, '--lr', '0', '--grad-floor', '100', '--log-every', '1'))
+    log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
+    assert ['grad_watch' in r for r in log] == [False, False, True, True]
+    assert 'below --grad-floor 100 for 4 log intervals' in log[3]['grad_watch'][0]
+    assert capsys.readouterr().err.count('grad_norm') == 1  # printed once
+    s = SimpleNamespace(cfg=SimpleNamespace(grad_floor=1e-4, grad_jump=100.0), grad_prev={}, grad_low={}, master=False)
+    assert irepa.grad_watch(s, dict(step=1, grad_norm=1.0, grad_norm_vae=0.5)) == []
+    assert irepa.grad_watch(s, dict(step=2, grad_norm=2.0, grad_norm_vae=0.004)) == [
+        'grad_norm_vae jumped from 0.5 to 0.004 (more than --grad-jump 100 times)']
+
+
+@slow
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        if '0000004' in str(f):
+            Path(f).write_bytes(b'partial')
+            raise OSError(28, 'No space left on device')
+        real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', disk_full)
+    said = user_error(capsys, irepa.main, *run_args(tmp_path, 6, '--ckpt-every', '2', '--keep-last', '1'))
+    assert 'No space left on device' in said and f"The previous checkpoint, {tmp_path / 'checkpoints/0000002.pt'}, is intact" in said
+    assert [p.name for p in (tmp_path / 'checkpoints').iterdir()] == ['0000002.pt'] and load_ckpt(
+        tmp_path / 'checkpoints/0000002.pt')['step'] == 2  # the partial file is gone; the previous one kept
+    monkeypatch.undo()
+    irepa.main(run_args(tmp_path, 6, '--ckpt-every', '2', '--keep-last', '1', '--resume'))
+    assert [p.name for p in (tmp_path / 'checkpoints').iterdir()] == ['0000006.pt']  # --keep-last 1, once complete
 
 
 @slow
