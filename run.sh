@@ -15,6 +15,7 @@
 # Relative paths are relative to this directory.
 set -euo pipefail
 cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1  # the stages' output reaches the terminal and their logs as it is written
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -139,7 +140,9 @@ gpu_hours() { awk -v f="$1" -v p="$PEAK_TFLOPS" -v m="$MFU" 'BEGIN { printf "%.3
 add() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
 
 # stage NAME OUTPUT FLOPS GPUS COMMAND...: run COMMAND unless OUTPUT exists. Every tool writes its output last and
-# atomically (meta.json, a checkpoint, the .npz, the .json), so an existing output is a complete one.
+# atomically (meta.json, a checkpoint, the .npz, the .json), so an existing output is a complete one. The command's
+# output also goes to $OUT/logs/NAME.log; a failing stage stops the sweep, named with its log and its exit code (75: a
+# training or sampling stopped by SIGTERM/SIGINT or --time-limit after its checkpoint; rerun to go on; 2: a user error).
 stage() {
     local name=$1 out=$2 flops=$3 gpus=$4; shift 4
     local h; h=$(gpu_hours "$flops")
@@ -154,8 +157,14 @@ stage() {
     TODO=$(add "$TODO" "$h")
     show "$@"
     [[ $DRY ]] && return 0
-    local t0=$SECONDS
-    "$@"
+    local t0=$SECONDS rc=0 log=$OUT/logs/${name//[^A-Za-z0-9._-]/_}.log
+    mkdir -p "$OUT/logs"
+    # tee ignores the stop signals: it outlives the stage's own stop (checkpoint, last words), so no write hits a closed pipe
+    "$@" > >(trap '' INT TERM; exec tee "$log") 2>&1 || rc=$?
+    if (( rc )); then
+        echo "run.sh: stage '$name' failed with exit code $rc; its log: $log" >&2
+        exit "$rc"
+    fi
     echo "done $name in $(( SECONDS - t0 )) s"
 }
 

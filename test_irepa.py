@@ -2184,6 +2184,14 @@ def test_run_sh_dry_run_lists_every_stage_with_costs_and_runs_nothing(tmp_path):
 
 
 @slow
+def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(tmp_path), LAUNCH='ls /nothing-here'), timeout=300)
+    stage_log = tmp_path / 'logs/prepare__synthetic_set_.log'
+    assert rc == 2 and f"run.sh: stage 'prepare (synthetic set)' failed with exit code 2; its log: {stage_log}" in log
+    assert 'ls: ' in stage_log.read_text() and '== train' not in log  # the stage's own output; nothing after it
+
+
+@slow
 def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     """bash run.sh smoke: killed after its first sample batch, rerun: the finished stages are skipped and the sweep
     completes with one finite row per teacher x recipe and the correlation panel; a third run only skips; a deleted
