@@ -24,6 +24,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -590,11 +591,15 @@ def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=No
         report_unreadable(seen, bad)
         yield chunk, *vae.encode(img.to(device).float() / 127.5 - 1)
 
+PREPARE_SHARD = 4096  # images per unit of --prepare's work: a stopped --prepare redoes at most one per process
+
 @torch.no_grad()
 def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classes=10, seed=0, synthetic_size=10_000,
                     batch_size=64, num_workers=0):
-    """One pass over the images (sharded over ranks): VAE posterior mean/std as an fp16 memmap, labels, and the
-    per-channel latent statistics (latent_stats). meta.json is written last and marks completion."""
+    """One pass over the images in shards of PREPARE_SHARD, spread over the ranks: VAE posterior mean/std as an fp16
+    memmap, labels, and the per-channel latent statistics (latent_stats). A finished shard leaves its moment sums in
+    out/shards/; SIGTERM/SIGINT stop between shards (exit PREEMPTED) and the same command goes on from there.
+    meta.json is written last and marks completion."""
     import encoders
     rank, world, _ = dist_info()
     barrier = dist.barrier if world > 1 else lambda: None
@@ -603,16 +608,41 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
     data = ImageData(data_path, resolution, num_classes, seed, synthetic_size)
     vae = encoders.load_vae(vae_spec, device=device)
     C, h = vae.latent_channels, resolution // vae.downsample
-    if rank == 0:
+    shards, n = out / 'shards', -(-len(data) // PREPARE_SHARD)
+    settings = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
+                    vae=vae_spec, size=len(data), shape=[2 * C, h, h], shard=PREPARE_SHARD)
+    if (shards / 'settings.json').exists() and json.loads((shards / 'settings.json').read_text()) != settings:
+        raise UserError(f"{shards} holds the shards of a --prepare with other settings; delete it or pick another --out-dir")
+    barrier()  # every rank has checked before rank 0 writes
+    if rank == 0 and not (shards / 'settings.json').exists():  # a new pass (else: go on with the shards not done)
         np.lib.format.open_memmap(out / 'latents.npy', mode='w+', dtype=np.float16, shape=(len(data), 2 * C, h, h)).flush()
+        shards.mkdir(exist_ok=True)
+        (shards / 'settings.json').write_text(json.dumps(settings))
     barrier()
     latents = np.load(out / 'latents.npy', mmap_mode='r+')
-    sums = torch.zeros(3, C, dtype=torch.float64, device=device)
-    for ids, mean, std in latent_moments(data, vae, list(range(rank, len(data), world)), device, batch_size,
-                                         num_workers, 'prepare latents' if rank == 0 else None):
-        latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
-        sums += moment_sums(mean, std)
-    latents.flush()
+    sums, stop = torch.zeros(3, C, dtype=torch.float64, device=device), SimpleNamespace()
+    catch_stop_signals(stop)
+    for k in tqdm(range(rank, n, world), 'prepare latents', disable=rank != 0):
+        if not (shards / f'{k:06d}.pt').exists():
+            if stop.signal:
+                break
+            part = torch.zeros(3, C, dtype=torch.float64, device=device)
+            for ids, mean, std in latent_moments(data, vae, list(range(k * PREPARE_SHARD, min(len(data), (k + 1) *
+                                                 PREPARE_SHARD))), device, batch_size, num_workers):
+                latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
+                part += moment_sums(mean, std)
+            latents.flush()
+            atomic_save(shards / f'{k:06d}.pt', part.cpu())  # marks the shard done
+        sums += torch.load(shards / f'{k:06d}.pt', weights_only=True).to(device)  # the same sums, done now or before
+    release_stop_signals(stop)
+    stopped = torch.tensor([float(stop.signal is not None)], device=device)
+    if world > 1:
+        dist.all_reduce(stopped)  # every rank goes on or stops, together
+    if stopped.item():
+        if rank == 0:
+            print(f"stopped by a signal; {n - len(list(shards.glob('*.pt')))} of {n} shards to do in {shards}; the "
+                  f"same command goes on from there (exit code {PREEMPTED}: requeue)", file=sys.stderr)
+        raise SystemExit(PREEMPTED)
     mu, sd = latent_stats(sums)
     barrier()
     if rank == 0:
@@ -620,7 +650,9 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
         meta = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
                     num_classes=data.num_classes, seed=seed, size=len(data), vae=vae_spec, shape=[2 * C, h, h],
                     stats=dict(mean=mu.tolist(), std=sd.tolist()))
-        (out / 'meta.json').write_text(json.dumps(meta, indent=1))
+        (out / 'meta.json.tmp').write_text(json.dumps(meta, indent=1))
+        os.replace(out / 'meta.json.tmp', out / 'meta.json')
+        shutil.rmtree(shards)
         print(f"prepared {len(data)} latents {(2 * C, h, h)} in {out}; per-channel mean {np.round(mu.tolist(), 4)}, "
               f"std {np.round(sd.tolist(), 4)}")
     barrier()

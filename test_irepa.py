@@ -834,6 +834,31 @@ def test_prepared_latents_and_latent_training(tmp_path):
         irepa.ImageData(out, 32)
 
 
+@slow
+def test_prepare_stops_between_shards_on_sigterm_and_goes_on(tmp_path, monkeypatch, capsys):
+    import signal
+    monkeypatch.setattr(irepa, 'PREPARE_SHARD', 8)  # 24 images: 3 shards
+    prepare = lambda out: irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size',
+                                      '24', '--out-dir', str(out), '--num-workers', '0', '--device', 'cpu'])
+    prepare(tmp_path / 'full')
+    real, calls = irepa.moment_sums, []
+
+    def signalled(*a):  # a real SIGTERM to this process, during the first shard
+        calls.append(os.kill(os.getpid(), signal.SIGTERM) if not calls else None)
+        return real(*a)
+    monkeypatch.setattr(irepa, 'moment_sums', signalled)
+    with pytest.raises(SystemExit) as e:
+        prepare(tmp_path / 'stop')
+    assert e.value.code == irepa.PREEMPTED and '2 of 3 shards to do' in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / 'stop/shards').iterdir()) == ['000000.pt', 'settings.json']
+    assert not (tmp_path / 'stop/meta.json').exists() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    prepare(tmp_path / 'stop')  # goes on with shards 1 and 2
+    assert len(calls) == 1 + 2 and not (tmp_path / 'stop/shards').exists()
+    assert np.load(tmp_path / 'stop/latents.npy').tobytes() == np.load(tmp_path / 'full/latents.npy').tobytes()
+    assert json.loads((tmp_path / 'stop/meta.json').read_text())['stats'] == json.loads(
+        (tmp_path / 'full/meta.json').read_text())['stats']
+
+
 def test_synthetic_set_is_deterministic_and_class_conditional():
     a, la, ma = irepa.synthetic_image(7, 32, 10, seed=1)
     b, lb, mb = irepa.synthetic_image(7, 32, 10, seed=1)
