@@ -80,7 +80,7 @@ DEFAULTS = dict(
     max_steps=400_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0,  # REPA's optimizer
     out_dir='out/run', log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
     device='auto', compile=None, resume=False, prepare=False, demo=False,
-    overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # a cluster
+    overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # on a cluster
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
 # cores, enough for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
@@ -1038,8 +1038,8 @@ def end_of_run(s):
         s.stop_work.wait()  # the last flag reduction: no rank leaves one in flight
     release_stop_signals(s)
     if s.stopped and s.rec['step'] < s.cfg.max_steps:
-        why = signal.Signals(s.signal).name if s.signal else f'--time-limit {s.cfg.time_limit}' \
-            if s.deadline and time.time() > s.deadline else "another rank's stop signal"
+        why = (signal.Signals(s.signal).name if s.signal else f'--time-limit {s.cfg.time_limit}'
+               if s.deadline and time.time() > s.deadline else "another rank's stop signal")
         if s.master:
             print(f"stopped by {why} after step {s.rec['step']}: checkpoint {latest_checkpoint(s.out)}; continue "
                   f"with --resume (exit code {PREEMPTED}: requeue)", file=sys.stderr)
