@@ -705,8 +705,6 @@ def test_synthetic_set_is_deterministic_and_class_conditional():
 # ones, and inductor compiles them once.
 
 GPU_PATH_RECIPES = {'flow': 'irepa', 'repa-e': 'irepa-e', 'meanflow': 'meanflow-irepa'}
-
-
 STEP_TOL = 3e-2  # bf16 keeps 8 bits of mantissa: losses agree to ~1e-3 relative, a few 1e-2 at most
 
 
@@ -743,7 +741,7 @@ def compiled_first_steps(objective, out, device='cpu'):
         t0 = time.perf_counter()
         irepa.train_step(s, step_fn, 0, batch)
         s.first_losses = dict(s.sums)
-        s.first_step_s = time.perf_counter() - t0 if s.device.type == 'cpu' else None
+        s.first_step_s = time.perf_counter() - t0
     first = {k: dict(v) for k, v in counters.items()}
     for step in (1, 2):
         irepa.train_step(fast, step_fn, step, next(fast.loader))
@@ -790,8 +788,7 @@ def test_compiled_bf16_step(objective, compiled_runs):
     assert sorted(r.fast.first_losses) == r.names
     print(f"{objective}: first-step losses, bf16 compiled {dict(zip(r.names, fast.tolist()))}, fp32 eager "
           f"{ref.tolist()}; largest difference {(fast - ref).abs().max().item():.2e}")
-    torch.testing.assert_close(fast, ref, rtol=STEP_TOL, atol=STEP_TOL)
-    assert r.largest_difference <= STEP_TOL
+    assert r.largest_difference <= STEP_TOL  # |bf16 - fp32| <= STEP_TOL (1 + |fp32|) for every loss
     nets = [r.fast.model] + ([r.fast.vae, r.fast.disc] if objective == 'repa-e' else [])
     assert all(torch.isfinite(p).all() for m in nets for p in m.parameters())
     assert not torch.equal(r.fast.model.final_layer.linear.weight, r.ref.model.final_layer.linear.weight)  # trained
@@ -845,16 +842,17 @@ def test_the_step_never_waits_for_the_device(objective, one_block_sit, tmp_path,
     from torch._subclasses.fake_tensor import DataDependentOutputException
     s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], tmp_path, 'cpu', '--precision',
                                                        'bf16')))
-    step_fn = irepa.OBJECTIVES[objective]
-    irepa.train_step(s, step_fn, 0, next(s.loader))  # the optimizers' state exists from the second step on
-    batch = next(s.loader)
-    with no_host_sync():
-        irepa.train_step(s, step_fn, 1, batch)
+    step_fn, batches, guard = irepa.OBJECTIVES[objective], [next(s.loader) for _ in range(3)], no_host_sync()
+    for teacher in s.teachers:  # their input-range check reads the first batch on the host, once per run: done
+        teacher.checked = True
+    with guard:  # the first step (the optimizers make their state) and one with the state there
+        for step in (0, 1):
+            irepa.train_step(s, step_fn, step, batches[step])
     assert type(s.sums['flow']).__name__ == 'FakeTensor' and s.n_steps == 2  # it really ran in the guard
     real = irepa.alignment_loss
     monkeypatch.setattr(irepa, 'alignment_loss', lambda *a: (lambda v: (v.item(), v)[1])(real(*a)))  # one .item()
-    with pytest.raises(DataDependentOutputException), no_host_sync():
-        irepa.train_step(s, step_fn, 2, batch)
+    with pytest.raises(DataDependentOutputException), guard:
+        irepa.train_step(s, step_fn, 2, batches[2])
 
 
 def sampler_device_error(device):
