@@ -38,6 +38,7 @@ import torch.nn.functional as F
 IN = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet mean, std
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+NONE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # HOG sees the pixels themselves
 COLLECTIONS = 'REPA-E/iREPA-collections'  # the official repo's copies of the checkpoints timm does not host
 
 # How the official code feeds each family. resize: F.interpolate mode to patch * grid pixels, no antialias, except
@@ -57,6 +58,16 @@ FAMILIES = {
     'siglip':  dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True, grids=(16,),
                     kw=dict(act_layer='gelu_tanh', global_pool='map')),
     'pe':      dict(resize='bilinear', norm=HALF, norm_first=False, final_norm=False),
+    # The teachers that are not plain ViTs say how their tokens form (`tokens`, see Teacher.features) and, where the
+    # input is not patch * grid pixels, its size: SAM always sees 1024 px and its 64x64 neck map is resized to the
+    # grid; SAM2's Hiera trunk (stride 32, channels-last, no neck, no final norm) sees twice the SiT's resolution;
+    # VGG16 gives its pool4 map (stride 16); HOG is computed from the pixels, no weights.
+    'sam':     dict(resize='bicubic', norm=IN, norm_first=False, final_norm=True, tokens='map', input=1024),
+    'sam2':    dict(resize='bicubic', norm=IN, norm_first=False, final_norm=True, tokens='nhwc'),
+    # C-RADIO normalizes inside the network with the mean/std stored in its checkpoint (the file's, when it has them)
+    'cradio':  dict(resize='bilinear', norm=CLIP, norm_first=False, final_norm=False),  # (timm: no final norm)
+    'vgg':     dict(resize='bilinear', norm=IN, norm_first=False, final_norm=True, tokens='map'),
+    'hog':     dict(resize='bilinear', norm=NONE, norm_first=False, final_norm=True, tokens='map'),
 }
 
 
@@ -116,6 +127,39 @@ _ROWS = {
     'spatialpe-vit-b':    ('pe',     'vit_pe_spatial_base_patch16_512.fb', 16, 768, 1),
     'spatialpe-vit-l':    ('pe',     'vit_pe_spatial_large_patch14_448.fb', 14, 1024, 1),
     'spatialpe-vit-g':    ('pe',     'vit_pe_spatial_gigantic_patch14_448.fb', 14, 1536, 0),
+    # the small sizes of the families above (MoCo v3's ViT-S has 12 heads, timm's vit_small 6)
+    'dino-vit-s':         ('dino',   'vit_small_patch16_224.dino', 16, 384, 1),
+    'dinov2-vit-s':       ('dinov2', 'vit_small_patch14_dinov2.lvd142m', 14, 384, 1),
+    'dinov2reg-vit-s':    ('dinov2', 'vit_small_patch14_reg4_dinov2.lvd142m', 14, 384, 5),
+    'dinov3-vit-s16':     ('dinov3', 'vit_small_patch16_dinov3.lvd1689m', 16, 384, 5),
+    'dinov3-vit-s16plus': ('dinov3', 'vit_small_plus_patch16_dinov3.lvd1689m', 16, 384, 5),
+    'mocov3-vit-s':       ('mocov3', 'vit_small_patch16_224', 16, 384, 1,
+                           dict(kw=dict(num_heads=12), hub=(COLLECTIONS, 'pretrained_models/mocov3_vits.pth'))),
+    'pe-vit-t':           ('pe',     'vit_pe_core_tiny_patch16_384.fb', 16, 192, 1),
+    'pe-vit-s':           ('pe',     'vit_pe_core_small_patch16_384.fb', 16, 384, 1),
+    # PE with its final LayerNorm (ln_post) applied: the official `*norm` configs
+    **{f'pe-vit-{s}norm': ('pe', m, p, d, c, dict(final_norm=True)) for s, m, p, d, c in [
+        ('t', 'vit_pe_core_tiny_patch16_384.fb', 16, 192, 1), ('s', 'vit_pe_core_small_patch16_384.fb', 16, 384, 1),
+        ('b', 'vit_pe_core_base_patch16_224.fb', 16, 768, 1), ('l', 'vit_pe_core_large_patch14_336.fb', 14, 1024, 1),
+        ('g', 'vit_pe_core_gigantic_patch14_448.fb', 14, 1536, 0)]},
+    # the CLS-mixing experiment: tokens = alpha * cls + (1 - alpha) * patch, both after the final norm
+    'dinov2mixed-vit-b':  ('dinov2', 'vit_base_patch14_dinov2.lvd142m', 14, 768, 1, dict(tokens='mix', alpha=0.1)),
+    # patch = input pixels per token. SAM: the neck's 256 channels; SAM2: the last Hiera stage (the file is SAM 2,
+    # not 2.1, as the official code loads facebook/sam2-hiera-*)
+    'sam-vit-b':          ('sam',    'samvit_base_patch16.sa1b', 16, 256, 0),
+    'sam-vit-l':          ('sam',    'samvit_large_patch16.sa1b', 16, 256, 0),
+    'sam-vit-h':          ('sam',    'samvit_huge_patch16.sa1b', 16, 256, 0),
+    'sam2-vit-s':         ('sam2',   'sam2_hiera_small.fb_r896', 32, 768, 0),
+    'sam2-vit-b':         ('sam2',   'sam2_hiera_base_plus.fb_r896', 32, 896, 0),
+    'sam2-vit-l':         ('sam2',   'sam2_hiera_large.fb_r1024', 32, 1152, 0),
+    # C-RADIO v3 from NVIDIA's own files: timm's hub copies hold a position table already resampled for 512 px
+    'cradio-vit-b':       ('cradio', 'vit_base_patch16_radio_v3', 16, 768, 8, dict(hub=('nvidia/C-RADIOv3-B', 'model.safetensors'))),
+    'cradio-vit-l':       ('cradio', 'vit_large_patch16_radio_v3', 16, 1024, 8, dict(hub=('nvidia/C-RADIOv3-L', 'model.safetensors'))),
+    # VGG16 up to pool4 (features[:24]); the official weights are torchvision's IMAGENET1K_FEATURES, not timm's tag
+    'vgg16':              ('vgg',    'vgg16', 16, 512, 0,
+                           dict(hub=('https://download.pytorch.org/models', 'vgg16_features-amdegroot-88682ab5.pth'))),
+    # HOG: 8 orientations, 2-px cells, 4x4-cell blocks (the official hog-hog-g16_d128), no weights
+    'hog':                ('hog',    'none', 16, 128, 0),
 }
 TEACHERS = {name: dict(FAMILIES[fam], family=fam, timm=model, patch=patch, dim=dim, prefix=prefix, **dict(*extra))
             for name, (fam, model, patch, dim, prefix, *extra) in _ROWS.items()}
@@ -126,6 +170,10 @@ ALIASES = {
     'mae': 'mae-vit-l', 'siglip': 'siglip-vit-b', 'siglip2': 'siglip2-vit-b', 'pe': 'pe-vit-b',
     'langpe': 'langpe-vit-l', 'spatialpe': 'spatialpe-vit-b', 'webssl': 'webssl-vit-dino300m_full2b_224',
     **{n.rsplit('_', 2)[0]: n for n in _ROWS if n.startswith('webssl')},  # webssl-vit-dino1b, ...
+    'sam': 'sam-vit-b', 'sam2': 'sam2-vit-s', 'cradio': 'cradio-vit-b', 'vgg': 'vgg16', 'dinov2mixed': 'dinov2mixed-vit-b',
+    'vgg-vgg16-pool4': 'vgg16', 'hog-hog-g16_d128': 'hog',  # the official registry's names of these two
+    # the official code accepts these *norm names, but their final norm is an identity: they equal the plain ones
+    **{f'{n}norm': n for n in ('langpe-vit-l', 'langpe-vit-g', 'spatialpe-vit-b', 'spatialpe-vit-l', 'spatialpe-vit-g')},
 }
 
 
@@ -182,6 +230,20 @@ def hub_files(repo, filename, what, how):
             f"(`hf download {repo} {filename}`) and {how}") from e
 
 
+def url_files(url, filename, what, how):
+    """A file that is not on the HF hub (torchvision's VGG16 features) through the torch hub cache, downloading it
+    there when online; else an error naming the URL and `how` to pass it instead."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(f'{url}/{filename}', path)
+        except Exception as e:
+            raise FileNotFoundError(f"{what}: '{filename}' is not in {os.path.dirname(path)} and {url}/{filename} is "
+                                    f"unreachable ({type(e).__name__}). Download it where you have network and {how}") from e
+    return [path]
+
+
 def mocov3_to_timm(ckpt):
     """MoCo v3 (RCG) checkpoint -> timm ViT keys: keep the base encoder, drop momentum encoder, predictor and head."""
     sd = ckpt.get('state_dict', ckpt)
@@ -222,38 +284,109 @@ def webssl_to_timm(sd):
     return out
 
 
-def resample_posemb_bilinear(pos_embed, prefix, grid):
-    """PE's own resampling of its absolute position embedding: bilinear, no antialias (timm would do bicubic + AA)."""
+def resample_posemb(pos_embed, prefix, grid, mode):
+    """Resample an absolute position embedding (1, prefix + n*n, D) to grid x grid as the teacher's own code does,
+    in fp32, no antialias: PE bilinear, WebSSL (HF Dinov2Model) bicubic, C-RADIO bilinear; timm would do bicubic
+    with antialias, which is another function when upsampling."""
     pre, pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
     n, D = math.isqrt(pos.shape[1]), pos.shape[2]
     pos = pos.reshape(1, n, n, D).permute(0, 3, 1, 2).float()  # (1, D, n, n)
-    pos = F.interpolate(pos, size=(grid, grid), mode='bilinear', align_corners=False)
+    pos = F.interpolate(pos, size=(grid, grid), mode=mode, align_corners=False)
     return torch.cat([pre, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)], dim=1)
+
+
+def cradio_to_timm(sd):
+    """NVIDIA's C-RADIO file (radio_model.model.*) -> timm keys (timm's own converter, without its resampling), and
+    the input mean/std the file stores; a timm-layout file passes through."""
+    import timm.models.vision_transformer as vit
+    stats = [sd.get(f'radio_model.input_conditioner.norm_{k}') for k in ('mean', 'std')]
+    if 'radio_model.model.patch_generator.embedder.weight' in sd:
+        sd = vit._convert_radio(sd, None)
+    return sd, (None if stats[0] is None else tuple(tuple(v.flatten().tolist()) for v in stats))
+
+# -----------------------------------------------------------------------------
+# The weight-free teacher: HOG (scikit-image's algorithm), in torch
+
+
+class HOG(nn.Module):
+    """Dense HOG as the official hog-hog-g16_d128 computes it with scikit-image: grey (Rec.709 luma) -> central
+    differences (zero at the border) -> unsigned orientation (0-180 deg) hard-binned into 8 bins, magnitude averaged
+    over 2x2-px cells -> every 4x4-cell block L2-Hys normalized (eps 1e-5, clip 0.2) -> (B, 128, R/2 - 3, R/2 - 3),
+    then L2 per position. Histograms in fp64 like scikit-image: the bin of a pixel on an edge must not flip."""
+    orientations, cell, block = 8, 2, 4
+
+    def forward(self, x):  # x (B, 3, R, R) in [0, 1]
+        v = x.float().clamp(0, 1) * 255  # the official code works on 0-255 values; same float32 operation order
+        g = (0.2126 * v[:, 0] + 0.7152 * v[:, 1] + 0.0722 * v[:, 2]) / 255  # (B, R, R)
+        gr, gc = torch.zeros_like(g), torch.zeros_like(g)
+        gr[:, 1:-1], gc[:, :, 1:-1] = g[:, 2:] - g[:, :-2], g[:, :, 2:] - g[:, :, :-2]
+        gr, gc = gr.double(), gc.double()
+        mag = torch.hypot(gr, gc)
+        ori = torch.rad2deg(torch.atan2(gr, gc)) % 180  # [0, 180]; exactly 180 (from -0.0) falls in no bin
+        edges = torch.arange(1, self.orientations, device=x.device, dtype=torch.float64) * (180 / self.orientations)
+        bins = (ori[..., None] >= edges).sum(-1)  # (B, R, R): the comparisons scikit-image makes
+        onehot = F.one_hot(bins, self.orientations).double() * (mag * (ori < 180))[..., None]  # (B, R, R, 8)
+        hist = F.avg_pool2d(onehot.permute(0, 3, 1, 2), self.cell)  # (B, 8, R/2, R/2): cell means
+        B, O, n, _ = hist.shape
+        k, m = self.block, n - self.block + 1
+        blocks = F.unfold(hist, k).view(B, O, k, k, m * m)  # (B, 8, 4, 4, m*m): every 4x4-cell window
+        blocks = blocks.permute(0, 4, 2, 3, 1).reshape(B, m * m, k * k * O)  # (B, m*m, 128) in (row, col, bin) order
+        blocks = blocks / torch.sqrt(blocks.square().sum(-1, keepdim=True) + 1e-10)  # L2-Hys: eps 1e-5 squared
+        blocks = blocks.clamp(max=0.2)
+        blocks = (blocks / torch.sqrt(blocks.square().sum(-1, keepdim=True) + 1e-10)).float()
+        blocks = F.normalize(blocks, dim=-1)  # the official code's L2 per token
+        return blocks.transpose(1, 2).reshape(B, k * k * O, m, m)  # (B, 128, m, m)
 
 # -----------------------------------------------------------------------------
 # Building a teacher: timm model + the official preprocessing, frozen
 
 
 def build_model(name, grid=16, state_dict=None, depth=None):
-    """The timm model of teacher `name` for a grid x grid token map, random or loaded (strictly) from `state_dict`."""
+    """The network of teacher `name` for a grid x grid token map, random or loaded (strictly) from `state_dict`."""
     import timm
-    t = TEACHERS[name]
-    kw = dict(t.get('kw', {}), img_size=t['patch'] * grid)  # timm resamples abs pos_embed to this size at load
-    if depth is not None:
+    t, fam = TEACHERS[name], TEACHERS[name]['family']
+    if fam == 'hog':
+        return HOG()
+    kw = dict(t.get('kw', {}))
+    if fam not in ('sam', 'sam2', 'vgg'):  # SAM runs at its 1024 px; Hiera and VGG have no fixed input size
+        kw['img_size'] = t['patch'] * grid  # timm resamples abs pos_embed to this size at load
+    if depth is not None and fam == 'sam2':
+        kw['stages'] = (1, 1, depth, 1)  # Hiera counts blocks per stage; four stages keep the stride 32
+    elif depth is not None and fam != 'vgg':
         kw['depth'] = depth
     model_name = t['timm']
-    if t['family'] == 'pe':
+    if state_dict is not None:
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}  # fp32 like the
+        # official loaders, before any resampling: an fp16 file (OpenAI's CLIP) is not rounded after resampling
+    if fam == 'pe':
         kw['ref_feat_shape'] = (grid, grid)  # RoPE on the actual integer grid as PE does (timm rescales to pretrain's)
-        if state_dict is not None:
-            if 'pos_embed' not in state_dict:  # original Meta PE layout -> timm keys (this converter ignores the model)
-                state_dict = timm.models.eva.checkpoint_filter_fn(state_dict, None)
-            if state_dict['pos_embed'].shape[1] != t['prefix'] + grid * grid:
-                pos_embed = resample_posemb_bilinear(state_dict['pos_embed'], t['prefix'], grid)
-                state_dict = dict(state_dict, pos_embed=pos_embed)
-    if t['family'] == 'dinov3' and state_dict is not None and 'storage_tokens' in state_dict:
+        if state_dict is not None and 'pos_embed' not in state_dict:  # original Meta PE layout -> timm keys
+            state_dict = timm.models.eva.checkpoint_filter_fn(state_dict, None)  # (this converter ignores the model)
+    mode = dict(pe='bilinear', webssl='bicubic', cradio='bilinear').get(fam)  # their own resampling, not timm's
+    if mode and state_dict is not None and 'pos_embed' in state_dict:
+        prefix = 0 if fam == 'cradio' else t['prefix']  # C-RADIO's table covers the patches only
+        if state_dict['pos_embed'].shape[1] != prefix + grid * grid:
+            state_dict = dict(state_dict, pos_embed=resample_posemb(state_dict['pos_embed'], prefix, grid, mode))
+    if fam == 'dinov3' and state_dict is not None and 'storage_tokens' in state_dict:
         # original Meta .pth: the plain timm variant would silently drop its q/v biases, the _qkvb variant keeps them
         arch, tag = model_name.split('.')
         model_name = f'{arch}_qkvb.{tag}' if timm.is_model(f'{arch}_qkvb') else model_name
+    if fam in ('sam2', 'vgg'):  # the files hold no classifier (SAM2) or one we do not use (VGG): cut, then load
+        model = timm.create_model(model_name.split('.')[0], pretrained=False, **kw)
+        if fam == 'sam2':
+            model.head = nn.Identity()  # tokens = the last stage, channels-last, no norm (HF last_hidden_state)
+            prefix, keep = 'image_encoder.trunk.', lambda k: not k.startswith('head.')
+        else:
+            model = model.features[:24]  # conv1_1 ... pool4: stride 16, 512 channels
+            prefix, keep = 'features.', lambda k: int(k.split('.')[0]) < 24
+        if state_dict is not None:
+            state_dict = state_dict.get('model', state_dict)  # Meta's SAM 2 .pt: {'model': {'image_encoder.trunk.*'}}
+            if any(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict = {k.replace('mlp.layers.0', 'mlp.fc1').replace('mlp.layers.1', 'mlp.fc2'): v
+                          for k, v in state_dict.items() if keep(k)}
+            model.load_state_dict(state_dict, strict=True)
+        return model
     overlay = dict(t.get('overlay', {}), **({} if state_dict is None else dict(state_dict=state_dict)))
     model = timm.create_model(model_name, pretrained=state_dict is not None, pretrained_cfg_overlay=overlay, **kw)
     if not t['final_norm']:
@@ -262,15 +395,16 @@ def build_model(name, grid=16, state_dict=None, depth=None):
 
 
 class Teacher(nn.Module):
-    """A frozen timm ViT behind its family's preprocessing: images (B, 3, R, R) in [0, 1] -> (B, grid*grid, D)."""
+    """A frozen network behind its family's preprocessing: images (B, 3, R, R) in [0, 1] -> (B, grid*grid, D)."""
 
     def __init__(self, name, model, grid, norm):
         super().__init__()
         t = TEACHERS[name]
         self.name, self.model, self.grid = name, model, grid
         self.patch, self.dim, self.prefix = t['patch'], t['dim'], t['prefix']
-        self.input_size = self.patch * grid
+        self.input_size = t.get('input') or self.patch * grid
         self.resize, self.norm_first = t['resize'], t['norm_first']
+        self.tokens, self.alpha = t.get('tokens', 'vit'), t.get('alpha')  # alpha: CLS mixing, settable
         self.register_buffer('mean', torch.tensor(norm[0]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(norm[1]).view(1, 3, 1, 1), persistent=False)
         self.checked = False  # the [0, 1] range check costs a host sync, so it runs on the first call only
@@ -282,7 +416,7 @@ class Teacher(nn.Module):
         return super().train(False)  # always eval: a parent's .train() must not switch the teacher
 
     def preprocess(self, x):
-        """Resize to patch * grid with the family's mode and normalize, in the order the official code does."""
+        """Resize to the teacher's input size with the family's mode and normalize, in the official code's order."""
         S = self.input_size
         if self.norm_first:
             x = (x - self.mean) / self.std
@@ -294,8 +428,19 @@ class Teacher(nn.Module):
         return x
 
     def features(self, images):
-        x = self.preprocess(images.float()).to(self.model.patch_embed.proj.weight.dtype)
-        return self.model.forward_features(x)[:, self.prefix:]  # (B, prefix + grid*grid, D) -> (B, grid*grid, D)
+        param = next(self.model.parameters(), None)  # HOG has none: fp32
+        x = self.preprocess(images.float()).to(param.dtype if param is not None else torch.float32)
+        out = getattr(self.model, 'forward_features', self.model)(x)
+        if self.tokens == 'vit':
+            return out[:, self.prefix:]  # (B, prefix + grid*grid, D) -> (B, grid*grid, D)
+        if self.tokens == 'mix':  # the CLS-mixing experiment: every patch token takes alpha of the CLS token
+            return self.alpha * out[:, :1] + (1 - self.alpha) * out[:, self.prefix:]  # (B, grid*grid, D)
+        if self.tokens == 'nhwc':
+            return out.flatten(1, 2)  # (B, grid, grid, D) -> (B, grid*grid, D)
+        g = self.grid  # 'map': a (B, D, h, w) feature map, resized to the grid bilinearly as the official code does
+        if out.shape[-2:] != (g, g):
+            out = F.interpolate(out, size=(g, g), mode='bilinear', align_corners=False)
+        return out.flatten(2).transpose(1, 2)  # (B, D, grid, grid) -> (B, grid*grid, D)
 
     @torch.no_grad()
     def forward(self, images):
@@ -311,10 +456,21 @@ class Teacher(nn.Module):
         return (self.compiled or self.features)(images)
 
     def flops(self):
-        """Forward FLOPs per image: 2 (weights of the blocks' matmuls) N + 4 L N^2 D for QK^T and AV, N = prefix +
-        grid^2 tokens (DINOv2-B at 224 px: 46 GFLOP); the patch embedding (< 0.5%) is left out."""
-        n, blocks = self.prefix + self.grid ** 2, self.model.blocks
-        return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * self.dim
+        """Forward FLOPs per image. ViTs: 2 (weights of the blocks' matmuls) N + 4 L N^2 D for QK^T and AV, N = prefix
+        + grid^2 tokens (DINOv2-B at 224 px: 46 GFLOP); the patch embedding (< 0.5%) is left out. The others: counted
+        by torch on a meta-device copy (no weights, no compute)."""
+        if self.tokens in ('vit', 'mix'):
+            n, blocks = self.prefix + self.grid ** 2, self.model.blocks
+            return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * self.dim
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.device('meta'):
+            twin = Teacher(self.name, build_model(self.name, self.grid), self.grid, (self.mean.flatten().tolist(),) * 2)
+        with FlopCounterMode(display=False) as counter:
+            twin.features(torch.empty(1, 3, self.input_size, self.input_size, device='meta'))
+        return counter.get_total_flops()
+
+
+WEIGHT_FREE = ('hog',)  # families computed from the pixels alone
 
 
 def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
@@ -331,23 +487,30 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
         raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
     norm = HALF if siglip_norm == 'siglip' and t['family'] == 'siglip' else t['norm']
     depth, sd, source = None, None, weights
-    if weights == 'random' or weights.startswith('random:'):
+    if t['family'] in WEIGHT_FREE:
+        if weights not in ('auto', 'none') and not weights.startswith('random'):
+            raise ValueError(f"teacher {name} has no weights (computed from the pixels); got weights '{weights}'")
+    elif weights == 'random' or weights.startswith('random:'):
         depth = int(weights.split(':')[1]) if ':' in weights else None
         print(f"*** WARNING: teacher {name} has RANDOM weights ({weights}): its tokens mean nothing. "
               f"Use this only for tests and the offline demo. ***", file=sys.stderr)
     else:
         if weights == 'auto':
             repo, filename = hub_location(name)
-            paths = hub_files(repo, filename, f"teacher {name}", "pass it with --encoder-weights PATH")
+            get = url_files if repo.startswith('https://') else hub_files
+            paths = get(repo, filename, f"teacher {name}", "pass it with --encoder-weights PATH")
             source = f'{repo}/{filename}'
         else:
             paths = [weights]
         sd = {k: v for p in paths for k, v in read_state_dict(p).items()}
         sd = mocov3_to_timm(sd) if t['family'] == 'mocov3' else webssl_to_timm(sd) if t['family'] == 'webssl' else sd
+        if t['family'] == 'cradio':
+            sd, stats = cradio_to_timm(sd)
+            norm = stats or norm
     with torch.device('meta') if str(device) == 'meta' else contextlib.nullcontext():
         try:
             model = build_model(name, grid, sd, depth)
-        except (RuntimeError, KeyError) as e:  # missing/unexpected keys or shape mismatches under a strict load
+        except (RuntimeError, KeyError, ValueError) as e:  # missing/unexpected keys or shape mismatches (strict load)
             if sd is None:
                 raise
             raise ValueError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']}): "
@@ -362,7 +525,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
 
 def load_teachers(names, weights='auto', demo=False, **kw):
     """The teachers of a comma-separated list ('none' or '': no teacher), with one weights entry or one per teacher;
-    kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes a random 1-block one."""
+    kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes HOG (real spatial
+    features that need no weights), and the run says so."""
     names = [n for n in names.split(',') if n and n != 'none']
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
@@ -375,9 +539,9 @@ def load_teachers(names, weights='auto', demo=False, **kw):
             if not (demo and w == 'auto'):
                 raise
             print(f"\n{'!' * 80}\n!! --demo: the weights of {name} are not available here ({type(e).__name__}: {e}).\n"
-                  f"!! Using a RANDOM 1-block {name} instead: its tokens mean nothing; this only exercises the code path.\n"
+                  f"!! Using the weight-free HOG teacher instead (real, but not {name}'s, features).\n"
                   f"{'!' * 80}\n", file=sys.stderr)
-            teachers.append(load_teacher(name, 'random:1', **kw))
+            teachers.append(load_teacher('hog', 'auto', **kw))
     return teachers
 
 # -----------------------------------------------------------------------------
@@ -691,15 +855,15 @@ def main(argv=None):
         return
     aliases = {n: [a for a, c in ALIASES.items() if c == n] for n in TEACHERS}
     print(f"{'teacher':31s} {'timm model':44s} {'input':>5s} {'patch':>5s} {'dim':>5s} {'prefix':>6s} "
-          f"{'params':>8s}  aliases")
+          f"{'tokens':>6s} {'params':>8s}  aliases")
     for name, t in TEACHERS.items():
         grid = args.grid if args.grid in t.get('grids', (args.grid,)) else t['grids'][0]
         with torch.device('meta'):
-            model = build_model(name, grid)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{name:31s} {t['timm']:44s} {t['patch'] * grid:5d} {t['patch']:5d} {model.embed_dim:5d} "
-              f"{model.num_prefix_tokens:6d} {params / 1e6:7.1f}M  {' '.join(aliases[name])}")
-
+            teacher = Teacher(name, build_model(name, grid), grid, t['norm'])
+            tokens = teacher(torch.empty(1, 3, 16 * grid, 16 * grid)).shape[1]  # what the SiT grid gets
+        params = sum(p.numel() for p in teacher.model.parameters())
+        print(f"{name:31s} {t['timm']:44s} {teacher.input_size:5d} {t['patch']:5d} {t['dim']:5d} {t['prefix']:6d} "
+              f"{tokens:6d} {params / 1e6:7.1f}M  {' '.join(aliases[name])}")
 
 if __name__ == '__main__':
     main()
