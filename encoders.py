@@ -38,7 +38,7 @@ import torch.nn.functional as F
 IN = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet mean, std
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-NONE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # HOG sees the pixels themselves
+NONE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # HOG and SIFT see the pixels themselves
 COLLECTIONS = 'REPA-E/iREPA-collections'  # the official repo's copies of the checkpoints timm does not host
 
 # How the official code feeds each family. resize: F.interpolate mode to patch * grid pixels, no antialias, except
@@ -61,13 +61,14 @@ FAMILIES = {
     # The teachers that are not plain ViTs say how their tokens form (`tokens`, see Teacher.features) and, where the
     # input is not patch * grid pixels, its size: SAM always sees 1024 px and its 64x64 neck map is resized to the
     # grid; SAM2's Hiera trunk (stride 32, channels-last, no neck, no final norm) sees twice the SiT's resolution;
-    # VGG16 gives its pool4 map (stride 16); HOG is computed from the pixels, no weights.
+    # VGG16 gives its pool4 map (stride 16); HOG and SIFT are computed from the pixels, no weights.
     'sam':     dict(resize='bicubic', norm=IN, norm_first=False, final_norm=True, tokens='map', input=1024),
     'sam2':    dict(resize='bicubic', norm=IN, norm_first=False, final_norm=True, tokens='nhwc'),
     # C-RADIO normalizes inside the network with the mean/std stored in its checkpoint (the file's, when it has them)
     'cradio':  dict(resize='bilinear', norm=CLIP, norm_first=False, final_norm=False),  # (timm: no final norm)
     'vgg':     dict(resize='bilinear', norm=IN, norm_first=False, final_norm=True, tokens='map'),
     'hog':     dict(resize='bilinear', norm=NONE, norm_first=False, final_norm=True, tokens='map'),
+    'sift':    dict(resize='bilinear', norm=NONE, norm_first=False, final_norm=True, tokens='map'),
 }
 
 
@@ -158,8 +159,10 @@ _ROWS = {
     # VGG16 up to pool4 (features[:24]); the official weights are torchvision's IMAGENET1K_FEATURES, not timm's tag
     'vgg16':              ('vgg',    'vgg16', 16, 512, 0,
                            dict(hub=('https://download.pytorch.org/models', 'vgg16_features-amdegroot-88682ab5.pth'))),
-    # HOG: 8 orientations, 2-px cells, 4x4-cell blocks (the official hog-hog-g16_d128), no weights
+    # no weights: HOG with 8 orientations, 2-px cells, 4x4-cell blocks (the official hog-hog-g16_d128); dense SIFT on
+    # the 16-px grid (sift-kornia-dense16)
     'hog':                ('hog',    'none', 16, 128, 0),
+    'sift':               ('sift',   'none', 16, 128, 0),
 }
 TEACHERS = {name: dict(FAMILIES[fam], family=fam, timm=model, patch=patch, dim=dim, prefix=prefix, **dict(*extra))
             for name, (fam, model, patch, dim, prefix, *extra) in _ROWS.items()}
@@ -171,7 +174,7 @@ ALIASES = {
     'langpe': 'langpe-vit-l', 'spatialpe': 'spatialpe-vit-b', 'webssl': 'webssl-vit-dino300m_full2b_224',
     **{n.rsplit('_', 2)[0]: n for n in _ROWS if n.startswith('webssl')},  # webssl-vit-dino1b, ...
     'sam': 'sam-vit-b', 'sam2': 'sam2-vit-s', 'cradio': 'cradio-vit-b', 'vgg': 'vgg16', 'dinov2mixed': 'dinov2mixed-vit-b',
-    'vgg-vgg16-pool4': 'vgg16', 'hog-hog-g16_d128': 'hog',  # the official registry's names of these two
+    'vgg-vgg16-pool4': 'vgg16', 'hog-hog-g16_d128': 'hog', 'sift-kornia-dense16': 'sift',  # official names
     # the official code accepts these *norm names, but their final norm is an identity: they equal the plain ones
     **{f'{n}norm': n for n in ('langpe-vit-l', 'langpe-vit-g', 'spatialpe-vit-b', 'spatialpe-vit-l', 'spatialpe-vit-g')},
 }
@@ -305,7 +308,7 @@ def cradio_to_timm(sd):
     return sd, (None if stats[0] is None else tuple(tuple(v.flatten().tolist()) for v in stats))
 
 # -----------------------------------------------------------------------------
-# The weight-free teacher: HOG (scikit-image's algorithm), in torch
+# The weight-free teachers: HOG (scikit-image's algorithm) and dense SIFT (kornia's), in torch
 
 
 class HOG(nn.Module):
@@ -337,6 +340,99 @@ class HOG(nn.Module):
         blocks = F.normalize(blocks, dim=-1)  # the official code's L2 per token
         return blocks.transpose(1, 2).reshape(B, k * k * O, m, m)  # (B, 128, m, m)
 
+def gaussian(n, sigma):
+    """Normalized 1-D Gaussian on n taps centred on the window (half-integer offsets for even n), as kornia's."""
+    x = torch.arange(n, dtype=torch.float32) - n // 2 + (0.5 if n % 2 == 0 else 0.0)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def gradient(x, sobel):
+    """kornia's normalized spatial gradient of (N, 1, H, W) with replicate padding: Sobel / 8 or central
+    differences / 2 -> gx, gy."""
+    d = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+    s = torch.tensor([1.0, 2.0, 1.0], device=x.device) / 8 if sobel else torch.tensor([0.0, 1.0, 0.0], device=x.device) / 2
+    k = torch.stack([torch.outer(s, d), torch.outer(d, s)])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), k.to(x.dtype))
+    return g[:, 0], g[:, 1]  # (N, H, W) each
+
+
+def soft_orientation_bins(gx, gy, weight, bins, eps, offset):
+    """kornia's gradient histogram votes: magnitude (Gaussian-weighted) split linearly between the two nearest of
+    `bins` orientation bins -> (N, bins, H, W). offset pi: the orienter's bins start at -pi."""
+    sq = gx * gx + gy * gy
+    mag = torch.where(sq > 0, torch.sqrt(sq + eps), torch.zeros_like(sq)) * weight
+    ori = torch.where(sq > 0, torch.atan2(gy, gx + eps) + 2 * math.pi, torch.full_like(sq, 2 * math.pi))
+    o = bins * (ori + offset) / (2 * math.pi)
+    b0 = torch.floor(o)
+    w1 = o - b0
+    b0 = b0.long() % bins
+    votes = F.one_hot(b0, bins) * ((1 - w1) * mag)[..., None] + F.one_hot((b0 + 1) % bins, bins) * (w1 * mag)[..., None]
+    return votes.permute(0, 3, 1, 2)  # (N, H, W, bins) -> (N, bins, H, W)
+
+
+class SIFT(nn.Module):
+    """Dense SIFT as the official sift-kornia-dense16 computes it with kornia: grey (0.299/0.587/0.114), one keypoint
+    at the centre of every 16-px cell (scale 16), its dominant orientation from a 20x20 patch (36-bin Sobel-gradient
+    histogram, circularly smoothed, parabolic peak: kornia's LAFOrienter), then a rotated 41x41 patch (bilinear,
+    border-clamped) described by kornia's SIFTDescriptor (8 angles x 4x4 cells, clip 0.2, no RootSIFT) -> L2 ->
+    (B, 128, grid, grid). Both patches span the keypoint +- 16 px."""
+
+    def __init__(self, grid):
+        from scipy.special import ive  # exp(-t) I_n(t): the discrete Gaussian kernel kornia smooths the histogram with
+        super().__init__()
+        self.grid = grid
+        c = torch.arange(8, 16 * grid, 16, dtype=torch.float32)  # keypoint centres, pixels
+        self.register_buffer('centres', torch.stack(torch.meshgrid(c, c, indexing='ij')[::-1], -1).view(-1, 2),
+                             persistent=False)  # (T, 2) as (x, y), row-major
+        disc = torch.tensor([float(ive(abs(n), 1.6 ** 2)) for n in range(-2, 3)])  # discrete Gaussian
+        self.register_buffer('smooth', (disc / disc.sum()).view(1, 1, 5), persistent=False)
+        for name, n, sigma in [('w_ori', 20, 20 / 6), ('w_desc', 41, 41 / math.sqrt(2))]:
+            g = gaussian(n, sigma)
+            self.register_buffer(name, torch.outer(g, g), persistent=False)
+        ks_2 = 17 / 2  # kornia's SIFT pooling: a 17x17 bilinear (tent) kernel, stride 10, padding 3 -> 4x4 cells
+        tent = ks_2 - (torch.arange(17, dtype=torch.float32) + 0.5 - ks_2).abs()
+        self.register_buffer('pool', (torch.outer(tent, tent) / ks_2 ** 2).view(1, 1, 17, 17), persistent=False)
+
+    def patches(self, gray, angle, size):
+        """Bilinear patches (B*T, 1, size, size) around the keypoints, rotated by angle (B, T) radians: the sample at
+        normalized offset u in (-1, 1) is centre + 16 R(angle) u, R = [[cos, sin], [-sin, cos]] (kornia's LAF)."""
+        B, _, H, W = gray.shape
+        u = (2 * torch.arange(size, device=gray.device, dtype=torch.float32) + 1) / size - 1  # pixel centres of the patch
+        uy, ux = torch.meshgrid(u, u, indexing='ij')  # (size, size)
+        cos, sin = (16 * torch.cos(angle))[..., None, None], (16 * torch.sin(angle))[..., None, None]  # (B, T, 1, 1)
+        x = self.centres[:, 0, None, None] + cos * ux + sin * uy  # (B, T, size, size), pixels
+        y = self.centres[:, 1, None, None] - sin * ux + cos * uy
+        pos = torch.stack([(2 * x + 1) / W - 1, (2 * y + 1) / H - 1], -1)  # grid_sample's frame (align_corners=False)
+        T = pos.shape[1]
+        out = F.grid_sample(gray, pos.view(B, T * size, size, 2), padding_mode='border', align_corners=False)
+        return out.view(B, T, size, size).reshape(B * T, 1, size, size)
+
+    def forward(self, x):  # x (B, 3, R, R) in [0, 1], R = 16 * grid
+        x = x.float()
+        gray = torch.addcmul(torch.addcmul(x[:, 0] * 0.299, x[:, 1], torch.tensor(0.587)), x[:, 2], torch.tensor(0.114))
+        gray = gray[:, None]  # (B, 1, R, R), kornia's rgb_to_grayscale
+        B, T = x.shape[0], self.centres.shape[0]
+        # 1. dominant orientation of each keypoint (kornia's PatchDominantGradientOrientation on a 20x20 patch)
+        p = self.patches(gray, torch.zeros(B, T, device=x.device), 20)
+        gx, gy = gradient(p, sobel=True)
+        hist = soft_orientation_bins(gx, gy, self.w_ori, 36, 1e-8, math.pi).sum((-1, -2)) / 400  # (BT, 36)
+        hist = F.conv1d(F.pad(hist[:, None], (2, 2), mode='circular'), self.smooth)[:, 0]  # (B*T, 36)
+        peak, i = hist.max(1)
+        left, right = hist.gather(1, ((i - 1) % 36)[:, None])[:, 0], hist.gather(1, ((i + 1) % 36)[:, None])[:, 0]
+        denom = left + right - 2 * peak
+        sub = torch.where(denom != 0, 0.5 * (left - right) / denom, torch.zeros_like(denom))
+        angle = -(2 * math.pi * (i.float() + sub) / 36 - math.pi)  # radians, (B*T,)
+        angle = torch.deg2rad(torch.rad2deg(angle) % 360)  # the LAF stores it in degrees, modulo 360
+        # 2. the SIFT descriptor of the rotated 41x41 patch
+        p = self.patches(gray, angle.view(B, T), 41)
+        gx, gy = gradient(p, sobel=False)
+        votes = soft_orientation_bins(gx, gy, self.w_desc, 8, 1e-10, 0.0)  # (B*T, 8, 41, 41)
+        cells = F.conv2d(votes.reshape(B * T * 8, 1, 41, 41), self.pool, stride=10, padding=3)  # (B*T*8, 1, 4, 4)
+        d = F.normalize(cells.view(B * T, 128), dim=1).clamp(0, 0.2)
+        d = F.normalize(F.normalize(d, dim=1), dim=1)  # kornia's second L2, then the official code's own
+        return d.view(B, self.grid, self.grid, 128).permute(0, 3, 1, 2)  # (B, T, 128) -> (B, 128, grid, grid)
+
 # -----------------------------------------------------------------------------
 # Building a teacher: timm model + the official preprocessing, frozen
 
@@ -347,6 +443,8 @@ def build_model(name, grid=16, state_dict=None, depth=None):
     t, fam = TEACHERS[name], TEACHERS[name]['family']
     if fam == 'hog':
         return HOG()
+    if fam == 'sift':
+        return SIFT(grid)
     kw = dict(t.get('kw', {}))
     if fam not in ('sam', 'sam2', 'vgg'):  # SAM runs at its 1024 px; Hiera and VGG have no fixed input size
         kw['img_size'] = t['patch'] * grid  # timm resamples abs pos_embed to this size at load
@@ -428,7 +526,7 @@ class Teacher(nn.Module):
         return x
 
     def features(self, images):
-        param = next(self.model.parameters(), None)  # HOG has none: fp32
+        param = next(self.model.parameters(), None)  # HOG and SIFT have none: fp32
         x = self.preprocess(images.float()).to(param.dtype if param is not None else torch.float32)
         out = getattr(self.model, 'forward_features', self.model)(x)
         if self.tokens == 'vit':
@@ -464,13 +562,13 @@ class Teacher(nn.Module):
             return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * self.dim
         from torch.utils.flop_counter import FlopCounterMode
         with torch.device('meta'):
-            twin = Teacher(self.name, build_model(self.name, self.grid), self.grid, (self.mean.flatten().tolist(),) * 2)
+            twin = Teacher(self.name, build_model(self.name, self.grid), self.grid, TEACHERS[self.name]['norm'])
         with FlopCounterMode(display=False) as counter:
             twin.features(torch.empty(1, 3, self.input_size, self.input_size, device='meta'))
         return counter.get_total_flops()
 
 
-WEIGHT_FREE = ('hog',)  # families computed from the pixels alone
+WEIGHT_FREE = ('hog', 'sift')  # families computed from the pixels alone
 
 
 def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
