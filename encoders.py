@@ -470,12 +470,17 @@ def build_model(name, grid=16, state_dict=None, depth=None):
         arch, tag = model_name.split('.')
         model_name = f'{arch}_qkvb.{tag}' if timm.is_model(f'{arch}_qkvb') else model_name
     if fam in ('sam2', 'vgg'):  # the files hold no classifier (SAM2) or one we do not use (VGG): cut, then load
-        model = timm.create_model(model_name.split('.')[0], pretrained=False, **kw)
         if fam == 'sam2':
+            model = timm.create_model(model_name.split('.')[0], pretrained=False, **kw)
             model.head = nn.Identity()  # tokens = the last stage, channels-last, no norm (HF last_hidden_state)
             prefix, keep = 'image_encoder.trunk.', lambda k: not k.startswith('head.')
-        else:
-            model = model.features[:24]  # conv1_1 ... pool4: stride 16, 512 channels
+        else:  # conv1_1 ... pool4: stride 16, 512 channels; built on meta, as the 120M-parameter classifier goes
+            with torch.device('meta'):
+                model = timm.create_model(model_name, pretrained=False).features[:24]
+            model = model.to_empty(device=torch.empty(0).device)  # the caller's device (meta or not)
+            for conv in [m for m in model if isinstance(m, nn.Conv2d) and m.weight.device.type != 'meta']:
+                nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # timm's VGG init
+                nn.init.zeros_(conv.bias)
             prefix, keep = 'features.', lambda k: int(k.split('.')[0]) < 24
         if state_dict is not None:
             state_dict = state_dict.get('model', state_dict)  # Meta's SAM 2 .pt: {'model': {'image_encoder.trunk.*'}}

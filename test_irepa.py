@@ -725,12 +725,14 @@ class Recorder(nn.Module):
 
 
 def test_table_names_and_aliases():
-    assert len(TEACHERS) == 37
+    assert len(TEACHERS) == 62  # the official registry's 46 names and the B/L/G sizes they imply
     for alias, name in encoders.ALIASES.items():
         assert name in TEACHERS and encoders.resolve_teacher(alias) == name
     for short, name in [('dinov2', 'dinov2-vit-b'), ('dinov3', 'dinov3-vit-b16'), ('siglip2', 'siglip2-vit-b'),
                         ('pe', 'pe-vit-b'), ('CLIP-ViT-L', 'clip-vit-L'),
-                        ('webssl-vit-dino7b', 'webssl-vit-dino7b_full8b_224')]:
+                        ('webssl-vit-dino7b', 'webssl-vit-dino7b_full8b_224'), ('sam2', 'sam2-vit-s'),
+                        ('vgg-vgg16-pool4', 'vgg16'), ('hog-hog-g16_d128', 'hog'), ('sift-kornia-dense16', 'sift'),
+                        ('spatialpe-vit-bnorm', 'spatialpe-vit-b')]:
         assert encoders.resolve_teacher(short) == name
     with pytest.raises(ValueError) as e:
         encoders.resolve_teacher('dinov4')
@@ -745,8 +747,10 @@ def test_every_teacher_builds_on_meta():
         for grid in t.get('grids', (16, 32)):
             teacher = load_teacher(name, 'random:1', grid=grid, device='meta')
             m = teacher.model
-            assert (teacher.dim, m.embed_dim, m.num_prefix_tokens) == (t['dim'], t['dim'], t['prefix']), name
-            assert teacher.input_size == t['patch'] * grid == (224 if t['patch'] == 14 else 256) * grid // 16
+            if t['family'] not in ('sam', 'sam2', 'vgg', 'hog', 'sift'):  # the ViTs
+                assert (teacher.dim, m.embed_dim, m.num_prefix_tokens) == (t['dim'], t['dim'], t['prefix']), name
+            want = {'sam': 1024, 'sam2': 32 * grid}.get(t['family'], (224 if t['patch'] == 14 else 256) * grid // 16)
+            assert teacher.input_size == want, name  # SAM: always 1024 px; SAM2: twice the SiT's resolution
             R = 16 * grid
             assert teacher(torch.empty(2, 3, R, R, device='meta')).shape == (2, grid * grid, t['dim']), name
 
@@ -829,6 +833,130 @@ def test_preprocessing_per_family(monkeypatch):
                               atol=1e-3)
 
 
+
+def test_preprocessing_of_the_other_families(monkeypatch):
+    """SAM, SAM2, C-RADIO, VGG, HOG, SIFT: what the network (or the descriptor) sees, against the official lines."""
+    import torchvision.transforms as T
+    monkeypatch.setattr(encoders, 'build_model', lambda *args: nn.Identity())  # the preprocessing alone
+    IN, CLIP = T.Normalize(*encoders.IN), T.Normalize(*encoders.CLIP)
+    x = torch.rand(2, 3, 200, 200)
+    cases = [  # (teacher, grid, the official preprocess of x (there x * 255, / 255))
+        ('sam-vit-b', 16, IN(F.interpolate(x, 1024, mode='bicubic'))),  # 1024 px whatever the resolution
+        ('sam-vit-b', 32, IN(F.interpolate(x, 1024, mode='bicubic'))),
+        ('sam2-vit-s', 16, IN(F.interpolate(x, 512, mode='bicubic'))),  # twice the resolution
+        ('sam2-vit-l', 8, IN(F.interpolate(x, 256, mode='bicubic'))),
+        ('cradio-vit-b', 16, CLIP(F.interpolate(x, 256, mode='bilinear', align_corners=False))),  # the model's stats
+        ('vgg16', 16, IN(F.interpolate(x, 256, mode='bilinear', align_corners=False))),
+        ('hog', 16, F.interpolate(x * 255, 256, mode='bilinear', align_corners=False) / 255),  # values stay pixels
+        ('sift', 32, F.interpolate(x * 255, 512, mode='bilinear', align_corners=False) / 255),
+    ]
+    for name, grid, want in cases:
+        seen = load_teacher(name, 'random:1', grid=grid).preprocess(x)
+        assert seen.shape == want.shape and torch.allclose(seen, want, atol=1e-5), (name, grid)
+
+
+@pytest.mark.parametrize('name', ['sam-vit-b', 'sam2-vit-s', 'cradio-vit-b', 'vgg16', 'mocov3-vit-s', 'pe-vit-tnorm'])
+def test_tiny_forward_other_families(name, monkeypatch):
+    """A real CPU forward of a tiny random member of each new family, against the network's own forward on the
+    official preprocessing and the official token selection (layout, stride, resize, prefix)."""
+    import torchvision.transforms as T
+    t, grid = TEACHERS[name], 4
+    if name == 'mocov3-vit-s':  # MoCo v3's ViT-S has 12 heads, timm's 6 (and a 6-head file would still load)
+        assert load_teacher(name, 'random:1', device='meta').model.blocks[0].attn.num_heads == 12
+    if t['family'] in ('cradio', 'mocov3', 'pe'):
+        shrink(monkeypatch, name)
+    if t['family'] == 'sam':  # a narrow trunk; the neck keeps its 256 channels
+        monkeypatch.setitem(TEACHERS, name, dict(t, kw=dict(embed_dim=96, num_heads=3)))
+    teacher = load_teacher(name, 'random:1', grid=grid)
+    m, x, R = teacher.model, torch.rand(2, 3, 70, 70), 16 * grid
+    IN = T.Normalize(*encoders.IN)
+    if t['family'] == 'sam':  # neck output (B, 256, 64, 64), bilinear to the grid, then channels-last
+        h = m.forward_features(IN(F.interpolate(x, 1024, mode='bicubic')))
+        h = F.interpolate(h, size=(grid, grid), mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+        want = h.reshape(2, -1, h.shape[-1])
+    elif t['family'] == 'sam2':  # the last Hiera stage, channels-last (B, grid, grid, 768)
+        h = m.forward_features(IN(F.interpolate(x, 2 * R, mode='bicubic')))
+        want = h.reshape(2, -1, h.shape[-1])
+    elif t['family'] == 'vgg':  # pool4: stride 16, already the grid
+        h = m(IN(F.interpolate(x, R, mode='bilinear', align_corners=False)))
+        want = h.permute(0, 2, 3, 1).reshape(2, grid * grid, 512)
+    elif t['family'] == 'cradio':
+        h = m.forward_features(T.Normalize(*encoders.CLIP)(F.interpolate(x, R, mode='bilinear', align_corners=False)))
+        want = h[:, 8:]  # CLS + 7 registers
+    elif t['family'] == 'mocov3':
+        want = m.forward_features(IN(F.interpolate(x, R, mode='bicubic')))[:, 1:]
+    else:  # PE *norm: ln_post applied: fresh LayerNorm outputs
+        want = m.forward_features(T.Normalize(*encoders.HALF)(F.interpolate(x, R, mode='bilinear')))[:, 1:]
+        assert isinstance(m.norm, nn.LayerNorm) and (want.mean(-1).abs().max() < 1e-4)
+    out = teacher(x)
+    assert out.shape == (2, grid * grid, TEACHERS[name]['dim']) and torch.allclose(out, want, atol=1e-5), name
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_cls_mixing():
+    """dinov2mixed-vit-b: alpha * CLS + (1 - alpha) * patch, both after the final norm, alpha 0.1 (the official
+    default) and settable; alpha 0 is DINOv2 itself."""
+    torch.manual_seed(0)
+    plain = load_teacher('dinov2-vit-b', 'random:1', grid=3)
+    mixed = load_teacher('dinov2mixed-vit-b', 'random:1', grid=3)
+    mixed.model.load_state_dict(plain.model.state_dict())
+    x = torch.rand(2, 3, 42, 42)
+    full = plain.model.forward_features(plain.preprocess(x))  # (2, 1 + 9, 768), normed
+    assert mixed.alpha == 0.1
+    assert torch.allclose(mixed(x), 0.1 * full[:, :1] + 0.9 * full[:, 1:], atol=1e-6)
+    mixed.alpha = 0.0
+    assert torch.equal(mixed(x), plain(x))
+
+
+def test_hog_equals_scikit_image():
+    """HOG tokens = the official HOGVisionEncoder (scikit-image's hog, L2 per token, bilinear to the grid) on the
+    same images, at the official 256 px (125 x 125 blocks) and at another grid."""
+    from skimage.feature import hog
+    g = torch.Generator().manual_seed(0)
+    for grid, n in [(16, 1), (3, 2)]:
+        R = 16 * grid
+        x = torch.randint(0, 256, (n, 3, R, R), generator=g).float() / 255  # uint8 images, as training feeds
+        v = (x * 255).clamp(0, 255).numpy().transpose(0, 2, 3, 1)  # the official lines from here on
+        grey = np.clip((0.2126 * v[..., 0] + 0.7152 * v[..., 1] + 0.0722 * v[..., 2]) / 255.0, 0, 1).astype(np.float32)
+        ref = np.stack([hog(im, orientations=8, pixels_per_cell=(2, 2), cells_per_block=(4, 4), transform_sqrt=False,
+                            feature_vector=False, block_norm='L2-Hys') for im in grey])  # (n, HB, HB, 4, 4, 8)
+        HB = ref.shape[1]
+        ref = F.normalize(torch.from_numpy(ref.reshape(n, HB, HB, 128).astype(np.float32)), dim=-1)
+        ref = F.interpolate(ref.permute(0, 3, 1, 2), size=(grid, grid), mode='bilinear', align_corners=False)
+        ref = ref.permute(0, 2, 3, 1).reshape(n, grid * grid, 128)
+        teacher = load_teacher('hog', grid=grid)
+        assert HB == R // 2 - 3 and encoders.HOG()(x).shape == (n, 128, HB, HB)
+        assert (teacher(x) - ref).abs().max() < 1e-6, grid
+    with pytest.raises(ValueError, match='no weights'):
+        load_teacher('hog', '/some/file.pth')
+
+
+def test_sift_equals_kornia():
+    """SIFT tokens = the official SIFTEncoder (kornia: LAFOrienter(20), 41-px patches, SIFTDescriptor(41, 8, 4,
+    clip 0.2), L2) on the same images."""
+    import kornia
+    import kornia.feature as KF
+    g = torch.Generator().manual_seed(0)
+    grid, n = 4, 2
+    R = 16 * grid
+    x = torch.randint(0, 256, (n, 3, R, R), generator=g).float() / 255
+    grey = kornia.color.rgb_to_grayscale(x * 255 / 255.0)  # the official lines from here on
+    c = torch.arange(8, R, 16, dtype=torch.float32)
+    yy, xx = torch.meshgrid(c, c, indexing='ij')
+    kpts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)[None].expand(n, -1, -1)  # (n, T, 2)
+    T_ = kpts.shape[1]
+    lafs = KF.laf_from_center_scale_ori(kpts, torch.full((n, T_, 1, 1), 16.0), torch.zeros(n, T_, 1))
+    with torch.no_grad():
+        lafs = KF.LAFOrienter(20)(lafs, grey)
+        patches = KF.extract_patches_from_pyramid(grey, lafs, PS=41)
+        ref = KF.SIFTDescriptor(41, 8, 4, rootsift=False, clipval=0.2)(patches.reshape(n * T_, 1, 41, 41))
+    ref = F.normalize(ref.view(n, T_, 128), p=2, dim=-1)
+    out = load_teacher('sift', grid=grid)(x)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4
+    assert (out - ref).abs().mean() < 1e-6
+    assert not torch.allclose(out[:, :-1], ref[:, 1:], atol=1e-2)  # the keypoint order matters (row-major)
+
+
 def test_bad_input():
     teacher = load_teacher('dinov2', 'random:1', grid=2)
     x = torch.rand(1, 3, 28, 28)
@@ -876,14 +1004,15 @@ def test_bf16_and_compile_flags():
 
 
 def test_load_teachers_and_the_demo_fallback(tmp_path, monkeypatch, capsys):
-    """Unavailable 'auto' weights stop a run that is not --demo; --demo gets a random 1-block teacher and says so."""
+    """Unavailable 'auto' weights stop a run that is not --demo; --demo gets the weight-free HOG and says so."""
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))  # and not from a cache this machine might have
     with pytest.raises(FileNotFoundError, match='model.safetensors'):
         encoders.load_teachers('dinov2', 'auto', grid=2)
     teachers = encoders.load_teachers('dinov2,none', 'auto', demo=True, grid=2)
-    assert len(teachers) == 1 and len(teachers[0].model.blocks) == 1 and 'RANDOM' in capsys.readouterr().err
+    assert len(teachers) == 1 and teachers[0].name == 'hog' and 'weight-free HOG' in capsys.readouterr().err
+    assert teachers[0](torch.rand(1, 3, 32, 32)).shape == (1, 4, 128)  # real features on the SiT grid
     assert [t.dim for t in encoders.load_teachers('dinov2,dinov3', 'random:1,random:1', grid=2)] == [768, 768]
     assert encoders.load_teachers('none', 'auto') == []
     with pytest.raises(ValueError, match='one per teacher'):
@@ -1020,12 +1149,16 @@ def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
 
 
 def test_list(capsys, monkeypatch):
-    monkeypatch.setattr(encoders, 'TEACHERS', {n: TEACHERS[n] for n in ['dinov2-vit-b', 'siglip-vit-so400m']})
+    names = ['dinov2-vit-b', 'siglip-vit-so400m', 'sam2-vit-s', 'sam-vit-h', 'sift']
+    monkeypatch.setattr(encoders, 'TEACHERS', {n: TEACHERS[n] for n in names})
     encoders.main(['--list', '--grid', '8'])
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0].split()[:7] == ['teacher', 'timm', 'model', 'input', 'patch', 'dim', 'prefix']
-    assert rows[1].split()[:7] == ['dinov2-vit-b', 'vit_base_patch14_dinov2.lvd142m', '112', '14', '768', '1', '85.6M']
-    assert rows[2].split()[:6] == ['siglip-vit-so400m', 'vit_so400m_patch14_siglip_224.webli', '224', '14', '1152', '0']
+    assert rows[0].split()[:8] == ['teacher', 'timm', 'model', 'input', 'patch', 'dim', 'prefix', 'tokens']
+    assert rows[1].split()[:8] == ['dinov2-vit-b', 'vit_base_patch14_dinov2.lvd142m', '112', '14', '768', '1', '64', '85.6M']
+    assert rows[2].split()[:7] == ['siglip-vit-so400m', 'vit_so400m_patch14_siglip_224.webli', '224', '14', '1152', '0', '256']
+    assert rows[3].split()[:8] == ['sam2-vit-s', 'sam2_hiera_small.fb_r896', '256', '32', '768', '0', '64', '33.9M']
+    assert rows[4].split()[:8] == ['sam-vit-h', 'samvit_huge_patch16.sa1b', '1024', '16', '256', '0', '64', '637.0M']
+    assert rows[5].split()[:8] == ['sift', 'none', '128', '16', '128', '0', '64', '0.0M']
 
 # -----------------------------------------------------------------------------
 # SD-VAE: parity with diffusers
