@@ -1123,6 +1123,48 @@ def test_webssl_checkpoints(tmp_path, monkeypatch):
     assert torch.equal(load_teacher(name, save(native, tmp_path / 'webssl_dino300m_224.pth'))(x), src(x))
 
 
+
+def test_webssl_at_512_px_equals_hf_dinov2(tmp_path, monkeypatch):
+    """WebSSL at grid 32 (448-px input): HF Dinov2Model resamples the position embedding at forward time, bicubic
+    without antialias; timm's resample at load uses antialias (3.3e-2 relative on the tokens). The file is the one
+    `save_pretrained` writes (the hub's layout)."""
+    transformers = pytest.importorskip('transformers')
+    name = 'webssl-vit-dino300m_full2b_224'
+    monkeypatch.setitem(TEACHERS, name, dict(TEACHERS[name], dim=192,
+                                             kw=dict(encoders.webssl(192, 1, 3, '')['kw'], depth=1)))
+    cfg = transformers.Dinov2Config(hidden_size=192, num_hidden_layers=1, num_attention_heads=3, image_size=224,
+                                    patch_size=14, use_swiglu_ffn=True, layerscale_value=1e-5, layer_norm_eps=1e-6)
+    hf = randomize(transformers.Dinov2Model(cfg)).eval()
+    hf.save_pretrained(tmp_path)
+    x = torch.rand(2, 3, 256, 256)
+    IN = encoders.IN
+    for grid in (16, 32):
+        pix = F.interpolate((x - torch.tensor(IN[0]).view(1, 3, 1, 1)) / torch.tensor(IN[1]).view(1, 3, 1, 1),
+                            14 * grid, mode='bicubic')  # the official WebSSL preprocessing
+        with torch.no_grad():
+            want = hf(pixel_values=pix).last_hidden_state[:, 1:]
+        out = load_teacher(name, str(tmp_path / 'model.safetensors'), grid=grid)(x)
+        assert rel_err(out, want) < 1e-5, (grid, rel_err(out, want))
+
+
+def test_clip_fp16_file_resampled_in_fp32(tmp_path, monkeypatch):
+    """OpenAI's CLIP weights are fp16; the official code resamples the position embedding (at 512 px) of the fp32
+    model clip.load builds on the CPU. Rounding the resampled embedding to fp16 changes the tokens (1.4e-4)."""
+    from timm.layers import resample_abs_pos_embed
+    shrink(monkeypatch, 'clip-vit-L')
+    sd = load_teacher('clip-vit-L', 'random').model.state_dict()
+    sd.update({'norm.weight': torch.randn(192), 'norm.bias': torch.randn(192)})  # timm files keep ln_post
+    half = save({k: v.half() for k, v in sd.items()}, tmp_path / 'clip16.pth')
+    full = save({k: v.half().float() for k, v in sd.items()}, tmp_path / 'clip32.pth')  # the same values in fp32
+    a, b = load_teacher('clip-vit-L', half, grid=32), load_teacher('clip-vit-L', full, grid=32)
+    pos = torch.load(full, weights_only=True)['pos_embed']
+    assert a.model.pos_embed.dtype == torch.float32
+    assert torch.equal(a.model.pos_embed, resample_abs_pos_embed(pos, [32, 32]))  # fp32, as clip.load + timm
+    assert not torch.equal(a.model.pos_embed, resample_abs_pos_embed(pos.half(), [32, 32]).float())  # the old path
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(a(x), b(x))
+
+
 def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
