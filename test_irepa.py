@@ -2095,6 +2095,17 @@ def test_metrics_command_end_to_end(tmp_path, capsys):
     assert 'features from the cache' in capsys.readouterr().out and again['lds'] == s['lds']
 
 
+
+@slow
+@pytest.mark.parametrize('name', ['sam2-vit-s', 'sift'])
+def test_metrics_command_other_families(name, tmp_path):
+    """The study command on a Hiera teacher (random weights) and on a weight-free one, end to end."""
+    s = irepa.main(['metrics', '--encoder', name, '--encoder-weights', 'random:1', '--num-images', '16', '--resolution',
+                    '64', '--out-dir', str(tmp_path), '--lp-steps', '10', '--batch-size', '8', '--device', 'cpu'])
+    assert all(math.isfinite(s[k]) for k in ('lds', 'cds', 'srss', 'rmsc', 'lp')) and s['grid'] == 4
+    assert json.loads((tmp_path / f'{name}.json').read_text())['teacher'] == name
+
+
 def test_correlate_command(tmp_path, capsys):
     path = tmp_path / 'r.csv'
     lds = np.linspace(0.1, 0.5, 6)
