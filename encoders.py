@@ -287,6 +287,56 @@ def webssl_to_timm(sd):
     return out
 
 
+# Hugging Face transformers files (what the official code loads with from_pretrained) -> timm keys: a tensor that
+# marks the layout (its key's start is the vision tower's prefix in that file: `vision_model.` in a SiglipModel, none
+# in a SiglipVisionModel saved by transformers 5), then (HF name, timm name) renames; q/k/v are fused into timm's qkv.
+HF_LAYOUTS = {
+    'siglip': ('embeddings.patch_embedding.weight', [  # SiglipModel / SiglipVisionModel (SigLIP, SigLIP 2 fixed-res)
+        ('embeddings.patch_embedding', 'patch_embed.proj'), ('embeddings.position_embedding.weight', 'pos_embed'),
+        ('encoder.layers.', 'blocks.'), ('layer_norm1', 'norm1'), ('layer_norm2', 'norm2'),
+        ('self_attn.out_proj', 'attn.proj'), ('post_layernorm', 'norm'), ('head.probe', 'attn_pool.latent'),
+        ('head.attention.out_proj', 'attn_pool.proj'), ('head.layernorm', 'attn_pool.norm'),
+        ('head.mlp', 'attn_pool.mlp')]),
+    'sam': ('patch_embed.projection.weight', [  # SamModel / SamVisionModel (vision_encoder.*)
+        ('patch_embed.projection', 'patch_embed.proj'), ('layers.', 'blocks.'), ('layer_norm1', 'norm1'),
+        ('layer_norm2', 'norm2'), ('mlp.lin1', 'mlp.fc1'), ('mlp.lin2', 'mlp.fc2'), ('neck.conv1', 'neck.0'),
+        ('neck.norm1', 'neck.1'), ('neck.conv2', 'neck.2'), ('neck.norm2', 'neck.3')]),
+    'sam2': ('patch_embed.projection.weight', [  # Sam2Model (vision_encoder.backbone.*) / Sam2VisionModel: the trunk
+        ('patch_embed.projection', 'patch_embed.proj'), ('layer_norm1', 'norm1'), ('layer_norm2', 'norm2'),
+        ('mlp.proj_in', 'mlp.fc1'), ('mlp.proj_out', 'mlp.fc2')]),
+}
+
+
+def hf_to_timm(sd, family):
+    """A transformers checkpoint of `family` -> timm keys; any other layout passes through unchanged."""
+    marker, renames = HF_LAYOUTS[family]
+    prefix = next((k[:-len(marker)] for k in sd if k.endswith(marker) and 'text' not in k), None)
+    if prefix is None:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue  # the text tower, prompt encoder, mask decoder, SAM 2's FPN neck, ...
+        k = k[len(prefix):].replace('neck.layer_norm', 'neck.norm')
+        for a, b in renames:
+            k = k.replace(a, b)
+        out[k] = v
+    if 'pos_embed' in out and family == 'siglip':
+        out['pos_embed'] = out['pos_embed'][None]  # (N, D) -> (1, N, D)
+    for k in [k for k in out if '.self_attn.q_proj.' in k]:  # separate q, k, v -> fused qkv
+        names = [k.replace('q_proj', n) for n in ('q_proj', 'k_proj', 'v_proj')]
+        missing = [n for n in names if n not in out]
+        if missing:  # named as in the file
+            i = int(re.search(r'blocks\.(\d+)\.', k)[1])
+            raise ValueError(f"the Hugging Face file lacks {prefix}encoder.layers.{i}.{missing[0].split('.', 2)[2]}")
+        out[k.replace('self_attn.q_proj', 'attn.qkv')] = torch.cat([out.pop(n) for n in names])
+    for p in ('weight', 'bias'):  # SigLIP's pooling head: MultiheadAttention's packed [q; k; v] -> timm's q, kv
+        if f'head.attention.in_proj_{p}' in out:
+            q, kv = out.pop(f'head.attention.in_proj_{p}').tensor_split([out['attn_pool.latent'].shape[-1]])
+            out[f'attn_pool.q.{p}'], out[f'attn_pool.kv.{p}'] = q, kv
+    return out
+
+
 def resample_posemb(pos_embed, prefix, grid, mode):
     """Resample an absolute position embedding (1, prefix + n*n, D) to grid x grid as the teacher's own code does,
     in fp32, no antialias: PE bilinear, WebSSL (HF Dinov2Model) bicubic, C-RADIO bilinear; timm would do bicubic
@@ -607,6 +657,10 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
             paths = [weights]
         sd = {k: v for p in paths for k, v in read_state_dict(p).items()}
         sd = mocov3_to_timm(sd) if t['family'] == 'mocov3' else webssl_to_timm(sd) if t['family'] == 'webssl' else sd
+        try:
+            sd = hf_to_timm(sd, t['family']) if t['family'] in HF_LAYOUTS else sd
+        except ValueError as e:
+            raise ValueError(f"weights '{source}' do not fit teacher {name}: {e}") from e
         if t['family'] == 'cradio':
             sd, stats = cradio_to_timm(sd)
             norm = stats or norm

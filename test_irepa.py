@@ -1165,6 +1165,62 @@ def test_clip_fp16_file_resampled_in_fp32(tmp_path, monkeypatch):
     assert torch.equal(a(x), b(x))
 
 
+
+def hf_teacher(name, monkeypatch):
+    """A tiny random transformers model of the class the official code loads for `name`, with the table's
+    architecture shrunk to match it."""
+    import transformers as T
+    t = TEACHERS[name]
+    if t['family'] == 'siglip':
+        monkeypatch.setitem(TEACHERS, name, dict(t, dim=192, kw=dict(t['kw'], depth=1, embed_dim=192, num_heads=3)))
+        return T.SiglipVisionModel(T.SiglipVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=1,
+                                                        num_attention_heads=3, image_size=256, patch_size=16))
+    if t['family'] == 'sam':
+        monkeypatch.setitem(TEACHERS, name, dict(t, kw=dict(embed_dim=96, num_heads=3, depth=1)))
+        return T.SamVisionModel(T.SamVisionConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=3,
+                                                  output_channels=256, image_size=1024, patch_size=16, mlp_dim=384))
+    # SAM2-S's Hiera, 5 blocks, one with global attention (not the first of a stage: Hiera pools there)
+    monkeypatch.setitem(TEACHERS, name, dict(t, kw=dict(stages=(1, 2, 1, 1), global_att_blocks=(2,))))
+    backbone = T.Sam2HieraDetConfig(blocks_per_stage=[1, 2, 1, 1], global_attention_blocks=[2])
+    return T.Sam2VisionModel(T.Sam2VisionConfig(backbone_config=backbone))
+
+
+@pytest.mark.parametrize('name', ['siglip-vit-b', 'siglip2-vit-b', 'sam-vit-b', 'sam2-vit-s'])
+def test_hf_files(name, tmp_path, monkeypatch):
+    """Hugging Face files, as the official code loads them (SiglipVisionModel, SamModel.vision_encoder,
+    Sam2Model.vision_encoder): converted at load, the same tokens as the transformers model's own forward with the
+    official preprocessing (x / 255, resize, ImageNet stats) and token selection."""
+    pytest.importorskip('transformers')
+    hf = randomize(hf_teacher(name, monkeypatch)).eval()
+    hf.save_pretrained(tmp_path)
+    path = str(tmp_path / 'model.safetensors')
+    x = torch.rand(2, 3, 256, 256)
+    IN = lambda im: (im - torch.tensor(encoders.IN[0]).view(1, 3, 1, 1)) / torch.tensor(encoders.IN[1]).view(1, 3, 1, 1)
+    family = TEACHERS[name]['family']
+    with torch.no_grad():
+        if family == 'siglip':  # last_hidden_state (post_layernorm included), no CLS
+            want = hf(pixel_values=IN(x)).last_hidden_state
+        elif family == 'sam':  # the neck, channels-first (B, 256, 64, 64), bilinear to the grid
+            h = hf(pixel_values=IN(F.interpolate(x, 1024, mode='bicubic'))).last_hidden_state
+            h = F.interpolate(h, size=(16, 16), mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+            want = h.reshape(2, -1, 256)
+        else:  # the Hiera trunk's last stage, channels-last (B, 8, 8, 768); grid 8 (128 px) -> 256-px input
+            h = hf(pixel_values=IN(F.interpolate(x, 256, mode='bicubic'))).last_hidden_state
+            want = h.reshape(2, -1, h.shape[-1])
+    grid = 8 if family == 'sam2' else 16
+    assert rel_err(load_teacher(name, path, grid=grid)(x), want) < 1e-6
+    sd = load_file(path)
+    if family == 'siglip':  # the whole SiglipModel, as google/siglip-* hold it: a vision_model. prefix and a text tower
+        whole = save({'vision_model.' + k: v for k, v in sd.items()} | {'text_model.head.weight': torch.zeros(1)},
+                     tmp_path / 'siglip-full.safetensors')
+        assert rel_err(load_teacher(name, whole)(x), want) < 1e-6
+    key = next(k for k in sd if 'k_proj' in k or 'qkv' in k)
+    del sd[key]  # a missing tensor is named (the HF name for q/k/v, which are fused)
+    with pytest.raises(ValueError, match=re.escape(name)) as e:
+        load_teacher(name, save(sd, tmp_path / 'bad.safetensors'), grid=grid)
+    assert key.replace('vision_encoder.', '').replace('backbone.', '').split('.')[-2] in str(e.value)
+
+
 def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
