@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 
 import safetensors.torch
 import torch
@@ -197,6 +198,9 @@ def read_state_dict(path):
         raise FileNotFoundError(f"no weights file at '{path}'")
     if str(path).endswith('.safetensors'):
         return safetensors.torch.load_file(path)
+    if zipfile.is_zipfile(path) and any('/code/' in n for n in zipfile.ZipFile(path).namelist()):
+        # a TorchScript archive (OpenAI's ViT-L-14.pt, what clip.load downloads): its tensors, not its program
+        return dict(torch.jit.load(path, map_location='cpu').state_dict())
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # the file pickles objects, not just tensors and plain containers
@@ -624,6 +628,24 @@ class Teacher(nn.Module):
 
 
 WEIGHT_FREE = ('hog', 'sift')  # families computed from the pixels alone
+FILES = {  # the layouts each family reads besides timm's own (model.safetensors of the timm/ hub repos), for errors
+    'dino': "timm or DINO's .pth", 'dinov2': "timm or Meta's torch.hub .pth", 'dinov3': "timm or Meta's .pth",
+    'webssl': "HF Dinov2Model safetensors or the native .pth", 'mocov3': "timm or RCG's mocov3_vit*.pth",
+    'clip': "timm, OpenAI's TorchScript ViT-L-14.pt or its state dict", 'jepa': "timm or I-JEPA's .pth.tar",
+    'mae': "timm or MAE's .pth", 'siglip': "timm or HF SiglipModel / SiglipVisionModel safetensors",
+    'pe': "timm or Meta's PE .pt", 'sam': "timm, HF SamModel safetensors or Meta's sam_vit_*.pth",
+    'sam2': "timm, HF Sam2Model safetensors or Meta's sam2_hiera_*.pt", 'cradio': "NVIDIA's C-RADIOv3 safetensors",
+    'vgg': "torchvision's vgg16 .pth (or timm's vgg16)"}
+
+
+def teachers_like(sd):
+    """For error messages: the ViT teachers whose width and patch size match a (converted) state dict."""
+    w = (sd or {}).get('patch_embed.proj.weight')
+    if w is None or w.dim() != 4:
+        return []
+    prefix = sum(sd[k].shape[1] for k in ('cls_token', 'reg_token', 'storage_tokens') if k in sd and sd[k].dim() == 3)
+    return [n for n, t in TEACHERS.items() if (t['dim'], t['patch']) == (w.shape[0], w.shape[-1])
+            and t.get('tokens', 'vit') == 'vit' and t['prefix'] == prefix]
 
 
 def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
@@ -670,8 +692,11 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
         except (RuntimeError, KeyError, ValueError) as e:  # missing/unexpected keys or shape mismatches (strict load)
             if sd is None:
                 raise
-            raise ValueError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']}): "
-                             f"is it a checkpoint of another model? timm says: {str(e)[:600]}") from e
+            like = [n for n in teachers_like(sd) if n != name]
+            like = f": the file looks like {', '.join(like)}" if like else ''
+            raise ValueError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']})"
+                             f"{like}. {name} reads {FILES.get(t['family'], 'timm')} files. "
+                             f"timm says: {str(e)[:600]}") from e
     teacher = Teacher(name, model, grid, norm).to(device)
     if dtype is not None:
         teacher.model.to(dtype)

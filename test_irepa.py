@@ -1050,7 +1050,55 @@ def test_file_of_another_model_is_refused(tmp_path, monkeypatch):
     path = save(load_teacher('dinov2-vit-b', 'random').model.state_dict(), tmp_path / 'dinov2.safetensors')
     with pytest.raises(ValueError) as e:
         load_teacher('siglip-vit-b', path)
-    assert 'siglip-vit-b' in str(e.value) and path in str(e.value)
+    msg = str(e.value)  # both teachers named, and the layouts the teacher reads
+    assert 'siglip-vit-b' in msg and path in msg and 'looks like dinov2-vit-b' in msg and 'SiglipModel' in msg
+
+
+class OpenAIArchive(nn.Module):
+    """Stands in for OpenAI's TorchScript ViT-L-14.pt: a scripted module holding tensors under OpenAI's names."""
+
+    def __init__(self, sd):
+        super().__init__()
+        for k, v in sd.items():
+            *path, leaf = k.split('.')
+            m = self
+            for p in path:
+                if not hasattr(m, p):
+                    m.add_module(p, nn.Module())
+                m = getattr(m, p)
+            m.register_parameter(leaf, nn.Parameter(v, requires_grad=False))
+
+    def forward(self, x):
+        return x
+
+
+def test_openai_torchscript_clip(tmp_path, monkeypatch):
+    """`clip.load`'s file: a TorchScript archive of the whole fp16 CLIP (text tower too) under OpenAI's names; its
+    tensors are read (torch.load refuses it), converted by timm, resampled in fp32."""
+    shrink(monkeypatch, 'clip-vit-L')
+    src = load_teacher('clip-vit-L', 'random', grid=16)
+    sd = {k: v.half() for k, v in src.model.state_dict().items()}
+    sd.update({'norm.weight': torch.randn(192).half(), 'norm.bias': torch.randn(192).half()})  # ln_post
+    renames = [('patch_embed.proj', 'conv1'), ('norm_pre', 'ln_pre'), ('blocks.', 'transformer.resblocks.'),
+               ('norm1', 'ln_1'), ('norm2', 'ln_2'), ('attn.qkv.', 'attn.in_proj_'), ('attn.proj', 'attn.out_proj'),
+               ('mlp.fc1', 'mlp.c_fc'), ('mlp.fc2', 'mlp.c_proj')]
+    openai = {'logit_scale': torch.ones([]).half(), 'token_embedding.weight': torch.randn(10, 8).half(),
+              'visual.class_embedding': sd['cls_token'][0, 0], 'visual.positional_embedding': sd['pos_embed'][0],
+              'visual.proj': sd['head.weight'].t().contiguous(), 'visual.ln_post.weight': sd['norm.weight'],
+              'visual.ln_post.bias': sd['norm.bias']}
+    for k, v in sd.items():
+        if k.startswith(('blocks.', 'patch_embed', 'norm_pre')):
+            for a, b in renames:
+                k = k.replace(a, b)
+            openai['visual.' + k] = v
+    path = str(tmp_path / 'ViT-L-14.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script's deprecation notice
+        torch.jit.script(OpenAIArchive(openai)).save(path)
+    timm_file = save({k: v.float() for k, v in sd.items()}, tmp_path / 'timm.safetensors')  # the same values
+    x = torch.rand(2, 3, 64, 64)
+    for grid in (16, 32):
+        assert torch.equal(load_teacher('clip-vit-L', path, grid=grid)(x), load_teacher('clip-vit-L', timm_file, grid=grid)(x))
 
 
 def test_posemb_resampled_at_load(tmp_path, monkeypatch):
