@@ -508,6 +508,8 @@ def build_model(name, grid=16, state_dict=None, depth=None):
         kw['depth'] = depth
     model_name = t['timm']
     if state_dict is not None:
+        for key in ('model', 'state_dict'):  # a training checkpoint (Meta's SAM 2 .pt, ...): its weights
+            state_dict = state_dict[key] if isinstance(state_dict.get(key), dict) else state_dict
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}  # fp32 like the
         # official loaders, before any resampling: an fp16 file (OpenAI's CLIP) is not rounded after resampling
     if fam == 'pe':
@@ -537,7 +539,6 @@ def build_model(name, grid=16, state_dict=None, depth=None):
                 nn.init.zeros_(conv.bias)
             prefix, keep = 'features.', lambda k: int(k.split('.')[0]) < 24
         if state_dict is not None:
-            state_dict = state_dict.get('model', state_dict)  # Meta's SAM 2 .pt: {'model': {'image_encoder.trunk.*'}}
             if any(k.startswith(prefix) for k in state_dict):
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             state_dict = {k.replace('mlp.layers.0', 'mlp.fc1').replace('mlp.layers.1', 'mlp.fc2'): v

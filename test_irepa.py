@@ -1214,6 +1214,65 @@ def test_clip_fp16_file_resampled_in_fp32(tmp_path, monkeypatch):
 
 
 
+
+@pytest.mark.parametrize('name', ['sam-vit-b', 'sam2-vit-s', 'vgg16'])
+def test_original_release_files(name, tmp_path, monkeypatch):
+    """Meta's SAM (sam_vit_b_01ec64.pth: image_encoder.*, the prompt encoder and mask decoder beside it), Meta's SAM 2
+    (sam2_hiera_small.pt: {'model': {'image_encoder.trunk.*', 'image_encoder.neck.*', ...}}) and torchvision's
+    vgg16_features-amdegroot-88682ab5.pth (features.* and a classifier): the same tokens as the network saved."""
+    t = TEACHERS[name]
+    if t['family'] == 'sam':
+        monkeypatch.setitem(TEACHERS, name, dict(t, kw=dict(embed_dim=96, num_heads=3, depth=1)))
+    if t['family'] == 'sam2':
+        monkeypatch.setitem(TEACHERS, name, dict(t, kw=dict(stages=(1, 1, 1, 1))))
+    src = load_teacher(name, 'random', grid=4)
+    sd = src.model.state_dict()
+    if t['family'] == 'sam':
+        sd = {'image_encoder.' + k.replace('mlp.fc', 'mlp.lin'): v for k, v in sd.items()}
+        sd['prompt_encoder.point_embeddings.0.weight'] = torch.zeros(1, 256)
+    elif t['family'] == 'sam2':
+        sd = {'model': {'image_encoder.trunk.' + k.replace('mlp.fc1', 'mlp.layers.0').replace('mlp.fc2', 'mlp.layers.1'):
+                        v for k, v in sd.items()} | {'image_encoder.neck.convs.0.conv.weight': torch.zeros(1),
+                                                     'sam_mask_decoder.x': torch.zeros(1)}}
+    else:
+        sd = {'features.' + k: v for k, v in sd.items()} | {'classifier.0.weight': torch.full((8, 8), float('nan'))}
+    path = str(tmp_path / 'release.pth')
+    torch.save(sd, path)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(load_teacher(name, path, grid=4)(x), src(x))
+
+
+def test_cradio_release_file(tmp_path, monkeypatch):
+    """NVIDIA's C-RADIOv3 safetensors: a bias-free linear patch embedding, a 128x128 position table (resampled here
+    bilinearly with align_corners=False, as RADIO does; timm's B variant uses True), CLS + 7 registers in one tensor,
+    and the input mean/std the model normalizes with."""
+    name = 'cradio-vit-b'
+    shrink(monkeypatch, name)
+    src = load_teacher(name, 'random', grid=4)
+    m, D = src.model, 192
+    with torch.no_grad():
+        m.patch_embed.proj.bias.zero_()  # RADIO's patch embedding has no bias
+    table = torch.randn(1, 128 * 128, D)
+    mean, std = torch.tensor([0.3, 0.4, 0.5]), torch.tensor([0.2, 0.25, 0.3])
+    sd = {'radio_model.model.' + k: v for k, v in m.state_dict().items()
+          if k.startswith('blocks.') or k.startswith('norm.')}
+    sd |= {'radio_model.model.patch_generator.embedder.weight': m.patch_embed.proj.weight.reshape(D, -1),
+           'radio_model.model.patch_generator.pos_embed': table,
+           'radio_model.model.patch_generator.cls_token.token': torch.cat([m.cls_token[0], m.reg_token[0]]),
+           'radio_model.input_conditioner.norm_mean': mean.view(3, 1, 1),
+           'radio_model.input_conditioner.norm_std': std.view(3, 1, 1)}
+    teacher = load_teacher(name, save(sd, tmp_path / 'model.safetensors'), grid=4)
+    pos = F.interpolate(table.reshape(1, 128, 128, D).permute(0, 3, 1, 2), size=(4, 4), mode='bilinear',
+                        align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, D)  # RADIO's resampling
+    assert torch.allclose(teacher.model.pos_embed, pos, atol=1e-6)
+    with torch.no_grad():
+        m.pos_embed.copy_(pos)
+    x = torch.rand(2, 3, 70, 70)
+    pix = (F.interpolate(x, 64, mode='bilinear', align_corners=False) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    want = m.forward_features(pix)[:, 8:]  # the spatial features: CLS and 7 registers dropped
+    assert torch.allclose(teacher(x), want, atol=1e-5)
+
+
 def hf_teacher(name, monkeypatch):
     """A tiny random transformers model of the class the official code loads for `name`, with the table's
     architecture shrunk to match it."""
