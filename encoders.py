@@ -155,8 +155,10 @@ _ROWS = {
     'sam2-vit-b':         ('sam2',   'sam2_hiera_base_plus.fb_r896', 32, 896, 0),
     'sam2-vit-l':         ('sam2',   'sam2_hiera_large.fb_r1024', 32, 1152, 0),
     # C-RADIO v3 from NVIDIA's own files: timm's hub copies hold a position table already resampled for 512 px
-    'cradio-vit-b':       ('cradio', 'vit_base_patch16_radio_v3', 16, 768, 8, dict(hub=('nvidia/C-RADIOv3-B', 'model.safetensors'))),
-    'cradio-vit-l':       ('cradio', 'vit_large_patch16_radio_v3', 16, 1024, 8, dict(hub=('nvidia/C-RADIOv3-L', 'model.safetensors'))),
+    'cradio-vit-b':       ('cradio', 'vit_base_patch16_radio_v3', 16, 768, 8,
+                           dict(hub=('nvidia/C-RADIOv3-B', 'model.safetensors'))),
+    'cradio-vit-l':       ('cradio', 'vit_large_patch16_radio_v3', 16, 1024, 8,
+                           dict(hub=('nvidia/C-RADIOv3-L', 'model.safetensors'))),
     # VGG16 up to pool4 (features[:24]); the official weights are torchvision's IMAGENET1K_FEATURES, not timm's tag
     'vgg16':              ('vgg',    'vgg16', 16, 512, 0,
                            dict(hub=('https://download.pytorch.org/models', 'vgg16_features-amdegroot-88682ab5.pth'))),
@@ -174,10 +176,12 @@ ALIASES = {
     'mae': 'mae-vit-l', 'siglip': 'siglip-vit-b', 'siglip2': 'siglip2-vit-b', 'pe': 'pe-vit-b',
     'langpe': 'langpe-vit-l', 'spatialpe': 'spatialpe-vit-b', 'webssl': 'webssl-vit-dino300m_full2b_224',
     **{n.rsplit('_', 2)[0]: n for n in _ROWS if n.startswith('webssl')},  # webssl-vit-dino1b, ...
-    'sam': 'sam-vit-b', 'sam2': 'sam2-vit-s', 'cradio': 'cradio-vit-b', 'vgg': 'vgg16', 'dinov2mixed': 'dinov2mixed-vit-b',
+    'sam': 'sam-vit-b', 'sam2': 'sam2-vit-s', 'cradio': 'cradio-vit-b', 'vgg': 'vgg16',
+    'dinov2mixed': 'dinov2mixed-vit-b',
     'vgg-vgg16-pool4': 'vgg16', 'hog-hog-g16_d128': 'hog', 'sift-kornia-dense16': 'sift',  # official names
     # the official code accepts these *norm names, but their final norm is an identity: they equal the plain ones
-    **{f'{n}norm': n for n in ('langpe-vit-l', 'langpe-vit-g', 'spatialpe-vit-b', 'spatialpe-vit-l', 'spatialpe-vit-g')},
+    **{f'{n}norm': n for n in ('langpe-vit-l', 'langpe-vit-g', 'spatialpe-vit-b', 'spatialpe-vit-l',
+                                'spatialpe-vit-g')},
 }
 
 
@@ -247,7 +251,8 @@ def url_files(url, filename, what, how):
             torch.hub.download_url_to_file(f'{url}/{filename}', path)
         except Exception as e:
             raise FileNotFoundError(f"{what}: '{filename}' is not in {os.path.dirname(path)} and {url}/{filename} is "
-                                    f"unreachable ({type(e).__name__}). Download it where you have network and {how}") from e
+                                    f"unreachable ({type(e).__name__}). Download it where you have network and "
+                                    f"{how}") from e
     return [path]
 
 
@@ -405,7 +410,7 @@ def gradient(x, sobel):
     """kornia's normalized spatial gradient of (N, 1, H, W) with replicate padding: Sobel / 8 or central
     differences / 2 -> gx, gy."""
     d = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
-    s = torch.tensor([1.0, 2.0, 1.0], device=x.device) / 8 if sobel else torch.tensor([0.0, 1.0, 0.0], device=x.device) / 2
+    s = torch.tensor([1.0, 2.0, 1.0] if sobel else [0.0, 1.0, 0.0], device=x.device) / (8 if sobel else 2)
     k = torch.stack([torch.outer(s, d), torch.outer(d, s)])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
     g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), k.to(x.dtype))
     return g[:, 0], g[:, 1]  # (N, H, W) each
@@ -452,7 +457,7 @@ class SIFT(nn.Module):
         """Bilinear patches (B*T, 1, size, size) around the keypoints, rotated by angle (B, T) radians: the sample at
         normalized offset u in (-1, 1) is centre + 16 R(angle) u, R = [[cos, sin], [-sin, cos]] (kornia's LAF)."""
         B, _, H, W = gray.shape
-        u = (2 * torch.arange(size, device=gray.device, dtype=torch.float32) + 1) / size - 1  # pixel centres of the patch
+        u = (2 * torch.arange(size, device=gray.device, dtype=torch.float32) + 1) / size - 1  # patch pixel centres
         uy, ux = torch.meshgrid(u, u, indexing='ij')  # (size, size)
         cos, sin = (16 * torch.cos(angle))[..., None, None], (16 * torch.sin(angle))[..., None, None]  # (B, T, 1, 1)
         x = self.centres[:, 0, None, None] + cos * ux + sin * uy  # (B, T, size, size), pixels
@@ -619,7 +624,8 @@ class Teacher(nn.Module):
         by torch on a meta-device copy (no weights, no compute)."""
         if self.tokens in ('vit', 'mix'):
             n, blocks = self.prefix + self.grid ** 2, self.model.blocks
-            return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * self.dim
+            matmul = sum(q.numel() for q in blocks.parameters() if q.dim() == 2)
+            return 2 * matmul * n + 4 * len(blocks) * n * n * self.dim
         from torch.utils.flop_counter import FlopCounterMode
         with torch.device('meta'):
             twin = Teacher(self.name, build_model(self.name, self.grid), self.grid, TEACHERS[self.name]['norm'])

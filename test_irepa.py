@@ -1098,7 +1098,8 @@ def test_openai_torchscript_clip(tmp_path, monkeypatch):
     timm_file = save({k: v.float() for k, v in sd.items()}, tmp_path / 'timm.safetensors')  # the same values
     x = torch.rand(2, 3, 64, 64)
     for grid in (16, 32):
-        assert torch.equal(load_teacher('clip-vit-L', path, grid=grid)(x), load_teacher('clip-vit-L', timm_file, grid=grid)(x))
+        assert torch.equal(load_teacher('clip-vit-L', path, grid=grid)(x),
+                           load_teacher('clip-vit-L', timm_file, grid=grid)(x))
 
 
 def test_posemb_resampled_at_load(tmp_path, monkeypatch):
@@ -1231,9 +1232,9 @@ def test_original_release_files(name, tmp_path, monkeypatch):
         sd = {'image_encoder.' + k.replace('mlp.fc', 'mlp.lin'): v for k, v in sd.items()}
         sd['prompt_encoder.point_embeddings.0.weight'] = torch.zeros(1, 256)
     elif t['family'] == 'sam2':
-        sd = {'model': {'image_encoder.trunk.' + k.replace('mlp.fc1', 'mlp.layers.0').replace('mlp.fc2', 'mlp.layers.1'):
-                        v for k, v in sd.items()} | {'image_encoder.neck.convs.0.conv.weight': torch.zeros(1),
-                                                     'sam_mask_decoder.x': torch.zeros(1)}}
+        meta = lambda k: 'image_encoder.trunk.' + re.sub(r'mlp\.fc(\d)', lambda m: f'mlp.layers.{int(m[1]) - 1}', k)
+        sd = {'model': {meta(k): v for k, v in sd.items()} | {'image_encoder.neck.convs.0.conv.weight': torch.zeros(1),
+                                                             'sam_mask_decoder.x': torch.zeros(1)}}
     else:
         sd = {'features.' + k: v for k, v in sd.items()} | {'classifier.0.weight': torch.full((8, 8), float('nan'))}
     path = str(tmp_path / 'release.pth')
@@ -1359,8 +1360,10 @@ def test_list(capsys, monkeypatch):
     encoders.main(['--list', '--grid', '8'])
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].split()[:8] == ['teacher', 'timm', 'model', 'input', 'patch', 'dim', 'prefix', 'tokens']
-    assert rows[1].split()[:8] == ['dinov2-vit-b', 'vit_base_patch14_dinov2.lvd142m', '112', '14', '768', '1', '64', '85.6M']
-    assert rows[2].split()[:7] == ['siglip-vit-so400m', 'vit_so400m_patch14_siglip_224.webli', '224', '14', '1152', '0', '256']
+    assert rows[1].split()[:8] == ['dinov2-vit-b', 'vit_base_patch14_dinov2.lvd142m', '112', '14', '768', '1', '64',
+                                   '85.6M']
+    assert rows[2].split()[:7] == ['siglip-vit-so400m', 'vit_so400m_patch14_siglip_224.webli', '224', '14', '1152', '0',
+                                   '256']  # SigLIP: grid 16 only
     assert rows[3].split()[:8] == ['sam2-vit-s', 'sam2_hiera_small.fb_r896', '256', '32', '768', '0', '64', '33.9M']
     assert rows[4].split()[:8] == ['sam-vit-h', 'samvit_huge_patch16.sa1b', '1024', '16', '256', '0', '64', '637.0M']
     assert rows[5].split()[:8] == ['sift', 'none', '128', '16', '128', '0', '64', '0.0M']
