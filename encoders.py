@@ -705,7 +705,7 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
                              f"{like}. {name} reads {FILES.get(t['family'], 'timm')} files. "
                              f"timm says: {str(e)[:600]}") from e
     teacher = Teacher(name, model, grid, norm).to(device)
-    if dtype is not None:
+    if dtype is not None and t['family'] not in WEIGHT_FREE:  # HOG and SIFT compute in fp32 (fp64 histograms)
         teacher.model.to(dtype)
     if compile:
         teacher.compiled = torch.compile(teacher.features)
