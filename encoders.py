@@ -387,7 +387,8 @@ class HOG(nn.Module):
         ori = torch.rad2deg(torch.atan2(gr, gc)) % 180  # [0, 180]; exactly 180 (from -0.0) falls in no bin
         edges = torch.arange(1, self.orientations, device=x.device, dtype=torch.float64) * (180 / self.orientations)
         bins = (ori[..., None] >= edges).sum(-1)  # (B, R, R): the comparisons scikit-image makes
-        onehot = F.one_hot(bins, self.orientations).double() * (mag * (ori < 180))[..., None]  # (B, R, R, 8)
+        onehot = bins[..., None] == torch.arange(self.orientations, device=x.device)  # not F.one_hot: it syncs on CUDA
+        onehot = onehot.double() * (mag * (ori < 180))[..., None]  # (B, R, R, 8)
         hist = F.avg_pool2d(onehot.permute(0, 3, 1, 2), self.cell)  # (B, 8, R/2, R/2): cell means
         B, O, n, _ = hist.shape
         k, m = self.block, n - self.block + 1
@@ -426,7 +427,9 @@ def soft_orientation_bins(gx, gy, weight, bins, eps, offset):
     b0 = torch.floor(o)
     w1 = o - b0
     b0 = b0.long() % bins
-    votes = F.one_hot(b0, bins) * ((1 - w1) * mag)[..., None] + F.one_hot((b0 + 1) % bins, bins) * (w1 * mag)[..., None]
+    idx = torch.arange(bins, device=gx.device)  # one-hot by comparison: F.one_hot checks its input (a host sync)
+    b0, b1 = b0[..., None], (b0[..., None] + 1) % bins  # the two bins each pixel votes for
+    votes = (b0 == idx) * ((1 - w1) * mag)[..., None] + (b1 == idx) * (w1 * mag)[..., None]  # (N, H, W, bins)
     return votes.permute(0, 3, 1, 2)  # (N, H, W, bins) -> (N, bins, H, W)
 
 
