@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 
 import safetensors.torch
@@ -203,8 +204,11 @@ def read_state_dict(path):
     if str(path).endswith('.safetensors'):
         return safetensors.torch.load_file(path)
     if zipfile.is_zipfile(path) and any('/code/' in n for n in zipfile.ZipFile(path).namelist()):
-        # a TorchScript archive (OpenAI's ViT-L-14.pt, what clip.load downloads): its tensors, not its program
-        return dict(torch.jit.load(path, map_location='cpu').state_dict())
+        # a TorchScript archive (OpenAI's ViT-L-14.pt, what clip.load downloads): only torch.jit reads it; we keep its
+        # tensors, not its program (torch 2.14 calls torch.jit deprecated: the file format is what users have)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)
+            return dict(torch.jit.load(path, map_location='cpu').state_dict())
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # the file pickles objects, not just tensors and plain containers
