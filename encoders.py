@@ -12,11 +12,13 @@ official code's exact preprocessing, and the SD-VAE (AutoencoderKL) with diffuse
 
     python encoders.py --list          # one row per teacher (built on the meta device: no weights, no download)
 
-Every teacher is a timm model plus one row of facts in TEACHERS; the per-family quirks of the official code are data
-(resize mode, normalization and its order, final norm kept or not, which grids upstream allows). The five places where
-timm's defaults differ from what iREPA computes are handled in build_model: CLIP needs QuickGELU and no ln_post, MAE no
-final norm, PE a bilinear position embedding and RoPE on the integer grid, SigLIP tanh-GELU, and every absolute
-position embedding is resampled to the SiT grid at load (img_size), never the features.
+Every teacher is a timm model (or, for HOG and SIFT, a few lines of torch) plus one row of facts in TEACHERS; the
+per-family quirks of the official code are data (resize mode and input size, normalization and its order, final norm
+kept or not, how tokens form, which grids upstream allows). Where timm's defaults differ from what iREPA computes,
+build_model says so: CLIP needs QuickGELU and no ln_post, MAE no final norm, PE a bilinear position embedding and RoPE
+on the integer grid, SigLIP tanh-GELU, WebSSL and C-RADIO their own position-embedding resampling, SAM 2 no head, VGG
+only up to pool4. Absolute position embeddings of the ViTs are resampled to the SiT grid at load (img_size), never
+their features; SAM's and HOG's maps are resized to the grid as the official code does.
 """
 import contextlib
 import json
