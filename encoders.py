@@ -490,8 +490,7 @@ class SIFT(nn.Module):
         left, right = hist.gather(1, ((i - 1) % 36)[:, None])[:, 0], hist.gather(1, ((i + 1) % 36)[:, None])[:, 0]
         denom = left + right - 2 * peak
         sub = torch.where(denom != 0, 0.5 * (left - right) / denom, torch.zeros_like(denom))
-        angle = -(2 * math.pi * (i.float() + sub) / 36 - math.pi)  # radians, (B*T,)
-        angle = torch.deg2rad(torch.rad2deg(angle) % 360)  # the LAF stores it in degrees, modulo 360
+        angle = -(2 * math.pi * (i.float() + sub) / 36 - math.pi)  # radians, (B*T,): the patch's x axis turns onto it
         # 2. the SIFT descriptor of the rotated 41x41 patch
         p = self.patches(gray, angle.view(B, T), 41)
         gx, gy = gradient(p, sobel=False)
