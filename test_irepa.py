@@ -1355,7 +1355,7 @@ def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
 
 
 def test_list(capsys, monkeypatch):
-    names = ['dinov2-vit-b', 'siglip-vit-so400m', 'sam2-vit-s', 'sam-vit-h', 'sift']
+    names = ['dinov2-vit-b', 'siglip-vit-so400m', 'sam2-vit-s', 'sam-vit-b', 'sift']
     monkeypatch.setattr(encoders, 'TEACHERS', {n: TEACHERS[n] for n in names})
     encoders.main(['--list', '--grid', '8'])
     rows = capsys.readouterr().out.splitlines()
@@ -1365,7 +1365,7 @@ def test_list(capsys, monkeypatch):
     assert rows[2].split()[:7] == ['siglip-vit-so400m', 'vit_so400m_patch14_siglip_224.webli', '224', '14', '1152', '0',
                                    '256']  # SigLIP: grid 16 only
     assert rows[3].split()[:8] == ['sam2-vit-s', 'sam2_hiera_small.fb_r896', '256', '32', '768', '0', '64', '33.9M']
-    assert rows[4].split()[:8] == ['sam-vit-h', 'samvit_huge_patch16.sa1b', '1024', '16', '256', '0', '64', '637.0M']
+    assert rows[4].split()[:8] == ['sam-vit-b', 'samvit_base_patch16.sa1b', '1024', '16', '256', '0', '64', '89.7M']
     assert rows[5].split()[:8] == ['sift', 'none', '128', '16', '128', '0', '64', '0.0M']
 
 # -----------------------------------------------------------------------------
