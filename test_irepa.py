@@ -1220,7 +1220,8 @@ def test_clip_fp16_file_resampled_in_fp32(tmp_path, monkeypatch):
 def test_original_release_files(name, tmp_path, monkeypatch):
     """Meta's SAM (sam_vit_b_01ec64.pth: image_encoder.*, the prompt encoder and mask decoder beside it), Meta's SAM 2
     (sam2_hiera_small.pt: {'model': {'image_encoder.trunk.*', 'image_encoder.neck.*', ...}}) and torchvision's
-    vgg16_features-amdegroot-88682ab5.pth (features.* and a classifier): the same tokens as the network saved."""
+    vgg16_features-amdegroot-88682ab5.pth (features.* and a classifier), and timm's layout of each: the same tokens
+    as the network saved."""
     t = TEACHERS[name]
     if t['family'] == 'sam':
         monkeypatch.setitem(TEACHERS, name, dict(t, kw=dict(embed_dim=96, num_heads=3, depth=1)))
@@ -1241,6 +1242,10 @@ def test_original_release_files(name, tmp_path, monkeypatch):
     torch.save(sd, path)
     x = torch.rand(2, 3, 64, 64)
     assert torch.equal(load_teacher(name, path, grid=4)(x), src(x))
+    timm_sd = dict(src.model.state_dict())  # timm's own layout; its SAM 2 files hold a head norm the trunk has not
+    if t['family'] == 'sam2':
+        timm_sd |= {'head.norm.weight': torch.ones(768), 'head.norm.bias': torch.zeros(768)}
+    assert torch.equal(load_teacher(name, save(timm_sd, tmp_path / 'timm.safetensors'), grid=4)(x), src(x))
 
 
 def test_cradio_release_file(tmp_path, monkeypatch):
@@ -2317,17 +2322,18 @@ def run_sh(*args, env=None, timeout=900):
 
 @slow
 def test_run_sh_dry_run_lists_every_stage_with_costs_and_runs_nothing(tmp_path):
-    """--dry-run of the paper's sweep (4 teachers x REPA/iREPA at SiT-XL/2): every command with a GPU-hour estimate,
-    a total, and nothing written (the FLOPs come from models on the meta device; CUDA is hidden)."""
+    """--dry-run of the paper's sweep (4 teachers x REPA/iREPA at SiT-XL/2, and two non-ViT extra teachers by alias):
+    every command with a GPU-hour estimate, a total, and nothing written (the FLOPs come from models on the meta
+    device; CUDA is hidden)."""
     out = tmp_path / 'sweep'
-    rc, log = run_sh('--dry-run', env=dict(OUT=str(out), NPROC='8'), timeout=300)
+    rc, log = run_sh('--dry-run', env=dict(OUT=str(out), NPROC='8', EXTRA_TEACHERS='sam2 sift'), timeout=300)
     assert rc == 0, log[-3000:]
     assert not out.exists(), 'a dry run must not write anything'
     cmds = [l for l in log.splitlines() if l.startswith('+ ')]
     heads = [l for l in log.splitlines() if l.startswith('== ')]
     count = lambda words: sum(all(w in l for w in words) for l in cmds)
     assert count(['torchrun', '--nproc_per_node=8', 'irepa.py', '--prepare']) == 1
-    for t in ('dinov2-vit-b', 'dinov3-vit-b16', 'webssl-vit-dino1b_full2b_224', 'pe-vit-g'):
+    for t in ('dinov2-vit-b', 'dinov3-vit-b16', 'webssl-vit-dino1b_full2b_224', 'pe-vit-g', 'sam2-vit-s', 'sift'):
         for r in ('repa', 'irepa'):
             assert count(['torchrun', 'irepa.py', f'--encoder {t} ', f'--recipe {r} ', '--model SiT-XL/2',
                           '--max-steps 100000', '--global-batch-size 256']) == 1, (t, r)
@@ -2337,13 +2343,15 @@ def test_run_sh_dry_run_lists_every_stage_with_costs_and_runs_nothing(tmp_path):
         assert count(['irepa.py metrics', f'--encoder {t} ']) == 1, t
     assert count(['irepa.py correlate']) == 1 and count(['results_table']) == 1
     costs = {l.split(':')[0][3:]: float(l.split('~')[1].split()[0]) for l in heads if '~' in l}
-    assert len(costs) == 1 + 8 + 8 + 8 + 4, heads
+    assert len(costs) == 1 + 12 + 12 + 12 + 6, heads
     assert all(h > 0 for h in costs.values())
     # SiT-XL/2 + DINOv2-B, 100K x 256 images at 40% of 989 TFLOP/s: (710 + 46) GFLOP per image -> ~13.6 GPU-h
     assert 10 < costs['train SiT-XL-2 dinov2-vit-b repa'] < 20
     assert costs['train SiT-XL-2 pe-vit-g irepa'] > 2 * costs['train SiT-XL-2 dinov2-vit-b irepa']  # a 1.9B teacher
+    assert costs['train SiT-XL-2 sam2-vit-s irepa'] > costs['train SiT-XL-2 sift irepa']  # a network vs descriptors
     total = [l for l in log.splitlines() if l.startswith('estimated cost:')]
     assert len(total) == 1 and math.isclose(float(total[0].split()[2]), sum(costs.values()), rel_tol=0.02), total
+
 
 
 @slow
