@@ -523,8 +523,8 @@ def build_model(name, grid=16, state_dict=None, depth=None):
     if state_dict is not None:
         for key in ('model', 'state_dict'):  # a training checkpoint (Meta's SAM 2 .pt, ...): its weights
             state_dict = state_dict[key] if isinstance(state_dict.get(key), dict) else state_dict
-        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}  # fp32 like the
-        # official loaders, before any resampling: an fp16 file (OpenAI's CLIP) is not rounded after resampling
+        state_dict = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v  # fp32 like the official
+                      for k, v in state_dict.items()}  # loaders, before any resampling: fp16 files (OpenAI's CLIP)
     if fam == 'pe':
         kw['ref_feat_shape'] = (grid, grid)  # RoPE on the actual integer grid as PE does (timm rescales to pretrain's)
         if state_dict is not None and 'pos_embed' not in state_dict:  # original Meta PE layout -> timm keys
