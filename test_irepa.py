@@ -1248,6 +1248,19 @@ def test_original_release_files(name, tmp_path, monkeypatch):
     assert torch.equal(load_teacher(name, save(timm_sd, tmp_path / 'timm.safetensors'), grid=4)(x), src(x))
 
 
+
+def test_training_checkpoint_with_plain_entries(tmp_path, monkeypatch):
+    """I-JEPA's release: {'encoder': {'module.*'}, 'epoch', 'lr', ...}; the entries that are not tensors stay out of
+    the way (the fp32 cast at load touches tensors only)."""
+    shrink(monkeypatch, 'jepa-vit-h')
+    src = load_teacher('jepa-vit-h', 'random', grid=4)
+    path = str(tmp_path / 'IN1K-vit.h.14-300e.pth.tar')
+    torch.save({'encoder': {'module.' + k: v for k, v in src.model.state_dict().items()}, 'epoch': 300, 'lr': 0.1},
+               path)
+    x = torch.rand(1, 3, 56, 56)
+    assert torch.equal(load_teacher('jepa-vit-h', path, grid=4)(x), src(x))
+
+
 def test_cradio_release_file(tmp_path, monkeypatch):
     """NVIDIA's C-RADIOv3 safetensors: a bias-free linear patch embedding, a 128x128 position table (resampled here
     bilinearly with align_corners=False, as RADIO does; timm's B variant uses True), CLS + 7 registers in one tensor,
