@@ -1,8 +1,10 @@
 """
-Speed of irepa's pieces on synthetic tensors already on the device: one JSON line per workload on stdout (img/s,
-median ms per step, peak memory, MFU), a header line on stderr. Training and tests never import this file.
+Speed and memory of irepa's pieces on synthetic tensors already on the device: one JSON line per workload on stdout
+(img/s, median ms per step, peak memory, MFU), a header line on stderr. Training never imports this file.
 
-    python bench.py       # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
+    python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
+    python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step, per-GPU batch
+    python bench.py --suite gpu      # one CUDA device, <= 8 min: correctness on CUDA, then throughput; one table
 
 The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens in the untimed warm-up):
 
@@ -48,7 +50,10 @@ p.add_argument('--steps', type=int, default=None, help='timed steps, median repo
 p.add_argument('--warmup', type=int, default=None, help='untimed steps first (compilation happens here); CUDA 3, CPU 1')
 p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='default on for CUDA')
-p.add_argument('--dtype', choices=['bf16', 'fp32'], default=None, help='autocast dtype; CUDA bf16, CPU fp32')
+p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='bf16: autocast; CUDA bf16, CPU fp32')
+p.add_argument('--grad-ckpt', action='store_true', help="irepa.py's --grad-ckpt: activation checkpointing per block")
+p.add_argument('--suite', choices=['workloads', 'memory', 'gpu'], default='workloads', help='workloads: --workloads '
+               'below; memory: the estimated per-GPU batch table (README); gpu: the GPU check (needs the test extras)')
 p.add_argument('--workloads', default=None, help='of train,train-naive,sample,metrics,fid; CUDA: all but train-naive')
 p.add_argument('--resolution', type=int, default=None, help='pixels; latents are resolution/8. CUDA 256, CPU 128')
 p.add_argument('--teacher', default='dinov2', help="any teacher of encoders.py, random weights; 'none': random targets")
@@ -63,9 +68,9 @@ cuda = args.device.startswith('cuda')
 # On this project's 2-core CPU a SiT-S/2 step at 256 px and batch 8 takes ~10-20 s, the FID Inception ~0.2-1.4 s per
 # image, so the CPU defaults shrink the work; the shapes that matter on a GPU are the CUDA ones. One CPU thread: on a
 # shared machine, OpenMP threads beyond the free cores spin at every barrier (measured here: 10-25x slower steps).
-DEFAULTS = dict(model='SiT-XL/2', batch_size=256, steps=20, warmup=3, compile=True, dtype='bf16', resolution=256,
+DEFAULTS = dict(model='SiT-XL/2', batch_size=256, steps=20, warmup=3, compile=True, precision='bf16', resolution=256,
                 teacher_depth=None, sample_steps=50, sample_repeats=3, workloads='train,sample,metrics,fid') if cuda else \
-    dict(model='SiT-T/2', batch_size=4, steps=3, warmup=1, compile=False, dtype='fp32', resolution=128, teacher_depth=2,
+    dict(model='SiT-T/2', batch_size=4, steps=3, warmup=1, compile=False, precision='fp32', resolution=128, teacher_depth=2,
          sample_steps=10, sample_repeats=2, workloads='train-naive,train,sample,metrics,fid', fid_batch_size=2, threads=1)
 for k, v in DEFAULTS.items():
     if getattr(args, k) is None:
@@ -81,13 +86,11 @@ if set(workloads) - set(ORDER):
 # -----------------------------------------------------------------------------
 # Device, clock, memory, peak FLOPs
 device = torch.device(args.device)
-B, R = args.batch_size, args.resolution
 if cuda:
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as irepa.train, for fp32 leftovers
 name = torch.cuda.get_device_name(device) if cuda else 'cpu'
 peak = next((v for k, v in irepa.PEAK_BF16_FLOPS.items() if k in name), None) if cuda else None
-autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bf16' else contextlib.nullcontext()
 print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {name} (bf16 peak "
       f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}), {torch.get_num_threads()} threads", file=sys.stderr)
 
@@ -121,10 +124,14 @@ def timed(steps, warmup, n):
     return {k: (statistics.median(times[k]), mems[k]) for k in steps}
 
 
-def record(workload, seconds, mem, images, flops_per_img=None, **extra):
+def autocast(c):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if c.precision == 'bf16' else contextlib.nullcontext()
+
+
+def record(c, workload, seconds, mem, images, flops_per_img=None, **extra):
     """One JSON line for `images` per step; flops_per_img (useful FLOPs) gives the MFU against the bf16 peak."""
-    rec = dict(workload=workload, model=args.model, device=name, dtype=args.dtype, compile=args.compile,
-               batch_size=images, resolution=R, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
+    rec = dict(workload=workload, model=c.model, device=name, precision=c.precision, compile=c.compile,
+               grad_ckpt=c.grad_ckpt, batch_size=images, resolution=c.resolution, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
                peak_mem_gb=round(mem / 2 ** 30, 3),
                mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)')
     rec['mfu'] = round(images / seconds * flops_per_img / peak, 4) if peak and flops_per_img else None
@@ -136,23 +143,24 @@ def record(workload, seconds, mem, images, flops_per_img=None, **extra):
 # -----------------------------------------------------------------------------
 # Training: the real step and the straightforward one, from the same seed (same teacher, init, data)
 
-def make_train(naive):
+def make_train(c, naive):
     """(step function, finish(seconds, mem) -> JSON record)."""
-    latent = R // 8  # SD-VAE f8: (B, 4, 32, 32) latents at 256 px
-    grid = latent // int(args.model.split('/')[1])
+    latent = c.resolution // 8  # SD-VAE f8: (B, 4, 32, 32) latents at 256 px
+    grid = latent // int(c.model.split('/')[1])
     torch.manual_seed(0)
     teacher = None
-    if args.teacher != 'none':
-        weights = 'random' if args.teacher_depth is None else f'random:{args.teacher_depth}'
-        teacher = encoders.load_teacher(args.teacher, weights, grid, device, compile=args.compile and not naive,
-                                        dtype=torch.bfloat16 if args.dtype == 'bf16' and not naive else None)
+    if c.teacher != 'none':
+        weights = 'random' if c.teacher_depth is None else f'random:{c.teacher_depth}'
+        teacher = encoders.load_teacher(c.teacher, weights, grid, device, compile=c.compile and not naive,
+                                        dtype=torch.bfloat16 if c.precision == 'bf16' and not naive else None)
     z_dim = teacher.dim if teacher else 768
-    model = irepa.build_sit(args.model, input_size=latent, z_dims=[z_dim], projector='conv').to(device)
+    model = irepa.build_sit(c.model, input_size=latent, z_dims=[z_dim], projector='conv').to(device)
+    model.grad_ckpt = c.grad_ckpt and not naive
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    x = torch.randn(B, 4, latent, latent, device=device)
-    y = torch.randint(0, 1000, (B,), device=device)
-    images = torch.randint(0, 256, (B, 3, R, R), dtype=torch.uint8, device=device)
-    random_targets = [torch.randn(B, grid * grid, z_dim, device=device)]
+    x = torch.randn(c.batch_size, 4, latent, latent, device=device)
+    y = torch.randint(0, 1000, (c.batch_size,), device=device)
+    images = torch.randint(0, 256, (c.batch_size, 3, c.resolution, c.resolution), dtype=torch.uint8, device=device)
+    random_targets = [torch.randn(c.batch_size, grid * grid, z_dim, device=device)]
 
     def targets():  # the teacher runs every step (fp32, eager), as a straightforward loop would
         if teacher is None:
@@ -183,8 +191,8 @@ def make_train(naive):
             torch.backends.cuda.matmul.allow_tf32 = cuda  # back to irepa.train's setting for everything else
     else:
         s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
-            cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast,
-            opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if args.compile else model,
+            cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
+            opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if c.compile else model,
             teachers=[teacher] if teacher else [], norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4))
         moments = torch.cat([x, torch.zeros_like(x)], 1)  # posterior mean x and std 0: the step trains on x
 
@@ -199,81 +207,221 @@ def make_train(naive):
                      last_loss=round(float(out[0]) + (0 if naive else float(out[1])), 4),
                      train_gflop_per_img=round(student / 1e9, 2))
         if naive:
-            extra.update(dtype='fp32', compile=False, tf32='off for matmuls (PyTorch default)')
+            extra.update(precision='fp32', compile=False, grad_ckpt=False, tf32='off for matmuls (PyTorch default)')
         if teacher is not None:
             tf = teacher.flops()
             extra.update(teacher_gflop_per_img=round(tf / 1e9, 2),
-                         mfu_with_teacher=round(B / sec * (student + tf) / peak, 4) if peak else None)
-        return record('train-naive' if naive else 'train', sec, mem, B, student, **extra)
+                         mfu_with_teacher=round(c.batch_size / sec * (student + tf) / peak, 4) if peak else None)
+        return record(c, 'train-naive' if naive else 'train', sec, mem, c.batch_size, student, **extra)
     return step, finish
 
 
 # -----------------------------------------------------------------------------
 # Sampling, spatial metrics, FID features
 
-def make_sample():
-    latent = R // 8
+def make_sample(c):
+    latent = c.resolution // 8
     torch.manual_seed(0)
-    model = irepa.build_sit(args.model, input_size=latent, z_dims=[768], projector='conv').to(device).eval()
-    net = torch.compile(model, dynamic=False) if args.compile else model  # one graph for B, one for the CFG-doubled 2B
-    noise = torch.randn(B, 4, latent, latent, device=device)
-    y = torch.randint(0, 1000, (B,), device=device)
+    model = irepa.build_sit(c.model, input_size=latent, z_dims=[768], projector='conv').to(device).eval()
+    net = torch.compile(model, dynamic=False) if c.compile else model  # a graph for B, one for the CFG-doubled 2B
+    noise = torch.randn(c.batch_size, 4, latent, latent, device=device)
+    y = torch.randint(0, 1000, (c.batch_size,), device=device)
 
     def run(steps):
-        with autocast:
-            irepa.sample(net, noise, y, 'sde', steps, cfg_scale=args.cfg_scale, guidance_high=0.7)
+        with autocast(c):
+            irepa.sample(net, noise, y, 'sde', steps, cfg_scale=c.cfg_scale, guidance_high=0.7)
     run(2)  # warm-up: t = 1 runs unguided (B), t = 0.04 guided (2B), so both shapes compile here
 
     def finish(sec, mem):
         # network evaluations per image on irepa.sample's SDE grid: doubled inside the guidance interval t <= 0.7
-        ts = torch.linspace(1.0, 0.04, args.sample_steps, dtype=torch.float64).tolist()
-        nfe = sum(2 if args.cfg_scale > 1 and t <= 0.7 else 1 for t in ts)
-        return record('sample', sec, mem, B, nfe * irepa.sit_train_flops(model) / 3,  # forward = 1/3 of fwd + bwd
-                      ms_per_sampler_step=round(sec / args.sample_steps * 1e3, 2), sampler='sde',
-                      sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, guidance_high=0.7, nfe_per_img=nfe)
-    return lambda: run(args.sample_steps), finish
+        ts = torch.linspace(1.0, 0.04, c.sample_steps, dtype=torch.float64).tolist()
+        nfe = sum(2 if c.cfg_scale > 1 and t <= 0.7 else 1 for t in ts)
+        return record(c, 'sample', sec, mem, c.batch_size, nfe * irepa.sit_train_flops(model) / 3,  # forward = 1/3 of fwd + bwd
+                      ms_per_sampler_step=round(sec / c.sample_steps * 1e3, 2), sampler='sde',
+                      sample_steps=c.sample_steps, cfg_scale=c.cfg_scale, guidance_high=0.7, nfe_per_img=nfe)
+    return lambda: run(c.sample_steps), finish
 
 
-def make_metrics():
-    feats = torch.randn(B, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
-    masks = torch.rand(B, 256, device=device) > 0.5
+def make_metrics(c):
+    feats = torch.randn(c.batch_size, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
+    masks = torch.rand(c.batch_size, 256, device=device) > 0.5
     return (lambda: irepa.spatial_metrics(feats, masks),
-            lambda sec, mem: record('metrics', sec, mem, B, model='irepa.spatial_metrics on (B, 256, 768)',
-                                    dtype='fp32', compile=False))
+            lambda sec, mem: record(c, 'metrics', sec, mem, c.batch_size, model='irepa.spatial_metrics on (B, 256, 768)',
+                                    precision='fp32', compile=False))
 
 
-def make_fid():
+def make_fid(c):
     net = fid.FIDInception().eval().requires_grad_(False).to(device)  # random weights: same speed as the real ones
-    images = torch.randint(0, 256, (args.fid_batch_size, 3, R, R), dtype=torch.uint8, device=device)
+    images = torch.randint(0, 256, (c.fid_batch_size, 3, c.resolution, c.resolution), dtype=torch.uint8, device=device)
 
     def step():
         with torch.no_grad(), fid.exact_fp32():  # as evaluation runs: fp32, TF32 off
             net(images)
-    return step, lambda sec, mem: record('fid', sec, mem, args.fid_batch_size, model='FIDInception (random weights)',
-                                         dtype='fp32', compile=False, tf32=False, peak='not compared: fp32 evaluation')
+    return step, lambda sec, mem: record(c, 'fid', sec, mem, c.fid_batch_size, model='FIDInception (random weights)',
+                                         precision='fp32', compile=False, tf32=False, peak='not compared: fp32 evaluation')
 
 
 # -----------------------------------------------------------------------------
-MAKERS = {'train-naive': lambda: make_train(True), 'train': lambda: make_train(False), 'sample': make_sample,
+# Running the workloads
+
+MAKERS = {'train-naive': lambda c: make_train(c, True), 'train': lambda c: make_train(c, False), 'sample': make_sample,
           'metrics': make_metrics, 'fid': make_fid}
-jobs = [[w] for w in ORDER if w in workloads and not w.startswith('train')]
-if 'train' in workloads or 'train-naive' in workloads:  # one job: both variants are timed turn by turn
-    jobs.insert(0, [w for w in ('train-naive', 'train') if w in workloads])
-for job in jobs:
-    try:
-        made = {w: MAKERS[w]() for w in job}
-        n, warmup = (args.sample_repeats, 0) if job == ['sample'] else (args.steps, args.warmup)
-        res = timed({w: step for w, (step, _) in made.items()}, warmup, n)
-        recs = {w: made[w][1](*res[w]) for w in job}
-    except torch.OutOfMemoryError:
-        recs = {w: dict(workload=w, model=args.model, device=name, batch_size=B, error='out of memory') for w in job}
-    if 'img_per_s' in recs.get('train', {}) and 'img_per_s' in recs.get('train-naive', {}):
-        recs['train']['speedup'] = round(recs['train']['img_per_s'] / recs['train-naive']['img_per_s'], 2)
-    for rec in recs.values():
-        print(json.dumps(rec), flush=True)
-    made = res = None
-    torch._dynamo.reset()  # compiled graphs keep their model alive: free it before the next job
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.backends.cuda.matmul.allow_tf32 = True  # in case an out-of-memory stopped train-naive before it restored it
+
+
+def run_jobs(c, workloads):
+    """The JSON records of the workloads of config c, each printed as it is done."""
+    jobs = [[w] for w in ORDER if w in workloads and not w.startswith('train')]
+    if 'train' in workloads or 'train-naive' in workloads:  # one job: both variants are timed turn by turn
+        jobs.insert(0, [w for w in ('train-naive', 'train') if w in workloads])
+    out = []
+    for job in jobs:
+        try:
+            made = {w: MAKERS[w](c) for w in job}
+            n, warmup = (c.sample_repeats, 0) if job == ['sample'] else (c.steps, c.warmup)
+            res = timed({w: step for w, (step, _) in made.items()}, warmup, n)
+            recs = {w: made[w][1](*res[w]) for w in job}
+        except torch.OutOfMemoryError:
+            recs = {w: dict(workload=w, model=c.model, device=name, batch_size=c.batch_size, error='out of memory')
+                    for w in job}
+        if 'img_per_s' in recs.get('train', {}) and 'img_per_s' in recs.get('train-naive', {}):
+            recs['train']['speedup'] = round(recs['train']['img_per_s'] / recs['train-naive']['img_per_s'], 2)
+        for rec in recs.values():
+            print(json.dumps(rec), flush=True)
+        out += recs.values()
+        made = res = None
+        torch._dynamo.reset()  # compiled graphs keep their model alive: free it before the next job
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.backends.cuda.matmul.allow_tf32 = True  # in case an out-of-memory stopped train-naive before it restored it
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Memory of a training step, estimated on fake tensors (no allocation, no compute): any model size on a CPU.
+# Checked in this project against torch.distributed._tools.mem_tracker.MemTracker on the same fake step (SiT-XL/2,
+# batch 8, 256 px, bf16): plain 14.47 GiB measured vs 14.44 estimated, --grad-ckpt 13.05 vs 13.18.
+GPUS = {'24 GB': 23.6, '48 GB': 44.4, '80 GB': 79.1, '141 GB': 139.8}  # GiB torch sees on a 4090, L40S, H100, H200
+USABLE = 0.9  # of it, for the step: the CUDA context, cuBLAS workspaces, the allocator's fragmentation take the rest
+TEACHER_PARAMS = 86.6e6  # DINOv2-B, in bf16 (2 B per parameter); its forward runs without a graph, before the SiT's
+
+
+def kept_bytes(model_name, resolution, grad_ckpt, batch):
+    """(bytes the SiT's bf16 forward keeps for its backward at `batch` images, each storage once, the parameters
+    aside; parameter count; depth), on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        model = irepa.build_sit(model_name, input_size=resolution // 8, z_dims=[768], projector='conv')
+        model.grad_ckpt = grad_ckpt
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        kept, lat, T = {}, resolution // 8, model.pos_embed.shape[1]
+
+        def pack(v):
+            if v.untyped_storage()._cdata not in params:  # autocast's bf16 copies of the weights do count
+                kept[v.untyped_storage()._cdata] = v.untyped_storage().nbytes()
+            return v
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v), torch.autocast('cpu', torch.bfloat16):
+            irepa.flow_loss(model, torch.randn(batch, 4, lat, lat), torch.randint(0, 1000, (batch,)),
+                            [torch.randn(batch, T, 768)])
+    return sum(kept.values()), sum(p.numel() for p in model.parameters()), len(model.blocks)
+
+
+def step_memory(model_name, resolution=256, teacher_params=TEACHER_PARAMS):
+    """{grad_ckpt: (fixed bytes, bytes per image)} of the peak of a bf16 training step (eager; compiled steps keep
+    less). Fixed: fp32 weights, EMA and AdamW's two moments (16 B per parameter) and the teacher. Plain: the peak is
+    the end of the forward (all activations) or the end of the backward (the fp32 gradients, 4 B per parameter).
+    --grad-ckpt: the backward holds the gradients, every block's input and one block recomputed."""
+    (a2, n, depth), a4 = kept_bytes(model_name, resolution, False, 2), kept_bytes(model_name, resolution, False, 4)[0]
+    per_img, weights16 = (a4 - a2) / 2, a2 - (a4 - a2)  # linear in the batch; the constant: bf16 weight copies
+    c2, c4 = (kept_bytes(model_name, resolution, True, b)[0] for b in (2, 4))
+    ckpt_img, ckpt_fixed = (c4 - c2) / 2, c2 - (c4 - c2)
+    fixed = 16 * n + 2 * teacher_params
+    return {False: (fixed + weights16, per_img, fixed + 4 * n),  # (fixed, per image, the backward's end)
+            True: (fixed + 4 * n + ckpt_fixed + weights16 / depth, ckpt_img + per_img / depth, 0)}
+
+
+def fits(memory, gib):
+    """The largest per-GPU batch (a multiple of 8) whose estimated peak is within USABLE of `gib`; 0 if none."""
+    fixed, per_img, floor = memory
+    room = USABLE * gib * 2 ** 30
+    return 0 if max(fixed, floor) > room else int((room - fixed) / per_img) // 8 * 8
+
+
+def memory_suite():
+    """The README's table: per model, with and without --grad-ckpt, the estimated peak at batch 32 and the batch that
+    fits on each GPU size, at 256 px with the DINOv2-B teacher."""
+    print("| model | --grad-ckpt | GiB at batch 32 | " + ' | '.join(GPUS) + ' |')
+    print('|---|---|---|' + '---|' * len(GPUS))
+    for size in ('S', 'B', 'L', 'XL'):
+        mem = step_memory(f'SiT-{size}/2')
+        for ckpt in (False, True):
+            at32 = max(mem[ckpt][0] + 32 * mem[ckpt][1], mem[ckpt][2]) / 2 ** 30
+            batches = [fits(mem[ckpt], g) for g in GPUS.values()]
+            print(f"| SiT-{size}/2 | {'yes' if ckpt else 'no'} | {at32:.1f} | " +
+                  ' | '.join(f'{b}' if b <= 1024 else '> 1024' for b in batches) + ' |', flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The GPU check: correctness on CUDA (the checks of test_irepa.py's `pytest -m cuda` tests), then throughput
+
+def gpu_suite(budget_s=8 * 60):
+    """python bench.py --suite gpu: one table and one JSON line per row. Correctness: the parity vectors in fp32 with
+    TF32 off, the compiled bf16 step against the fp32 eager one, the sampler on CUDA against the CPU. Throughput:
+    SiT-B/2 and SiT-XL/2 training with and without the DINOv2-B teacher at the largest batch the estimate lets fit
+    (halved on out-of-memory), SDE sampling, the FID Inception. Rows that would start after `budget_s` are skipped."""
+    import tempfile
+    import test_irepa as tests  # pip install pytest (the README's test command) for this import
+    t0, rows = time.time(), []
+
+    def row(kind, **r):
+        rows.append(dict(suite='gpu', row=kind, **r))
+        print(json.dumps(rows[-1]), flush=True)
+    with fid.exact_fp32():
+        row('parity vectors, CUDA fp32, TF32 off', value=tests.check_parity(tests.vectors_path(), 1e-4, device), tol=1e-4)
+        row('sampler CUDA vs CPU, fp32 SDE', value=tests.sampler_device_error(device), tol=1e-4)
+    for objective in tests.GPU_PATH_RECIPES:
+        with tempfile.TemporaryDirectory() as out, tests.one_block_sizes():
+            r = tests.compiled_first_steps(objective, out, device)
+        row(f'compiled bf16 step vs fp32 eager ({objective})', value=r.largest_difference, tol=tests.STEP_TOL,
+            graphs=r.after_third['stats'].get('unique_graphs'), graph_breaks=sum(r.after_third['graph_break'].values()))
+    for r in rows:
+        r['ok'] = r['value'] <= r['tol'] and not r.get('graph_breaks')
+    gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    base = SimpleNamespace(**vars(args) | dict(compile=True, precision='bf16', resolution=256, teacher_depth=None,
+                                               steps=10, warmup=3, grad_ckpt=False, sample_steps=50, sample_repeats=2))
+    for model in ('SiT-B/2', 'SiT-XL/2'):
+        mem = step_memory(model)[False]
+        for teacher in ('dinov2', 'none'):
+            batch = min(512, fits(mem, gib) // 32 * 32 or 8)
+            while time.time() - t0 < budget_s:
+                rec = run_jobs(SimpleNamespace(**vars(base) | dict(model=model, teacher=teacher, batch_size=batch)),
+                               ['train'])[0]
+                if 'error' not in rec or batch <= 8:
+                    break
+                batch //= 2  # the estimate was too high for this card
+            else:
+                rec = dict(workload='train', model=model, teacher=teacher, skipped=f'over the {budget_s} s budget')
+            rows.append(dict(suite='gpu', row=f"train {model}, teacher {teacher}", **rec))
+    for workload, extra in (('sample', dict(model='SiT-XL/2', batch_size=256)), ('fid', dict(fid_batch_size=256))):
+        if time.time() - t0 < budget_s:
+            rec = run_jobs(SimpleNamespace(**vars(base) | extra), [workload])[0]
+        else:
+            rec = dict(workload=workload, skipped=f'over the {budget_s} s budget')
+        rows.append(dict(suite='gpu', row=workload, **rec))
+    print(f"\n{name}, {time.time() - t0:.0f} s\n| row | result |\n|---|---|")
+    for r in rows:
+        result = (f"{r['value']:.2e} (tol {r['tol']:.0e}) {'ok' if r['ok'] else 'FAILED'}" if 'value' in r else
+                  r.get('error') or r.get('skipped') or f"{r['img_per_s']:.1f} img/s, {r['ms_per_step']:.1f} ms/step, "
+                  f"batch {r['batch_size']}, peak {r['peak_mem_gb']:.1f} GiB, MFU {r['mfu']}")
+        print(f"| {r['row']} | {result} |")
+    return rows
+
+
+if args.suite == 'memory':
+    memory_suite()
+elif args.suite == 'gpu':
+    if not cuda:
+        sys.exit('--suite gpu needs a CUDA device (--device cuda)')
+    gpu_suite()
+else:
+    run_jobs(args, workloads)

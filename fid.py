@@ -653,6 +653,9 @@ def main(argv=None):
 
     if args.cmd == 'sample':
         args.compile = args.device.startswith('cuda') if args.compile is None else args.compile
+        import irepa
+        if args.compile and (missing := irepa.compiler_missing(args.device)):
+            parser.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
         if args.out is None:
             stem = os.path.splitext(os.path.basename(args.ckpt))[0]
             args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), '..', 'samples', (

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -41,15 +42,17 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # The recipes: every default of a method is in its row; a flag given on the command line overrides it. `objective`
 # picks the training step (flow matching, REPA-E's end-to-end VAE, MeanFlow); projector, proj_kernel, spnorm,
-# spnorm_gamma and proj_coeff (lambda) are the alignment; preview is the sampler of the grids drawn while training.
-FLOW = dict(objective='flow', proj_kernel=3, spnorm_gamma=0.6, adam_beta2=0.999, preview='sde')
+# spnorm_gamma and proj_coeff (lambda) are the alignment; preview is the sampler of the grids drawn while training;
+# precision is the autocast of the step.
+FLOW = dict(objective='flow', proj_kernel=3, spnorm_gamma=0.6, adam_beta2=0.999, preview='sde',
+            precision=None)  # None: bf16 autocast on CUDA, fp32 on CPU
 REPA_E = FLOW | dict(
     objective='repa-e', proj_coeff=0.5,  # REPA-E's SiT step weighs the alignment 0.5, with either projector
     vae_align_coeff=1.5, vae_lr=1e-4, disc_lr=1e-4,  # the VAE step: regularizer + 1.5 x alignment through the SiT
     l1_coeff=1.0, lpips_coeff=1.0, kl_coeff=1e-6, gan_coeff=0.1,  # the regularizer (REPA-E's l1_lpips_kl_gan.yaml)
     lpips_weights='auto', disc_weights='random', lpips_quirk=True, repae_stats_images=2048)
 MEANFLOW = FLOW | dict(
-    objective='meanflow', adam_beta2=0.95, preview='meanflow',  # MeanFlow's ImageNet config
+    objective='meanflow', adam_beta2=0.95, preview='meanflow', precision='fp32',  # MeanFlow's ImageNet config
     mf_p_mean=-0.4, mf_p_std=1.0, mf_ratio=0.25,  # t, r logit-normal(-0.4, 1); a quarter of the rows keep r != t
     mf_norm_c=0.01, mf_norm_p=1.0, mf_label_drop=0.1,  # adaptive loss weight 1 / sg(L + c)^p; labels dropped in the loss
     mf_omega=1.0, mf_kappa=0.5, mf_t_start=0.0, mf_t_end=1.0)  # guidance trained in: scale omega / (1 - kappa) = 2
@@ -73,7 +76,7 @@ DEFAULTS = dict(
     data_path=None, resolution=256, vae='sd-vae-ft-mse', latent_scale=None, num_classes=10, synthetic_size=10_000,
     max_steps=400_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0,  # REPA's optimizer
     out_dir='out/run', log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
-    device='auto', compile=None, resume=False, prepare=False, demo=False)
+    device='auto', compile=None, grad_ckpt=False, resume=False, prepare=False, demo=False)
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
 # cores, enough for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
@@ -234,6 +237,7 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.projectors = nn.ModuleList([Projector(projector, hidden_size, z, projector_dim, proj_kernel) for z in z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.grad_ckpt = False  # --grad-ckpt: recompute each block in the backward instead of keeping its activations
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -269,7 +273,10 @@ class SiT(nn.Module):
             c = c + self.h_embedder(t - (t if r is None else r))  # r = t (default): h = 0, the instantaneous velocity
         projected = []
         for i, block in enumerate(self.blocks):
-            x = block(x, c)
+            if self.grad_ckpt and torch.is_grad_enabled():  # keeps only the block's input; no RNG inside a block
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False, preserve_rng_state=False)
+            else:
+                x = block(x, c)
             if (align or align_only) and i + 1 == self.encoder_depth:
                 projected = [projector(x) for projector in self.projectors]
                 if align_only:
@@ -602,7 +609,19 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
-                     'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare'}
+                     'precision', 'grad_ckpt', 'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare'}
+
+def compiler_missing(device):
+    """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
+    if device.startswith('cuda'):
+        import torch.utils._triton
+        return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()  # looks for $CXX or g++ on the PATH
+    except Exception as e:
+        return f'a C++ compiler for CPU kernels (g++, or one named by $CXX): {e}'.strip()
+    return None
 
 def sit_train_flops(model):
     """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
@@ -678,7 +697,7 @@ def setup(cfg):
     device = torch.device(f'cuda:{local_rank}' if cfg.device == 'cuda' and world > 1 else cfg.device)
     if cfg.global_batch_size % world:
         raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {world} processes")
-    if device.type == 'cuda':
+    if device.type == 'cuda':  # the only device-specific settings; precision and compilation follow the flags
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
@@ -694,14 +713,15 @@ def setup(cfg):
         in_channels, input_size = s.data.latents.shape[1] // 2, s.data.latents.shape[2]
     else:  # pixel space
         in_channels, input_size = 3, cfg.resolution
-    s.teachers = encoders.load_teachers(  # frozen, bf16 on GPU; --demo falls back to random ones where needed
+    s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: random ones if needed
         cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
-        dtype=torch.bfloat16 if device.type == 'cuda' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
+        dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
     s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
                             encoder_depth=cfg.encoder_depth, z_dims=[t.dim for t in s.teachers], projector=cfg.projector,
                             proj_kernel=cfg.proj_kernel, projector_dim=cfg.projector_dim, qk_norm=cfg.qk_norm,
                             meanflow=cfg.objective == 'meanflow')
     s.model = SiT(**s.model_args).to(device)
+    s.model.grad_ckpt = cfg.grad_ckpt
     s.ema = copy.deepcopy(s.model).requires_grad_(False).eval()
     s.opt = adamw(s.model.parameters(), cfg.lr, cfg.adam_beta2)
     s.saved.update(model=s.model, ema=s.ema, opt=s.opt)
@@ -710,7 +730,7 @@ def setup(cfg):
     s.train_model = DDP(s.model, device_ids=[local_rank] if device.type == 'cuda' else None) if world > 1 else s.model
     if cfg.compile:
         s.train_model = torch.compile(s.train_model)
-    s.autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
+    s.autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == 'bf16' else contextlib.nullcontext()
     s.loader = iter(torch.utils.data.DataLoader(
         s.data, batch_sampler=batches(len(s.data), cfg.global_batch_size, rank, world, cfg.seed, s.start),
         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
@@ -832,6 +852,16 @@ def sample_grid(s, path):
         z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, generator=g)
         fid.save_grid(fid.to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
 
+def train_step(s, step_fn, step, batch):
+    """Everything a step does, without one device-to-host read, so Python runs ahead of the GPU and never waits: the
+    batch to the device, its teacher targets, the recipe's step, the sums for the log and the NaN guard."""
+    img, moments, y = (v.to(s.device, non_blocking=True) for v in batch)  # see ImageData
+    stats = step_fn(s, img, moments, y, teacher_targets(s, img))
+    s.sums = {k: s.sums.get(k, 0) + v.float() for k, v in stats.items()}
+    s.n_steps += 1
+    loss = sum(v for k, v in stats.items() if not k.startswith('grad_norm'))
+    s.first_bad = torch.where((s.first_bad < 0) & ~torch.isfinite(loss), step + 1, s.first_bad)  # the NaN guard
+
 def train(cfg):
     """The loop: a batch, its teacher targets, the recipe's step, device-side sums; at intervals a log line, a
     checkpoint, a sample grid. Returns the run's state `s`."""
@@ -839,13 +869,7 @@ def train(cfg):
     step_fn = OBJECTIVES[cfg.objective]  # flow_step, repae_step or meanflow_step (defined after this section)
     s.bar = tqdm(total=cfg.max_steps, initial=s.start, disable=not s.master, desc='train', dynamic_ncols=True)
     for step in range(s.start, cfg.max_steps):
-        img, moments, y = (v.to(s.device, non_blocking=True) for v in next(s.loader))  # see ImageData
-        targets = teacher_targets(s, img)
-        stats = step_fn(s, img, moments, y, targets)
-        s.sums = {k: s.sums.get(k, 0) + v.float() for k, v in stats.items()}  # on the device: nothing waits for it
-        s.n_steps += 1
-        loss = sum(v for k, v in stats.items() if not k.startswith('grad_norm'))
-        s.first_bad = torch.where((s.first_bad < 0) & ~torch.isfinite(loss), step + 1, s.first_bad)  # the NaN guard
+        train_step(s, step_fn, step, next(s.loader))
         s.bar.update(1)
         done = step + 1
         ckpt = done % cfg.ckpt_every == 0 or done == cfg.max_steps
@@ -875,6 +899,7 @@ def normalize_latents(bn, z):
     """REPA-E's latent BatchNorm (affine off). In eval mode: running statistics, differentiable in z. In train mode:
     batch statistics over all ranks (SyncBN), which update the running ones; z is detached there, so no gradient
     needs to flow through the statistics and this works with any backend (SyncBatchNorm needs a GPU)."""
+    z = z.float()  # fp32 statistics and running buffers, also when the VAE runs under bf16 autocast
     if not bn.training:
         return bn(z)
     with torch.no_grad():
@@ -996,24 +1021,28 @@ def guided_velocity(model, z, t, y, v, omega=1.0, kappa=0.0, interval=(0.0, 1.0)
     keep = ((t >= interval[0]) & (t <= interval[1]) & (y != model.num_classes)).view(-1, 1, 1, 1)
     return torch.where(keep, omega * v + kappa * u_c + (1 - omega - kappa) * u_u, v)
 
-def meanflow_loss(model, raw, x, y, targets, cfg):
+def meanflow_loss(model, raw, x, y, targets, cfg, autocast=contextlib.nullcontext()):
     """{'flow': the adaptively weighted MeanFlow loss, 'align', 'mse': the plain error, for the log}. `model` carries
     the gradient (the DDP wrapper under torchrun: gradients synchronize); `raw` is the bare module for the guidance
-    and JVP passes (torch.func.jvp cannot go through DDP). cfg's mf_* settings are the recipe's."""
+    and JVP passes (torch.func.jvp cannot go through DDP). cfg's mf_* settings are the recipe's. `autocast` covers the
+    gradient-carrying pass only: the target (guidance and JVP) is always fp32, as MeanFlow's."""
     t, r = sample_tr(x.shape[0], x.device, cfg.mf_p_mean, cfg.mf_p_std, cfg.mf_ratio)
     noise = torch.randn_like(x)
     z, v = interpolate(x, noise, t), noise - x
     y = torch.where(torch.rand(y.shape, device=y.device) < cfg.mf_label_drop, raw.num_classes, y)  # in the loss
     v_g = guided_velocity(raw, z, t, y, v, cfg.mf_omega, cfg.mf_kappa, (cfg.mf_t_start, cfg.mf_t_end))
     u_tgt = meanflow_target(lambda z_, t_, r_: raw(z_, t_, y, align=False, r=r_)[0], z, t, r, v_g)
-    u, projected = model(z, t, y, r=r, align=bool(targets))  # the gradient-carrying pass; its hidden state is aligned
+    with autocast:  # the gradient-carrying pass; its hidden state is aligned
+        u, projected = model(z, t, y, r=r, align=bool(targets))
     err = (u.float() - u_tgt).square().sum((1, 2, 3))  # per image, summed over pixels
     loss = (err / (err.detach() + cfg.mf_norm_c) ** cfg.mf_norm_p).mean()  # adaptive weight 1 / sg(L + c)^p
     return dict(flow=loss, align=alignment_loss(projected, targets).to(x.device), mse=err.detach().mean() / u[0].numel())
 
 def meanflow_step(s, img, moments, y, targets):
-    """One step of MeanFlow + alignment, in fp32 as MeanFlow (no autocast)."""
-    return optimizer_step(s, meanflow_loss(s.train_model, s.model, model_input(s, img, moments), y, targets, s.cfg))
+    """One step of MeanFlow + alignment: fp32 as MeanFlow (the rows' precision); --precision bf16 autocasts the
+    gradient-carrying pass, never the JVP target."""
+    return optimizer_step(s, meanflow_loss(s.train_model, s.model, model_input(s, img, moments), y, targets, s.cfg,
+                                           s.autocast))
 
 # The training step of each objective (a recipe row's `objective`); all take (s, img, moments, y, targets)
 OBJECTIVES = {'flow': flow_step, 'repa-e': repae_step, 'meanflow': meanflow_step}
@@ -1288,9 +1317,12 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     vae="'sd-vae-ft-mse', 'sd-vae-ft-ema', a local file, or 'none': pixel space", global_batch_size='all processes',
     latent_scale='latents times this constant (REPA: 0.18215) instead of the per-channel statistics',
     out_dir='config.json, log.jsonl, checkpoints/, samples/', demo=f'offline CPU demo; sets {DEMO}',
-    compile='torch.compile the SiT and the teachers (default: on CUDA)', prepare='encode --data-path, then exit',
+    compile='torch.compile the SiT and the teachers (inductor, on any device; default: on CUDA)',
+    precision="'bf16' (autocast, bf16 teacher weights) or 'fp32'; default bf16 on CUDA, fp32 on CPU",
+    grad_ckpt='activation checkpointing per SiT block: ~1/3 more compute, a fraction of the memory',
+    prepare='encode --data-path, then exit',
     resume='continue from the newest checkpoint in --out-dir')
-TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool)  # flags whose default is None
+TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str)  # flags whose default is None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
 
@@ -1321,6 +1353,12 @@ def resolve_config(argv=None):
     cfg = DEFAULTS | row | demo | given
     cfg['device'] = auto_device(cfg['device'])
     cfg['compile'] = cfg['device'] == 'cuda' if cfg['compile'] is None else cfg['compile']
+    cfg['precision'] = cfg['precision'] or ('bf16' if cfg['device'] == 'cuda' else 'fp32')
+    if cfg['precision'] not in ('bf16', 'fp32'):
+        p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which this "
+                "trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
+    if cfg['compile'] and (missing := compiler_missing(cfg['device'])):
+        p.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
     return SimpleNamespace(**cfg)
 
 COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae}

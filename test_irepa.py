@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -97,48 +98,55 @@ def sit_from_official(c):
                      proj_kernel=c.get('proj_kwargs_kernel_size', 3), projector_dim=c.get('projector_dim', 2048))
 
 
-def check_parity(path, tol=1e-5):
-    V = load_file(str(path))
+def check_parity(path, tol=1e-5, device='cpu'):
+    """Every output of the vectors file recomputed here on `device` (the SiT's inputs moved there, the SDE's noise
+    still drawn on the CPU); returns the largest relative error of the network outputs and samplers."""
+    V, worst = load_file(str(path)), [0.0]
     with safe_open(str(path), 'pt') as f:
         cfg = json.loads(f.metadata()['config'])
-    models = {}
+
+    def close(a, b, what):
+        worst[0] = max(worst[0], err := rel_err(a.cpu(), b))
+        assert err <= tol, (what, err)
+    models, dev = {}, lambda k: V[k].to(device)
     for tag in ('conv', 'mlp'):
         model = sit_from_official(cfg[tag])
         prefix = f'{tag}.state.'
         irepa.load_state(model, {k[len(prefix):]: v for k, v in V.items() if k.startswith(prefix)})  # strict
-        model.eval()
+        model.eval().to(device)
         with torch.no_grad():
-            out, zs = model(V[f'{tag}.x'], V[f'{tag}.t'], V[f'{tag}.y'])
-        assert rel_err(out, V[f'{tag}.out']) <= tol, tag
+            out, zs = model(dev(f'{tag}.x'), dev(f'{tag}.t'), dev(f'{tag}.y'))
+        close(out, V[f'{tag}.out'], tag)
         assert len(zs) == len(cfg[tag]['z_dims'])
         for k, z in enumerate(zs):
             assert z.shape == V[f'{tag}.zs.{k}'].shape
-            assert rel_err(z, V[f'{tag}.zs.{k}']) <= tol, f'{tag}.zs.{k}'
+            close(z, V[f'{tag}.zs.{k}'], f'{tag}.zs.{k}')
         models[tag] = model
     spnorm_keys = [k for k in V if k.startswith('spnorm.gamma')]
     assert spnorm_keys
     for k in spnorm_keys:
-        assert rel_err(irepa.spatial_norm(V['spnorm.in'], float(k[len('spnorm.gamma'):])), V[k]) <= tol, k
+        close(irepa.spatial_norm(dev('spnorm.in'), float(k[len('spnorm.gamma'):])), V[k], k)
     for run, s in cfg['sampler'].items():
-        x = irepa.sample(models['conv'], V['sampler.latents'], V['sampler.y'], mode='heun' if s['heun'] else 'euler',
+        x = irepa.sample(models['conv'], dev('sampler.latents'), dev('sampler.y'), mode='heun' if s['heun'] else 'euler',
                          num_steps=s['num_steps'], cfg_scale=s['cfg_scale'], guidance_low=s.get('guidance_low', 0.0),
                          guidance_high=s.get('guidance_high', 1.0))
-        assert rel_err(x, V[f'sampler.{run}']) <= tol, run
+        close(x, V[f'sampler.{run}'], run)
     for run, s in cfg['sde'].items():
         if run == 'seed':
             continue
         g = torch.Generator().manual_seed(cfg['sde']['seed'])
-        x = irepa.sample(models['conv'], V['sampler.latents'], V['sampler.y'], mode='sde', num_steps=s['num_steps'],
+        x = irepa.sample(models['conv'], dev('sampler.latents'), dev('sampler.y'), mode='sde', num_steps=s['num_steps'],
                          cfg_scale=s['cfg_scale'], guidance_low=s.get('guidance_low', 0.0),
                          guidance_high=s.get('guidance_high', 1.0), generator=g)
-        assert rel_err(x, V[f'sde.{run}']) <= tol, run
+        close(x, V[f'sde.{run}'], run)
     mc = cfg['metrics']
     feats = V['metrics.feats']
     assert feats.shape[1] == mc['grid'][0] * mc['grid'][1]
-    m = irepa.spatial_metrics(feats, V['metrics.masks'], far_dist=mc['lds']['far_dist'], dmax=mc['cds']['dmax'],
-                              d_pos=mc['srss']['d_pos'], d_neg=mc['srss']['d_neg'])
+    m = irepa.spatial_metrics(feats.to(device), dev('metrics.masks'), far_dist=mc['lds']['far_dist'],
+                              dmax=mc['cds']['dmax'], d_pos=mc['srss']['d_pos'], d_neg=mc['srss']['d_neg'])
     for k in ('lds', 'cds', 'srss', 'rmsc'):
-        torch.testing.assert_close(m[k], V[f'metrics.{k}'], rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
+        torch.testing.assert_close(m[k].cpu(), V[f'metrics.{k}'], rtol=max(tol, 1e-5), atol=1e-6, equal_nan=True, msg=k)
+    return worst[0]
 
 
 def test_parity_with_official_vectors():
@@ -411,10 +419,17 @@ def test_state_dict_from_another_config():
 # -----------------------------------------------------------------------------
 # Recipes and the config: each row is complete, flags override it, every row trains
 
+def on_this_machine(row):
+    """What the device-dependent settings ('auto', None) of a row become here: device, compile, precision."""
+    device = irepa.auto_device('auto')
+    return dict(device=device, compile=device == 'cuda', precision=row['precision'] or
+                ('bf16' if device == 'cuda' else 'fp32'))
+
+
 def test_config_precedence_row_demo_flags(capsys):
-    device = dict(device=irepa.auto_device('auto'), compile=irepa.auto_device('auto') == 'cuda')  # what 'auto' becomes
     cfg = vars(irepa.resolve_config(['--recipe', 'repa']))
-    assert cfg == irepa.DEFAULTS | irepa.RECIPES['repa'] | dict(recipe='repa') | device
+    assert cfg == irepa.DEFAULTS | irepa.RECIPES['repa'] | dict(recipe='repa') | on_this_machine(irepa.RECIPES['repa'])
+    assert vars(irepa.resolve_config(['--recipe', 'meanflow-irepa', '--device', 'cpu']))['precision'] == 'fp32'  # row
     assert (cfg['projector'], cfg['spnorm'], cfg['proj_coeff']) == ('mlp', 'none', 0.5)  # REPA
     cfg = vars(irepa.resolve_config(['--proj-coeff', '0.7', '--demo', '--lr', '3e-4', '--recipe', 'repa']))
     assert cfg['proj_coeff'] == 0.7 and cfg['projector'] == 'mlp'  # a flag beats its row; the rest of the row stays
@@ -427,7 +442,9 @@ def test_config_precedence_row_demo_flags(capsys):
                        (['--recipe', 'meanflow-irepa', '--vae-lr', '1'], 'it belongs to repa-e, irepa-e'),
                        (['--recipe', 'sit'], "choose from 'repa', 'irepa', 'conv-only', 'spnorm-mlp', 'repa-e'"),
                        (['--dem'], 'unrecognized arguments: --dem'),  # no abbreviations: not a silent non-demo run
-                       (['--model', 'SiT-H/2'], 'invalid choice')):
+                       (['--model', 'SiT-H/2'], 'invalid choice'),
+                       (['--precision', 'fp16'], '--precision fp16: use bf16'),  # no GradScaler here
+                       (['--precision', 'tf32'], '--precision tf32: use bf16 (or fp32)')):
         with pytest.raises(SystemExit) as e:
             irepa.resolve_config(argv)
         assert e.value.code == 2 and says in capsys.readouterr().err, argv
@@ -459,7 +476,7 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
-        recipe=recipe, demo=True, device=irepa.auto_device('auto'), compile=irepa.auto_device('auto') == 'cuda')
+        recipe=recipe, demo=True) | on_this_machine(row)
     log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
     own = {'flow': set(), 'repa-e': {'vae_loss', 'd_loss', 'kl'}, 'meanflow': {'mse'}}[row['objective']]
     assert len(log) == 2 and all(own <= set(r) and math.isfinite(r['flow'] + r['align']) for r in log)
@@ -679,6 +696,241 @@ def test_synthetic_set_is_deterministic_and_class_conditional():
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(1)).tolist()
     assert first == perm[8 + 4: 8 + 8]
     assert next(batches) == torch.randperm(20, generator=torch.Generator().manual_seed(2)).tolist()[4: 8]  # epoch 2
+
+
+# -----------------------------------------------------------------------------
+# The GPU's code path, run on the CPU: bf16 autocast, torch.compile (inductor), no host sync in the step, --grad-ckpt.
+# The same Python runs on a GPU; only the kernels differ. Compiling is what costs here, so the SiT-T has one block,
+# and iREPA trains on 32-px images through the tiny VAE as iREPA-E does: their SiT and teacher graphs are the same
+# ones, and inductor compiles them once.
+
+GPU_PATH_RECIPES = {'flow': 'irepa', 'repa-e': 'irepa-e', 'meanflow': 'meanflow-irepa'}
+
+
+STEP_TOL = 3e-2  # bf16 keeps 8 bits of mantissa: losses agree to ~1e-3 relative, a few 1e-2 at most
+
+
+def gpu_path_args(recipe, out, device, *extra):
+    return ['--demo', '--recipe', recipe, '--encoder-weights', 'random:1', '--global-batch-size', '4', '--device',
+            str(device), '--synthetic-size', '16', '--out-dir', str(out), '--vae', 'random:tiny', '--resolution', '32'] + (
+                ['--repae-stats-images', '8'] if recipe == 'irepa-e' else []) + list(extra)
+
+
+@contextlib.contextmanager
+def one_block_sizes():
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # SiT-T with 1 block, aligned
+        yield
+
+
+def compiled_first_steps(objective, out, device='cpu'):
+    """The fp32 eager state and the bf16 compiled one (the teacher too) from the same seed, so the same weights and
+    data order; one step of each on the same batch and random stream, then two more compiled steps; dynamo's counters
+    after the first and the third. The compiled run of MeanFlow also checkpoints its blocks (--grad-ckpt)."""
+    from torch._dynamo.utils import counters
+    recipe, out = GPU_PATH_RECIPES[objective], Path(out)
+    extra = ['--grad-ckpt'] if objective == 'meanflow' else []
+    ref = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'ref', device, '--precision', 'fp32',
+                                                         '--no-compile')))
+    fast = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'fast', device, '--precision', 'bf16',
+                                                          '--compile', *extra)))
+    torch._dynamo.reset()
+    counters.clear()
+    step_fn, batch = irepa.OBJECTIVES[objective], next(ref.loader)
+    assert all(torch.equal(a, b) for a, b in zip(batch, next(fast.loader)))  # the same data order
+    for s in (ref, fast):
+        torch.manual_seed(1)  # the same t, noise and label dropout in both
+        t0 = time.perf_counter()
+        irepa.train_step(s, step_fn, 0, batch)
+        s.first_losses = dict(s.sums)
+        s.first_step_s = time.perf_counter() - t0 if s.device.type == 'cpu' else None
+    first = {k: dict(v) for k, v in counters.items()}
+    for step in (1, 2):
+        irepa.train_step(fast, step_fn, step, next(fast.loader))
+    names = sorted(ref.first_losses)
+    losses = [torch.stack([s.first_losses[k] for k in names]).double().cpu() for s in (ref, fast)]
+    return SimpleNamespace(ref=ref, fast=fast, batch=batch, after_first=first, names=names, losses=losses,
+                           largest_difference=((losses[1] - losses[0]).abs() / (1 + losses[0].abs())).max().item(),
+                           after_third={k: dict(v) for k, v in counters.items()} | dict(graph_break=dict(
+                               counters.get('graph_break', {}))))
+
+
+@pytest.fixture(scope='module')
+def one_block_sit():
+    with one_block_sizes():
+        yield
+
+
+@pytest.fixture(scope='module')
+def compiled_runs(one_block_sit, tmp_path_factory):
+    """compiled_first_steps per objective, run once for the tests below."""
+    runs = {}
+
+    def get(objective):
+        if objective not in runs:
+            runs[objective] = r = compiled_first_steps(objective, tmp_path_factory.mktemp(objective))
+            print(f"\n{objective}: first compiled bf16 step (compilation included) {r.fast.first_step_s:.1f} s, "
+                  f"eager fp32 step {r.ref.first_step_s:.2f} s")
+        return runs[objective]
+    return get
+
+
+@slow
+@pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
+def test_compiled_bf16_step(objective, compiled_runs):
+    """One graph per compiled module (the student and its teacher), no graph break, no recompilation over 3 steps;
+    the bf16 losses within bf16 tolerance of the fp32 eager step on the same batch; finite weights after."""
+    r = compiled_runs(objective)
+    assert r.fast.model.training and r.fast.autocast.fast_dtype == torch.bfloat16 and r.fast.cfg.compile
+    assert not r.after_third['graph_break'], r.after_third['graph_break']
+    modules = 1 + len(r.fast.teachers)  # the SiT (forward + its backward) and each teacher: one graph each
+    assert r.after_first['stats']['unique_graphs'] == modules, r.after_first['stats']
+    assert r.after_third['stats'] == r.after_first['stats']  # steps 2 and 3 reuse the graphs: no recompilation
+    ref, fast = r.losses
+    assert sorted(r.fast.first_losses) == r.names
+    print(f"{objective}: first-step losses, bf16 compiled {dict(zip(r.names, fast.tolist()))}, fp32 eager "
+          f"{ref.tolist()}; largest difference {(fast - ref).abs().max().item():.2e}")
+    torch.testing.assert_close(fast, ref, rtol=STEP_TOL, atol=STEP_TOL)
+    assert r.largest_difference <= STEP_TOL
+    nets = [r.fast.model] + ([r.fast.vae, r.fast.disc] if objective == 'repa-e' else [])
+    assert all(torch.isfinite(p).all() for m in nets for p in m.parameters())
+    assert not torch.equal(r.fast.model.final_layer.linear.weight, r.ref.model.final_layer.linear.weight)  # trained
+
+
+@slow
+def test_compiled_bf16_teacher(compiled_runs):
+    """The frozen teacher as training runs it with --compile --precision bf16 (bf16 weights, compiled) against the
+    fp32 eager one, on the batch of the step above."""
+    r = compiled_runs('flow')
+    fast, ref = r.fast.teachers[0], r.ref.teachers[0]
+    assert fast.compiled is not None and fast.model.patch_embed.proj.weight.dtype == torch.bfloat16
+    x = r.batch[0].float() / 255
+    with r.fast.autocast, torch.no_grad():
+        out = fast(x)
+    with torch.no_grad():
+        want = ref(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), want) < 2e-2, rel_err(out.float(), want)
+
+
+@slow
+def test_compiled_sampler_builds_two_graphs(compiled_runs, tmp_path):
+    """fid.py sample --compile, SDE with guidance on part of the interval: one graph for the batch, one for its CFG
+    double, over all 10 steps (the SiT forward compiled without grad: no backward graph)."""
+    from torch._dynamo.utils import counters
+    r = compiled_runs('flow')
+    irepa.save_state(r.fast, 3)
+    ckpt = r.fast.out / 'checkpoints/0000003.pt'
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / 'samples.npz'
+    fid.main(['sample', '--ckpt', str(ckpt), '--out', str(out), '--num-samples', '4', '--batch-size', '4', '--mode', 'sde',
+              '--num-steps', '10', '--cfg-scale', '1.5', '--guidance-high', '0.7', '--device', 'cpu', '--compile',
+              '--precision', 'bf16'])
+    assert counters['stats']['unique_graphs'] == 2 and not counters.get('graph_break'), dict(counters['stats'])
+    assert np.load(out)['arr_0'].shape == (4, 32, 32, 3)
+
+
+def no_host_sync():
+    """Every tensor made inside is a FakeTensor (a shape and a dtype, no data): reading a value on the host, as
+    .item(), .tolist(), bool(t), `if t:` do, raises DataDependentOutputException."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@slow
+@pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
+def test_the_step_never_waits_for_the_device(objective, one_block_sit, tmp_path, monkeypatch):
+    """The loop's whole per-step code (train_step: batch to the device, teacher targets, the objective's step with
+    its optimizers and EMA, the log sums, the NaN guard) under no_host_sync; a control with one .item() is caught."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], tmp_path, 'cpu', '--precision',
+                                                       'bf16')))
+    step_fn = irepa.OBJECTIVES[objective]
+    irepa.train_step(s, step_fn, 0, next(s.loader))  # the optimizers' state exists from the second step on
+    batch = next(s.loader)
+    with no_host_sync():
+        irepa.train_step(s, step_fn, 1, batch)
+    assert type(s.sums['flow']).__name__ == 'FakeTensor' and s.n_steps == 2  # it really ran in the guard
+    real = irepa.alignment_loss
+    monkeypatch.setattr(irepa, 'alignment_loss', lambda *a: (lambda v: (v.item(), v)[1])(real(*a)))  # one .item()
+    with pytest.raises(DataDependentOutputException), no_host_sync():
+        irepa.train_step(s, step_fn, 2, batch)
+
+
+def sampler_device_error(device):
+    """Relative difference of a guided 10-step SDE run of a random SiT on `device` and on the CPU, fp32 (TF32 off on
+    CUDA: see fid.exact_fp32), the same noise (drawn on the CPU)."""
+    model = randomize(tiny_sit()).eval()
+    noise, y = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(4)
+    out = [irepa.sample(model.to(d), noise.to(d), y.to(d), 'sde', 10, cfg_scale=1.5, guidance_high=0.7,
+                        generator=torch.Generator().manual_seed(1)).cpu() for d in ('cpu', device)]
+    return rel_err(out[1], out[0])
+
+
+# `pytest -m cuda`: the correctness part of `python bench.py --suite gpu`, on a CUDA device; skipped without one
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)
+    on_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
+
+
+@on_cuda[0]
+@on_cuda[1]
+def test_cuda_parity_and_sampler_in_fp32():
+    with fid.exact_fp32():
+        assert check_parity(vectors_path(), 1e-4, 'cuda') <= 1e-4
+        assert sampler_device_error('cuda') <= 1e-4
+
+
+@on_cuda[0]
+@on_cuda[1]
+@pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
+def test_cuda_compiled_bf16_step(objective, one_block_sit, tmp_path):
+    r = compiled_first_steps(objective, tmp_path, 'cuda')
+    assert not r.after_third['graph_break'] and r.after_third['stats'] == r.after_first['stats']
+    assert r.largest_difference <= STEP_TOL, dict(zip(r.names, zip(*[v.tolist() for v in r.losses])))
+
+
+def test_sampler_device_error_sees_a_difference(monkeypatch):
+    """The CUDA check above can fail: a sampler that differs on the second device is caught (here the CPU twice, with
+    the second run's guidance scale changed)."""
+    assert sampler_device_error('cpu') == 0.0
+    real, scales = irepa.sample, iter([1.5, 1.6])
+    monkeypatch.setattr(irepa, 'sample', lambda *a, **k: real(*a, **k | dict(cfg_scale=next(scales))))
+    assert sampler_device_error('cpu') > 1e-4
+
+
+def test_grad_ckpt_gives_the_same_gradients():
+    """--grad-ckpt recomputes each block in the backward: gradients equal the plain step's (fp32), the aligned
+    block's output still reaches the projector, whichever block it is (the last one included)."""
+    for depth in (2, 3):  # aligned block 2: in the middle of 3 blocks, or the last of 2
+        model = randomize(tiny_sit(depth=depth, encoder_depth=2))
+        x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 10, (4,))
+        targets = [torch.randn(4, 16, 24)]
+        grads, kept = [], []
+        for ckpt in (False, True):
+            model.grad_ckpt = ckpt
+            model.zero_grad()
+            torch.manual_seed(0)
+            saved = []  # the activations autograd keeps for the backward, in bytes
+            with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v.numel() * v.element_size()) or v,
+                                                          lambda v: v):
+                losses = irepa.flow_loss(model, x, y, targets, t, torch.randn_like(x))
+            (losses['flow'] + losses['align']).backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            kept.append(sum(saved))
+        assert kept[1] < 0.6 * kept[0], kept  # the blocks' insides are not kept
+        assert grads[0].keys() == grads[1].keys() and grads[1]['projectors.0.projection_layer.weight'].abs().sum() > 0
+        for n in grads[0]:
+            assert rel_err(grads[1][n], grads[0][n]) <= 1e-6, n
+
+
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch, capsys):
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor.cpp, 'cxx', ('no-such-c++',))
+    with pytest.raises(SystemExit) as e:
+        irepa.resolve_config(['--demo', '--device', 'cpu', '--compile'])
+    assert e.value.code == 2 and 'needs a C++ compiler' in capsys.readouterr().err
+    assert not irepa.resolve_config(['--demo', '--device', 'cpu']).compile  # off by default on a CPU: not checked
 
 
 # =============================================================================
