@@ -202,8 +202,8 @@ def make_train(c, naive):
 
     def finish(sec, mem):
         student = irepa.sit_train_flops(model)  # the 3x3 conv projector (~2% at XL/2) is not counted
-        extra = dict(teacher='none (random targets)' if teacher is None else
-                     f"{teacher.name}, random weights, {len(teacher.model.blocks)} blocks",
+        blocks = f", {len(teacher.model.blocks)} blocks" if hasattr(getattr(teacher, 'model', None), 'blocks') else ''
+        extra = dict(teacher='none (random targets)' if teacher is None else f"{teacher.name}, random weights{blocks}",
                      last_loss=round(float(out[0]) + (0 if naive else float(out[1])), 4),
                      train_gflop_per_img=round(student / 1e9, 2))
         if naive:

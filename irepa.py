@@ -713,7 +713,7 @@ def setup(cfg):
         in_channels, input_size = s.data.latents.shape[1] // 2, s.data.latents.shape[2]
     else:  # pixel space
         in_channels, input_size = 3, cfg.resolution
-    s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: random ones if needed
+    s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: HOG if needed
         cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
         dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
     s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
