@@ -609,7 +609,8 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
-                     'precision', 'grad_ckpt', 'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare'}
+                     'precision', 'grad_ckpt', 'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo',
+                     'prepare'}
 
 def compiler_missing(device):
     """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
@@ -1322,7 +1323,8 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     grad_ckpt='activation checkpointing per SiT block: ~1/3 more compute, a fraction of the memory',
     prepare='encode --data-path, then exit',
     resume='continue from the newest checkpoint in --out-dir')
-TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str)  # flags whose default is None
+TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool,
+             precision=str)  # flags whose default is None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
 
@@ -1355,8 +1357,8 @@ def resolve_config(argv=None):
     cfg['compile'] = cfg['device'] == 'cuda' if cfg['compile'] is None else cfg['compile']
     cfg['precision'] = cfg['precision'] or ('bf16' if cfg['device'] == 'cuda' else 'fp32')
     if cfg['precision'] not in ('bf16', 'fp32'):
-        p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which this "
-                "trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
+        p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which "
+                "this trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
     if cfg['compile'] and (missing := compiler_missing(cfg['device'])):
         p.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
     return SimpleNamespace(**cfg)
