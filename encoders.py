@@ -12,11 +12,13 @@ official code's exact preprocessing, and the SD-VAE (AutoencoderKL) with diffuse
 
     python encoders.py --list          # one row per teacher (built on the meta device: no weights, no download)
 
-Every teacher is a timm model plus one row of facts in TEACHERS; the per-family quirks of the official code are data
-(resize mode, normalization and its order, final norm kept or not, which grids upstream allows). The five places where
-timm's defaults differ from what iREPA computes are handled in build_model: CLIP needs QuickGELU and no ln_post, MAE no
-final norm, PE a bilinear position embedding and RoPE on the integer grid, SigLIP tanh-GELU, and every absolute
-position embedding is resampled to the SiT grid at load (img_size), never the features.
+Every teacher is a timm model (or, for HOG and SIFT, a few lines of torch) plus one row of facts in TEACHERS; the
+per-family quirks of the official code are data (resize mode and input size, normalization and its order, final norm
+kept or not, how tokens form, which grids upstream allows). Where timm's defaults differ from what iREPA computes,
+build_model says so: CLIP needs QuickGELU and no ln_post, MAE no final norm, PE a bilinear position embedding and RoPE
+on the integer grid, SigLIP tanh-GELU, WebSSL and C-RADIO their own position-embedding resampling, SAM 2 no head, VGG
+only up to pool4. Absolute position embeddings of the ViTs are resampled to the SiT grid at load (img_size), never
+their features; SAM's and HOG's maps are resized to the grid as the official code does.
 """
 import contextlib
 import json
@@ -25,6 +27,8 @@ import os
 import pickle
 import re
 import sys
+import warnings
+import zipfile
 
 import safetensors.torch
 import torch
@@ -56,6 +60,7 @@ def cli(main):
 IN = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet mean, std
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+NONE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # HOG and SIFT see the pixels themselves
 COLLECTIONS = 'REPA-E/iREPA-collections'  # the official repo's copies of the checkpoints timm does not host
 
 # How the official code feeds each family. resize: F.interpolate mode to patch * grid pixels, no antialias, except
@@ -75,6 +80,17 @@ FAMILIES = {
     'siglip':  dict(resize='bicubic', norm=IN, norm_first=True, final_norm=True, grids=(16,),
                     kw=dict(act_layer='gelu_tanh', global_pool='map')),
     'pe':      dict(resize='bilinear', norm=HALF, norm_first=False, final_norm=False),
+    # The teachers that are not plain ViTs say how their tokens form (`tokens`, see Teacher.features) and, where the
+    # input is not patch * grid pixels, its size: SAM always sees 1024 px and its 64x64 neck map is resized to the
+    # grid; SAM2's Hiera trunk (stride 32, channels-last, no neck, no final norm) sees twice the SiT's resolution;
+    # VGG16 gives its pool4 map (stride 16); HOG and SIFT are computed from the pixels, no weights.
+    'sam':     dict(resize='bicubic', norm=IN, norm_first=False, final_norm=True, tokens='map', input=1024),
+    'sam2':    dict(resize='bicubic', norm=IN, norm_first=False, final_norm=True, tokens='nhwc'),
+    # C-RADIO normalizes inside the network with the mean/std stored in its checkpoint (the file's, when it has them)
+    'cradio':  dict(resize='bilinear', norm=CLIP, norm_first=False, final_norm=False),  # (timm: no final norm)
+    'vgg':     dict(resize='bilinear', norm=IN, norm_first=False, final_norm=True, tokens='map'),
+    'hog':     dict(resize='bilinear', norm=NONE, norm_first=False, final_norm=True, tokens='map'),
+    'sift':    dict(resize='bilinear', norm=NONE, norm_first=False, final_norm=True, tokens='map'),
 }
 
 
@@ -134,6 +150,43 @@ _ROWS = {
     'spatialpe-vit-b':    ('pe',     'vit_pe_spatial_base_patch16_512.fb', 16, 768, 1),
     'spatialpe-vit-l':    ('pe',     'vit_pe_spatial_large_patch14_448.fb', 14, 1024, 1),
     'spatialpe-vit-g':    ('pe',     'vit_pe_spatial_gigantic_patch14_448.fb', 14, 1536, 0),
+    # the small sizes of the families above (MoCo v3's ViT-S has 12 heads, timm's vit_small 6)
+    'dino-vit-s':         ('dino',   'vit_small_patch16_224.dino', 16, 384, 1),
+    'dinov2-vit-s':       ('dinov2', 'vit_small_patch14_dinov2.lvd142m', 14, 384, 1),
+    'dinov2reg-vit-s':    ('dinov2', 'vit_small_patch14_reg4_dinov2.lvd142m', 14, 384, 5),
+    'dinov3-vit-s16':     ('dinov3', 'vit_small_patch16_dinov3.lvd1689m', 16, 384, 5),
+    'dinov3-vit-s16plus': ('dinov3', 'vit_small_plus_patch16_dinov3.lvd1689m', 16, 384, 5),
+    'mocov3-vit-s':       ('mocov3', 'vit_small_patch16_224', 16, 384, 1,
+                           dict(kw=dict(num_heads=12), hub=(COLLECTIONS, 'pretrained_models/mocov3_vits.pth'))),
+    'pe-vit-t':           ('pe',     'vit_pe_core_tiny_patch16_384.fb', 16, 192, 1),
+    'pe-vit-s':           ('pe',     'vit_pe_core_small_patch16_384.fb', 16, 384, 1),
+    # PE with its final LayerNorm (ln_post) applied: the official `*norm` configs
+    **{f'pe-vit-{s}norm': ('pe', m, p, d, c, dict(final_norm=True)) for s, m, p, d, c in [
+        ('t', 'vit_pe_core_tiny_patch16_384.fb', 16, 192, 1), ('s', 'vit_pe_core_small_patch16_384.fb', 16, 384, 1),
+        ('b', 'vit_pe_core_base_patch16_224.fb', 16, 768, 1), ('l', 'vit_pe_core_large_patch14_336.fb', 14, 1024, 1),
+        ('g', 'vit_pe_core_gigantic_patch14_448.fb', 14, 1536, 0)]},
+    # the CLS-mixing experiment: tokens = alpha * cls + (1 - alpha) * patch, both after the final norm
+    'dinov2mixed-vit-b':  ('dinov2', 'vit_base_patch14_dinov2.lvd142m', 14, 768, 1, dict(tokens='mix', alpha=0.1)),
+    # patch = input pixels per token. SAM: the neck's 256 channels; SAM2: the last Hiera stage (the file is SAM 2,
+    # not 2.1, as the official code loads facebook/sam2-hiera-*)
+    'sam-vit-b':          ('sam',    'samvit_base_patch16.sa1b', 16, 256, 0),
+    'sam-vit-l':          ('sam',    'samvit_large_patch16.sa1b', 16, 256, 0),
+    'sam-vit-h':          ('sam',    'samvit_huge_patch16.sa1b', 16, 256, 0),
+    'sam2-vit-s':         ('sam2',   'sam2_hiera_small.fb_r896', 32, 768, 0),
+    'sam2-vit-b':         ('sam2',   'sam2_hiera_base_plus.fb_r896', 32, 896, 0),
+    'sam2-vit-l':         ('sam2',   'sam2_hiera_large.fb_r1024', 32, 1152, 0),
+    # C-RADIO v3 from NVIDIA's own files: timm's hub copies hold a position table already resampled for 512 px
+    'cradio-vit-b':       ('cradio', 'vit_base_patch16_radio_v3', 16, 768, 8,
+                           dict(hub=('nvidia/C-RADIOv3-B', 'model.safetensors'))),
+    'cradio-vit-l':       ('cradio', 'vit_large_patch16_radio_v3', 16, 1024, 8,
+                           dict(hub=('nvidia/C-RADIOv3-L', 'model.safetensors'))),
+    # VGG16 up to pool4 (features[:24]); the official weights are torchvision's IMAGENET1K_FEATURES, not timm's tag
+    'vgg16':              ('vgg',    'vgg16', 16, 512, 0,
+                           dict(hub=('https://download.pytorch.org/models', 'vgg16_features-amdegroot-88682ab5.pth'))),
+    # no weights: HOG with 8 orientations, 2-px cells, 4x4-cell blocks (the official hog-hog-g16_d128); dense SIFT on
+    # the 16-px grid (sift-kornia-dense16)
+    'hog':                ('hog',    'none', 16, 128, 0),
+    'sift':               ('sift',   'none', 16, 128, 0),
 }
 TEACHERS = {name: dict(FAMILIES[fam], family=fam, timm=model, patch=patch, dim=dim, prefix=prefix, **dict(*extra))
             for name, (fam, model, patch, dim, prefix, *extra) in _ROWS.items()}
@@ -144,6 +197,12 @@ ALIASES = {
     'mae': 'mae-vit-l', 'siglip': 'siglip-vit-b', 'siglip2': 'siglip2-vit-b', 'pe': 'pe-vit-b',
     'langpe': 'langpe-vit-l', 'spatialpe': 'spatialpe-vit-b', 'webssl': 'webssl-vit-dino300m_full2b_224',
     **{n.rsplit('_', 2)[0]: n for n in _ROWS if n.startswith('webssl')},  # webssl-vit-dino1b, ...
+    'sam': 'sam-vit-b', 'sam2': 'sam2-vit-s', 'cradio': 'cradio-vit-b', 'vgg': 'vgg16',
+    'dinov2mixed': 'dinov2mixed-vit-b',
+    'vgg-vgg16-pool4': 'vgg16', 'hog-hog-g16_d128': 'hog', 'sift-kornia-dense16': 'sift',  # official names
+    # the official code accepts these *norm names, but their final norm is an identity: they equal the plain ones
+    **{f'{n}norm': n for n in ('langpe-vit-l', 'langpe-vit-g', 'spatialpe-vit-b', 'spatialpe-vit-l',
+                                'spatialpe-vit-g')},
 }
 
 
@@ -164,6 +223,12 @@ def read_state_dict(path):
         raise UserError(f"no weights file at '{path}'")
     if str(path).endswith('.safetensors'):
         return safetensors.torch.load_file(path)
+    if zipfile.is_zipfile(path) and any('/code/' in n for n in zipfile.ZipFile(path).namelist()):
+        # a TorchScript archive (OpenAI's ViT-L-14.pt, what clip.load downloads): only torch.jit reads it; we keep its
+        # tensors, not its program (torch 2.14 calls torch.jit deprecated: the file format is what users have)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)
+            return dict(torch.jit.load(path, map_location='cpu').state_dict())
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # the file pickles objects, not just tensors and plain containers
@@ -198,6 +263,21 @@ def hub_files(repo, filename, what, how):
             f"{what}: cannot get '{filename}' from https://huggingface.co/{repo} (not in the Hugging Face cache, and "
             f"the hub is unreachable, gated or refused: {type(e).__name__}). Download it where you have network "
             f"(`hf download {repo} {filename}`) and {how}") from e
+
+
+def url_files(url, filename, what, how):
+    """A file that is not on the HF hub (torchvision's VGG16 features) through the torch hub cache, downloading it
+    there when online; else an error naming the URL and `how` to pass it instead."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(f'{url}/{filename}', path)
+        except Exception as e:
+            raise UserError(f"{what}: '{filename}' is not in {os.path.dirname(path)} and {url}/{filename} is "
+                            f"unreachable ({type(e).__name__}). Download it where you have network and "
+                            f"{how}") from e
+    return [path]
 
 
 def mocov3_to_timm(ckpt):
@@ -240,38 +320,262 @@ def webssl_to_timm(sd):
     return out
 
 
-def resample_posemb_bilinear(pos_embed, prefix, grid):
-    """PE's own resampling of its absolute position embedding: bilinear, no antialias (timm would do bicubic + AA)."""
+# Hugging Face transformers files (what the official code loads with from_pretrained) -> timm keys: a tensor that
+# marks the layout (its key's start is the vision tower's prefix in that file: `vision_model.` in a SiglipModel, none
+# in a SiglipVisionModel saved by transformers 5), then (HF name, timm name) renames; q/k/v are fused into timm's qkv.
+HF_LAYOUTS = {
+    'siglip': ('embeddings.patch_embedding.weight', [  # SiglipModel / SiglipVisionModel (SigLIP, SigLIP 2 fixed-res)
+        ('embeddings.patch_embedding', 'patch_embed.proj'), ('embeddings.position_embedding.weight', 'pos_embed'),
+        ('encoder.layers.', 'blocks.'), ('layer_norm1', 'norm1'), ('layer_norm2', 'norm2'),
+        ('self_attn.out_proj', 'attn.proj'), ('post_layernorm', 'norm'), ('head.probe', 'attn_pool.latent'),
+        ('head.attention.out_proj', 'attn_pool.proj'), ('head.layernorm', 'attn_pool.norm'),
+        ('head.mlp', 'attn_pool.mlp')]),
+    'sam': ('patch_embed.projection.weight', [  # SamModel / SamVisionModel (vision_encoder.*)
+        ('patch_embed.projection', 'patch_embed.proj'), ('layers.', 'blocks.'), ('layer_norm1', 'norm1'),
+        ('layer_norm2', 'norm2'), ('mlp.lin1', 'mlp.fc1'), ('mlp.lin2', 'mlp.fc2'), ('neck.conv1', 'neck.0'),
+        ('neck.norm1', 'neck.1'), ('neck.conv2', 'neck.2'), ('neck.norm2', 'neck.3')]),
+    'sam2': ('patch_embed.projection.weight', [  # Sam2Model (vision_encoder.backbone.*) / Sam2VisionModel: the trunk
+        ('patch_embed.projection', 'patch_embed.proj'), ('layer_norm1', 'norm1'), ('layer_norm2', 'norm2'),
+        ('mlp.proj_in', 'mlp.fc1'), ('mlp.proj_out', 'mlp.fc2')]),
+}
+
+
+def hf_to_timm(sd, family):
+    """A transformers checkpoint of `family` -> timm keys; any other layout passes through unchanged."""
+    marker, renames = HF_LAYOUTS[family]
+    prefix = next((k[:-len(marker)] for k in sd if k.endswith(marker) and 'text' not in k), None)
+    if prefix is None:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue  # the text tower, prompt encoder, mask decoder, SAM 2's FPN neck, ...
+        k = k[len(prefix):].replace('neck.layer_norm', 'neck.norm')
+        for a, b in renames:
+            k = k.replace(a, b)
+        out[k] = v
+    if 'pos_embed' in out and family == 'siglip':
+        out['pos_embed'] = out['pos_embed'][None]  # (N, D) -> (1, N, D)
+    for k in [k for k in out if '.self_attn.q_proj.' in k]:  # separate q, k, v -> fused qkv
+        names = [k.replace('q_proj', n) for n in ('q_proj', 'k_proj', 'v_proj')]
+        missing = [n for n in names if n not in out]
+        if missing:  # named as in the file
+            i = int(re.search(r'blocks\.(\d+)\.', k)[1])
+            raise ValueError(f"the Hugging Face file lacks {prefix}encoder.layers.{i}.{missing[0].split('.', 2)[2]}")
+        out[k.replace('self_attn.q_proj', 'attn.qkv')] = torch.cat([out.pop(n) for n in names])
+    for p in ('weight', 'bias'):  # SigLIP's pooling head: MultiheadAttention's packed [q; k; v] -> timm's q, kv
+        if f'head.attention.in_proj_{p}' in out:
+            q, kv = out.pop(f'head.attention.in_proj_{p}').tensor_split([out['attn_pool.latent'].shape[-1]])
+            out[f'attn_pool.q.{p}'], out[f'attn_pool.kv.{p}'] = q, kv
+    return out
+
+
+def resample_posemb(pos_embed, prefix, grid, mode):
+    """Resample an absolute position embedding (1, prefix + n*n, D) to grid x grid as the teacher's own code does,
+    in fp32, no antialias: PE bilinear, WebSSL (HF Dinov2Model) bicubic, C-RADIO bilinear; timm would do bicubic
+    with antialias, which is another function when upsampling."""
     pre, pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
     n, D = math.isqrt(pos.shape[1]), pos.shape[2]
     pos = pos.reshape(1, n, n, D).permute(0, 3, 1, 2).float()  # (1, D, n, n)
-    pos = F.interpolate(pos, size=(grid, grid), mode='bilinear', align_corners=False)
+    pos = F.interpolate(pos, size=(grid, grid), mode=mode, align_corners=False)
     return torch.cat([pre, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)], dim=1)
+
+
+def cradio_to_timm(sd):
+    """NVIDIA's C-RADIO file (radio_model.model.*) -> timm keys (timm's own converter, without its resampling), and
+    the input mean/std the file stores; a timm-layout file passes through."""
+    import timm.models.vision_transformer as vit
+    stats = [sd.get(f'radio_model.input_conditioner.norm_{k}') for k in ('mean', 'std')]
+    if 'radio_model.model.patch_generator.embedder.weight' in sd:
+        sd = vit._convert_radio(sd, None)
+    return sd, (None if stats[0] is None else tuple(tuple(v.flatten().tolist()) for v in stats))
+
+# -----------------------------------------------------------------------------
+# The weight-free teachers: HOG (scikit-image's algorithm) and dense SIFT (kornia's), in torch
+
+
+class HOG(nn.Module):
+    """Dense HOG as the official hog-hog-g16_d128 computes it with scikit-image: grey (Rec.709 luma) -> central
+    differences (zero at the border) -> unsigned orientation (0-180 deg) hard-binned into 8 bins, magnitude averaged
+    over 2x2-px cells -> every 4x4-cell block L2-Hys normalized (eps 1e-5, clip 0.2) -> (B, 128, R/2 - 3, R/2 - 3),
+    then L2 per position. Histograms in fp64 like scikit-image: the bin of a pixel on an edge must not flip."""
+    orientations, cell, block = 8, 2, 4
+
+    def forward(self, x):  # x (B, 3, R, R) in [0, 1]
+        v = x.float().clamp(0, 1) * 255  # the official code works on 0-255 values; same float32 operation order
+        g = (0.2126 * v[:, 0] + 0.7152 * v[:, 1] + 0.0722 * v[:, 2]) / 255  # (B, R, R)
+        gr, gc = torch.zeros_like(g), torch.zeros_like(g)
+        gr[:, 1:-1], gc[:, :, 1:-1] = g[:, 2:] - g[:, :-2], g[:, :, 2:] - g[:, :, :-2]
+        gr, gc = gr.double(), gc.double()
+        mag = torch.hypot(gr, gc)
+        ori = torch.rad2deg(torch.atan2(gr, gc)) % 180  # [0, 180]; exactly 180 (from -0.0) falls in no bin
+        edges = torch.arange(1, self.orientations, device=x.device, dtype=torch.float64) * (180 / self.orientations)
+        bins = (ori[..., None] >= edges).sum(-1)  # (B, R, R): the comparisons scikit-image makes
+        onehot = bins[..., None] == torch.arange(self.orientations, device=x.device)  # not F.one_hot: it syncs on CUDA
+        onehot = onehot.double() * (mag * (ori < 180))[..., None]  # (B, R, R, 8)
+        hist = F.avg_pool2d(onehot.permute(0, 3, 1, 2), self.cell)  # (B, 8, R/2, R/2): cell means
+        B, O, n, _ = hist.shape
+        k, m = self.block, n - self.block + 1
+        blocks = F.unfold(hist, k).view(B, O, k, k, m * m)  # (B, 8, 4, 4, m*m): every 4x4-cell window
+        blocks = blocks.permute(0, 4, 2, 3, 1).reshape(B, m * m, k * k * O)  # (B, m*m, 128) in (row, col, bin) order
+        blocks = blocks / torch.sqrt(blocks.square().sum(-1, keepdim=True) + 1e-10)  # L2-Hys: eps 1e-5 squared
+        blocks = blocks.clamp(max=0.2)
+        blocks = (blocks / torch.sqrt(blocks.square().sum(-1, keepdim=True) + 1e-10)).float()
+        blocks = F.normalize(blocks, dim=-1)  # the official code's L2 per token
+        return blocks.transpose(1, 2).reshape(B, k * k * O, m, m)  # (B, 128, m, m)
+
+def gaussian(n, sigma):
+    """Normalized 1-D Gaussian on n taps centred on the window (half-integer offsets for even n), as kornia's."""
+    x = torch.arange(n, dtype=torch.float32) - n // 2 + (0.5 if n % 2 == 0 else 0.0)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def gradient(x, sobel):
+    """kornia's normalized spatial gradient of (N, 1, H, W) with replicate padding: Sobel / 8 or central
+    differences / 2 -> gx, gy."""
+    d = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+    s = torch.tensor([1.0, 2.0, 1.0] if sobel else [0.0, 1.0, 0.0], device=x.device) / (8 if sobel else 2)
+    k = torch.stack([torch.outer(s, d), torch.outer(d, s)])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), k.to(x.dtype))
+    return g[:, 0], g[:, 1]  # (N, H, W) each
+
+
+def soft_orientation_bins(gx, gy, weight, bins, eps, offset):
+    """kornia's gradient histogram votes: magnitude (Gaussian-weighted) split linearly between the two nearest of
+    `bins` orientation bins -> (N, bins, H, W). offset pi: the orienter's bins start at -pi."""
+    sq = gx * gx + gy * gy
+    mag = torch.where(sq > 0, torch.sqrt(sq + eps), torch.zeros_like(sq)) * weight
+    ori = torch.where(sq > 0, torch.atan2(gy, gx + eps) + 2 * math.pi, torch.full_like(sq, 2 * math.pi))
+    o = bins * (ori + offset) / (2 * math.pi)
+    b0 = torch.floor(o)
+    w1 = o - b0
+    b0 = b0.long() % bins
+    idx = torch.arange(bins, device=gx.device)  # one-hot by comparison: F.one_hot checks its input (a host sync)
+    b0, b1 = b0[..., None], (b0[..., None] + 1) % bins  # the two bins each pixel votes for
+    votes = (b0 == idx) * ((1 - w1) * mag)[..., None] + (b1 == idx) * (w1 * mag)[..., None]  # (N, H, W, bins)
+    return votes.permute(0, 3, 1, 2)  # (N, H, W, bins) -> (N, bins, H, W)
+
+
+class SIFT(nn.Module):
+    """Dense SIFT as the official sift-kornia-dense16 computes it with kornia: grey (0.299/0.587/0.114), one keypoint
+    at the centre of every 16-px cell (scale 16), its dominant orientation from a 20x20 patch (36-bin Sobel-gradient
+    histogram, circularly smoothed, parabolic peak: kornia's LAFOrienter), then a rotated 41x41 patch (bilinear,
+    border-clamped) described by kornia's SIFTDescriptor (8 angles x 4x4 cells, clip 0.2, no RootSIFT) -> L2 ->
+    (B, 128, grid, grid). Both patches span the keypoint +- 16 px."""
+
+    def __init__(self, grid):
+        from scipy.special import ive  # exp(-t) I_n(t): the discrete Gaussian kernel kornia smooths the histogram with
+        super().__init__()
+        self.grid = grid
+        c = torch.arange(8, 16 * grid, 16, dtype=torch.float32)  # keypoint centres, pixels
+        self.register_buffer('centres', torch.stack(torch.meshgrid(c, c, indexing='ij')[::-1], -1).view(-1, 2),
+                             persistent=False)  # (T, 2) as (x, y), row-major
+        disc = torch.tensor([float(ive(abs(n), 1.6 ** 2)) for n in range(-2, 3)])  # discrete Gaussian
+        self.register_buffer('smooth', (disc / disc.sum()).view(1, 1, 5), persistent=False)
+        for name, n, sigma in [('w_ori', 20, 20 / 6), ('w_desc', 41, 41 / math.sqrt(2))]:
+            g = gaussian(n, sigma)
+            self.register_buffer(name, torch.outer(g, g), persistent=False)
+        ks_2 = 17 / 2  # kornia's SIFT pooling: a 17x17 bilinear (tent) kernel, stride 10, padding 3 -> 4x4 cells
+        tent = ks_2 - (torch.arange(17, dtype=torch.float32) + 0.5 - ks_2).abs()
+        self.register_buffer('pool', (torch.outer(tent, tent) / ks_2 ** 2).view(1, 1, 17, 17), persistent=False)
+
+    def patches(self, gray, angle, size):
+        """Bilinear patches (B*T, 1, size, size) around the keypoints, rotated by angle (B, T) radians: the sample at
+        normalized offset u in (-1, 1) is centre + 16 R(angle) u, R = [[cos, sin], [-sin, cos]] (kornia's LAF)."""
+        B, _, H, W = gray.shape
+        u = (2 * torch.arange(size, device=gray.device, dtype=torch.float32) + 1) / size - 1  # patch pixel centres
+        uy, ux = torch.meshgrid(u, u, indexing='ij')  # (size, size)
+        cos, sin = (16 * torch.cos(angle))[..., None, None], (16 * torch.sin(angle))[..., None, None]  # (B, T, 1, 1)
+        x = self.centres[:, 0, None, None] + cos * ux + sin * uy  # (B, T, size, size), pixels
+        y = self.centres[:, 1, None, None] - sin * ux + cos * uy
+        pos = torch.stack([(2 * x + 1) / W - 1, (2 * y + 1) / H - 1], -1)  # grid_sample's frame (align_corners=False)
+        T = pos.shape[1]
+        out = F.grid_sample(gray, pos.view(B, T * size, size, 2), padding_mode='border', align_corners=False)
+        return out.view(B, T, size, size).reshape(B * T, 1, size, size)
+
+    def forward(self, x):  # x (B, 3, R, R) in [0, 1], R = 16 * grid
+        x = x.float()
+        gray = torch.addcmul(torch.addcmul(x[:, 0] * 0.299, x[:, 1], torch.tensor(0.587)), x[:, 2], torch.tensor(0.114))
+        gray = gray[:, None]  # (B, 1, R, R), kornia's rgb_to_grayscale
+        B, T = x.shape[0], self.centres.shape[0]
+        # 1. dominant orientation of each keypoint (kornia's PatchDominantGradientOrientation on a 20x20 patch)
+        p = self.patches(gray, torch.zeros(B, T, device=x.device), 20)
+        gx, gy = gradient(p, sobel=True)
+        hist = soft_orientation_bins(gx, gy, self.w_ori, 36, 1e-8, math.pi).sum((-1, -2)) / 400  # (BT, 36)
+        hist = F.conv1d(F.pad(hist[:, None], (2, 2), mode='circular'), self.smooth)[:, 0]  # (B*T, 36)
+        peak, i = hist.max(1)
+        left, right = hist.gather(1, ((i - 1) % 36)[:, None])[:, 0], hist.gather(1, ((i + 1) % 36)[:, None])[:, 0]
+        denom = left + right - 2 * peak
+        sub = torch.where(denom != 0, 0.5 * (left - right) / denom, torch.zeros_like(denom))
+        angle = -(2 * math.pi * (i.float() + sub) / 36 - math.pi)  # radians, (B*T,): the patch's x axis turns onto it
+        # 2. the SIFT descriptor of the rotated 41x41 patch
+        p = self.patches(gray, angle.view(B, T), 41)
+        gx, gy = gradient(p, sobel=False)
+        votes = soft_orientation_bins(gx, gy, self.w_desc, 8, 1e-10, 0.0)  # (B*T, 8, 41, 41)
+        cells = F.conv2d(votes.reshape(B * T * 8, 1, 41, 41), self.pool, stride=10, padding=3)  # (B*T*8, 1, 4, 4)
+        d = F.normalize(cells.view(B * T, 128), dim=1).clamp(0, 0.2)
+        d = F.normalize(F.normalize(d, dim=1), dim=1)  # kornia's second L2, then the official code's own
+        return d.view(B, self.grid, self.grid, 128).permute(0, 3, 1, 2)  # (B, T, 128) -> (B, 128, grid, grid)
 
 # -----------------------------------------------------------------------------
 # Building a teacher: timm model + the official preprocessing, frozen
 
 
 def build_model(name, grid=16, state_dict=None, depth=None):
-    """The timm model of teacher `name` for a grid x grid token map, random or loaded (strictly) from `state_dict`."""
+    """The network of teacher `name` for a grid x grid token map, random or loaded (strictly) from `state_dict`."""
     import timm
-    t = TEACHERS[name]
-    kw = dict(t.get('kw', {}), img_size=t['patch'] * grid)  # timm resamples abs pos_embed to this size at load
-    if depth is not None:
+    t, fam = TEACHERS[name], TEACHERS[name]['family']
+    if fam == 'hog':
+        return HOG()
+    if fam == 'sift':
+        return SIFT(grid)
+    kw = dict(t.get('kw', {}))
+    if fam not in ('sam', 'sam2', 'vgg'):  # SAM runs at its 1024 px; Hiera and VGG have no fixed input size
+        kw['img_size'] = t['patch'] * grid  # timm resamples abs pos_embed to this size at load
+    if depth is not None and fam == 'sam2':
+        kw['stages'] = (1, 1, depth, 1)  # Hiera counts blocks per stage; four stages keep the stride 32
+    elif depth is not None and fam != 'vgg':
         kw['depth'] = depth
     model_name = t['timm']
-    if t['family'] == 'pe':
+    if state_dict is not None:
+        for key in ('model', 'state_dict'):  # a training checkpoint (Meta's SAM 2 .pt, ...): its weights
+            state_dict = state_dict[key] if isinstance(state_dict.get(key), dict) else state_dict
+        state_dict = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v  # fp32 like the official
+                      for k, v in state_dict.items()}  # loaders, before any resampling: fp16 files (OpenAI's CLIP)
+    if fam == 'pe':
         kw['ref_feat_shape'] = (grid, grid)  # RoPE on the actual integer grid as PE does (timm rescales to pretrain's)
-        if state_dict is not None:
-            if 'pos_embed' not in state_dict:  # original Meta PE layout -> timm keys (this converter ignores the model)
-                state_dict = timm.models.eva.checkpoint_filter_fn(state_dict, None)
-            if state_dict['pos_embed'].shape[1] != t['prefix'] + grid * grid:
-                pos_embed = resample_posemb_bilinear(state_dict['pos_embed'], t['prefix'], grid)
-                state_dict = dict(state_dict, pos_embed=pos_embed)
-    if t['family'] == 'dinov3' and state_dict is not None and 'storage_tokens' in state_dict:
+        if state_dict is not None and 'pos_embed' not in state_dict:  # original Meta PE layout -> timm keys
+            state_dict = timm.models.eva.checkpoint_filter_fn(state_dict, None)  # (this converter ignores the model)
+    mode = dict(pe='bilinear', webssl='bicubic', cradio='bilinear').get(fam)  # their own resampling, not timm's
+    if mode and state_dict is not None and 'pos_embed' in state_dict:
+        prefix = 0 if fam == 'cradio' else t['prefix']  # C-RADIO's table covers the patches only
+        if state_dict['pos_embed'].shape[1] != prefix + grid * grid:
+            state_dict = dict(state_dict, pos_embed=resample_posemb(state_dict['pos_embed'], prefix, grid, mode))
+    if fam == 'dinov3' and state_dict is not None and 'storage_tokens' in state_dict:
         # original Meta .pth: the plain timm variant would silently drop its q/v biases, the _qkvb variant keeps them
         arch, tag = model_name.split('.')
         model_name = f'{arch}_qkvb.{tag}' if timm.is_model(f'{arch}_qkvb') else model_name
+    if fam in ('sam2', 'vgg'):  # the files hold no classifier (SAM2) or one we do not use (VGG): cut, then load
+        if fam == 'sam2':
+            model = timm.create_model(model_name.split('.')[0], pretrained=False, **kw)
+            model.head = nn.Identity()  # tokens = the last stage, channels-last, no norm (HF last_hidden_state)
+            prefix, keep = 'image_encoder.trunk.', lambda k: not k.startswith('head.')
+        else:  # conv1_1 ... pool4: stride 16, 512 channels; built on meta, as the 120M-parameter classifier goes
+            with torch.device('meta'):
+                model = timm.create_model(model_name, pretrained=False).features[:24]
+            model = model.to_empty(device=torch.empty(0).device)  # the caller's device (meta or not)
+            for conv in [m for m in model if isinstance(m, nn.Conv2d) and m.weight.device.type != 'meta']:
+                nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # timm's VGG init
+                nn.init.zeros_(conv.bias)
+            prefix, keep = 'features.', lambda k: int(k.split('.')[0]) < 24
+        if state_dict is not None:
+            if any(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict = {k.replace('mlp.layers.0', 'mlp.fc1').replace('mlp.layers.1', 'mlp.fc2'): v
+                          for k, v in state_dict.items() if keep(k)}
+            model.load_state_dict(state_dict, strict=True)
+        return model
     overlay = dict(t.get('overlay', {}), **({} if state_dict is None else dict(state_dict=state_dict)))
     model = timm.create_model(model_name, pretrained=state_dict is not None, pretrained_cfg_overlay=overlay, **kw)
     if not t['final_norm']:
@@ -280,15 +584,16 @@ def build_model(name, grid=16, state_dict=None, depth=None):
 
 
 class Teacher(nn.Module):
-    """A frozen timm ViT behind its family's preprocessing: images (B, 3, R, R) in [0, 1] -> (B, grid*grid, D)."""
+    """A frozen network behind its family's preprocessing: images (B, 3, R, R) in [0, 1] -> (B, grid*grid, D)."""
 
     def __init__(self, name, model, grid, norm):
         super().__init__()
         t = TEACHERS[name]
         self.name, self.model, self.grid = name, model, grid
         self.patch, self.dim, self.prefix = t['patch'], t['dim'], t['prefix']
-        self.input_size = self.patch * grid
+        self.input_size = t.get('input') or self.patch * grid
         self.resize, self.norm_first = t['resize'], t['norm_first']
+        self.tokens, self.alpha = t.get('tokens', 'vit'), t.get('alpha')  # alpha: CLS mixing, settable
         self.register_buffer('mean', torch.tensor(norm[0]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(norm[1]).view(1, 3, 1, 1), persistent=False)
         self.checked = False  # the [0, 1] range check costs a host sync, so it runs on the first call only
@@ -300,7 +605,7 @@ class Teacher(nn.Module):
         return super().train(False)  # always eval: a parent's .train() must not switch the teacher
 
     def preprocess(self, x):
-        """Resize to patch * grid with the family's mode and normalize, in the order the official code does."""
+        """Resize to the teacher's input size with the family's mode and normalize, in the official code's order."""
         S = self.input_size
         if self.norm_first:
             x = (x - self.mean) / self.std
@@ -312,8 +617,19 @@ class Teacher(nn.Module):
         return x
 
     def features(self, images):
-        x = self.preprocess(images.float()).to(self.model.patch_embed.proj.weight.dtype)
-        return self.model.forward_features(x)[:, self.prefix:]  # (B, prefix + grid*grid, D) -> (B, grid*grid, D)
+        param = next(self.model.parameters(), None)  # HOG and SIFT have none: fp32
+        x = self.preprocess(images.float()).to(param.dtype if param is not None else torch.float32)
+        out = getattr(self.model, 'forward_features', self.model)(x)
+        if self.tokens == 'vit':
+            return out[:, self.prefix:]  # (B, prefix + grid*grid, D) -> (B, grid*grid, D)
+        if self.tokens == 'mix':  # the CLS-mixing experiment: every patch token takes alpha of the CLS token
+            return self.alpha * out[:, :1] + (1 - self.alpha) * out[:, self.prefix:]  # (B, grid*grid, D)
+        if self.tokens == 'nhwc':
+            return out.flatten(1, 2)  # (B, grid, grid, D) -> (B, grid*grid, D)
+        g = self.grid  # 'map': a (B, D, h, w) feature map, resized to the grid bilinearly as the official code does
+        if out.shape[-2:] != (g, g):
+            out = F.interpolate(out, size=(g, g), mode='bilinear', align_corners=False)
+        return out.flatten(2).transpose(1, 2)  # (B, D, grid, grid) -> (B, grid*grid, D)
 
     @torch.no_grad()
     def forward(self, images):
@@ -329,10 +645,40 @@ class Teacher(nn.Module):
         return (self.compiled or self.features)(images)
 
     def flops(self):
-        """Forward FLOPs per image: 2 (weights of the blocks' matmuls) N + 4 L N^2 D for QK^T and AV, N = prefix +
-        grid^2 tokens (DINOv2-B at 224 px: 46 GFLOP); the patch embedding (< 0.5%) is left out."""
-        n, blocks = self.prefix + self.grid ** 2, self.model.blocks
-        return 2 * sum(q.numel() for q in blocks.parameters() if q.dim() == 2) * n + 4 * len(blocks) * n * n * self.dim
+        """Forward FLOPs per image. ViTs: 2 (weights of the blocks' matmuls) N + 4 L N^2 D for QK^T and AV, N = prefix
+        + grid^2 tokens (DINOv2-B at 224 px: 46 GFLOP); the patch embedding (< 0.5%) is left out. The others: counted
+        by torch on a meta-device copy (no weights, no compute)."""
+        if self.tokens in ('vit', 'mix'):
+            n, blocks = self.prefix + self.grid ** 2, self.model.blocks
+            matmul = sum(q.numel() for q in blocks.parameters() if q.dim() == 2)
+            return 2 * matmul * n + 4 * len(blocks) * n * n * self.dim
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.device('meta'):
+            twin = Teacher(self.name, build_model(self.name, self.grid), self.grid, TEACHERS[self.name]['norm'])
+        with FlopCounterMode(display=False) as counter:
+            twin.features(torch.empty(1, 3, self.input_size, self.input_size, device='meta'))
+        return counter.get_total_flops()
+
+
+WEIGHT_FREE = ('hog', 'sift')  # families computed from the pixels alone
+FILES = {  # the layouts each family reads besides timm's own (model.safetensors of the timm/ hub repos), for errors
+    'dino': "timm or DINO's .pth", 'dinov2': "timm or Meta's torch.hub .pth", 'dinov3': "timm or Meta's .pth",
+    'webssl': "HF Dinov2Model safetensors or the native .pth", 'mocov3': "timm or RCG's mocov3_vit*.pth",
+    'clip': "timm, OpenAI's TorchScript ViT-L-14.pt or its state dict", 'jepa': "timm or I-JEPA's .pth.tar",
+    'mae': "timm or MAE's .pth", 'siglip': "timm or HF SiglipModel / SiglipVisionModel safetensors",
+    'pe': "timm or Meta's PE .pt", 'sam': "timm, HF SamModel safetensors or Meta's sam_vit_*.pth",
+    'sam2': "timm, HF Sam2Model safetensors or Meta's sam2_hiera_*.pt", 'cradio': "NVIDIA's C-RADIOv3 safetensors",
+    'vgg': "torchvision's vgg16 .pth (or timm's vgg16)"}
+
+
+def teachers_like(sd):
+    """For error messages: the ViT teachers whose width and patch size match a (converted) state dict."""
+    w = (sd or {}).get('patch_embed.proj.weight')
+    if w is None or w.dim() != 4:
+        return []
+    prefix = sum(sd[k].shape[1] for k in ('cls_token', 'reg_token', 'storage_tokens') if k in sd and sd[k].dim() == 3)
+    return [n for n, t in TEACHERS.items() if (t['dim'], t['patch']) == (w.shape[0], w.shape[-1])
+            and t.get('tokens', 'vit') == 'vit' and t['prefix'] == prefix]
 
 
 def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
@@ -349,29 +695,43 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
         raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
     norm = HALF if siglip_norm == 'siglip' and t['family'] == 'siglip' else t['norm']
     depth, sd, source = None, None, weights
-    if weights == 'random' or weights.startswith('random:'):
+    if t['family'] in WEIGHT_FREE:
+        if weights not in ('auto', 'none') and not weights.startswith('random'):
+            raise UserError(f"teacher {name} has no weights (computed from the pixels); got weights '{weights}'")
+    elif weights == 'random' or weights.startswith('random:'):
         depth = int(weights.split(':')[1]) if ':' in weights else None
         print(f"*** WARNING: teacher {name} has RANDOM weights ({weights}): its tokens mean nothing. "
               f"Use this only for tests and the offline demo. ***", file=sys.stderr)
     else:
         if weights == 'auto':
             repo, filename = hub_location(name)
-            paths = hub_files(repo, filename, f"teacher {name}", "pass it with --encoder-weights PATH")
+            get = url_files if repo.startswith('https://') else hub_files
+            paths = get(repo, filename, f"teacher {name}", "pass it with --encoder-weights PATH")
             source = f'{repo}/{filename}'
         else:
             paths = [weights]
         sd = {k: v for p in paths for k, v in read_state_dict(p).items()}
         sd = mocov3_to_timm(sd) if t['family'] == 'mocov3' else webssl_to_timm(sd) if t['family'] == 'webssl' else sd
+        try:
+            sd = hf_to_timm(sd, t['family']) if t['family'] in HF_LAYOUTS else sd
+        except ValueError as e:
+            raise UserError(f"weights '{source}' do not fit teacher {name}: {e}") from e
+        if t['family'] == 'cradio':
+            sd, stats = cradio_to_timm(sd)
+            norm = stats or norm
     with torch.device('meta') if str(device) == 'meta' else contextlib.nullcontext():
         try:
             model = build_model(name, grid, sd, depth)
-        except (RuntimeError, KeyError) as e:  # missing/unexpected keys or shape mismatches under a strict load
+        except (RuntimeError, KeyError, ValueError) as e:  # missing/unexpected keys or shape mismatches (strict load)
             if sd is None:
                 raise
-            raise UserError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']}): "
-                            f"is it a checkpoint of another model? timm says: {' '.join(str(e).split())[:600]}") from e
+            like = [n for n in teachers_like(sd) if n != name]
+            like = f": the file looks like {', '.join(like)}" if like else ''
+            raise UserError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']})"
+                            f"{like}. {name} reads {FILES.get(t['family'], 'timm')} files. "
+                            f"timm says: {' '.join(str(e).split())[:600]}") from e
     teacher = Teacher(name, model, grid, norm).to(device)
-    if dtype is not None:
+    if dtype is not None and t['family'] not in WEIGHT_FREE:  # HOG and SIFT compute in fp32 (fp64 histograms)
         teacher.model.to(dtype)
     if compile:
         teacher.compiled = torch.compile(teacher.features)
@@ -380,7 +740,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
 
 def load_teachers(names, weights='auto', demo=False, **kw):
     """The teachers of a comma-separated list ('none' or '': no teacher), with one weights entry or one per teacher;
-    kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes a random 1-block one."""
+    kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes HOG (real spatial
+    features that need no weights), and the run says so."""
     names = [n for n in names.split(',') if n and n != 'none']
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
@@ -393,9 +754,9 @@ def load_teachers(names, weights='auto', demo=False, **kw):
             if not (demo and w == 'auto'):
                 raise
             print(f"\n{'!' * 80}\n!! --demo: the weights of {name} are not available here ({type(e).__name__}: {e}).\n"
-                  f"!! Using a RANDOM 1-block {name} instead: its tokens mean nothing; this only exercises the code path.\n"
+                  f"!! Using the weight-free HOG teacher instead (real, but not {name}'s, features).\n"
                   f"{'!' * 80}\n", file=sys.stderr)
-            teachers.append(load_teacher(name, 'random:1', **kw))
+            teachers.append(load_teacher('hog', 'auto', **kw))
     return teachers
 
 # -----------------------------------------------------------------------------
@@ -709,15 +1070,15 @@ def main(argv=None):
         return
     aliases = {n: [a for a, c in ALIASES.items() if c == n] for n in TEACHERS}
     print(f"{'teacher':31s} {'timm model':44s} {'input':>5s} {'patch':>5s} {'dim':>5s} {'prefix':>6s} "
-          f"{'params':>8s}  aliases")
+          f"{'tokens':>6s} {'params':>8s}  aliases")
     for name, t in TEACHERS.items():
         grid = args.grid if args.grid in t.get('grids', (args.grid,)) else t['grids'][0]
         with torch.device('meta'):
-            model = build_model(name, grid)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{name:31s} {t['timm']:44s} {t['patch'] * grid:5d} {t['patch']:5d} {model.embed_dim:5d} "
-              f"{model.num_prefix_tokens:6d} {params / 1e6:7.1f}M  {' '.join(aliases[name])}")
-
+            teacher = Teacher(name, build_model(name, grid), grid, t['norm'])
+            tokens = teacher(torch.empty(1, 3, 16 * grid, 16 * grid)).shape[1]  # what the SiT grid gets
+        params = sum(p.numel() for p in teacher.model.parameters())
+        print(f"{name:31s} {t['timm']:44s} {teacher.input_size:5d} {t['patch']:5d} {t['dim']:5d} {t['prefix']:6d} "
+              f"{tokens:6d} {params / 1e6:7.1f}M  {' '.join(aliases[name])}")
 
 if __name__ == '__main__':
     cli(main)

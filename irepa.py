@@ -859,7 +859,7 @@ def setup(cfg):
         in_channels, input_size = s.data.latents.shape[1] // 2, s.data.latents.shape[2]
     else:  # pixel space
         in_channels, input_size = 3, cfg.resolution
-    s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: random ones if needed
+    s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: HOG if needed
         cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
         dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
     s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
@@ -1581,8 +1581,8 @@ def resolve_config(argv=None):
     cfg['compile'] = cfg['device'] == 'cuda' if cfg['compile'] is None else cfg['compile']
     cfg['precision'] = cfg['precision'] or ('bf16' if cfg['device'] == 'cuda' else 'fp32')
     if cfg['precision'] not in ('bf16', 'fp32'):
-        p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which this "
-                "trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
+        p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which "
+                "this trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
     if cfg['compile'] and (missing := compiler_missing(cfg['device'])):
         p.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
     if cfg['time_limit'] is not None:
