@@ -1602,6 +1602,7 @@ def main(argv=None):
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
     if ddp:
         dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see catch_stop_signals
     try:
         if dist_info()[0] == 0:
             print(json.dumps(vars(cfg), indent=1))
@@ -1611,6 +1612,8 @@ def main(argv=None):
         prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
                         cfg.synthetic_size, num_workers=cfg.num_workers)
     finally:
+        for sig, handler in handlers.items():  # also when a run stops with an error (a caller's Ctrl-C works again)
+            signal.signal(sig, handler)
         if ddp:
             dist.destroy_process_group()
 
