@@ -389,7 +389,7 @@ def gpu_suite(budget_s):
         print(json.dumps(rows[-1]), flush=True)
 
     def first_steps(objective):
-        with tempfile.TemporaryDirectory() as out, tests.one_block_sizes():
+        with tempfile.TemporaryDirectory() as out:
             r = tests.compiled_first_steps(objective, out, device)
         return r.largest_difference, dict(graphs=r.after_third['stats'].get('unique_graphs'),
                                           graph_breaks=sum(r.after_third['graph_break'].values()))

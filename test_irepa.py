@@ -39,10 +39,11 @@ import irepa
 from encoders import TEACHERS, load_teacher
 
 HERE = Path(__file__).resolve().parent
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else 2)  # pytest -n 2: one thread per worker
 with warnings.catch_warnings():  # this file's own marker, registered nowhere else: silence pytest's notice about it
     warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)
     slow = pytest.mark.slow  # end-to-end runs; pytest -m "not slow" runs the fast core
+    compiled = pytest.mark.xdist_group('compiled')  # pytest -n 2 --dist loadgroup: the tests that share compiled_runs
 
 
 @pytest.fixture(autouse=True, scope='session')
@@ -90,6 +91,64 @@ def randomize(model, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+# The longest test (the whole sweep, ~4 min) comes first, out of the sections' order: under pytest -n 2 it then runs
+# alongside everything else instead of after it.
+@slow
+def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
+    """bash run.sh smoke: killed after its first sample batch, rerun: the finished stages are skipped and the sweep
+    completes with one finite row per teacher x recipe and the correlation panel; a third run only skips; a deleted
+    evaluation is redone alone (with the table and the panel that depend on it)."""
+    out = tmp_path / 'smoke'
+    env = {**os.environ, 'PYTHON': sys.executable, 'CUDA_VISIBLE_DEVICES': '', 'SMOKE_OUT': str(out)}
+    p = subprocess.Popen(['bash', str(HERE / 'run.sh'), 'smoke'], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = []
+    for line in p.stdout:
+        first.append(line)
+        if line.startswith('done sample SiT-T-2 dinov2-vit-b repa'):
+            os.killpg(p.pid, 9)  # the whole process group: bash and the stage it has just started
+            break
+    p.wait(timeout=60)
+    p.stdout.close()
+    assert any(l.startswith('done sample SiT-T-2 dinov2-vit-b repa') for l in first), ''.join(first)[-3000:]
+    assert 'RANDOM' in ''.join(first)  # the smoke banner says so loudly
+    assert not (out / 'results.csv').exists()
+
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
+    assert rc == 0, log[-3000:]
+    for stage in ('prepare', 'train SiT-T-2 dinov2-vit-b repa', 'sample SiT-T-2 dinov2-vit-b repa'):
+        assert f'skip {stage}' in log, stage
+    assert 'done eval SiT-T-2 pe-vit-b irepa' in log and 'done correlation panel' in log
+
+    with open(out / 'results.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r['teacher'], r['recipe']) for r in rows) == sorted(
+        (t, r) for t in ('dinov2-vit-b', 'pe-vit-b') for r in ('repa', 'irepa'))
+    numeric = ['FID', 'sFID', 'IS', 'Precision', 'Recall', 'LDS', 'CDS', 'SRSS', 'RMSC', 'LP']
+    assert list(rows[0]) == ['teacher', 'recipe'] + numeric
+    for r in rows:
+        assert all(math.isfinite(float(r[c])) for c in numeric), r
+    md = (out / 'results.md').read_text().splitlines()
+    assert len(md) == 2 + 4 and md[0].startswith('| teacher | recipe | FID')
+    png = out / 'correlation.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    evals = sorted(out.glob('runs/*/samples/*.json'))
+    assert len(evals) == 4 and all({'FID', 'sFID', 'IS'} <= set(json.loads(e.read_text())) for e in evals)
+
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
+    assert rc == 0, log[-3000:]
+    assert not [l for l in log.splitlines() if l.startswith('+ ')], 'a finished sweep reruns nothing'
+    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2  # prepare, train+sample, reference, eval, metrics, table+panel
+
+    evals[0].unlink()
+    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
+    assert rc == 0, log[-3000:]
+    ran = [l.split(' in ')[0][5:] for l in log.splitlines() if l.startswith('done ')]
+    assert len(ran) == 3 and ran[0].startswith('eval ') and ran[1:] == ['results table', 'correlation panel'], ran
+    assert evals[0].exists()
+
 
 
 # =============================================================================
@@ -921,10 +980,11 @@ def compiled_first_steps(objective, out, device='cpu'):
     from torch._dynamo.utils import counters
     recipe, out = GPU_PATH_RECIPES[objective], Path(out)
     extra = ['--grad-ckpt'] if objective == 'meanflow' else []
-    ref = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'ref', device, '--precision', 'fp32',
-                                                         '--no-compile')))
-    fast = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'fast', device, '--precision', 'bf16',
-                                                          '--compile', *extra)))
+    with one_block_sizes():
+        ref = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'ref', device, '--precision', 'fp32',
+                                                             '--no-compile')))
+        fast = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'fast', device, '--precision', 'bf16',
+                                                              '--compile', *extra)))
     torch._dynamo.reset()
     counters.clear()
     step_fn, batch = irepa.OBJECTIVES[objective], next(ref.loader)
@@ -947,13 +1007,7 @@ def compiled_first_steps(objective, out, device='cpu'):
 
 
 @pytest.fixture(scope='module')
-def one_block_sit():
-    with one_block_sizes():
-        yield
-
-
-@pytest.fixture(scope='module')
-def compiled_runs(one_block_sit, tmp_path_factory):
+def compiled_runs(tmp_path_factory):
     """compiled_first_steps per objective, run once for the tests below."""
     runs = {}
 
@@ -967,6 +1021,7 @@ def compiled_runs(one_block_sit, tmp_path_factory):
 
 
 @slow
+@compiled
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
 def test_compiled_bf16_step(objective, compiled_runs):
     """One graph per compiled module (the student and its teacher), no graph break, no recompilation over 3 steps;
@@ -988,6 +1043,7 @@ def test_compiled_bf16_step(objective, compiled_runs):
 
 
 @slow
+@compiled
 def test_compiled_bf16_teacher(compiled_runs):
     """The frozen teacher as training runs it with --compile --precision bf16 (bf16 weights, compiled) against the
     fp32 eager one, on the batch of the step above."""
@@ -1003,6 +1059,7 @@ def test_compiled_bf16_teacher(compiled_runs):
 
 
 @slow
+@compiled
 def test_compiled_sampler_builds_two_graphs(compiled_runs, tmp_path):
     """fid.py sample --compile, SDE with guidance on part of the interval: one graph for the batch, one for its CFG
     double, over all 10 steps (the SiT forward compiled without grad: no backward graph)."""
@@ -1029,10 +1086,11 @@ def no_host_sync():
 
 @slow
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
-def test_the_step_never_waits_for_the_device(objective, one_block_sit, tmp_path, monkeypatch):
+def test_the_step_never_waits_for_the_device(objective, tmp_path, monkeypatch):
     """The loop's whole per-step code (train_step: batch to the device, teacher targets, the objective's step with
     its optimizers and EMA, the log sums, the NaN guard) under no_host_sync; a control with one .item() is caught."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
+    monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
     s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], tmp_path, 'cpu', '--precision',
                                                        'bf16')))
     step_fn, batches, guard = irepa.OBJECTIVES[objective], [next(s.loader) for _ in range(3)], no_host_sync()
@@ -1075,7 +1133,7 @@ def test_cuda_parity_and_sampler_in_fp32():
 @on_cuda[0]
 @on_cuda[1]
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
-def test_cuda_compiled_bf16_step(objective, one_block_sit, tmp_path):
+def test_cuda_compiled_bf16_step(objective, tmp_path):
     r = compiled_first_steps(objective, tmp_path, 'cuda')
     assert not r.after_third['graph_break'] and r.after_third['stats'] == r.after_first['stats']
     assert r.largest_difference <= STEP_TOL, dict(zip(r.names, zip(*[v.tolist() for v in r.losses])))
@@ -2839,56 +2897,3 @@ def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
     assert 'ls: ' in stage_log.read_text() and '== train' not in log  # the stage's own output; nothing after it
 
 
-@slow
-def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
-    """bash run.sh smoke: killed after its first sample batch, rerun: the finished stages are skipped and the sweep
-    completes with one finite row per teacher x recipe and the correlation panel; a third run only skips; a deleted
-    evaluation is redone alone (with the table and the panel that depend on it)."""
-    out = tmp_path / 'smoke'
-    env = {**os.environ, 'PYTHON': sys.executable, 'CUDA_VISIBLE_DEVICES': '', 'SMOKE_OUT': str(out)}
-    p = subprocess.Popen(['bash', str(HERE / 'run.sh'), 'smoke'], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    first = []
-    for line in p.stdout:
-        first.append(line)
-        if line.startswith('done sample SiT-T-2 dinov2-vit-b repa'):
-            os.killpg(p.pid, 9)  # the whole process group: bash and the stage it has just started
-            break
-    p.wait(timeout=60)
-    p.stdout.close()
-    assert any(l.startswith('done sample SiT-T-2 dinov2-vit-b repa') for l in first), ''.join(first)[-3000:]
-    assert 'RANDOM' in ''.join(first)  # the smoke banner says so loudly
-    assert not (out / 'results.csv').exists()
-
-    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
-    assert rc == 0, log[-3000:]
-    for stage in ('prepare', 'train SiT-T-2 dinov2-vit-b repa', 'sample SiT-T-2 dinov2-vit-b repa'):
-        assert f'skip {stage}' in log, stage
-    assert 'done eval SiT-T-2 pe-vit-b irepa' in log and 'done correlation panel' in log
-
-    with open(out / 'results.csv', newline='') as f:
-        rows = list(csv.DictReader(f))
-    assert sorted((r['teacher'], r['recipe']) for r in rows) == sorted(
-        (t, r) for t in ('dinov2-vit-b', 'pe-vit-b') for r in ('repa', 'irepa'))
-    numeric = ['FID', 'sFID', 'IS', 'Precision', 'Recall', 'LDS', 'CDS', 'SRSS', 'RMSC', 'LP']
-    assert list(rows[0]) == ['teacher', 'recipe'] + numeric
-    for r in rows:
-        assert all(math.isfinite(float(r[c])) for c in numeric), r
-    md = (out / 'results.md').read_text().splitlines()
-    assert len(md) == 2 + 4 and md[0].startswith('| teacher | recipe | FID')
-    png = out / 'correlation.png'
-    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    evals = sorted(out.glob('runs/*/samples/*.json'))
-    assert len(evals) == 4 and all({'FID', 'sFID', 'IS'} <= set(json.loads(e.read_text())) for e in evals)
-
-    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
-    assert rc == 0, log[-3000:]
-    assert not [l for l in log.splitlines() if l.startswith('+ ')], 'a finished sweep reruns nothing'
-    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2  # prepare, train+sample, reference, eval, metrics, table+panel
-
-    evals[0].unlink()
-    rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
-    assert rc == 0, log[-3000:]
-    ran = [l.split(' in ')[0][5:] for l in log.splitlines() if l.startswith('done ')]
-    assert len(ran) == 3 and ran[0].startswith('eval ') and ran[1:] == ['results table', 'correlation panel'], ran
-    assert evals[0].exists()
