@@ -1119,19 +1119,20 @@ def sampler_device_error(device):
 # `pytest -m cuda`: the correctness part of `python bench.py --suite gpu`, on a CUDA device; skipped without one
 with warnings.catch_warnings():
     warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)
-    on_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
+    cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
 
-@on_cuda[0]
-@on_cuda[1]
+@cuda
+@needs_cuda
 def test_cuda_parity_and_sampler_in_fp32():
     with fid.exact_fp32():
         assert check_parity(vectors_path(), 1e-4, 'cuda') <= 1e-4
         assert sampler_device_error('cuda') <= 1e-4
 
 
-@on_cuda[0]
-@on_cuda[1]
+@cuda
+@needs_cuda
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
 def test_cuda_compiled_bf16_step(objective, tmp_path):
     r = compiled_first_steps(objective, tmp_path, 'cuda')
