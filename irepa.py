@@ -103,7 +103,7 @@ GRAD_FLOOR_INTERVALS = 3  # a gradient norm under --grad-floor for this many log
 # -----------------------------------------------------------------------------
 # SiT: a DiT-style transformer with adaLN-Zero blocks, predicting the velocity
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D) with per-image (N, D) shift/scale
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # x (1 + scale) + shift: (N, T, D), (N, D)
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """[cos, sin] of `dim // 2` frequencies of the raw t in [0, 1] (no x1000, unlike DDPM-style models)."""
@@ -152,7 +152,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"SiT was built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, T, D), row-major tokens
+        # (N, D, h, w) -> (N, T, D), row-major tokens, made contiguous: the residual stream keeps the layout of its
+        # first tensor, and a transposed one would make every LayerNorm copy it, forward and backward
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qk_norm=False):
@@ -183,8 +185,8 @@ class SiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (N, D)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn(modulate(self.norm1(x), shift1, scale1)))  # x + gate * attn
+        return torch.addcmul(x, gate2.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift2, scale2)))  # one pass each
 
 class FinalLayer(nn.Module):
     def __init__(self, dim, patch_size, out_channels):
@@ -1263,15 +1265,31 @@ OBJECTIVES = {'flow': flow_step, 'repa-e': repae_step, 'meanflow': meanflow_step
 
 # -----------------------------------------------------------------------------
 # The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
+@functools.lru_cache(maxsize=8)
+def pair_sets(H, device, far_dist, dmax, d_pos, d_neg):
+    """The fixed sets of token pairs (i, j) on an H x H row-major grid that the metrics average K over, by Manhattan
+    distance d: the columns of `sets` (T*T, 2 + len(ds)) flag the pairs with d = 1, d >= far_dist, and each d of ds
+    (1..dmax, those the grid has), so K (B, T*T) @ sets / sizes is every per-set mean in one matmul; near and far
+    (T, T) flag SRSS's windows 1 <= d <= d_pos and d >= d_neg."""
+    T = H * H
+    rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2)
+    dist = (rc[:, None] - rc[None]).abs().sum(-1)  # (T, T)
+    ds = [d for d in range(1, dmax + 1) if (dist == d).any()]
+    sets = torch.stack([dist == 1, dist >= far_dist] + [dist == d for d in ds], -1).flatten(0, 1).float()  # (T*T, n)
+    near, far = ((dist >= 1) & (dist <= d_pos)).float(), (dist >= d_neg).float()
+    return ds, sets.to(device), sets.sum(0).clamp(min=1).to(device), near.to(device), far.to(device)
+
 @torch.no_grad()
-def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
+def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6, chunk=None):
     """Per-image LDS, CDS, SRSS and RMSC of tokens (B, T, D) on a square, row-major grid; returns a dict of (B,) tensors.
     K is the cosine similarity of two tokens, d their Manhattan distance on the grid.
     LDS  = mean K over 4-neighbours - mean K over pairs with d >= far_dist.
     CDS  = -slope of the least-squares line through (d, mean K at distance d), d = 1..dmax.
     SRSS = mean over foreground anchors of [mean K to foreground tokens at d <= d_pos - mean K to background tokens at
            d >= d_neg]; NaN without masks, with < 2 foreground or no background tokens (average it with nanmean).
-    RMSC = sqrt(mean over tokens of |x - mean_T x|^2) for the L2-normalized tokens x; in [0, 1]."""
+    RMSC = sqrt(mean over tokens of |x - mean_T x|^2) for the L2-normalized tokens x; in [0, 1].
+    Every mean over a fixed set of pairs is a matmul against that set (pair_sets), not a boolean gather. On a CPU the
+    images go `chunk` at a time (default: 1 MiB of K), so the passes over K stay in the cache."""
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
     B, T, _ = tokens.shape
@@ -1280,26 +1298,27 @@ def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6):
         raise ValueError(f"the tokens must lie on a square grid, got T={T} (not a square number)")
     if masks is not None and tuple(masks.shape) != (B, T):
         raise ValueError(f"masks must be (B, T) = {(B, T)} foreground flags, one per token; got {tuple(masks.shape)}")
+    chunk = chunk or (B if tokens.is_cuda else max(1, 2 ** 18 // (T * T)))
+    if B > chunk:
+        parts = [spatial_metrics(tokens[i: i + chunk], None if masks is None else masks[i: i + chunk], far_dist, dmax,
+                                 d_pos, d_neg, chunk) for i in range(0, B, chunk)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    ds, sets, sizes, near, far = pair_sets(H, tokens.device, far_dist, dmax, d_pos, d_neg)
     u = F.normalize(tokens.float(), dim=-1, eps=1e-8)
     K = u @ u.transpose(1, 2)  # (B, T, T)
-    rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2).to(tokens.device)
-    dist = (rc[:, None] - rc[None]).abs().sum(-1)  # (T, T) Manhattan distance
-    g = u.view(B, H, H, -1)  # (B, H, W, D)
-    local = torch.cat([(g[:, 1:] * g[:, :-1]).sum(-1).flatten(1), (g[:, :, 1:] * g[:, :, :-1]).sum(-1).flatten(1)], 1)
-    far = dist >= far_dist
-    out = {'lds': local.mean(1) - K.masked_fill(~far, 0).sum((1, 2)) / far.sum().clamp(min=1)}
-    ds = [d for d in range(1, dmax + 1) if (dist == d).any()]
-    S = torch.stack([K[:, dist == d].mean(1) for d in ds], 1)  # (B, len(ds)) mean similarity at each distance
+    M = K.view(B, T * T) @ sets / sizes  # (B, 2 + len(ds)): mean K at d = 1, at d >= far_dist, at each d of ds
+    S = M[:, 2:]  # (B, len(ds)) mean similarity at each distance
     x0 = torch.tensor(ds, dtype=S.dtype, device=S.device) - sum(ds) / len(ds)  # centred distances
-    out['cds'] = -((S - S.mean(1, keepdim=True)) @ x0) / (x0 @ x0).clamp(min=1e-12)
+    out = {'lds': M[:, 0] - M[:, 1], 'cds': -((S - S.mean(1, keepdim=True)) @ x0) / (x0 @ x0).clamp(min=1e-12)}
     if masks is None:
         out['srss'] = torch.full((B,), float('nan'), device=tokens.device)
     else:
         fg = masks.bool().to(tokens.device)  # (B, T)
-        pos = fg[:, :, None] & fg[:, None, :] & ((dist >= 1) & (dist <= d_pos))  # (B, T, T) anchor FG, partner FG, near
-        neg = fg[:, :, None] & ~fg[:, None, :] & (dist >= d_neg)  # anchor FG, partner BG, far
-        n_pos, n_neg = pos.sum(2), neg.sum(2)  # (B, T)
-        delta = (K * pos).sum(2) / n_pos.clamp(min=1) - (K * neg).sum(2) / n_neg.clamp(min=1)
+        f, b = fg.float(), (~fg).float()
+        n_pos, n_neg = f @ near, b @ far  # (B, T): per anchor, foreground partners near, background partners far
+        pos = ((K * near) @ f[:, :, None]).squeeze(2)  # (B, T) sums of K over those partners
+        neg = ((K * far) @ b[:, :, None]).squeeze(2)
+        delta = pos / n_pos.clamp(min=1) - neg / n_neg.clamp(min=1)
         valid = fg & (n_pos > 0) & (n_neg > 0)
         srss = (delta * valid).sum(1) / valid.sum(1)  # 0/0 = NaN when no anchor qualifies
         out['srss'] = srss.masked_fill((fg.sum(1) < 2) | ((~fg).sum(1) < 1), float('nan'))
