@@ -19,6 +19,7 @@ import colorsys
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -82,7 +83,7 @@ DEFAULTS = dict(
     data_path=None, resolution=256, vae='sd-vae-ft-mse', latent_scale=None, num_classes=10, synthetic_size=10_000,
     max_steps=400_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0,  # REPA's optimizer
     out_dir='out/run', log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
-    device='auto', compile=None, grad_ckpt=False, resume=False, prepare=False, demo=False,
+    device='auto', compile=None, grad_ckpt=False, teacher_cache=None, resume=False, prepare=False, demo=False,
     overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # on a cluster
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
@@ -471,6 +472,7 @@ class ImageData(torch.utils.data.Dataset):
     """Images (synthetic or from a folder) at one resolution, optionally paired by index with prepared latents."""
     def __init__(self, data_path, resolution, num_classes=10, seed=0, synthetic_size=10_000):
         self.resolution, self.latents, self.meta, self.unreadable = resolution, None, None, []  # see collate_reporting
+        self.tokens, self.images = (), True  # the teacher cache's memmaps; images False: none is read (see setup)
         data_path = Path(data_path) if data_path else None
         if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
             self.meta = meta = json.loads((data_path / 'meta.json').read_text())
@@ -505,12 +507,13 @@ class ImageData(torch.utils.data.Dataset):
         raise UserError(f"no readable image of class {self.labels[i]} under {self.root}")
 
     def __getitem__(self, i):
-        img = torch.from_numpy(np.ascontiguousarray(self.image(i))).permute(2, 0, 1)  # (3, R, R) uint8
+        img = torch.from_numpy(np.ascontiguousarray(self.image(i))).permute(2, 0, 1) if self.images else torch.empty(0)
         moments = torch.from_numpy(np.array(self.latents[i])) if self.latents is not None else torch.empty(0)
-        return img, moments, int(self.labels[i])
+        tokens = tuple(torch.from_numpy(np.array(t[i])) for t in self.tokens)  # (T, D) each; bf16 as int16 bits
+        return img, moments, int(self.labels[i]), tokens  # (3, R, R) uint8, (2C, h, w), label, cached tokens
 
 def collate_reporting(data, samples):
-    """default_collate of (image, moments, label) samples, plus the list of unreadable files (path, reason) that this
+    """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason) that this
     process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it travels
     with the batch, and the main process reports each file once (report_unreadable)."""
     info = torch.utils.data.get_worker_info()
@@ -596,7 +599,7 @@ def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=No
     chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=num_workers, generator=torch.Generator(),
                                          collate_fn=functools.partial(collate_reporting, data))
-    for chunk, (img, _, _, bad) in zip(chunks, tqdm(loader, desc=desc, disable=desc is None)):
+    for chunk, (img, _, _, _, bad) in zip(chunks, tqdm(loader, desc=desc, disable=desc is None)):
         report_unreadable(seen, bad)
         yield chunk, *vae.encode(img.to(device).float() / 127.5 - 1)
 
@@ -666,13 +669,119 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
               f"std {np.round(sd.tolist(), 4)}")
     barrier()
 
+# The teacher-token cache (--teacher-cache DIR): the frozen teachers run once over the training images and their
+# tokens (before the spatial norm, in the dtype training computes them in) go into one memmap per teacher; training
+# then reads them by image index. iREPA uses no data augmentation (a centre crop, always the same), so an image's
+# tokens never change and the cache is exact: on a CPU the cached run is the online run, bit for bit. A data
+# augmentation added to this file must refuse the cache. For the paper's big teachers this is most of the compute:
+# WebSSL-1B's forward (~580 GFLOP per image) or PE-Core-G's (~970) against ~712 for a whole SiT-XL/2 step.
+CACHE_DTYPES = {torch.float32: 'float32', torch.float16: 'float16', torch.bfloat16: 'int16'}  # bf16: its raw bits
+
+def dataset_fingerprint(data):
+    """A hash of what the teacher sees of a dataset: the files and labels (names only: stat()ing 1.28M files on a
+    network filesystem takes minutes), or the synthetic set's seed, size and classes."""
+    what = ['synthetic', data.seed, len(data), data.num_classes] if data.files is None else \
+        [str(data.root), data.files, data.labels.tolist()]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+def cache_meta(cfg, data, teachers, dtypes):
+    """What a cache must match to be used: per teacher its name, weights (fingerprint) and token dtype; the image
+    resolution, token grid, preprocessing and dataset."""
+    return dict(teachers=[dict(name=t.name, weights=weights_fingerprint(t), dim=t.dim, dtype=str(d).split('.')[-1])
+                          for t, d in zip(teachers, dtypes)],
+                resolution=cfg.resolution, grid=teachers[0].grid, siglip_norm=cfg.siglip_norm,
+                dataset=dataset_fingerprint(data), size=len(data))
+
+def open_cache(path, meta):
+    """The cache's token memmaps (N, T, D), one per teacher, read-only; refused unless complete and matching."""
+    done = path / 'meta.json'
+    if not done.exists():
+        raise UserError(f"--teacher-cache {path} is incomplete (no meta.json: its pass was stopped); the same command "
+                        f"goes on with it")
+    flat = lambda m: {f'teacher {i} {k}': v for i, t in enumerate(m['teachers']) for k, v in t.items()} | \
+        {k: v for k, v in m.items() if k not in ('teachers', 'batch')}
+    have, want = flat(json.loads(done.read_text())), flat(meta)
+    if diff := [f"{k} {have.get(k)} (cache) vs {v} (now)" for k, v in want.items() if have.get(k) != v]:
+        raise UserError(f"--teacher-cache {path} holds the tokens of another teacher, weights, resolution or dataset: "
+                        f"{'; '.join(diff)}; pick another folder or delete it")
+    return [np.load(path / f'tokens-{k}.npy', mmap_mode='r') for k in range(len(meta['teachers']))]
+
+@torch.no_grad()
+def build_teacher_cache(s, path, batch_size):
+    """The cache pass, like --prepare: shards of PREPARE_SHARD images spread over the ranks, each run through the
+    teachers in batches of the training's size (so the teacher computes with the shapes it trains with) and marked
+    done in shards/ when written; a stop signal ends it between shards (exit PREEMPTED) and the same command goes
+    on. The free disk space is checked first; meta.json, written last, marks the cache complete."""
+    barrier = dist.barrier if s.world > 1 else lambda: None
+    probe = torch.zeros(batch_size, 3, s.cfg.resolution, s.cfg.resolution, dtype=torch.uint8, device=s.device)
+    dtypes = [f.dtype for f in teacher_targets(s, probe, raw=True)]  # autocast decides: bf16, or fp32 (HOG, CPU)
+    meta, n = cache_meta(s.cfg, s.data, s.teachers, dtypes), -(-len(s.data) // PREPARE_SHARD)
+    if (path / 'meta.json').exists():
+        return meta
+    shards, T = path / 'shards', s.teachers[0].grid ** 2
+    files = [(path / f'tokens-{k}.npy', (len(s.data), T, t.dim), CACHE_DTYPES[d]) for k, (t, d) in
+             enumerate(zip(s.teachers, dtypes))]
+    if (shards / 'settings.json').exists() and json.loads((shards / 'settings.json').read_text()) != meta:
+        raise UserError(f"--teacher-cache {path} holds the unfinished pass of another teacher, weights, resolution or "
+                        f"dataset; delete it or pick another folder")
+    need = sum(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt in files)
+    path.mkdir(parents=True, exist_ok=True)
+    if not shards.exists() and (free := shutil.disk_usage(path).free) < need * 1.02:  # + headers, shard marks
+        raise UserError(f"--teacher-cache {path}: the tokens need {need / 1e9:.1f} GB "
+                        f"({' + '.join(' x '.join(map(str, sh)) + f' x {np.dtype(dt).itemsize} B' for _, sh, dt in files)}),"
+                        f" the disk has {free / 1e9:.1f} GB free; pick another folder or free space")
+    barrier()  # every rank has checked before rank 0 writes
+    if s.master and not shards.exists():
+        for f, shape, dt in files:
+            np.lib.format.open_memmap(f, mode='w+', dtype=dt, shape=shape).flush()  # sparse until written
+        shards.mkdir()
+        (shards / 'settings.json').write_text(json.dumps(meta))  # last: the files exist once shards/ does
+        print(f"teacher cache: {len(s.data)} images x {T} tokens of {', '.join(t.name for t in s.teachers)} into {path}")
+    barrier()
+    out, stop = [np.load(f, mmap_mode='r+') for f, _, _ in files], SimpleNamespace()
+    catch_stop_signals(stop)
+    for k in tqdm(range(s.rank, n, s.world), 'teacher cache', disable=not s.master):
+        if (shards / f'{k:06d}.done').exists():
+            continue
+        if stop.signal:
+            break
+        ids = list(range(k * PREPARE_SHARD, min(len(s.data), (k + 1) * PREPARE_SHARD)))
+        chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
+        loader = torch.utils.data.DataLoader(s.data, batch_sampler=chunks, num_workers=s.cfg.num_workers,
+                                             generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+                                             collate_fn=functools.partial(collate_reporting, s.data))
+        for chunk, (img, _, _, _, bad) in zip(chunks, loader):
+            report_unreadable(s.bad_files, bad)
+            img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's batch shape
+            for mm, f in zip(out, teacher_targets(s, img.to(s.device), raw=True)):
+                mm[chunk] = f[:len(chunk)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
+        for mm in out:
+            mm.flush()
+        (shards / f'{k:06d}.done').touch()  # after the flush: a marked shard is on disk
+    release_stop_signals(stop)
+    stopped = torch.tensor([float(stop.signal is not None)], device=s.device)
+    if s.world > 1:
+        dist.all_reduce(stopped)
+    if stopped.item():
+        if s.master:
+            print(f"stopped by a signal; {n - len(list(shards.glob('*.done')))} of {n} shards of the teacher cache to "
+                  f"do in {path}; the same command goes on from there (exit code {PREEMPTED}: requeue)", file=sys.stderr)
+        raise SystemExit(PREEMPTED)
+    barrier()
+    if s.master:
+        (path / 'meta.json.tmp').write_text(json.dumps(meta | dict(batch=batch_size), indent=1))
+        os.replace(path / 'meta.json.tmp', path / 'meta.json')
+        shutil.rmtree(shards)
+    barrier()
+    return meta
+
 # -----------------------------------------------------------------------------
 # Training: helpers (FLOPs, checkpoints, optimizer, EMA), then setup -> one plain state `s`, the step, the loop
 # dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
-                     'precision', 'grad_ckpt', 'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare',
+                     'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare',
                      'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
 
 def compiler_missing(device):
@@ -854,6 +963,7 @@ def setup(cfg):
     ckpt = resume_checkpoint(cfg, s.out, s.master) if cfg.resume else None
     s.data, s.norm = training_data(cfg, device, s.master)
     torch.manual_seed(cfg.seed)  # the same on every rank: random teachers and networks agree
+    s.autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == 'bf16' else contextlib.nullcontext()
     if cfg.objective == 'repa-e':  # the VAE, the discriminator, LPIPS, their optimizers, the latent BatchNorm
         repae_setup(s, ckpt)
         in_channels, input_size = s.vae.latent_channels, cfg.resolution // s.vae.downsample
@@ -864,6 +974,8 @@ def setup(cfg):
     s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: HOG if needed
         cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
         dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
+    if cfg.teacher_cache and s.teachers:
+        use_teacher_cache(s)
     s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
                             encoder_depth=cfg.encoder_depth, z_dims=[t.dim for t in s.teachers], projector=cfg.projector,
                             proj_kernel=cfg.proj_kernel, projector_dim=cfg.projector_dim, qk_norm=cfg.qk_norm,
@@ -878,7 +990,6 @@ def setup(cfg):
     s.train_model = DDP(s.model, device_ids=[local_rank] if device.type == 'cuda' else None) if world > 1 else s.model
     if cfg.compile:
         s.train_model = torch.compile(s.train_model)
-    s.autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == 'bf16' else contextlib.nullcontext()
     s.loader = iter(torch.utils.data.DataLoader(
         s.data, batch_sampler=batches(len(s.data), cfg.global_batch_size, rank, world, cfg.seed, s.start),
         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
@@ -886,7 +997,7 @@ def setup(cfg):
         collate_fn=functools.partial(collate_reporting, s.data), worker_init_fn=ignore_stop_signals))
     s.cpu_group = dist.new_group(backend='gloo') if world > 1 else None  # should_stop's flags, off the GPU
     catch_stop_signals(s)
-    s.flops = sit_train_flops(s.model) + sum(t.flops() for t in s.teachers)  # per image, for the MFU
+    s.flops = sit_train_flops(s.model) + sum(t.flops() for t in s.teachers if not s.data.tokens)  # per image: MFU
     s.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == 'cuda' else None
     if s.master:  # the run folder, and one line that says what trains on what
@@ -898,6 +1009,20 @@ def setup(cfg):
               f"(projectors included), {T} tokens, {'pixels' if C == 3 else f'latents {(C, size, size)}'}, "
               f"{len(s.data)} images, {s.data.num_classes} classes, teachers: {', '.join(t.name for t in s.teachers) or 'none'}")
     return s
+
+def use_teacher_cache(s):
+    """--teacher-cache DIR: build the cache when it is absent or unfinished, check it fits this run, and have the data
+    serve its tokens. Images are then read only where the SiT trains on them (pixel space, REPA-E's VAE), and the
+    teachers leave the GPU."""
+    path = Path(s.cfg.teacher_cache)
+    meta = build_teacher_cache(s, path, s.cfg.global_batch_size // s.world)
+    s.data.tokens = open_cache(path, meta)
+    s.cache_dtypes = [getattr(torch, t['dtype']) for t in meta['teachers']]
+    s.data.images = s.data.latents is None
+    for t in s.teachers:
+        t.to('cpu')
+    if s.master:
+        print(f"teacher tokens from the cache {path} ({len(s.data)} images)")
 
 def restore(s, ckpt):
     """Resume: every network and optimizer of s.saved, and this rank's random state, as the checkpoint holds them."""
@@ -913,11 +1038,15 @@ def restore(s, ckpt):
     return ckpt['step']
 
 @torch.no_grad()
-def teacher_targets(s, img):
-    """The alignment targets: each frozen teacher's patch tokens (B, T, D), spatially z-scored (iREPA) or raw (REPA)."""
-    with s.autocast:
-        tokens = [teacher(img.float() / 255) for teacher in s.teachers]
-    return [spatial_norm(f, s.cfg.spnorm_gamma) for f in tokens] if s.cfg.spnorm == 'zscore' else tokens
+def teacher_targets(s, img, cached=(), raw=False):
+    """The alignment targets: each frozen teacher's patch tokens (B, T, D), spatially z-scored (iREPA) or raw (REPA,
+    or raw=True); `cached`: the same tokens read from the teacher cache, so the teachers do not run."""
+    if cached:
+        tokens = [c.to(s.device, non_blocking=True).view(d) for c, d in zip(cached, s.cache_dtypes)]
+    else:
+        with s.autocast:
+            tokens = [teacher(img.float() / 255) for teacher in s.teachers]
+    return [spatial_norm(f, s.cfg.spnorm_gamma) for f in tokens] if s.cfg.spnorm == 'zscore' and not raw else tokens
 
 def model_input(s, img, moments):
     """The clean x the SiT learns: a fresh posterior sample of the latent, normalized (or the image in [-1, 1])."""
@@ -1050,11 +1179,11 @@ def train_step(s, step_fn, step, batch):
     """Everything a step does, without one device-to-host read, so Python runs ahead of the GPU and never waits: the
     batch to the device, its teacher targets, the recipe's step, the sums for the log and the NaN guard; the
     unreadable images the loader met on the way are reported (each once) and counted (log_interval's guard)."""
-    img, moments, y, bad = batch  # see ImageData; bad: [(path, reason)] from collate_reporting
+    img, moments, y, cached, bad = batch  # see ImageData; bad: [(path, reason)] from collate_reporting
     s.drawn, s.bad_draws = s.drawn + len(y), s.bad_draws + len(bad)
     report_unreadable(s.bad_files, bad)
     img, moments, y = (v.to(s.device, non_blocking=True) for v in (img, moments, y))
-    stats = step_fn(s, img, moments, y, teacher_targets(s, img))
+    stats = step_fn(s, img, moments, y, teacher_targets(s, img, cached))
     s.sums = {k: s.sums.get(k, 0) + v.float() for k, v in stats.items()}
     s.n_steps += 1
     loss = sum(stats.values())  # every loss and gradient norm: a NaN in any of them stops the run (log_interval)
@@ -1384,7 +1513,7 @@ def teacher_tokens(a, data, idx, grid, device):
                                          collate_fn=functools.partial(collate_reporting, data))
     seen, tokens = {}, []
     with torch.no_grad():
-        for img, _, _, bad in tqdm(loader, name):
+        for img, _, _, _, bad in tqdm(loader, name):
             report_unreadable(seen, bad)
             tokens.append(teacher(img.to(device).float() / 255).half().cpu())
     tokens = torch.cat(tokens)  # (n, T, D)
@@ -1558,6 +1687,7 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     compile='torch.compile the SiT and the teachers (inductor, on any device; default: on CUDA)',
     precision="'bf16' (autocast, bf16 teacher weights) or 'fp32'; default bf16 on CUDA, fp32 on CPU",
     grad_ckpt='activation checkpointing per SiT block: ~1/3 more compute, a fraction of the memory',
+    teacher_cache='folder of the teachers\' tokens of every training image, computed once (built when absent)',
     prepare='encode --data-path, then exit',
     resume='continue from the newest checkpoint in --out-dir',
     overwrite="start afresh in an --out-dir holding another run: its files move to <out-dir>/replaced-<time>/",
@@ -1567,7 +1697,7 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     grad_floor=f'warn when a network\'s gradient norm stays below this for {GRAD_FLOOR_INTERVALS} log intervals',
     grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next')
 TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str,
-             time_limit=str)  # flags whose default is None
+             time_limit=str, teacher_cache=str)  # flags whose default is None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
 

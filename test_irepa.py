@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -860,8 +861,8 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
     (root / 'dog' / 'broken.png').write_bytes(b'not a png')
     data = irepa.ImageData(root, 16)
     assert len(data) == 7 and data.num_classes == 2 and list(data.labels) == [0, 0, 0, 1, 1, 1, 1]
-    img, moments, label = data[6]  # 'broken.png' sorts last: replaced by the first readable dog, never a cat
-    assert img.dtype == torch.uint8 and moments.numel() == 0 and label == 1
+    img, moments, label, tokens = data[6]  # 'broken.png' sorts last: replaced by the first readable dog, never a cat
+    assert img.dtype == torch.uint8 and moments.numel() == 0 and label == 1 and tokens == ()
     assert torch.equal(img, data[3][0])
     assert data.unreadable == [(str(root / 'dog/broken.png'), data.unreadable[0][1])]  # for the loop to report
     big = Image.fromarray(np.random.randint(0, 255, (100, 300, 3), dtype=np.uint8))
@@ -899,7 +900,7 @@ def test_prepared_latents_and_latent_training(tmp_path):
     np.testing.assert_allclose(meta['stats']['mean'], want_mean, rtol=1e-2, atol=1e-3)  # fp16 storage vs fp32 sums
     np.testing.assert_allclose(meta['stats']['std'], want_std, rtol=1e-2)
     data = irepa.ImageData(out, 16)
-    img, moments, label = data[5]
+    img, moments, label, tokens = data[5]
     assert moments.shape == tuple(meta['shape']) and torch.equal(img.permute(1, 2, 0), torch.from_numpy(irepa.synthetic_image(5, 16, 10)[0]))
     args = run_args(tmp_path / 'run', 2, '--data-path', str(out))
     args[args.index('--vae') + 1] = 'random:tiny'
@@ -933,6 +934,92 @@ def test_prepare_stops_between_shards_on_sigterm_and_goes_on(tmp_path, monkeypat
     assert np.load(tmp_path / 'stop/latents.npy').tobytes() == np.load(tmp_path / 'full/latents.npy').tobytes()
     assert json.loads((tmp_path / 'stop/meta.json').read_text())['stats'] == json.loads(
         (tmp_path / 'full/meta.json').read_text())['stats']
+
+
+def cached_tokens(path, k=0):
+    meta = json.loads((Path(path) / 'meta.json').read_text())
+    t = torch.from_numpy(np.load(Path(path) / f'tokens-{k}.npy'))
+    return t.view(getattr(torch, meta['teachers'][k]['dtype']))
+
+
+@slow
+def test_teacher_cache_is_the_online_teacher_bit_for_bit_and_resumes(tmp_path):
+    """--teacher-cache: the cached tokens are the teacher's own (bitwise, same dtype); a run with the cache equals the
+    online run bit for bit, also when resumed; REPA and iREPA share one cache (tokens before the spatial norm)."""
+    irepa.main(run_args(tmp_path / 'online', 4))
+    s = irepa.main(run_args(tmp_path / 'cached', 4, '--teacher-cache', tmp_path / 'cache'))
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000004.pt'))
+    tokens = cached_tokens(tmp_path / 'cache')
+    assert tokens.shape == (64, 16, 768) and tokens.dtype == torch.float32 and s.flops == irepa.sit_train_flops(s.model)
+    img = torch.stack([torch.from_numpy(s.data.image(i)).permute(2, 0, 1) for i in (5, 6, 7, 8)])  # the training's batch size
+    assert torch.equal(s.teachers[0](img.float() / 255), tokens[5:9])
+    irepa.main(run_args(tmp_path / 'split', 2, '--teacher-cache', tmp_path / 'cache'))
+    irepa.main(run_args(tmp_path / 'split', 4, '--resume', '--teacher-cache', tmp_path / 'cache'))
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'), load_ckpt(tmp_path / 'split/checkpoints/0000004.pt'))
+    irepa.main(run_args(tmp_path / 'repa', 2, '--recipe', 'repa', '--teacher-cache', tmp_path / 'cache'))  # no new pass
+    assert torch.equal(cached_tokens(tmp_path / 'cache'), tokens)
+
+
+@slow
+def test_teacher_cache_bf16_tokens_and_latent_training_without_images(tmp_path, monkeypatch):
+    """bf16 tokens are stored as their raw bits and come back identical; with prepared latents and a cache the loader
+    reads no image at all."""
+    args = run_args(tmp_path / 'online', 2, '--precision', 'bf16')
+    irepa.main(args)
+    s = irepa.main(run_args(tmp_path / 'cached', 2, '--precision', 'bf16', '--teacher-cache', tmp_path / 'cache'))
+    assert cached_tokens(tmp_path / 'cache').dtype == torch.bfloat16 and s.cache_dtypes == [torch.bfloat16]
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000002.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
+    lat = tmp_path / 'latents'
+    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size', '64', '--out-dir', str(lat),
+                '--num-workers', '0', '--device', 'cpu'])
+    args = lambda out, steps: ['random:tiny' if a == 'none' else a for a in run_args(  # --vae random:tiny
+        tmp_path / out, steps, '--data-path', lat, '--teacher-cache', tmp_path / 'lat-cache')]
+    irepa.main(args('build', 0))  # builds the cache, trains nothing
+    monkeypatch.setattr(irepa, 'synthetic_image', lambda *a, **k: pytest.fail('an image was read'))
+    s = irepa.main(args('latent', 2))
+    assert not s.data.images and s.model.in_channels == 4 and (tmp_path / 'latent/checkpoints/0000002.pt').exists()
+
+
+@slow
+def test_teacher_cache_refuses_another_teacher_resolution_dataset_or_disk(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / 'cache'
+    irepa.main(run_args(tmp_path / 'a', 2, '--teacher-cache', cache))
+    for extra, what in ((['--encoder', 'pe'], 'teacher 0 name dinov2-vit-b .cache. vs pe-vit-b'),
+                        (['--encoder-weights', 'random:2'], 'teacher 0 weights [0-9.]+ .cache. vs [0-9.]+ .now.;'),
+                        (['--resolution', '32'], 'resolution 16 .cache. vs 32'), (['--synthetic-size', '96'], 'dataset')):
+        with pytest.raises(encoders.UserError, match=rf"--teacher-cache {cache} holds the tokens of another teacher.*: .*{what}"):
+            irepa.main(run_args(tmp_path / f'b{len(what)}', 2, '--teacher-cache', cache, *extra))
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(free=10 ** 5, total=10 ** 6, used=0))
+    with pytest.raises(encoders.UserError, match=r'the tokens need 0\.0 GB \(64 x 16 x 768 x 4 B\), the disk has 0\.0 GB free'):
+        irepa.main(run_args(tmp_path / 'c', 2, '--teacher-cache', tmp_path / 'small'))
+    assert not list((tmp_path / 'small').iterdir())  # nothing written
+
+
+@slow
+def test_teacher_cache_pass_stops_between_shards_and_goes_on(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the cache pass: the finished shards stay, nothing half-written is used (no meta.json: an
+    incomplete cache is refused), and the same command goes on to the same file as an uninterrupted pass."""
+    import signal
+    monkeypatch.setattr(irepa, 'PREPARE_SHARD', 16)  # 64 images: 4 shards
+    irepa.main(run_args(tmp_path / 'full', 0, '--teacher-cache', tmp_path / 'full-cache'))
+    real, calls = irepa.report_unreadable, []
+
+    def signalled(*a):  # a real SIGTERM to this process, during the first shard's first batch
+        calls.append(os.kill(os.getpid(), signal.SIGTERM) if not calls else None)
+        return real(*a)
+    monkeypatch.setattr(irepa, 'report_unreadable', signalled)
+    cache = tmp_path / 'cache'
+    with pytest.raises(SystemExit) as e:
+        irepa.main(run_args(tmp_path / 'run', 2, '--teacher-cache', cache))
+    assert e.value.code == irepa.PREEMPTED and '3 of 4 shards of the teacher cache to do' in capsys.readouterr().err
+    assert sorted(p.name for p in (cache / 'shards').iterdir()) == ['000000.done', 'settings.json']
+    assert not (cache / 'meta.json').exists() and not (tmp_path / 'run/checkpoints').exists()
+    with pytest.raises(encoders.UserError, match='incomplete'):
+        irepa.open_cache(cache, json.loads((cache / 'shards/settings.json').read_text()))
+    monkeypatch.setattr(irepa, 'report_unreadable', real)
+    irepa.main(run_args(tmp_path / 'run', 2, '--teacher-cache', cache))  # goes on with shards 1-3, then trains
+    assert not (cache / 'shards').exists() and (tmp_path / 'run/checkpoints/0000002.pt').exists()
+    assert np.load(cache / 'tokens-0.npy').tobytes() == np.load(tmp_path / 'full-cache/tokens-0.npy').tobytes()
 
 
 def test_synthetic_set_is_deterministic_and_class_conditional():
