@@ -5,6 +5,7 @@ Speed and memory of irepa's pieces on synthetic tensors already on the device: o
     python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
     python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step, per-GPU batch
     python bench.py --suite gpu      # one CUDA device, <= 8 min: correctness on CUDA, then throughput; one table
+    python bench.py --suite official --official ../iREPA  # CPU, ~3 min: against the official code, side by side
 
 The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens in the untimed warm-up):
 
@@ -19,7 +20,11 @@ The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens
 train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or on random targets: --teacher none).
 train-naive: the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item()
 every step, DiT's per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and
-the train line carries `speedup`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T +
+the train line carries `speedup`. train-official and metrics-official (--official DIR, a checkout of
+github.com/End2End-Diffusion/iREPA): the official SiT, SILoss, AdamW, update_ema and spatial metrics on the same shapes,
+taking turns with train / metrics, whose lines carry `vs_official`. train-cached: the train step with the teacher's
+tokens read by index from a memmap (--teacher-cache) instead of the teacher's forward; its line carries
+`vs_online`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T +
 2 L T^2 D) (+ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown
 GPUs: null.
 """
@@ -31,10 +36,13 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections import OrderedDict
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import encoders
@@ -52,9 +60,13 @@ p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu
 p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='default on for CUDA')
 p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='bf16: autocast; CUDA bf16, CPU fp32')
 p.add_argument('--grad-ckpt', action='store_true', help="irepa.py's --grad-ckpt: activation checkpointing per block")
-p.add_argument('--suite', choices=['workloads', 'memory', 'gpu'], default='workloads', help='workloads: --workloads '
-               'below; memory: the estimated per-GPU batch table (README); gpu: the GPU check (needs the test extras)')
-p.add_argument('--workloads', default=None, help='of train,train-naive,sample,metrics,fid; CUDA: all but train-naive')
+p.add_argument('--suite', choices=['workloads', 'memory', 'gpu', 'official'], default='workloads',
+               help='workloads: --workloads below; memory: the estimated per-GPU batch table (README); gpu: the GPU '
+               'check (needs the test extras); official: step and metrics against --official, at 256 px')
+p.add_argument('--workloads', default=None, help='of train,train-naive,train-official,train-cached,sample,metrics,'
+               'metrics-official,fid; CUDA: train,sample,metrics,fid; CPU: also train-naive')
+p.add_argument('--official', default=None, metavar='DIR', help='a checkout of the official iREPA code, for the '
+               '*-official workloads')
 p.add_argument('--resolution', type=int, default=None, help='pixels; latents are resolution/8. CUDA 256, CPU 128')
 p.add_argument('--teacher', default='dinov2', help="any teacher of encoders.py, random weights; 'none': random targets")
 p.add_argument('--teacher-depth', type=int, default=None, help='blocks of the random teacher; CUDA all, CPU 2')
@@ -63,7 +75,13 @@ p.add_argument('--sample-repeats', type=int, default=None, help='timed sampler r
 p.add_argument('--cfg-scale', type=float, default=1.5, help='> 1, so the CFG-doubled batch is exercised')
 p.add_argument('--fid-batch-size', type=int, default=None, help='CUDA --batch-size, CPU 2')
 p.add_argument('--threads', type=int, default=None, help="CPU threads; CPU 1, CUDA torch's default")
+p.add_argument('--metrics-images', type=int, default=None, help='token grids of the metrics workloads; --batch-size')
 args = p.parse_args()
+if args.suite == 'official':  # SiT-S/2, batch 8, 256 px, random target tokens, 2 threads for both codes; flags win
+    for k, v in dict(model='SiT-S/2', batch_size=8, resolution=256, teacher='none', steps=20, warmup=2, threads=2,
+                     metrics_images=256, workloads='train-official,train,metrics-official,metrics').items():
+        if getattr(args, k) == p.get_default(k):
+            setattr(args, k, v)
 cuda = args.device.startswith('cuda')
 # On this project's 2-core CPU a SiT-S/2 step at 256 px and batch 8 takes ~10-20 s, the FID Inception ~0.2-1.4 s per
 # image, so the CPU defaults shrink the work; the shapes that matter on a GPU are the CUDA ones. One CPU thread: on a
@@ -78,10 +96,15 @@ for k, v in DEFAULTS.items():
 args.fid_batch_size = args.fid_batch_size or args.batch_size
 if args.threads:
     torch.set_num_threads(args.threads)
-ORDER = ['train-naive', 'train', 'sample', 'metrics', 'fid']
+ORDER = ['train-naive', 'train-official', 'train', 'train-cached', 'sample', 'metrics-official', 'metrics', 'fid']
 workloads = args.workloads.split(',')
 if set(workloads) - set(ORDER):  # a mistake of the user: argparse's one line and exit code 2, as the other files
     p.error(f"unknown workloads {sorted(set(workloads) - set(ORDER))}; accepted: {', '.join(ORDER)}")
+if any(w.endswith('-official') for w in workloads) and not (args.official and (Path(args.official) / 'ldm').is_dir()):
+    p.error(f"the *-official workloads need --official DIR, a checkout of github.com/End2End-Diffusion/iREPA "
+            f"(with ldm/ and metrics/); got {args.official}")
+if 'train-cached' in workloads and args.teacher == 'none':
+    p.error("train-cached compares cached with online teacher tokens: give a --teacher")
 if args.teacher != 'none':
     try:
         encoders.resolve_teacher(args.teacher)
@@ -148,8 +171,32 @@ def record(c, workload, seconds, mem, images, flops_per_img=None, **extra):
 # -----------------------------------------------------------------------------
 # Training: the real step and the straightforward one, from the same seed (same teacher, init, data)
 
-def make_train(c, naive):
-    """(step function, finish(seconds, mem) -> JSON record)."""
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):  # DiT's, REPA's and the official iREPA's: a Python loop over tensors
+    ema_params = OrderedDict(ema_model.named_parameters())
+    for n, param in model.named_parameters():
+        ema_params[n].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+def official_module(c, path):
+    """A module of the official code (--official DIR) by its path, e.g. 'ldm/loss.py', with DIR/ldm on sys.path for
+    its own imports (models.sit, projection_loss)."""
+    import importlib.util
+    root = Path(c.official).resolve()
+    sys.path.insert(0, str(root / 'ldm'))
+    try:
+        spec = importlib.util.spec_from_file_location(f'official_{Path(path).stem}', root / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root / 'ldm'))
+    return module
+
+
+def make_train(c, variant):
+    """(step function, finish(seconds, mem) -> JSON record) of a training step: variant 'irepa' (irepa.flow_step),
+    'naive', 'official' (the official code's loop body) or 'cached' (irepa.flow_step on tokens from a memmap)."""
+    naive = variant in ('naive', 'official')  # fp32 eager teacher: as those loops would run it
     latent = c.resolution // 8  # SD-VAE f8: (B, 4, 32, 32) latents at 256 px
     grid = latent // int(c.model.split('/')[1])
     torch.manual_seed(0)
@@ -174,14 +221,8 @@ def make_train(c, naive):
             return [irepa.spatial_norm(teacher(images.float() / 255), 0.6)]
 
     out = []
-    if naive:
+    if variant == 'naive':
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-
-        @torch.no_grad()
-        def update_ema(ema_model, model, decay=0.9999):  # DiT / REPA's update_ema: one Python iteration per tensor
-            ema_params = OrderedDict(ema_model.named_parameters())
-            for n, param in model.named_parameters():
-                ema_params[n].mul_(decay).add_(param.data, alpha=1 - decay)
 
         def step():
             torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's fp32 default (cuDNN convs keep TF32)
@@ -194,15 +235,52 @@ def make_train(c, naive):
             update_ema(ema, model)
             out[:] = [loss.item()]  # a host sync every step, as most training loops log
             torch.backends.cuda.matmul.allow_tf32 = cuda  # back to irepa.train's setting for everything else
+    elif variant == 'official':  # ldm/train.py's loop body, our weights loaded into the official SiT
+        sit, loss_py = (official_module(c, f'ldm/{f}.py') for f in ('models/sit', 'loss'))
+        model = sit.SiT_models[c.model](input_size=latent, num_classes=1000, z_dims=[z_dim], decoder_hidden_size=model.
+                                        pos_embed.shape[-1], encoder_depth=model.encoder_depth, projection_layer_type=
+                                        'conv', proj_kwargs_kernel_size=3, fused_attn=True, qk_norm=False).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
+        loss_fn = loss_py.SILoss(prediction='v', path_type='linear', weighting='uniform',
+                                 projection_loss_type='cosine', proj_coeff='1.0')
+        net = torch.compile(model) if c.compile else model  # their --compile
+        autocast_ = autocast(c)  # accelerate's autocast under --mixed-precision bf16
+
+        def step():
+            with autocast_:
+                loss, proj_loss, _ = loss_fn(net, x, dict(y=y), zs=targets())  # SILoss reads .item() itself
+            (loss.mean() + proj_loss.mean()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model)
+            out[:] = [loss.mean().item() + proj_loss.item()]
     else:
         s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
             cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
             opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if c.compile else model,
-            teachers=[teacher] if teacher else [], norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4))
+            teachers=[teacher] if teacher else [], norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4), device=device)
         moments = torch.cat([x, torch.zeros_like(x)], 1)  # posterior mean x and std 0: the step trains on x
+        if variant != 'cached':
+            cached = tuple
+        else:  # 8 batches of the teacher's tokens in a memmap, read batch by batch as the loader does
+            tokens = irepa.teacher_targets(s, images, raw=True)[0]
+            s.cache_dtypes = [tokens.dtype]
+            tmp = tempfile.TemporaryDirectory()
+            mm = np.lib.format.open_memmap(Path(tmp.name) / 'tokens-0.npy', mode='w+', dtype=irepa.CACHE_DTYPES[
+                tokens.dtype], shape=(8 * c.batch_size, *tokens.shape[1:]))
+            mm[:] = tokens.cpu().view(getattr(torch, mm.dtype.name)).repeat(8, 1, 1).numpy()
+            rows = iter(range(10 ** 9))
+
+            def cached():
+                i = next(rows) % 8 * c.batch_size
+                return [torch.from_numpy(np.array(mm[i: i + c.batch_size])).pin_memory() if cuda else
+                        torch.from_numpy(np.array(mm[i: i + c.batch_size]))]
 
         def step():
-            r = irepa.flow_step(s, images, moments, y, irepa.teacher_targets(s, images) if teacher else random_targets)
+            r = irepa.flow_step(s, images, moments, y, irepa.teacher_targets(s, images, cached()) if teacher else
+                                random_targets)
             out[:] = [r['flow'], r['align']]
 
     def finish(sec, mem):
@@ -213,11 +291,16 @@ def make_train(c, naive):
                      train_gflop_per_img=round(student / 1e9, 2))
         if naive:
             extra.update(precision='fp32', compile=False, grad_ckpt=False, tf32='off for matmuls (PyTorch default)')
-        if teacher is not None:
+        if variant == 'official':
+            extra.update(code=f'official iREPA ({c.official})', precision=c.precision, compile=c.compile,
+                         tf32='as irepa.train' if cuda else None)
+        if variant == 'cached':
+            extra.update(tokens=f'cached ({s.cache_dtypes[0]}, read from a memmap)')
+        if teacher is not None and variant != 'cached':
             tf = teacher.flops()
             extra.update(teacher_gflop_per_img=round(tf / 1e9, 2),
                          mfu_with_teacher=round(c.batch_size / sec * (student + tf) / peak, 4) if peak else None)
-        return record(c, 'train-naive' if naive else 'train', sec, mem, c.batch_size, student, **extra)
+        return record(c, f'train-{variant}' if variant != 'irepa' else 'train', sec, mem, c.batch_size, student, **extra)
     return step, finish
 
 
@@ -247,12 +330,19 @@ def make_sample(c):
     return lambda: run(c.sample_steps), finish
 
 
-def make_metrics(c):
-    feats = torch.randn(c.batch_size, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
-    masks = torch.rand(c.batch_size, 256, device=device) > 0.5
-    return (lambda: irepa.spatial_metrics(feats, masks),
-            lambda sec, mem: record(c, 'metrics', sec, mem, c.batch_size, model='irepa.spatial_metrics on (B, 256, 768)',
-                                    precision='fp32', compile=False))
+def make_metrics(c, official=False):
+    """LDS, CDS, SRSS and RMSC of --metrics-images random token grids; official: the official spatial_metrics.py."""
+    n = c.metrics_images or c.batch_size
+    torch.manual_seed(0)
+    feats = torch.randn(n, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
+    masks = torch.rand(n, 256, device=device) > 0.5
+    if official:
+        sm = official_module(c, 'metrics/spatial_metrics.py')
+        run, what = lambda: sm.compute_spatial_metrics(feats, masks, ['lds', 'cds', 'srss', 'rmsc']), 'official'
+    else:
+        run, what = lambda: irepa.spatial_metrics(feats, masks), 'irepa'
+    return run, lambda sec, mem: record(c, 'metrics-official' if official else 'metrics', sec, mem, n, precision='fp32',
+                                        model=f'{what} spatial metrics on (B, 256, 768)', compile=False)
 
 
 def make_fid(c):
@@ -269,15 +359,16 @@ def make_fid(c):
 # -----------------------------------------------------------------------------
 # Running the workloads
 
-MAKERS = {'train-naive': lambda c: make_train(c, True), 'train': lambda c: make_train(c, False), 'sample': make_sample,
+MAKERS = {'train-naive': lambda c: make_train(c, 'naive'), 'train': lambda c: make_train(c, 'irepa'),
+          'train-official': lambda c: make_train(c, 'official'), 'train-cached': lambda c: make_train(c, 'cached'),
+          'metrics-official': lambda c: make_metrics(c, official=True), 'sample': make_sample,
           'metrics': make_metrics, 'fid': make_fid}
 
 
 def run_jobs(c, workloads):
     """The JSON records of the workloads of config c, each printed as it is done."""
-    jobs = [[w] for w in ORDER if w in workloads and not w.startswith('train')]
-    if 'train' in workloads or 'train-naive' in workloads:  # one job: both variants are timed turn by turn
-        jobs.insert(0, [w for w in ('train-naive', 'train') if w in workloads])
+    families = dict.fromkeys(w.split('-')[0] for w in ORDER if w in workloads)  # train-naive -> train, ...
+    jobs = [[w for w in ORDER if w in workloads and w.split('-')[0] == f] for f in families]  # variants take turns
     out = []
     for job in jobs:
         try:
@@ -288,8 +379,10 @@ def run_jobs(c, workloads):
         except torch.OutOfMemoryError:
             recs = {w: dict(workload=w, model=c.model, device=name, batch_size=c.batch_size, error='out of memory')
                     for w in job}
-        if 'img_per_s' in recs.get('train', {}) and 'img_per_s' in recs.get('train-naive', {}):
-            recs['train']['speedup'] = round(recs['train']['img_per_s'] / recs['train-naive']['img_per_s'], 2)
+        for ours, other, key in (('train', 'train-naive', 'speedup'), ('train', 'train-official', 'vs_official'),
+                                 ('metrics', 'metrics-official', 'vs_official'), ('train-cached', 'train', 'vs_online')):
+            if 'img_per_s' in recs.get(ours, {}) and 'img_per_s' in recs.get(other, {}):
+                recs[ours][key] = round(recs[ours]['img_per_s'] / recs[other]['img_per_s'], 3)
         for rec in recs.values():
             print(json.dumps(rec), flush=True)
         out += recs.values()
