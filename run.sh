@@ -24,6 +24,8 @@ TEACHERS=${TEACHERS:-"dinov2 dinov3 webssl-vit-dino1b pe-vit-g"}  # the paper's 
 EXTRA_TEACHERS=${EXTRA_TEACHERS:-}            # more teachers (python encoders.py --list), e.g. "siglip2 mae"
 RECIPES=${RECIPES:-"repa irepa"}              # rows of irepa.RECIPES: also conv-only spnorm-mlp (Table 3), repa-e irepa-e, meanflow-repa meanflow-irepa
 ENCODER_WEIGHTS=${ENCODER_WEIGHTS:-auto}      # auto: Hugging Face hub or its cache; WEIGHTS_DIR/<teacher>.* wins if present
+TEACHER_CACHE=${TEACHER_CACHE:-}              # a folder: each teacher's tokens computed once (--teacher-cache), in
+                                              # TEACHER_CACHE/<teacher>-<RES>px, shared by its recipes; empty: online
 WEIGHTS_DIR=${WEIGHTS_DIR:-}                  # offline: one file per teacher, named by its canonical name (see README)
 MODEL=${MODEL:-SiT-XL/2}                      # or SiT-B/2
 STEPS=${STEPS:-100000}                        # the paper's tables: 100K steps
@@ -81,6 +83,7 @@ if [[ $SMOKE ]]; then
 EOF
     OUT=${SMOKE_OUT:-out/smoke}; LAT=$OUT/latents
     TEACHERS="dinov2 pe"; EXTRA_TEACHERS=; RECIPES="repa irepa"; ENCODER_WEIGHTS=random:1; WEIGHTS_DIR=
+    TEACHER_CACHE=$OUT/teacher-cache
     MODEL=SiT-T/2; STEPS=6; BATCH=8; CKPT_EVERY=3; DATA=; RES=32; VAE=random:tiny
     NUM_SAMPLES=16; SAMPLE_MODE=sde; SAMPLE_STEPS=5; CFG=1.0; SAMPLE_BATCH=16; SAMPLE_PRECISION=fp32
     REF=$OUT/ref.npz; INCEPTION=random; PROBE_DATA=; PROBE_IMAGES=64; MASKS=
@@ -89,7 +92,7 @@ EOF
     SAMPLE_ARGS="--device cpu"
     EVAL_ARGS="--is-split 16 --device cpu --cache-dir $OUT/fid-cache"
     METRICS_ARGS="--lp-steps 20 --device cpu"
-    NPROC=1; NNODES=1; NODE_RANK=0; LAUNCH=${LAUNCH:-$PYTHON}
+    NPROC=1; NNODES=1; NODE_RANK=0; LAUNCH=${LAUNCH:-$PYTHON}; N_TRAIN=256
 fi
 
 # GPUs per node: NPROC, else nvidia-smi's list (not queried by --dry-run, which assumes 8 unless NPROC is set)
@@ -193,18 +196,18 @@ for n in names:
         seen.add(c)
         with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warning of a FLOP count
             t = encoders.load_teacher(c, 'random', grid=grid, device='meta')
-        print('teacher', c, t.flops())  # forward per image
+        print('teacher', c, t.flops(), t.dim, grid * grid)  # forward per image, width, tokens
 EOF
 )
-declare -A TFLOPS OBJECTIVE
+declare -A TFLOPS TSHAPE OBJECTIVE  # TSHAPE: the teacher's width and token count
 ALL=()
-while read -r key a b; do
+while read -r key a b c; do
     case $key in
         recipe) OBJECTIVE[$a]=$b ;;  # flow, repa-e or meanflow
         grid) GRID=$a ;;
         sit_train) SIT_TRAIN=$a ;;
         sit_fwd) SIT_FWD=$a ;;
-        teacher) ALL+=("$a"); TFLOPS[$a]=$b ;;
+        teacher) ALL+=("$a"); TFLOPS[$a]=$b; TSHAPE[$a]=$c ;;
     esac
 done <<< "$info"
 need_latents=; images=  # REPA-E trains the VAE on images; the other objectives train on prepared latents
@@ -214,6 +217,7 @@ VAE_ENC=2.73e11      # SD-VAE encoder forward at 256 px, FLOPs (torch FlopCounte
 VAE_DEC=6.22e11      # SD-VAE decoder forward from 32x32x4
 INCEPTION_FWD=1.14e10
 IMAGENET=1281167
+N_TRAIN=${N_TRAIN:-$IMAGENET}  # training images, for the teacher cache's size and pass
 TAG=${MODEL//\//-}   # SiT-XL/2 -> SiT-XL-2
 STEP=$(printf %07d "$STEPS")
 echo "sweep: $MODEL, $STEPS steps x $BATCH images, teachers ${ALL[*]}, recipes $RECIPES -> $OUT"
@@ -256,18 +260,41 @@ sample_file() {  # run directory -> its sample batch
     if [[ ${OBJECTIVE[$2]} == meanflow ]]; then echo "$1/samples/$STEP-meanflow$MF_STEPS-n$NUM_SAMPLES.npz"
     else echo "$1/samples/$STEP-$SAMPLE_MODE$SAMPLE_STEPS-cfg$CFG-n$NUM_SAMPLES.npz"; fi
 }
+# The teacher-token cache (TEACHER_CACHE): each teacher runs once over the training images instead of in every step of
+# every recipe (the paper's 100K steps x 256 are 20 epochs of ImageNet); its first training run builds the cache.
+n_recipes=$(wc -w <<< "$RECIPES")
+if [[ $DRY || $TEACHER_CACHE ]]; then
+    echo
+    echo "teacher tokens, online (every step of the $n_recipes recipes) or cached (one pass, TEACHER_CACHE=${TEACHER_CACHE:-unset}):"
+    for t in "${ALL[@]}"; do
+        read -r dim tokens <<< "${TSHAPE[$t]}"
+        awk -v t="$t" -v n="$N_TRAIN" -v d="$dim" -v k="$tokens" -v f="${TFLOPS[$t]}" -v s="$STEPS" -v bs="$BATCH" \
+            -v r="$n_recipes" -v sit="$SIT_TRAIN" -v p="$PEAK_TFLOPS" -v m="$MFU" 'BEGIN {
+            h = 1 / (p * 1e12 * m) / 3600; on = r * s * bs * f * h; once = n * f * h; all = r * s * bs * sit * h
+            printf "  %s: cache %d x %d x %d x 2 B (bf16) = %.1f GB; the teacher %.3g GPU-h online vs %.3g cached;", t, n, k, d, n * k * d * 2 / 1e9, on, once
+            printf " its %d trainings %.3g vs %.3g GPU-h\n", r, all + on, all + once }'
+    done
+fi
+
 for t in "${ALL[@]}"; do
+    cache=(); [[ $TEACHER_CACHE ]] && cache=(--teacher-cache "$TEACHER_CACHE/$t-${RES}px")
     for r in $RECIPES; do
         run=$OUT/runs/$TAG-$t-$r
         data=$LAT; [[ ${OBJECTIVE[$r]} == repa-e ]] && data=$DATA  # REPA-E trains the VAE, so it reads images
         resume=(); compgen -G "$run/checkpoints/*.pt" > /dev/null && resume=(--resume)
-        flops=$(awk "BEGIN { print $STEPS * $BATCH * ($SIT_TRAIN + ${TFLOPS[$t]}) }")  # student fwd+bwd, teacher fwd
+        teacher=$(awk "BEGIN { print $STEPS * $BATCH * ${TFLOPS[$t]} }")  # the teacher's forward in every step
+        if [[ $TEACHER_CACHE ]]; then  # or once: the teacher's first run builds its cache, unless it is complete
+            teacher=0
+            [[ $r == "${RECIPES%% *}" && ! -e $TEACHER_CACHE/$t-${RES}px/meta.json ]] && teacher=$(awk "BEGIN { print $N_TRAIN * ${TFLOPS[$t]} }")
+        fi
+        flops=$(awk "BEGIN { print $STEPS * $BATCH * $SIT_TRAIN + $teacher }")  # student fwd+bwd, teacher fwd
         [[ ${OBJECTIVE[$r]} == repa-e ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
         [[ ${OBJECTIVE[$r]} == meanflow ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
         stage "train $TAG $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
             "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$VAE" --resolution "$RES" --model "$MODEL" \
             --encoder "$t" --encoder-weights "$(weights "$t")" --recipe "$r" --max-steps "$STEPS" \
-            --global-batch-size "$BATCH" --ckpt-every "$CKPT_EVERY" --out-dir "$run" "${resume[@]}" "${TRAIN_EXTRA[@]}"
+            --global-batch-size "$BATCH" --ckpt-every "$CKPT_EVERY" --out-dir "$run" "${cache[@]}" "${resume[@]}" \
+            "${TRAIN_EXTRA[@]}"
 
         if [[ ${OBJECTIVE[$r]} == meanflow ]]; then  # 1 NFE, guidance trained in
             sampler=(--mode meanflow --num-steps "$MF_STEPS" --cfg-scale 1.0); nfe=$MF_STEPS

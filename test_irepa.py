@@ -115,6 +115,7 @@ def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     p.stdout.close()
     assert any(l.startswith('done sample SiT-T-2 dinov2-vit-b repa') for l in first), ''.join(first)[-3000:]
     assert 'RANDOM' in ''.join(first)  # the smoke banner says so loudly
+    assert '--teacher-cache' in ''.join(first) and (out / 'teacher-cache/dinov2-vit-b-32px/meta.json').exists()
     assert not (out / 'results.csv').exists()
 
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
@@ -749,7 +750,8 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
     for cmd, says in (([HERE / 'irepa.py', '--data-path', tmp_path / 'nothing', '--device', 'cpu'], 'error: --data-path'),
                       ([HERE / 'fid.py', 'sample', '--ckpt', tmp_path / 'flat/a.png'], 'not a readable PyTorch'),
-                      ([HERE / 'bench.py', '--teacher', 'dinov9'], "error: unknown teacher 'dinov9'")):
+                      ([HERE / 'bench.py', '--teacher', 'dinov9'], "error: unknown teacher 'dinov9'"),
+                      ([HERE / 'bench.py', '--suite', 'official', '--official', tmp_path], 'need --official DIR, a checkout')):
         r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
         errors = [line for line in r.stderr.splitlines() if 'error: ' in line]
@@ -2974,6 +2976,15 @@ def test_run_sh_dry_run_lists_every_stage_with_costs_and_runs_nothing(tmp_path):
     assert costs['train SiT-XL-2 sam2-vit-s irepa'] > costs['train SiT-XL-2 sift irepa']  # a network vs descriptors
     total = [l for l in log.splitlines() if l.startswith('estimated cost:')]
     assert len(total) == 1 and math.isclose(float(total[0].split()[2]), sum(costs.values()), rel_tol=0.02), total
+    assert '  dinov2-vit-b: cache 1281167 x 256 x 768 x 2 B (bf16) = 503.8 GB; the teacher ' in log  # the 503 GB
+    assert not any('--teacher-cache' in l for l in cmds)  # TEACHER_CACHE unset: the teachers run online
+    rc, log = run_sh('--dry-run', env=dict(OUT=str(out), NPROC='8', TEACHER_CACHE=str(tmp_path / 'tc')), timeout=300)
+    assert rc == 0 and not (tmp_path / 'tc').exists(), log[-3000:]
+    cached = {l.split(':')[0][3:]: float(l.split('~')[1].split()[0]) for l in log.splitlines() if l.startswith('== ') and '~' in l}
+    assert sum(f'--teacher-cache {tmp_path}/tc/pe-vit-g-256px' in l for l in log.splitlines()) == 2  # one cache, 2 recipes
+    sit_only = cached['train SiT-XL-2 pe-vit-g irepa']  # the second recipe: the cache is built by then
+    assert sit_only < cached['train SiT-XL-2 pe-vit-g repa'] < costs['train SiT-XL-2 pe-vit-g repa']  # + one pass
+    assert math.isclose(sit_only, cached['train SiT-XL-2 dinov2-vit-b irepa'], rel_tol=0.01)  # the teacher is gone
 
 
 
