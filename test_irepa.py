@@ -849,6 +849,22 @@ def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     assert r.returncode != 0 and 'not divisible by the 2 processes' in r.stderr
 
 
+@slow
+def test_teacher_cache_pass_is_sharded_over_ranks(tmp_path):
+    """Two gloo processes share the cache pass (alternate shards); the run with the cache equals the DDP run without
+    it bit for bit, and the tokens equal a one-process pass (another batch shape: to rounding)."""
+    shard = ['--synthetic-size', str(irepa.PREPARE_SHARD + 4)]  # two shards: one per rank
+    r = torchrun(2, run_args(tmp_path / 'online', 2, '--sample-every', '0', *shard), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, run_args(tmp_path / 'cached', 2, '--sample-every', '0', '--teacher-cache', tmp_path / 'cache', *shard),
+                 tmp_path)
+    assert r.returncode == 0 and 'teacher tokens from the cache' in r.stdout, r.stderr[-3000:]
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000002.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
+    assert json.loads((tmp_path / 'cache/meta.json').read_text())['batch'] == 2  # the per-rank batch of 4 / 2
+    irepa.main(run_args(tmp_path / 'one', 0, '--teacher-cache', tmp_path / 'one-cache', *shard))
+    torch.testing.assert_close(cached_tokens(tmp_path / 'cache'), cached_tokens(tmp_path / 'one-cache'), rtol=1e-5, atol=1e-5)
+
+
 def make_folder(root, n_per_class=3, size=40):
     for c in ('cat', 'dog'):
         (root / c).mkdir(parents=True)
