@@ -133,34 +133,37 @@ def peak_mem():
 
 
 def timed(steps, warmup, n):
-    """{name: (median seconds, peak memory)} of n calls of each step function after `warmup` untimed ones (compilation
-    happens there); the functions take turns call by call. Peak memory: the largest over the timed calls."""
+    """{name: (median seconds, peak memory, median page faults)} of n calls of each step function after `warmup`
+    untimed ones (compilation happens there); the functions take turns call by call. Peak memory: the largest over the
+    timed calls. Page faults (minor: fresh pages the allocator got from the OS), the process's per call: on a CPU
+    a step's first touch of new memory is part of its time."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times, mems = {k: [] for k in steps}, {k: 0 for k in steps}
+    times, mems, faults = {k: [] for k in steps}, {k: 0 for k in steps}, {k: [] for k in steps}
     for _ in range(n):
         for k, step in steps.items():
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             step()
             sync()
             times[k].append(time.perf_counter() - t0)
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             mems[k] = max(mems[k], peak_mem())
-    return {k: (statistics.median(times[k]), mems[k]) for k in steps}
+    return {k: (statistics.median(times[k]), mems[k], statistics.median(faults[k])) for k in steps}
 
 
 def autocast(c):
     return torch.autocast(device.type, dtype=torch.bfloat16) if c.precision == 'bf16' else contextlib.nullcontext()
 
 
-def record(c, workload, seconds, mem, images, flops_per_img=None, **extra):
+def record(c, workload, seconds, mem, faults, images, flops_per_img=None, **extra):
     """One JSON line for `images` per step; flops_per_img (useful FLOPs) gives the MFU against the bf16 peak."""
     rec = dict(workload=workload, model=c.model, device=name, precision=c.precision, compile=c.compile,
                grad_ckpt=c.grad_ckpt, batch_size=images, resolution=c.resolution, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
-               peak_mem_gb=round(mem / 2 ** 30, 3),
+               peak_mem_gb=round(mem / 2 ** 30, 3), page_faults=int(faults),
                mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)')
     rec['mfu'] = round(images / seconds * flops_per_img / peak, 4) if peak and flops_per_img else None
     if flops_per_img and not peak:
@@ -283,7 +286,7 @@ def make_train(c, variant):
                                 random_targets)
             out[:] = [r['flow'], r['align']]
 
-    def finish(sec, mem):
+    def finish(sec, mem, faults):
         student = irepa.sit_train_flops(model)  # the 3x3 conv projector (~2% at XL/2) is not counted
         blocks = f", {len(teacher.model.blocks)} blocks" if hasattr(getattr(teacher, 'model', None), 'blocks') else ''
         extra = dict(teacher='none (random targets)' if teacher is None else f"{teacher.name}, random weights{blocks}",
@@ -300,7 +303,8 @@ def make_train(c, variant):
             tf = teacher.flops()
             extra.update(teacher_gflop_per_img=round(tf / 1e9, 2),
                          mfu_with_teacher=round(c.batch_size / sec * (student + tf) / peak, 4) if peak else None)
-        return record(c, f'train-{variant}' if variant != 'irepa' else 'train', sec, mem, c.batch_size, student, **extra)
+        return record(c, f'train-{variant}' if variant != 'irepa' else 'train', sec, mem, faults, c.batch_size, student,
+                      **extra)
     return step, finish
 
 
@@ -320,11 +324,12 @@ def make_sample(c):
             irepa.sample(net, noise, y, 'sde', steps, cfg_scale=c.cfg_scale, guidance_high=0.7)
     run(2)  # warm-up: t = 1 runs unguided (B), t = 0.04 guided (2B), so both shapes compile here
 
-    def finish(sec, mem):
+    def finish(sec, mem, faults):
         # network evaluations per image on irepa.sample's SDE grid: doubled inside the guidance interval t <= 0.7
         ts = torch.linspace(1.0, 0.04, c.sample_steps, dtype=torch.float64).tolist()
         nfe = sum(2 if c.cfg_scale > 1 and t <= 0.7 else 1 for t in ts)
-        return record(c, 'sample', sec, mem, c.batch_size, nfe * irepa.sit_train_flops(model) / 3,  # forward = 1/3 of fwd + bwd
+        return record(c, 'sample', sec, mem, faults, c.batch_size,
+                      nfe * irepa.sit_train_flops(model) / 3,  # forward = 1/3 of fwd + bwd
                       ms_per_sampler_step=round(sec / c.sample_steps * 1e3, 2), sampler='sde',
                       sample_steps=c.sample_steps, cfg_scale=c.cfg_scale, guidance_high=0.7, nfe_per_img=nfe)
     return lambda: run(c.sample_steps), finish
@@ -341,8 +346,9 @@ def make_metrics(c, official=False):
         run, what = lambda: sm.compute_spatial_metrics(feats, masks, ['lds', 'cds', 'srss', 'rmsc']), 'official'
     else:
         run, what = lambda: irepa.spatial_metrics(feats, masks), 'irepa'
-    return run, lambda sec, mem: record(c, 'metrics-official' if official else 'metrics', sec, mem, n, precision='fp32',
-                                        model=f'{what} spatial metrics on (B, 256, 768)', compile=False)
+    return run, lambda sec, mem, faults: record(c, 'metrics-official' if official else 'metrics', sec, mem, faults, n,
+                                                precision='fp32', model=f'{what} spatial metrics on (B, 256, 768)',
+                                                compile=False)
 
 
 def make_fid(c):
@@ -352,8 +358,9 @@ def make_fid(c):
     def step():
         with torch.no_grad(), fid.exact_fp32():  # as evaluation runs: fp32, TF32 off
             net(images)
-    return step, lambda sec, mem: record(c, 'fid', sec, mem, c.fid_batch_size, model='FIDInception (random weights)',
-                                         precision='fp32', compile=False, tf32=False, peak='not compared: fp32 evaluation')
+    return step, lambda sec, mem, faults: record(c, 'fid', sec, mem, faults, c.fid_batch_size, precision='fp32',
+                                                 model='FIDInception (random weights)', compile=False, tf32=False,
+                                                 peak='not compared: fp32 evaluation')
 
 
 # -----------------------------------------------------------------------------

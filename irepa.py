@@ -1734,6 +1734,8 @@ def resolve_config(argv=None):
                 "this trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
     if cfg['compile'] and (missing := compiler_missing(cfg['device'])):
         p.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
+    if cfg['teacher_cache'] and cfg['encoder'] in ('', 'none'):
+        p.error("--teacher-cache caches the teachers' tokens, and --encoder none has no teacher")
     if cfg['time_limit'] is not None:
         try:
             seconds(cfg['time_limit'])
