@@ -472,7 +472,7 @@ class ImageData(torch.utils.data.Dataset):
     """Images (synthetic or from a folder) at one resolution, optionally paired by index with prepared latents."""
     def __init__(self, data_path, resolution, num_classes=10, seed=0, synthetic_size=10_000):
         self.resolution, self.latents, self.meta, self.unreadable = resolution, None, None, []  # see collate_reporting
-        self.tokens, self.images = (), True  # the teacher cache's memmaps; images False: none is read (see setup)
+        self.tokens, self.images = (), True  # teacher-cache memmaps; images False: none is read (use_teacher_cache)
         data_path = Path(data_path) if data_path else None
         if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
             self.meta = meta = json.loads((data_path / 'meta.json').read_text())
@@ -513,9 +513,9 @@ class ImageData(torch.utils.data.Dataset):
         return img, moments, int(self.labels[i]), tokens  # (3, R, R) uint8, (2C, h, w), label, cached tokens
 
 def collate_reporting(data, samples):
-    """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason) that this
-    process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it travels
-    with the batch, and the main process reports each file once (report_unreadable)."""
+    """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason)
+    that this process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it
+    travels with the batch, and the main process reports each file once (report_unreadable)."""
     info = torch.utils.data.get_worker_info()
     data = info.dataset if info else data
     bad, data.unreadable = data.unreadable, []
@@ -674,7 +674,7 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
 # then reads them by image index. iREPA uses no data augmentation (a centre crop, always the same), so an image's
 # tokens never change and the cache is exact: on a CPU the cached run is the online run, bit for bit. A data
 # augmentation added to this file must refuse the cache. For the paper's big teachers this is most of the compute:
-# WebSSL-1B's forward (~580 GFLOP per image) or PE-Core-G's (~970) against ~712 for a whole SiT-XL/2 step.
+# WebSSL-1B's forward (~600 GFLOP per image) or PE-Core-G's (~970) against ~710 for a whole SiT-XL/2 step.
 CACHE_DTYPES = {torch.float32: 'float32', torch.float16: 'float16', torch.bfloat16: 'int16'}  # bf16: its raw bits
 
 def dataset_fingerprint(data):
@@ -725,11 +725,11 @@ def build_teacher_cache(s, path, batch_size):
         raise UserError(f"--teacher-cache {path} holds the unfinished pass of another teacher, weights, resolution or "
                         f"dataset; delete it or pick another folder")
     need = sum(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt in files)
+    sizes = ' + '.join(' x '.join(map(str, (*shape, f'{np.dtype(dt).itemsize} B'))) for _, shape, dt in files)
     path.mkdir(parents=True, exist_ok=True)
     if not shards.exists() and (free := shutil.disk_usage(path).free) < need * 1.02:  # + headers, shard marks
-        raise UserError(f"--teacher-cache {path}: the tokens need {need / 1e9:.1f} GB "
-                        f"({' + '.join(' x '.join(map(str, sh)) + f' x {np.dtype(dt).itemsize} B' for _, sh, dt in files)}),"
-                        f" the disk has {free / 1e9:.1f} GB free; pick another folder or free space")
+        raise UserError(f"--teacher-cache {path}: the tokens need {need / 1e9:.1f} GB ({sizes}), the disk has "
+                        f"{free / 1e9:.1f} GB free; pick another folder or free space")
     barrier()  # every rank has checked before rank 0 writes
     if s.master and not shards.exists():
         for f, shape, dt in files:
@@ -781,8 +781,8 @@ def build_teacher_cache(s, path, batch_size):
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
-                     'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights', 'demo', 'prepare',
-                     'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
+                     'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
+                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
 
 def compiler_missing(device):
     """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""

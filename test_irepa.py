@@ -807,7 +807,7 @@ def stop_when_logged(cmd, out, step, env, pids=None, timeout=300):
 def test_sigterm_checkpoints_the_step_and_resume_is_exact(tmp_path):
     """SIGTERM to a training (its DataLoader worker too): it finishes the step, checkpoints it, exits PREEMPTED; the
     resumed run equals an uninterrupted one bit for bit."""
-    env = {**os.environ, 'OMP_NUM_THREADS': '2'}  # as this process: the same float arithmetic
+    env = {**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())}  # as this process: the same float arithmetic
     cmd = [sys.executable, str(HERE / 'irepa.py')] + run_args(tmp_path / 'stop', 1000, '--num-workers', '1')
     code, err, k = stop_when_logged(cmd, tmp_path / 'stop', 2, env)
     assert code == irepa.PREEMPTED and f'stopped by SIGTERM after step {k}' in err and 'Traceback' not in err, err[-3000:]
