@@ -605,6 +605,19 @@ def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=No
 
 PREPARE_SHARD = 4096  # images per unit of --prepare's work: a stopped --prepare redoes at most one per process
 
+def exit_if_stopped(stop, device, left):
+    """The end of a pass over shards (--prepare, the teacher cache): the stop signals' handlers back; if a signal
+    stopped any rank, every rank stops together (exit PREEMPTED) and rank 0 says what is `left()` to do."""
+    release_stop_signals(stop)
+    stopped = torch.tensor([float(stop.signal is not None)], device=device)
+    if dist_info()[1] > 1:
+        dist.all_reduce(stopped)  # every rank goes on or stops, together
+    if stopped.item():
+        if dist_info()[0] == 0:
+            print(f"stopped by a signal; {left()}; the same command goes on from there (exit code {PREEMPTED}: "
+                  f"requeue)", file=sys.stderr)
+        raise SystemExit(PREEMPTED)
+
 @torch.no_grad()
 def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classes=10, seed=0, synthetic_size=10_000,
                     batch_size=64, num_workers=0):
@@ -646,15 +659,7 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
             latents.flush()
             atomic_save(shards / f'{k:06d}.pt', part.cpu())  # marks the shard done
         sums += torch.load(shards / f'{k:06d}.pt', weights_only=True).to(device)  # the same sums, done now or before
-    release_stop_signals(stop)
-    stopped = torch.tensor([float(stop.signal is not None)], device=device)
-    if world > 1:
-        dist.all_reduce(stopped)  # every rank goes on or stops, together
-    if stopped.item():
-        if rank == 0:
-            print(f"stopped by a signal; {n - len(list(shards.glob('*.pt')))} of {n} shards to do in {shards}; the "
-                  f"same command goes on from there (exit code {PREEMPTED}: requeue)", file=sys.stderr)
-        raise SystemExit(PREEMPTED)
+    exit_if_stopped(stop, device, lambda: f"{n - len(list(shards.glob('*.pt')))} of {n} shards to do in {shards}")
     mu, sd = latent_stats(sums)
     barrier()
     if rank == 0:
@@ -758,15 +763,8 @@ def build_teacher_cache(s, path, batch_size):
         for mm in out:
             mm.flush()
         (shards / f'{k:06d}.done').touch()  # after the flush: a marked shard is on disk
-    release_stop_signals(stop)
-    stopped = torch.tensor([float(stop.signal is not None)], device=s.device)
-    if s.world > 1:
-        dist.all_reduce(stopped)
-    if stopped.item():
-        if s.master:
-            print(f"stopped by a signal; {n - len(list(shards.glob('*.done')))} of {n} shards of the teacher cache to "
-                  f"do in {path}; the same command goes on from there (exit code {PREEMPTED}: requeue)", file=sys.stderr)
-        raise SystemExit(PREEMPTED)
+    exit_if_stopped(stop, s.device, lambda: f"{n - len(list(shards.glob('*.done')))} of {n} shards of the teacher "
+                    f"cache to do in {path}")
     barrier()
     if s.master:
         (path / 'meta.json.tmp').write_text(json.dumps(meta | dict(batch=batch_size), indent=1))
