@@ -23,7 +23,7 @@ import os
 import sys
 import warnings
 import zipfile
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -519,6 +519,23 @@ def model_from_checkpoint(path, ema=True, device='cpu'):
     return model.to(device).eval(), info
 
 
+def sample_shard(a, k, model, net, vae, norm, device, autocast):
+    """Shard k of `fid.py sample`: images k * batch_size ... as uint8 (n, H, W, 3), from seeds of k alone (so the
+    images do not depend on the number of processes, nor on which of them draws the shard)."""
+    import irepa
+    n, size = min(a.batch_size, a.num_samples - k * a.batch_size), model.x_embedder.input_size
+    g = shard_generator(a.seed, k)
+    noise = torch.randn(n, model.in_channels, size, size, generator=g)
+    y = (torch.arange(k * a.batch_size, k * a.batch_size + n) % model.num_classes if a.class_balanced
+         else torch.randint(0, model.num_classes, (n,), generator=g))
+    with torch.no_grad(), autocast:
+        z = irepa.sample(net, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
+                         a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
+    with torch.no_grad():
+        x = irepa.to_pixels(z.float(), vae, norm)
+    return to_uint8(x).cpu().numpy()  # (n, H, W, 3)
+
+
 def sample_main(a):
     import irepa
     from torch import distributed as dist
@@ -530,7 +547,6 @@ def sample_main(a):
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official generate.py
-    stop = SimpleNamespace(old_handlers={}, signal=None)
     try:
         model, info = model_from_checkpoint(a.ckpt, device=device)
         norm = irepa.LatentNorm.from_dict(info['latent'])
@@ -555,7 +571,6 @@ def sample_main(a):
             vae = vae.to(device).eval().requires_grad_(False)
         out = os.path.abspath(a.out)
         shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
-        size = model.x_embedder.input_size
         settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
                         mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=[a.guidance_low,
                         a.guidance_high], class_balanced=a.class_balanced, precision=a.precision,
@@ -564,47 +579,23 @@ def sample_main(a):
         if os.path.exists(meta) and json.load(open(meta)) != json.loads(json.dumps(settings)):
             raise UserError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
         if ddp:
-            dist.barrier()  # every rank has checked before rank 0 writes
+            dist.barrier(group=irepa.cpu_group())  # every rank has checked before rank 0 writes (a wait off the GPU)
         if rank == 0:
             os.makedirs(shards, exist_ok=True)
             json.dump(settings, open(meta, 'w'), indent=1)
         if ddp:
-            dist.barrier()
+            dist.barrier(group=irepa.cpu_group())
         n_shards = -(-a.num_samples // a.batch_size)
-        missing = [k for k in range(n_shards) if not os.path.exists(os.path.join(shards, f'{k:06d}.npy'))]
-        todo = missing[rank::world]
+        missing = sum(not os.path.exists(os.path.join(shards, f'{k:06d}.npy')) for k in range(n_shards))
         if rank == 0:
-            print(f"sampling {a.num_samples} images: {len(missing)} of {n_shards} shards of {a.batch_size} to do, "
+            print(f"sampling {a.num_samples} images: {missing} of {n_shards} shards of {a.batch_size} to do, "
                   f"{a.mode} {a.num_steps} steps, cfg {a.cfg_scale} on [{a.guidance_low}, {a.guidance_high}], "
                   f"{world} process(es)", file=sys.stderr)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == 'bf16' else contextlib.nullcontext()
         net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
-        irepa.catch_stop_signals(stop)  # SIGTERM, SIGINT: stop between shards, then exit irepa.PREEMPTED
-        for k in tqdm(todo, desc='sample', unit='shard', disable=rank != 0, file=sys.stderr):
-            if stop.signal:
-                break
-            n = min(a.batch_size, a.num_samples - k * a.batch_size)
-            g = shard_generator(a.seed, k)
-            noise = torch.randn(n, model.in_channels, size, size, generator=g)
-            y = (torch.arange(k * a.batch_size, k * a.batch_size + n) % model.num_classes if a.class_balanced
-                 else torch.randint(0, model.num_classes, (n,), generator=g))
-            with torch.no_grad(), autocast:
-                z = irepa.sample(net, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
-                                 a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
-            with torch.no_grad():
-                x = irepa.to_pixels(z.float(), vae, norm)
-            path = os.path.join(shards, f'{k:06d}.npy')
-            np.save(path + '.tmp.npy', to_uint8(x).cpu().numpy())  # (n, H, W, 3)
-            os.replace(path + '.tmp.npy', path)  # a shard exists only once complete
-        stopped = torch.tensor([float(stop.signal is not None)], device=device)
-        if ddp:
-            dist.all_reduce(stopped)  # and a barrier: every rank's shards are written, or some rank stopped
-        if stopped.item():
-            left = sum(not os.path.exists(os.path.join(shards, f'{k:06d}.npy')) for k in range(n_shards))
-            if rank == 0:
-                print(f"stopped by a signal with {left} of {n_shards} shards to do in {shards}; the same command "
-                      f"goes on from there (exit code {irepa.PREEMPTED}: requeue)", file=sys.stderr)
-            raise SystemExit(irepa.PREEMPTED)
+        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # a signal: exit PREEMPTED
+        irepa.sharded_pass(Path(shards), n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
+                           f'shards to do in {shards}')  # shard k: images k * batch_size ... of the run
         if rank == 0:
             files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
             first = np.load(files[0])
@@ -616,7 +607,6 @@ def sample_main(a):
             print(f"wrote {a.num_samples} images {tuple(first.shape[1:])} to {out} (preview: {out[:-4]}.png)",
                   file=sys.stderr)
     finally:
-        irepa.release_stop_signals(stop)
         if ddp:
             dist.destroy_process_group()
 

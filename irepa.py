@@ -585,10 +585,8 @@ def moment_sums(mean, std):
                         torch.full_like(mean[0, :, 0, 0], mean[:, 0].numel())])
 
 def latent_stats(sums):
-    """Per-channel mean and std of posterior samples z = mu + sigma eps over all ranks' sums: E[z] = E[mu],
+    """Per-channel mean and std of posterior samples z = mu + sigma eps from their moment sums: E[z] = E[mu],
     Var z = E[mu^2 + sigma^2] - E[mu]^2."""
-    if dist_info()[1] > 1:
-        dist.all_reduce(sums)
     mean = sums[0] / sums[2]
     return mean, (sums[1] / sums[2] - mean ** 2).sqrt()
 
@@ -604,18 +602,57 @@ def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=No
         yield chunk, *vae.encode(img.to(device).float() / 127.5 - 1)
 
 PREPARE_SHARD = 4096  # images per unit of --prepare's work: a stopped --prepare redoes at most one per process
+_cpu_groups = []  # [(the default process group, its gloo twin)]: made once per process group
 
-def exit_if_stopped(stop, device, left):
-    """The end of a pass over shards (--prepare, the teacher cache): the stop signals' handlers back; if a signal
-    stopped any rank, every rank stops together (exit PREEMPTED) and rank 0 says what is `left()` to do."""
-    release_stop_signals(stop)
-    stopped = torch.tensor([float(stop.signal is not None)], device=device)
-    if dist_info()[1] > 1:
-        dist.all_reduce(stopped)  # every rank goes on or stops, together
-    if stopped.item():
-        if dist_info()[0] == 0:
-            print(f"stopped by a signal; {left()}; the same command goes on from there (exit code {PREEMPTED}: "
-                  f"requeue)", file=sys.stderr)
+def cpu_group():
+    """A gloo group over all ranks, made once per process group (new_group is a collective: every rank calls this at
+    the same point). Waits and flags go through it, off the GPU: a rank waiting in an NCCL collective for another that
+    still works is killed by NCCL's watchdog after 10 minutes; gloo has no watchdog (its timeout: 30 minutes)."""
+    if not _cpu_groups or _cpu_groups[0][0] is not dist.group.WORLD:
+        _cpu_groups[:] = [(dist.group.WORLD, dist.new_group(backend='gloo'))]
+    return _cpu_groups[0][1]
+
+def sharded_pass(folder, n, work, suffix, save, desc, what):
+    """The resumable pass of --prepare, the teacher cache and fid.py sample: shard k is done once its mark
+    folder/{k:06d}{suffix} exists. The shards not done are split evenly over the ranks (the remaining ones: a resumed
+    pass is as balanced as a fresh one); save(work(k), file) writes shard k's mark, atomically (a temp file, then a
+    rename). Before each round of shards and at the end, the ranks agree on the gloo group whether a stop signal
+    (SIGTERM/SIGINT) reached any of them: so every wait is on the CPU and lasts about one shard (no rank sits in an
+    NCCL collective, whose watchdog kills the job after 10 minutes), and one signalled rank stops them all. Stopped:
+    every rank exits PREEMPTED and rank 0 says how many shards are `what` (e.g. 'shards to do in DIR')."""
+    rank, world, _ = dist_info()
+    mark = lambda k: folder / f'{k:06d}{suffix}'
+    todo = [k for k in range(n) if not mark(k).exists()]  # every rank lists them before the first agreement below
+    stop = SimpleNamespace()
+
+    def stopped():  # a stop signal on any rank, agreed by all: the same answer, at the same round, everywhere
+        flag = torch.tensor([float(stop.signal is not None)])
+        if world > 1:
+            dist.all_reduce(flag, group=cpu_group())
+        return flag.item() > 0
+    catch_stop_signals(stop)
+    try:
+        for i in tqdm(range(rank, -(-len(todo) // world) * world, world), desc, disable=rank != 0):  # equal rounds
+            if stopped():
+                break
+            if i < len(todo):  # the last round may leave a rank without a shard
+                k = todo[i]
+                value, tmp = work(k), mark(k).with_name(f'{k:06d}.tmp{suffix}')
+                try:
+                    with open(tmp, 'wb') as f:
+                        save(value, f)
+                    os.replace(tmp, mark(k))  # a mark exists only once its shard is complete
+                except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+                    tmp.unlink(missing_ok=True)
+                    why = ' '.join(str(e).split())[:300]
+                    raise UserError(f"could not write {mark(k)} ({type(e).__name__}: {why})") from None
+    finally:
+        release_stop_signals(stop)  # the handlers back, also when a shard fails
+    if stopped():  # also the wait for the other ranks' last shards
+        if rank == 0:
+            left = sum(not mark(k).exists() for k in range(n))
+            print(f"stopped by a signal; {left} of {n} {what}; the same command goes on from there (exit code "
+                  f"{PREEMPTED}: requeue)", file=sys.stderr)
         raise SystemExit(PREEMPTED)
 
 @torch.no_grad()
@@ -627,7 +664,7 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
     meta.json is written last and marks completion."""
     import encoders
     rank, world, _ = dist_info()
-    barrier = dist.barrier if world > 1 else lambda: None
+    barrier = (lambda: dist.barrier(group=cpu_group())) if world > 1 else lambda: None  # waits off the GPU
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = ImageData(data_path, resolution, num_classes, seed, synthetic_size)
@@ -645,24 +682,18 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
         (shards / 'settings.json').write_text(json.dumps(settings))
     barrier()
     latents = np.load(out / 'latents.npy', mmap_mode='r+')
-    sums, stop = torch.zeros(3, C, dtype=torch.float64, device=device), SimpleNamespace()
-    catch_stop_signals(stop)
-    for k in tqdm(range(rank, n, world), 'prepare latents', disable=rank != 0):
-        if not (shards / f'{k:06d}.pt').exists():
-            if stop.signal:
-                break
-            part = torch.zeros(3, C, dtype=torch.float64, device=device)
-            for ids, mean, std in latent_moments(data, vae, list(range(k * PREPARE_SHARD, min(len(data), (k + 1) *
-                                                 PREPARE_SHARD))), device, batch_size, num_workers):
-                latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
-                part += moment_sums(mean, std)
-            latents.flush()
-            atomic_save(shards / f'{k:06d}.pt', part.cpu())  # marks the shard done
-        sums += torch.load(shards / f'{k:06d}.pt', weights_only=True).to(device)  # the same sums, done now or before
-    exit_if_stopped(stop, device, lambda: f"{n - len(list(shards.glob('*.pt')))} of {n} shards to do in {shards}")
-    mu, sd = latent_stats(sums)
-    barrier()
-    if rank == 0:
+
+    def work(k):  # shard k's posterior moments into the memmap; its moment sums are its done mark
+        part = torch.zeros(3, C, dtype=torch.float64, device=device)
+        for ids, mean, std in latent_moments(data, vae, list(range(k * PREPARE_SHARD, min(len(data), (k + 1) *
+                                             PREPARE_SHARD))), device, batch_size, num_workers):
+            latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
+            part += moment_sums(mean, std)
+        latents.flush()
+        return part.cpu()
+    sharded_pass(shards, n, work, '.pt', torch.save, 'prepare latents', f'shards to do in {shards}')
+    if rank == 0:  # the shards' sums in shard order: the same statistics whatever the ranks, stops and resumes
+        mu, sd = latent_stats(sum(torch.load(shards / f'{k:06d}.pt', weights_only=True) for k in range(n)))
         np.save(out / 'labels.npy', data.labels.astype(np.int64))
         meta = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
                     num_classes=data.num_classes, seed=seed, size=len(data), vae=vae_spec, shape=[2 * C, h, h],
@@ -712,12 +743,28 @@ def open_cache(path, meta):
     return [np.load(path / f'tokens-{k}.npy', mmap_mode='r') for k in range(len(meta['teachers']))]
 
 @torch.no_grad()
+def cache_shard(s, out, k, batch_size):
+    """Shard k of the cache pass: its images through the teachers in batches of the training's size (so the teacher
+    computes with the shapes it trains with), their tokens into the memmaps `out`, flushed."""
+    ids = list(range(k * PREPARE_SHARD, min(len(s.data), (k + 1) * PREPARE_SHARD)))
+    chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
+    loader = torch.utils.data.DataLoader(s.data, batch_sampler=chunks, num_workers=s.cfg.num_workers,
+                                         generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+                                         collate_fn=functools.partial(collate_reporting, s.data))
+    for chunk, (img, _, _, _, bad) in zip(chunks, loader):
+        report_unreadable(s.bad_files, bad)
+        img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's batch shape
+        for mm, f in zip(out, teacher_targets(s, img.to(s.device), raw=True)):
+            mm[chunk] = f[:len(chunk)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
+    for mm in out:
+        mm.flush()  # before the mark: a marked shard is on disk
+
+@torch.no_grad()
 def build_teacher_cache(s, path, batch_size):
-    """The cache pass, like --prepare: shards of PREPARE_SHARD images spread over the ranks, each run through the
-    teachers in batches of the training's size (so the teacher computes with the shapes it trains with) and marked
-    done in shards/ when written; a stop signal ends it between shards (exit PREEMPTED) and the same command goes
-    on. The free disk space is checked first; meta.json, written last, marks the cache complete."""
-    barrier = dist.barrier if s.world > 1 else lambda: None
+    """The cache pass, like --prepare: shards of PREPARE_SHARD images (cache_shard) in one sharded_pass over the
+    ranks, each marked done in shards/ when written; a stop signal ends it between shards (exit PREEMPTED) and the
+    same command goes on. The free disk space is checked first; meta.json, written last, marks the cache complete."""
+    barrier = (lambda: dist.barrier(group=cpu_group())) if s.world > 1 else lambda: None  # waits off the GPU
     probe = torch.zeros(batch_size, 3, s.cfg.resolution, s.cfg.resolution, dtype=torch.uint8, device=s.device)
     dtypes = [f.dtype for f in teacher_targets(s, probe, raw=True)]  # autocast decides: bf16, or fp32 (HOG, CPU)
     meta, n = cache_meta(s.cfg, s.data, s.teachers, dtypes), -(-len(s.data) // PREPARE_SHARD)
@@ -743,29 +790,9 @@ def build_teacher_cache(s, path, batch_size):
         (shards / 'settings.json').write_text(json.dumps(meta))  # last: the files exist once shards/ does
         print(f"teacher cache: {len(s.data)} images x {T} tokens of {', '.join(t.name for t in s.teachers)} into {path}")
     barrier()
-    out, stop = [np.load(f, mmap_mode='r+') for f, _, _ in files], SimpleNamespace()
-    catch_stop_signals(stop)
-    for k in tqdm(range(s.rank, n, s.world), 'teacher cache', disable=not s.master):
-        if (shards / f'{k:06d}.done').exists():
-            continue
-        if stop.signal:
-            break
-        ids = list(range(k * PREPARE_SHARD, min(len(s.data), (k + 1) * PREPARE_SHARD)))
-        chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
-        loader = torch.utils.data.DataLoader(s.data, batch_sampler=chunks, num_workers=s.cfg.num_workers,
-                                             generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
-                                             collate_fn=functools.partial(collate_reporting, s.data))
-        for chunk, (img, _, _, _, bad) in zip(chunks, loader):
-            report_unreadable(s.bad_files, bad)
-            img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's batch shape
-            for mm, f in zip(out, teacher_targets(s, img.to(s.device), raw=True)):
-                mm[chunk] = f[:len(chunk)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
-        for mm in out:
-            mm.flush()
-        (shards / f'{k:06d}.done').touch()  # after the flush: a marked shard is on disk
-    exit_if_stopped(stop, s.device, lambda: f"{n - len(list(shards.glob('*.done')))} of {n} shards of the teacher "
-                    f"cache to do in {path}")
-    barrier()
+    out = [np.load(f, mmap_mode='r+') for f, _, _ in files]
+    sharded_pass(shards, n, lambda k: cache_shard(s, out, k, batch_size), '.done', lambda _, f: None,
+                 'teacher cache', f'shards of the teacher cache to do in {path}')  # an empty file marks a shard done
     if s.master:
         (path / 'meta.json.tmp').write_text(json.dumps(meta | dict(batch=batch_size), indent=1))
         os.replace(path / 'meta.json.tmp', path / 'meta.json')
@@ -993,7 +1020,7 @@ def setup(cfg):
         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
         generator=torch.Generator(),  # its own generator: leaves the training RNG alone
         collate_fn=functools.partial(collate_reporting, s.data), worker_init_fn=ignore_stop_signals))
-    s.cpu_group = dist.new_group(backend='gloo') if world > 1 else None  # should_stop's flags, off the GPU
+    s.cpu_group = cpu_group() if world > 1 else None  # should_stop's flags, off the GPU
     catch_stop_signals(s)
     s.flops = sit_train_flops(s.model) + sum(t.flops() for t in s.teachers if not s.data.tokens)  # per image: MFU
     s.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
@@ -1278,6 +1305,8 @@ def repae_setup(s, ckpt):
         with torch.no_grad():
             for _, mean, std in latent_moments(s.data, s.vae, ids, device):
                 sums += moment_sums(mean, std)
+        if s.world > 1:
+            dist.all_reduce(sums)  # all ranks' images
         mean, std = latent_stats(sums)
         s.bn.running_mean.copy_(mean)
         s.bn.running_var.copy_(std ** 2)
