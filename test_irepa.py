@@ -3012,3 +3012,84 @@ def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
     assert 'ls: ' in stage_log.read_text() and '== train' not in log  # the stage's own output; nothing after it
 
 
+
+
+# --- issue 23: one sharded resumable pass (--prepare, the teacher cache, fid.py sample) ---
+
+
+def fake_collectives(monkeypatch, rank, world=2, other_stopped=False):
+    """This process as rank `rank` of `world` without a process group: torch.distributed's collectives recorded as
+    (name, group) in the returned list, and new_group's backends in its `backends`; `other_stopped`: the all_reduce
+    of the stop flag brings another rank's signal."""
+    calls = SimpleNamespace(ops=[], backends=[])
+
+    def all_reduce(t, group=None, **kw):
+        calls.ops.append(('all_reduce', group))
+        t += float(other_stopped)
+    monkeypatch.setattr(irepa, 'dist_info', lambda: (rank, world, rank))
+    monkeypatch.setattr(irepa.dist, 'new_group', lambda backend=None, **kw: calls.backends.append(backend) or 'gloo-group')
+    monkeypatch.setattr(irepa.dist, 'barrier', lambda group=None, **kw: calls.ops.append(('barrier', group)))
+    monkeypatch.setattr(irepa.dist, 'all_reduce', all_reduce)
+    monkeypatch.setattr(irepa, '_cpu_groups', [])  # a fresh process group: its gloo twin is made once
+    return calls
+
+
+def test_sharded_pass_splits_the_remaining_shards_evenly_and_waits_on_gloo(tmp_path, monkeypatch, capsys):
+    """2 ranks, 5 shards, 1, 3 and 4 done: each rank gets one of the 2 left (rank r, r + 2, ... of all 5 would give
+    rank 0 both). Every collective goes to the one gloo group, made once, although the default group is not asked
+    (under NCCL its watchdog would kill a rank waiting > 10 minutes). A stop signal on another rank stops this one
+    before any shard, exit PREEMPTED, and rank 0 says what is left."""
+    did, groups = {}, []
+    for rank in (0, 1):  # each rank sees the same folder (a copy): the ranks list the shards before any is written
+        folder = tmp_path / f'rank{rank}'
+        folder.mkdir()
+        for k in (1, 3, 4):
+            (folder / f'{k:06d}.npy').write_bytes(b'')
+        calls = fake_collectives(monkeypatch, rank)
+        did[rank] = []
+        irepa.sharded_pass(folder, 5, lambda k: did[rank].append(k) or np.full(3, k), '.npy', lambda x, f: np.save(f, x),
+                           None, 'shards to do')
+        groups.append(calls)
+        written = [k for k in (0, 2) if (folder / f'{k:06d}.npy').exists()]  # 1, 3, 4: the empty marks of before
+        assert written == did[rank] and [np.load(folder / f'{k:06d}.npy')[0] for k in written] == did[rank]
+        assert sorted(p.name for p in folder.iterdir()) == [f'{k:06d}.npy' for k in sorted({1, 3, 4, *did[rank]})]
+    assert did == {0: [0], 1: [2]}
+    for calls in groups:
+        assert calls.backends == ['gloo'] and calls.ops and all(g == 'gloo-group' for _, g in calls.ops), calls
+    calls = fake_collectives(monkeypatch, 0, other_stopped=True)
+    with pytest.raises(SystemExit) as e:
+        irepa.sharded_pass(tmp_path / 'rank0', 7, lambda k: pytest.fail('a shard after the stop'), '.npy', None, None,
+                           'shards to do')
+    assert e.value.code == irepa.PREEMPTED and 'stopped by a signal; 3 of 7 shards to do' in capsys.readouterr().err
+
+
+@slow
+def test_prepare_resumed_by_two_ranks_equals_one_uninterrupted_pass(tmp_path, monkeypatch):
+    """--prepare stopped after shard 0 of 3, then resumed by 2 ranks (run one after the other in this process, the
+    collectives faked): rank 1 takes shard 2, rank 0 shard 1 (rank r, r + 2, ... would give rank 1 shard 1 and rank 0
+    shard 2), every wait is on the gloo group, and latents and statistics equal one uninterrupted process's, byte for
+    byte (the statistics summed in shard order, whoever made the shards)."""
+    monkeypatch.setattr(irepa, 'PREPARE_SHARD', 8)  # 24 images: 3 shards
+    prepare = lambda out: irepa.prepare_latents(None, out, 16, 'random:tiny', torch.device('cpu'), synthetic_size=24)
+    prepare(tmp_path / 'full')
+    real, shards_done, killed = irepa.latent_moments, [], []
+
+    def recorded(data, vae, ids, *a):
+        shards_done.append(ids[0] // 8)
+        if len(shards_done) == 2 and not killed:
+            killed.append(1)
+            raise KeyboardInterrupt  # a kill during shard 1: shard 0 is done
+        return real(data, vae, ids, *a)
+    monkeypatch.setattr(irepa, 'latent_moments', recorded)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / 'stop')
+    assert sorted(p.name for p in (tmp_path / 'stop/shards').iterdir()) == ['000000.pt', 'settings.json']
+    shards_done.clear()
+    for rank in (1, 0):  # rank 0 last: it waits for rank 1 in the last collective, then writes meta.json
+        calls = fake_collectives(monkeypatch, rank)
+        prepare(tmp_path / 'stop')
+        assert calls.backends == ['gloo'] and all(g == 'gloo-group' for _, g in calls.ops), calls.ops
+    assert shards_done == [2, 1] and not (tmp_path / 'stop/shards').exists()
+    assert np.load(tmp_path / 'stop/latents.npy').tobytes() == np.load(tmp_path / 'full/latents.npy').tobytes()
+    assert json.loads((tmp_path / 'stop/meta.json').read_text())['stats'] == json.loads(
+        (tmp_path / 'full/meta.json').read_text())['stats']
