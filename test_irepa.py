@@ -3027,7 +3027,8 @@ def fake_collectives(monkeypatch, rank, world=2, other_stopped=False):
         calls.ops.append(('all_reduce', group))
         t += float(other_stopped)
     monkeypatch.setattr(irepa, 'dist_info', lambda: (rank, world, rank))
-    monkeypatch.setattr(irepa.dist, 'new_group', lambda backend=None, **kw: calls.backends.append(backend) or 'gloo-group')
+    monkeypatch.setattr(irepa.dist, 'new_group',
+                        lambda backend=None, **kw: calls.backends.append(backend) or 'gloo-group')
     monkeypatch.setattr(irepa.dist, 'barrier', lambda group=None, **kw: calls.ops.append(('barrier', group)))
     monkeypatch.setattr(irepa.dist, 'all_reduce', all_reduce)
     monkeypatch.setattr(irepa, '_cpu_groups', [])  # a fresh process group: its gloo twin is made once
@@ -3047,8 +3048,8 @@ def test_sharded_pass_splits_the_remaining_shards_evenly_and_waits_on_gloo(tmp_p
             (folder / f'{k:06d}.npy').write_bytes(b'')
         calls = fake_collectives(monkeypatch, rank)
         did[rank] = []
-        irepa.sharded_pass(folder, 5, lambda k: did[rank].append(k) or np.full(3, k), '.npy', lambda x, f: np.save(f, x),
-                           None, 'shards to do')
+        work = lambda k: did[rank].append(k) or np.full(3, k)
+        irepa.sharded_pass(folder, 5, work, '.npy', lambda x, f: np.save(f, x), None, 'shards to do')
         groups.append(calls)
         written = [k for k in (0, 2) if (folder / f'{k:06d}.npy').exists()]  # 1, 3, 4: the empty marks of before
         assert written == did[rank] and [np.load(folder / f'{k:06d}.npy')[0] for k in written] == did[rank]
