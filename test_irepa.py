@@ -3012,3 +3012,187 @@ def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
     assert 'ls: ' in stage_log.read_text() and '== train' not in log  # the stage's own output; nothing after it
 
 
+
+
+# --- issue 26: the training machinery, each mechanism against a known answer ---
+# Every test here fails when its mechanism is removed, inverted or fed the wrong setting (issue 26's report lists the
+# one-line mutation each one was seen to catch). References are formulas written here or second implementations,
+# never the function under test. The runs go through irepa.main with SiT-T shrunk to 2 blocks of width 32 and no
+# teacher (~0.1 s a step), so the fast tier covers the trainer: EMA, clipping, AdamW, resume, bad-data accounting.
+
+MECH = dict(lr=3e-3, beta1=0.9, beta2=0.95, clip=1e-3, decay=0.8)  # none of them a default: a dropped flag shows
+MECH_RUN = ['--model', 'SiT-T/8', '--resolution', '16', '--vae', 'none', '--encoder', 'none', '--global-batch-size', '4',
+            '--synthetic-size', '32', '--log-every', '1', '--ckpt-every', '1', '--sample-every', '0', '--num-workers',
+            '0', '--device', 'cpu', '--lr', str(MECH['lr']), '--adam-beta2', str(MECH['beta2']), '--grad-clip',
+            str(MECH['clip']), '--ema-decay', str(MECH['decay'])]
+
+
+@contextlib.contextmanager
+def tiny_trainer(seen=None):
+    """SiT-T as a 2-block, 32-wide model; with `seen` (a list), the flow step appends the batch and the CPU (and CUDA)
+    RNG state it starts from."""
+    real = irepa.OBJECTIVES['flow']
+
+    def spy(s, img, moments, y, targets):
+        seen.append(dict(img=img.clone(), y=y.clone(), rng=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state(img.device) if img.device.type == 'cuda' else None))
+        return real(s, img, moments, y, targets)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(irepa.SIZES, 'T', (2, 32, 2, 1))
+        if seen is not None:
+            mp.setitem(irepa.OBJECTIVES, 'flow', spy)
+        yield
+
+
+def mech_runs_at(root, device='cpu'):
+    """'full' trains 3 steps; 'split' trains 2, then a second process-like call resumes it to 3 ('resumed')."""
+    seen = dict(full=[], split=[], resumed=[])
+    for run, steps, extra in (('full', 3, []), ('split', 2, []), ('resumed', 3, ['--resume'])):
+        with tiny_trainer(seen[run]):
+            irepa.main(MECH_RUN + ['--device', device, '--out-dir', str(root / ('full' if run == 'full' else 'split')),
+                                   '--max-steps', str(steps)] + extra)
+    return SimpleNamespace(seen=seen, ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
+                           log=lambda run: [json.loads(l) for l in open(root / run / 'log.jsonl')])
+
+
+@pytest.fixture(scope='module')
+def mech_runs(tmp_path_factory):
+    return mech_runs_at(tmp_path_factory.mktemp('mech'))
+
+
+def param_names(ckpt):
+    """The optimizer state's indices -> parameter names (the order of model.parameters())."""
+    with tiny_trainer():
+        return [n for n, _ in irepa.SiT(**ckpt['model_args']).named_parameters()]
+
+
+def adam_moments(ckpt):
+    names, state = param_names(ckpt), ckpt['opt']['state']
+    return {names[i]: (st['exp_avg'].double(), st['exp_avg_sq'].double(), float(st['step'])) for i, st in state.items()}
+
+
+def test_ema_update_direction_and_rate():
+    """One EMA update from known weights: ema + (1 - decay)(model - ema) on every float parameter and buffer (REPA-E's
+    BatchNorm statistics), integer buffers left alone, the model untouched."""
+    torch.manual_seed(0)
+    model, ema = (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double() for _ in range(2))
+    for i, m in enumerate((model, ema)):
+        for v in m.state_dict().values():
+            v.uniform_(1, 2) if v.is_floating_point() else v.fill_(5 + i)  # num_batches_tracked: 5 and 6
+    m0, e0 = copy.deepcopy(model.state_dict()), copy.deepcopy(ema.state_dict())
+    irepa.ema_update(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(model.state_dict()[k], m0[k]), k
+        want = e0[k] + 0.1 * (m0[k] - e0[k]) if v.is_floating_point() else e0[k]
+        torch.testing.assert_close(v, want, rtol=0, atol=1e-15)
+        assert not v.is_floating_point() or not torch.equal(v, e0[k]), k  # it moved
+
+
+def test_ema_in_a_run_follows_the_model(mech_runs):
+    """In a run, after each step: ema_k = ema_{k-1} + (1 - decay)(model_k - ema_{k-1}), and the model moved."""
+    d = MECH['decay']
+    for k in (2, 3):
+        prev, now = mech_runs.ckpt('full', k - 1), mech_runs.ckpt('full', k)
+        for name, e in now['ema'].items():
+            e0, m = prev['ema'][name].double(), now['model'][name].double()
+            torch.testing.assert_close(e.double(), e0 + (1 - d) * (m - e0), rtol=0, atol=1e-7)
+        assert any(not torch.equal(now['model'][n], prev['model'][n]) for n in now['model'])
+        assert any(not torch.equal(now['ema'][n], prev['ema'][n]) for n in now['ema'])
+
+
+def test_clipped_step_moves_by_the_clipped_norm():
+    """A gradient of norm 1e6 clipped at 0.5: plain SGD (lr 1) moves the weights by exactly 0.5 along it; the norm
+    before clipping is returned; no gradient outlives the step."""
+    p = nn.Parameter(torch.arange(6, dtype=torch.float64))
+    g = torch.tensor([3.0, -4.0, 0.0, 12.0, 0.0, 0.0], dtype=torch.float64) * 1e6 / 13  # norm 1e6
+    p.grad = g.clone()
+    norm = irepa.clipped_step([p], torch.optim.SGD([p], lr=1.0), 0.5)
+    assert norm.item() == pytest.approx(1e6, rel=1e-12) and p.grad is None
+    torch.testing.assert_close(p.detach(), torch.arange(6, dtype=torch.float64) - 0.5 * g / 1e6, rtol=0, atol=1e-9)
+
+
+def test_clipping_in_a_run_caps_the_gradient_at_grad_clip(mech_runs):
+    """After step 1, AdamW's moments hold the clipped gradient: ||exp_avg|| = (1 - b1) clip, sum exp_avg_sq =
+    (1 - b2) clip^2, while the logged gradient norm (before clipping) is far above --grad-clip."""
+    assert mech_runs.log('full')[0]['grad_norm'] > 20 * MECH['clip']
+    moments = adam_moments(mech_runs.ckpt('full', 1)).values()
+    m_norm = math.sqrt(sum(m.square().sum().item() for m, _, _ in moments))
+    v_sum = sum(v.sum().item() for _, v, _ in moments)
+    assert m_norm == pytest.approx((1 - MECH['beta1']) * MECH['clip'], rel=1e-4)
+    assert v_sum == pytest.approx((1 - MECH['beta2']) * MECH['clip'] ** 2, rel=1e-4)
+
+
+def test_adamw_settings_and_update():
+    """adamw(params, lr, beta2): betas (0.9, beta2), eps 1e-8, no weight decay, and two steps equal Adam's formula."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = irepa.adamw([w], 0.01, 0.95)
+    group = opt.param_groups[0]
+    assert (group['lr'], tuple(group['betas']), group['weight_decay'], group['eps']) == (0.01, (0.9, 0.95), 0, 1e-8)
+    b1, b2, m, v, ref = 0.9, 0.95, 0.0, 0.0, w.detach().clone()
+    for k, g in enumerate((torch.tensor([0.3, -1.0, 2.0]), torch.tensor([-0.1, 0.5, 2.0])), start=1):
+        w.grad = g.double()
+        opt.step()
+        m, v = b1 * m + (1 - b1) * g.double(), b2 * v + (1 - b2) * g.double() ** 2
+        ref = ref - 0.01 * (m / (1 - b1 ** k)) / ((v / (1 - b2 ** k)).sqrt() + 1e-8)
+        torch.testing.assert_close(w.detach(), ref, rtol=0, atol=1e-12)
+
+
+def test_optimizer_settings_reach_adamw_in_a_run(mech_runs):
+    """--lr, --adam-beta2 (a recipe row's value) and beta1 0.9 reach the run's optimizer, without weight decay: its
+    param group says so, the moments of step 2 follow from step 1's with those betas, and the weights of step 2 are
+    step 1's minus lr x Adam's bias-corrected ratio (AdamW's decay would subtract lr x wd x w more)."""
+    b1, b2, lr = MECH['beta1'], MECH['beta2'], MECH['lr']
+    one, two = mech_runs.ckpt('full', 1), mech_runs.ckpt('full', 2)
+    for group in two['opt']['param_groups']:
+        assert (group['lr'], tuple(group['betas']), group['weight_decay'], group['eps']) == (lr, (b1, b2), 0, 1e-8)
+    m1, m2 = adam_moments(one), adam_moments(two)
+    moved = 0
+    for name, (m, v, step) in m2.items():
+        g = (m - b1 * m1[name][0]) / (1 - b1)  # step 2's clipped gradient, from the first moment
+        torch.testing.assert_close(v, b2 * m1[name][1] + (1 - b2) * g ** 2, rtol=1e-3, atol=1e-18)
+        update = lr * (m / (1 - b1 ** 2)) / ((v / (1 - b2 ** 2)).sqrt() + 1e-8)
+        torch.testing.assert_close(two['model'][name].double(), one['model'][name].double() - update,
+                                   rtol=0, atol=lr * 1e-4)
+        moved += int((update.abs() > lr / 2).sum())
+    assert moved > 100  # most weights took a full-size step: the check above is not vacuous
+    for recipe, row in irepa.RECIPES.items():  # each row's beta2 is the cfg's, which the run above shows reaches AdamW
+        want = 0.95 if row['objective'] == 'meanflow' else 0.999  # MeanFlow's ImageNet config; REPA's otherwise
+        assert row['adam_beta2'] == want and irepa.resolve_config(['--recipe', recipe]).adam_beta2 == want
+
+
+def test_resume_restores_the_step_counter(mech_runs):
+    """Resumed at step 2 of 3: one step runs, the checkpoint is step 3's, the log goes 1, 2, 3, AdamW's count is 3."""
+    assert len(mech_runs.seen['resumed']) == 1
+    ckpt = mech_runs.ckpt('split', 3)
+    assert ckpt['step'] == 3 and [r['step'] for r in mech_runs.log('split')] == [1, 2, 3]
+    assert {step for _, _, step in adam_moments(ckpt).values()} == {3.0}
+
+
+def test_resume_restores_the_optimizer_state(mech_runs):
+    """The resumed step continues AdamW's moments: exp_avg_sq_3 = b2 exp_avg_sq_2 + (1 - b2) g^2 with
+    g = (exp_avg_3 - b1 exp_avg_2) / (1 - b1) and step 2's moments as the interrupted run saved them."""
+    b1, b2 = MECH['beta1'], MECH['beta2']
+    before, after = adam_moments(mech_runs.ckpt('split', 2)), adam_moments(mech_runs.ckpt('split', 3))
+    for name, (m, v, _) in after.items():
+        g = (m - b1 * before[name][0]) / (1 - b1)
+        torch.testing.assert_close(v, b2 * before[name][1] + (1 - b2) * g ** 2, rtol=1e-3, atol=1e-18)
+
+
+def test_resume_restores_the_cpu_rng(mech_runs):
+    """The resumed step starts from the CPU RNG state the uninterrupted run had at that step (t, noise, dropout)."""
+    full, resumed = mech_runs.seen['full'], mech_runs.seen['resumed']
+    assert torch.equal(resumed[0]['rng'], full[2]['rng']) and not torch.equal(full[2]['rng'], full[1]['rng'])
+
+
+@needs_cuda
+def test_resume_restores_the_cuda_rng(tmp_path):
+    runs = mech_runs_at(tmp_path, 'cuda')
+    full, resumed = runs.seen['full'], runs.seen['resumed']
+    assert torch.equal(resumed[0]['cuda'], full[2]['cuda']) and not torch.equal(full[2]['cuda'], full[1]['cuda'])
+
+
+def test_resume_restores_the_data_order(mech_runs):
+    """The resumed step trains on the batch the uninterrupted run drew at that step (not the epoch's first)."""
+    full, resumed = mech_runs.seen['full'], mech_runs.seen['resumed']
+    assert torch.equal(resumed[0]['y'], full[2]['y']) and torch.equal(resumed[0]['img'], full[2]['img'])
+    assert not torch.equal(full[2]['img'], full[0]['img'])
