@@ -3196,3 +3196,146 @@ def test_resume_restores_the_data_order(mech_runs):
     full, resumed = mech_runs.seen['full'], mech_runs.seen['resumed']
     assert torch.equal(resumed[0]['y'], full[2]['y']) and torch.equal(resumed[0]['img'], full[2]['img'])
     assert not torch.equal(full[2]['img'], full[0]['img'])
+
+
+def test_bad_data_accounting_counts_every_unreadable_draw(tmp_path):
+    """A folder of 8 images, one unreadable, and a global batch of 8: every step draws each image once, so the log's
+    bad_images is exactly the step number; 1/8 is allowed by --max-bad-fraction 0.125 and stops a run at 0.1."""
+    root = make_folder(tmp_path / 'imgs', n_per_class=4, size=16)
+    (root / 'dog' / '3.png').write_bytes(b'not a png')
+    args = MECH_RUN + ['--data-path', str(root), '--global-batch-size', '8', '--max-steps', '3']
+    with tiny_trainer():
+        irepa.main(args + ['--out-dir', str(tmp_path / 'ok'), '--max-bad-fraction', '0.125'])
+        log = [json.loads(l) for l in open(tmp_path / 'ok/log.jsonl')]
+        assert [(r['step'], r['bad_images']) for r in log] == [(1, 1), (2, 2), (3, 3)]
+        with pytest.raises(encoders.UserError, match=r'1 of the 8 images drawn so far were unreadable.*dog/3\.png'):
+            irepa.main(args + ['--out-dir', str(tmp_path / 'strict'), '--max-bad-fraction', '0.1'])
+
+
+def test_label_dropout_rate():
+    """The SiT drops a label to the null one with probability 0.1 in train mode only; MeanFlow's SiT never (its loss
+    does, with the row's mf_label_drop)."""
+    n = 20_000  # the rate's standard error is 0.0021
+    m = tiny_sit()
+    null = m.y_embedder.embedding_table.weight[m.num_classes]
+    torch.manual_seed(0)
+    y = torch.arange(n) % m.num_classes
+    dropped = lambda model, train: (model.y_embedder(y, train) == null).all(1).double().mean().item()
+    assert abs(dropped(m, True) - 0.1) < 0.01 and dropped(m, False) == 0
+    assert dropped(tiny_sit(meanflow=True), True) == 0
+    seen = []
+
+    class Recorder(nn.Module):
+        num_classes = 10
+
+        def forward(self, z, t, y, align=True, r=None):
+            seen.append(y)
+            return z * 1.0, []
+    cfg = SimpleNamespace(**irepa.RECIPES['meanflow-irepa'])
+    irepa.meanflow_loss(Recorder(), Recorder(), torch.randn(n, 1, 1, 1), y, [], cfg)
+    assert cfg.mf_label_drop == 0.1 and abs((seen[-1] == 10).double().mean().item() - 0.1) < 0.01
+    assert ((seen[-1] == y) | (seen[-1] == 10)).all()
+
+
+def test_latent_stats_equal_a_direct_computation():
+    """Per-channel mean and std of posterior samples z = mu + sigma eps, from per-shard sums, against the law of total
+    variance: Var z = Var mu + E sigma^2 (population variances over images and positions)."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(10, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 2
+    std = torch.rand(10, 3, 4, 4, generator=g) + 0.5
+    mu, sd = irepa.latent_stats(irepa.moment_sums(mean[:4], std[:4]) + irepa.moment_sums(mean[4:], std[4:]))
+    dims = (0, 2, 3)
+    want_var = mean.double().var(dims, unbiased=False) + std.double().square().mean(dims)
+    torch.testing.assert_close(mu, mean.double().mean(dims), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sd, want_var.sqrt(), rtol=1e-12, atol=0)
+    z = mean.double() + std.double() * torch.randn(1000, *mean.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(sd, z.transpose(0, 2).reshape(3, -1).std(1), rtol=5e-3, atol=0)  # sampled
+
+
+def test_batches_shard_the_global_batch_over_ranks():
+    """Ranks get disjoint shares whose concatenation is the one-process batch, which is the epoch's seeded
+    permutation (seed + epoch) in order, its last partial batch dropped; a start step gives that step's batches."""
+    n, gb, seed = 43, 8, 5
+    take = lambda it, k: [next(it) for _ in range(k)]
+    whole = take(irepa.batches(n, gb, 0, 1, seed), 12)  # 5 batches per epoch: two epochs and a bit
+    ranks = [take(irepa.batches(n, gb, r, 4, seed), 12) for r in range(4)]
+    for step in range(12):
+        epoch, k = divmod(step, n // gb)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        assert whole[step] == perm[k * gb:(k + 1) * gb]
+        shares = [r[step] for r in ranks]
+        assert all(len(s) == 2 for s in shares) and sum(shares, []) == whole[step]
+    assert take(irepa.batches(n, gb, 1, 4, seed, start=7), 3) == ranks[1][7:10]
+
+
+class FakeTeacher(nn.Linear):
+    def __init__(self, name='dinov2-vit-b', dim=4, grid=4, seed=0):
+        torch.manual_seed(seed)
+        super().__init__(2, dim)
+        self.name, self.dim, self.grid = name, dim, grid
+
+
+def test_teacher_cache_key_changes_with_every_input(tmp_path):
+    """The teacher cache's key (the meta it must match) changes with each thing the tokens depend on, and only then."""
+    root = make_folder(tmp_path / 'imgs', size=8)
+    cfg = lambda **kw: SimpleNamespace(**dict(resolution=16, siglip_norm='imagenet') | kw)
+    synth = lambda **kw: irepa.ImageData(None, 16, **dict(num_classes=10, seed=0, synthetic_size=40) | kw)
+    key = lambda c=None, data=None, teachers=None, dtypes=(torch.bfloat16,): json.dumps(irepa.cache_meta(
+        c or cfg(), data or synth(), teachers or [FakeTeacher()], list(dtypes)), sort_keys=True)
+    base = key()
+    assert key() == base
+    changed = dict(name=key(teachers=[FakeTeacher('siglip-vit-b')]), weights=key(teachers=[FakeTeacher(seed=1)]),
+                   dim=key(teachers=[FakeTeacher(dim=5)]), grid=key(teachers=[FakeTeacher(grid=8)]),
+                   dtype=key(dtypes=(torch.float32,)), resolution=key(cfg(resolution=32)),
+                   siglip_norm=key(cfg(siglip_norm='siglip')), seed=key(data=synth(seed=1)),
+                   size=key(data=synth(synthetic_size=41)), classes=key(data=synth(num_classes=5)),
+                   teachers=key(teachers=[FakeTeacher(), FakeTeacher()], dtypes=(torch.bfloat16,) * 2))
+    folder = key(data=irepa.ImageData(root, 16))
+    os.replace(root / 'cat/2.png', root / 'cat/9.png')
+    changed['file name'] = key(data=irepa.ImageData(root, 16))
+    os.replace(root / 'cat/9.png', root / 'dog/9.png')
+    changed['label'] = key(data=irepa.ImageData(root, 16))
+    shutil.copytree(root, tmp_path / 'other')
+    changed['root'] = key(data=irepa.ImageData(tmp_path / 'other', 16))
+    keys = [base, folder, *changed.values()]
+    assert len(set(keys)) == len(keys), [k for k, v in changed.items() if v in (base, folder)]
+
+
+def test_fid_reference_cache_key_changes_with_every_input(tmp_path, monkeypatch):
+    """fid.py's cached reference statistics are reused only for the same file (path, size, mtime), the same Inception
+    weights and CACHE_VERSION: changing any one computes them again. The statistics are the uncached ones."""
+    calls = []
+
+    class Net:
+        weights_sha256 = 'a' * 64
+
+        def __call__(self, x):  # (B, 3, 8, 8) uint8 -> pool (B, 5), spatial (B, 3), logits (B, 4)
+            calls.append(len(x))
+            f = x.float().flatten(1)
+            return f[:, :5], f[:, 5:8], f[:, 8:12]
+    path, cache = tmp_path / 'ref.npz', tmp_path / 'cache'
+    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    get = lambda p=path, net=None: fid.reference_features(str(p), net or Net(), 4, cache_dir=str(cache))
+    first = get()
+    n = len(calls)
+    again = get()
+    assert len(calls) == n and all(np.array_equal(first[k], again[k]) for k in first)  # a hit
+    pool = np.load(path)['arr_0'].transpose(0, 3, 1, 2).reshape(6, -1)[:, :5].astype(np.float64)  # what Net saw
+    np.testing.assert_allclose(again['mu'], pool.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(again['sigma'], np.cov(pool, rowvar=False), rtol=1e-12)
+
+    def recomputes(what, **kw):
+        before = len(calls)
+        get(**kw)
+        assert len(calls) > before, what
+    other = Net()
+    other.weights_sha256 = 'b' * 64
+    recomputes('weights', net=other)
+    os.utime(path, ns=(1, os.stat(path).st_mtime_ns + 10 ** 9))
+    recomputes('mtime')
+    np.savez(path, arr_0=np.zeros((7, 8, 8, 3), np.uint8))
+    recomputes('size')
+    shutil.copy(path, tmp_path / 'copy.npz')
+    recomputes('path', p=tmp_path / 'copy.npz')
+    monkeypatch.setattr(fid, 'CACHE_VERSION', fid.CACHE_VERSION + 1)
+    recomputes('version')
