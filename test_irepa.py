@@ -3339,3 +3339,92 @@ def test_fid_reference_cache_key_changes_with_every_input(tmp_path, monkeypatch)
     recomputes('path', p=tmp_path / 'copy.npz')
     monkeypatch.setattr(fid, 'CACHE_VERSION', fid.CACHE_VERSION + 1)
     recomputes('version')
+
+
+def test_meanflow_target_jvp_tangents():
+    """sg(v_g - (t - r) du/dt) with du/dt along (v_g, 1, 0), for u(z, t, r) = z t^2 + 3 r whose derivative is known:
+    du/dt = v_g t^2 + 2 z t (r does not move with t, so the 3 r term adds nothing)."""
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(2, 2, 4, 3, 3, generator=g, dtype=torch.float64)
+    t, r = torch.tensor([0.9, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.6], dtype=torch.float64)
+    col = lambda a: a.view(-1, 1, 1, 1)
+    u = lambda z_, t_, r_: z_ * col(t_) ** 2 + 3 * col(r_)
+    want = v - col(t - r) * (v * col(t) ** 2 + 2 * z * col(t))
+    torch.testing.assert_close(irepa.meanflow_target(u, z, t, r, v), want, rtol=1e-12, atol=1e-12)
+
+
+def test_meanflow_loss_stop_gradients():
+    """The gradient of MeanFlow's loss for u = w z is that of sum_i ||w z_i - sg(target_i)||^2 / sg(err_i + c)^p:
+    neither the target (v - (t - r) w v) nor the adaptive weight carries a gradient."""
+    seen = []
+
+    class Linear(nn.Module):
+        num_classes = 10
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+        def forward(self, z, t, y, align=True, r=None):
+            seen.append((z, t, r))
+            return self.w * z, []
+    m, x = Linear(), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    cfg = SimpleNamespace(**irepa.RECIPES['meanflow-irepa'] | dict(mf_omega=1.0, mf_kappa=0.0, mf_norm_p=0.5))
+    torch.manual_seed(0)
+    loss = irepa.meanflow_loss(m, m, x, torch.zeros(6, dtype=torch.long), [], cfg)['flow']
+    loss.backward()
+    z, t, r = (a.detach().double() for a in seen[-1])  # the gradient-carrying pass
+    col = lambda a: a.view(-1, 1, 1, 1)
+    w, v = 0.7, (z - x) / col(t)  # z = (1 - t) x + t eps, v = eps - x
+    target = v - col(t - r) * w * v
+    res = w * z - target
+    err = res.square().sum((1, 2, 3))
+    want = (2 * (res * z).sum((1, 2, 3)) / (err + cfg.mf_norm_c) ** cfg.mf_norm_p).mean()
+    assert (t != r).any() and m.w.grad.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_repae_stop_gradients():
+    """REPA-E's three losses reach only their own network: (1) the VAE's loss (alignment through the frozen SiT)
+    gives no gradient to the SiT or the discriminator, (2) the discriminator's none to the VAE (recon detached), (3)
+    the SiT's none to the VAE (latent detached); and the VAE's alignment gradient does flow through the SiT."""
+    torch.manual_seed(0)
+
+    class VAE(nn.Module):  # 32 px -> (4, 16, 16) posterior; its decoder an upsampling conv
+        latent_channels, downsample = 4, 2
+
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Conv2d(3, 8, 2, 2), nn.ConvTranspose2d(4, 3, 2, 2)
+
+        def forward(self, x):
+            mean, logstd = self.enc(x).chunk(2, 1)
+            z = mean + logstd.exp() * torch.randn_like(mean)
+            return mean, logstd.exp(), z, self.dec(z)
+    model, vae, disc = randomize(tiny_sit(input_size=16)), VAE(), nn.Conv2d(3, 1, 4, 2, 1)
+    cfg = SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa-e'] | dict(ema_decay=0.99))
+    bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    s = SimpleNamespace(cfg=cfg, world=1, model=model, train_model=model, ema=copy.deepcopy(model).requires_grad_(False),
+                        vae=vae, train_vae=vae, disc=disc, bn=bn, ema_bn=copy.deepcopy(bn).eval(),
+                        lpips=lambda a, b: (a - b).abs().mean((1, 2, 3)), autocast=contextlib.nullcontext())
+    s.opt, s.opt_vae, s.opt_disc = (torch.optim.SGD(n.parameters(), lr=1e-3) for n in (model, vae, disc))
+    grads = lambda n: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in n.parameters()]
+    img, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    targets = [torch.randn(4, 64, 24)]  # one teacher, 8 x 8 tokens
+
+    def vae_grads(coeff):  # the VAE's gradient in step (1) of one iteration from s, with vae_align_coeff `coeff`
+        torch.manual_seed(1)
+        c = copy.deepcopy(s)
+        c.cfg, got = SimpleNamespace(**vars(cfg) | dict(vae_align_coeff=coeff)), []
+        c.opt_vae.register_step_pre_hook(lambda o, a, k: got.append([p.grad.clone() for p in c.vae.parameters()]))
+        irepa.repae_step(c, img, torch.empty(0), y, targets)
+        return got[0]
+    assert any(not torch.allclose(a, b) for a, b in zip(vae_grads(1.5), vae_grads(0.0)))  # alignment reaches the VAE
+    seen = []
+    for name, opt in zip(('sit', 'vae', 'disc'), (s.opt, s.opt_vae, s.opt_disc)):
+        opt.register_step_pre_hook(lambda o, a, k, name=name: seen.append((name, grads(model), grads(vae), grads(disc))))
+    for _ in range(2):  # the second iteration: no gradient outlives its step
+        irepa.repae_step(s, img, torch.empty(0), y, targets)
+    assert [n for n, *_ in seen] == ['vae', 'disc', 'sit'] * 2
+    for name, sit, v, d in seen:
+        own = dict(sit=sit, vae=v, disc=d)
+        assert any(own[name]) and not any(sum((g for k, g in own.items() if k != name), [])), name
