@@ -312,15 +312,23 @@ def test_conv_projector_k1_equals_linear():
 
 
 def test_conv_projector_is_spatial_and_row_major():
-    """A 3x3 conv sees the grid: a token's output changes with its grid neighbour but not with a far token."""
+    """A 3x3 conv sees the grid, read row-major: token i is at (i // W, i % W). Perturbing token (1, 2), off the
+    diagonal, changes its 3x3 neighbourhood on that grid (a column-major reading would change another set); the whole
+    output equals a convolution written here on the grid laid out by index."""
     proj = irepa.Projector('conv', 8, 4, kernel=3)
     x = torch.randn(1, 16, 8)
     base = proj(x)
     x2 = x.clone()
-    x2[0, 5] += 1.0  # token (row 1, col 1)
+    x2[0, 1 * 4 + 2] += 1.0  # token (row 1, col 2)
     diff = (proj(x2) - base).abs().sum(-1)[0]  # (16,)
     changed = {i for i in range(16) if diff[i] > 0}
-    assert changed == {r * 4 + c for r in range(3) for c in range(3)}  # its 3x3 neighbourhood, row-major
+    assert changed == {r * 4 + c for r in range(3) for c in range(1, 4)}  # rows 0-2, cols 1-3
+    grid = torch.zeros(1, 8, 4, 4)
+    for i in range(16):
+        grid[0, :, i // 4, i % 4] = x[0, i]
+    ref = F.conv2d(grid, proj.projection_layer.weight, proj.projection_layer.bias, padding=1)  # (1, 4, 4, 4)
+    want = torch.stack([ref[0, :, i // 4, i % 4] for i in range(16)])[None]  # (1, 16, 4)
+    torch.testing.assert_close(base, want, rtol=1e-5, atol=1e-6)
 
 
 def test_null_label_is_the_unconditional_branch():
@@ -421,13 +429,27 @@ def test_guidance_on_all_channels():
 
 
 def test_sde_is_seeded_and_deterministic_last_step():
+    """Euler-Maruyama on linspace(1, 0.04, n) with w(t) = 2t, drift v - t score, score ((t - 1) v - x) / t, noise
+    sqrt(2 t |dt|) eps from the generator, then one noise-free step from 0.04 to 0: written out here for n = 3."""
     m = randomize(tiny_sit()).eval()
     z, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
-    a = irepa.sample(m, z, y, 'sde', 5, generator=torch.Generator().manual_seed(1))
-    b = irepa.sample(m, z, y, 'sde', 5, generator=torch.Generator().manual_seed(1))
-    c = irepa.sample(m, z, y, 'sde', 5, generator=torch.Generator().manual_seed(2))
+    a = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(1))
+    b = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(1))
+    c = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == z.dtype and a.shape == z.shape
+
+    def drift(x, t):
+        with torch.no_grad():
+            v = m(x.float(), torch.full((2,), t), y)[0].double()
+        return v - t * ((t - 1) * v - x) / t
+    g, x = torch.Generator().manual_seed(1), z.double()
+    for t, t_next in ((1.0, 0.52), (0.52, 0.04)):
+        eps = torch.randn(x.shape, dtype=torch.float64, generator=g)
+        x = x + drift(x, t) * (t_next - t) + math.sqrt(2 * t * (t - t_next)) * eps
+    torch.testing.assert_close(a, (x - 0.04 * drift(x, 0.04)).float(), rtol=1e-5, atol=1e-5)  # no noise at the end
+    one = [irepa.sample(m, z, y, 'sde', 1, generator=torch.Generator().manual_seed(k)) for k in (1, 2)]
+    assert torch.equal(*one)  # one step is the last step: nothing random
 
 
 def test_one_step_euler_exact_for_point_mass():
@@ -544,8 +566,8 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     row = irepa.RECIPES[recipe]
-    given = dict(encoder_weights='random:1', max_steps=2, log_every=1, synthetic_size=16, global_batch_size=4,
-                 out_dir=str(tmp_path)) | (dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
+    given = dict(encoder_weights='random:1', max_steps=2, log_every=1, ckpt_every=1, synthetic_size=16,
+                 global_batch_size=4, out_dir=str(tmp_path)) | (dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
     irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
@@ -561,6 +583,18 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     assert ('h_embedder.mlp.0.weight' in ckpt['model']) == (row['objective'] == 'meanflow')
     assert ('vae' in ckpt and 'ema_bn' in ckpt) == (row['objective'] == 'repa-e')
     assert (tmp_path / 'samples/0000002.png').exists()
+    prev, d = load_ckpt(tmp_path / 'checkpoints/0000001.pt'), cfg['ema_decay']  # step 2 trained and its EMA followed
+    for net, ema in (('model', 'ema'), ('bn', 'ema_bn')) if 'bn' in ckpt else (('model', 'ema'),):
+        assert any(not torch.equal(ckpt[net][k], prev[net][k]) for k in ckpt[net] if ckpt[net][k].is_floating_point())
+        for k, e in ckpt[ema].items():
+            if e.is_floating_point():
+                e0 = prev[ema][k].double()
+                torch.testing.assert_close(e.double(), e0 + (1 - d) * (ckpt[net][k].double() - e0), rtol=0, atol=1e-6)
+    lrs = dict(opt=cfg['lr'], opt_vae=cfg.get('vae_lr'), opt_disc=cfg.get('disc_lr'))  # every optimizer, every group
+    for name in [k for k in ckpt if k.startswith('opt')]:
+        for group in ckpt[name]['param_groups']:
+            assert (group['lr'], tuple(group['betas']), group['weight_decay']) == (
+                lrs[name], (0.9, cfg['adam_beta2']), 0), name
 
 
 def test_the_loop_reads_like_dits():
@@ -3428,3 +3462,40 @@ def test_repae_stop_gradients():
     for name, sit, v, d in seen:
         own = dict(sit=sit, vae=v, disc=d)
         assert any(own[name]) and not any(sum((g for k, g in own.items() if k != name), [])), name
+
+
+def test_fid_estimators_against_direct_formulas():
+    """On random features: the statistics are numpy's mean and np.cov; the Frechet distance is
+    ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) with scipy's sqrtm; IS is exp(mean KL(p(y|x) || p(y))) per split of
+    numpy softmaxes, averaged; precision and recall are counts of k-NN balls by brute force."""
+    import scipy.linalg
+    from scipy.special import softmax
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)), rng.normal(size=(200, 6)) * 1.5 + 0.4
+    (mu1, s1), (mu2, s2) = fid.compute_stats(x.astype(np.float32)), fid.compute_stats(y.astype(np.float32))
+    x32, y32 = x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu1, x32.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s1, np.cov(x32, rowvar=False), rtol=1e-10, atol=1e-12)
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    for method in ('eigh', 'sqrtm'):
+        assert fid.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(want, rel=1e-9)
+    logits = rng.normal(size=(70, 8)) * 2
+    p = softmax(logits, axis=1)
+    parts = [np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()) for q in (p[:30], p[30:60], p[60:])]
+    assert fid.inception_score(logits, split_size=30) == pytest.approx(np.mean(parts), rel=1e-12)
+    ref, fake = rng.normal(size=(40, 5)).astype(np.float32), (rng.normal(size=(30, 5)) * 1.3).astype(np.float32)
+    d = lambda a, b: ((a[:, None].astype(np.float64) - b[None].astype(np.float64)) ** 2).sum(-1)
+    radius = lambda a: np.sort(d(a, a), 1)[:, 3]  # the 3rd neighbour, the point itself the 0th
+    precision = (d(fake, ref) <= radius(ref)[None]).any(1).mean()
+    recall = (d(ref, fake) <= radius(fake)[None]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert fid.precision_recall(ref, fake, k=3, adm16=False) == pytest.approx((precision, recall), abs=1e-12)
+
+
+def test_kl_term_equals_torch_distributions():
+    """REPA-E's KL: KL(N(mean, std^2) || N(0, 1)) summed over the latent, averaged over images."""
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.rand(3, 4, 5, 5, generator=g).double() + 0.2
+    D = torch.distributions
+    want = D.kl_divergence(D.Normal(mean, std), D.Normal(torch.zeros_like(mean), torch.ones_like(std))).sum((1, 2, 3))
+    torch.testing.assert_close(irepa.kl_loss(mean, std), want.mean(), rtol=1e-12, atol=0)
