@@ -567,7 +567,8 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     row = irepa.RECIPES[recipe]
     given = dict(encoder_weights='random:1', max_steps=2, log_every=1, ckpt_every=1, synthetic_size=16,
-                 global_batch_size=4, out_dir=str(tmp_path)) | (dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
+                 global_batch_size=4, out_dir=str(tmp_path)) | (
+        dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
     irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
@@ -3055,10 +3056,10 @@ def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
 # teacher (~0.1 s a step), so the fast tier covers the trainer: EMA, clipping, AdamW, resume, bad-data accounting.
 
 MECH = dict(lr=3e-3, beta1=0.9, beta2=0.95, clip=1e-3, decay=0.8)  # none of them a default: a dropped flag shows
-MECH_RUN = ['--model', 'SiT-T/8', '--resolution', '16', '--vae', 'none', '--encoder', 'none', '--global-batch-size', '4',
-            '--synthetic-size', '32', '--log-every', '1', '--ckpt-every', '1', '--sample-every', '0', '--num-workers',
-            '0', '--device', 'cpu', '--lr', str(MECH['lr']), '--adam-beta2', str(MECH['beta2']), '--grad-clip',
-            str(MECH['clip']), '--ema-decay', str(MECH['decay'])]
+MECH_RUN = ['--model', 'SiT-T/8', '--resolution', '16', '--vae', 'none', '--encoder', 'none', '--global-batch-size',
+            '4', '--synthetic-size', '32', '--log-every', '1', '--ckpt-every', '1', '--sample-every', '0',
+            '--num-workers', '0', '--device', 'cpu', '--lr', str(MECH['lr']), '--adam-beta2', str(MECH['beta2']),
+            '--grad-clip', str(MECH['clip']), '--ema-decay', str(MECH['decay'])]
 
 
 @contextlib.contextmanager
@@ -3195,18 +3196,19 @@ def test_optimizer_settings_reach_adamw_in_a_run(mech_runs):
 
 
 def test_resume_restores_the_step_counter(mech_runs):
-    """Resumed at step 2 of 3: one step runs, the checkpoint is step 3's, the log goes 1, 2, 3, AdamW's count is 3."""
+    """Resumed at step 2 of 3: one step runs, the checkpoint is step 3's, the log goes 1, 2, 3."""
     assert len(mech_runs.seen['resumed']) == 1
     ckpt = mech_runs.ckpt('split', 3)
     assert ckpt['step'] == 3 and [r['step'] for r in mech_runs.log('split')] == [1, 2, 3]
-    assert {step for _, _, step in adam_moments(ckpt).values()} == {3.0}
 
 
 def test_resume_restores_the_optimizer_state(mech_runs):
     """The resumed step continues AdamW's moments: exp_avg_sq_3 = b2 exp_avg_sq_2 + (1 - b2) g^2 with
-    g = (exp_avg_3 - b1 exp_avg_2) / (1 - b1) and step 2's moments as the interrupted run saved them."""
+    g = (exp_avg_3 - b1 exp_avg_2) / (1 - b1) and step 2's moments as the interrupted run saved them; AdamW's own
+    step count (its bias correction) goes on to 3."""
     b1, b2 = MECH['beta1'], MECH['beta2']
     before, after = adam_moments(mech_runs.ckpt('split', 2)), adam_moments(mech_runs.ckpt('split', 3))
+    assert {step for _, _, step in after.values()} == {3.0}
     for name, (m, v, _) in after.items():
         g = (m - b1 * before[name][0]) / (1 - b1)
         torch.testing.assert_close(v, b2 * before[name][1] + (1 - b2) * g ** 2, rtol=1e-3, atol=1e-18)
@@ -3437,8 +3439,8 @@ def test_repae_stop_gradients():
     model, vae, disc = randomize(tiny_sit(input_size=16)), VAE(), nn.Conv2d(3, 1, 4, 2, 1)
     cfg = SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa-e'] | dict(ema_decay=0.99))
     bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
-    s = SimpleNamespace(cfg=cfg, world=1, model=model, train_model=model, ema=copy.deepcopy(model).requires_grad_(False),
-                        vae=vae, train_vae=vae, disc=disc, bn=bn, ema_bn=copy.deepcopy(bn).eval(),
+    s = SimpleNamespace(cfg=cfg, world=1, model=model, train_model=model, vae=vae, train_vae=vae, disc=disc, bn=bn,
+                        ema=copy.deepcopy(model).requires_grad_(False), ema_bn=copy.deepcopy(bn).eval(),
                         lpips=lambda a, b: (a - b).abs().mean((1, 2, 3)), autocast=contextlib.nullcontext())
     s.opt, s.opt_vae, s.opt_disc = (torch.optim.SGD(n.parameters(), lr=1e-3) for n in (model, vae, disc))
     grads = lambda n: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in n.parameters()]
@@ -3455,7 +3457,7 @@ def test_repae_stop_gradients():
     assert any(not torch.allclose(a, b) for a, b in zip(vae_grads(1.5), vae_grads(0.0)))  # alignment reaches the VAE
     seen = []
     for name, opt in zip(('sit', 'vae', 'disc'), (s.opt, s.opt_vae, s.opt_disc)):
-        opt.register_step_pre_hook(lambda o, a, k, name=name: seen.append((name, grads(model), grads(vae), grads(disc))))
+        opt.register_step_pre_hook(lambda o, a, k, name=name: seen.append((name, *map(grads, (model, vae, disc)))))
     for _ in range(2):  # the second iteration: no gradient outlives its step
         irepa.repae_step(s, img, torch.empty(0), y, targets)
     assert [n for n, *_ in seen] == ['vae', 'disc', 'sit'] * 2
@@ -3495,7 +3497,8 @@ def test_fid_estimators_against_direct_formulas():
 def test_kl_term_equals_torch_distributions():
     """REPA-E's KL: KL(N(mean, std^2) || N(0, 1)) summed over the latent, averaged over images."""
     g = torch.Generator().manual_seed(0)
-    mean, std = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.rand(3, 4, 5, 5, generator=g).double() + 0.2
+    mean = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    std = torch.rand(3, 4, 5, 5, generator=g, dtype=torch.float64) + 0.2
     D = torch.distributions
     want = D.kl_divergence(D.Normal(mean, std), D.Normal(torch.zeros_like(mean), torch.ones_like(std))).sum((1, 2, 3))
     torch.testing.assert_close(irepa.kl_loss(mean, std), want.mean(), rtol=1e-12, atol=0)
