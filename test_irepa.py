@@ -3253,10 +3253,10 @@ def test_label_dropout_rate():
     does, with the row's mf_label_drop)."""
     n = 20_000  # the rate's standard error is 0.0021
     m = tiny_sit()
-    null = m.y_embedder.embedding_table.weight[m.num_classes]
     torch.manual_seed(0)
     y = torch.arange(n) % m.num_classes
-    dropped = lambda model, train: (model.y_embedder(y, train) == null).all(1).double().mean().item()
+    null = lambda model: model.y_embedder.embedding_table.weight[model.num_classes]  # the row of the null label
+    dropped = lambda model, train: (model.y_embedder(y, train) == null(model)).all(1).double().mean().item()
     assert abs(dropped(m, True) - 0.1) < 0.01 and dropped(m, False) == 0
     assert dropped(tiny_sit(meanflow=True), True) == 0
     seen = []
