@@ -3502,3 +3502,29 @@ def test_kl_term_equals_torch_distributions():
     D = torch.distributions
     want = D.kl_divergence(D.Normal(mean, std), D.Normal(torch.zeros_like(mean), torch.ones_like(std))).sum((1, 2, 3))
     torch.testing.assert_close(irepa.kl_loss(mean, std), want.mean(), rtol=1e-12, atol=0)
+
+
+def test_metrics_token_cache_key_changes_with_every_input(tmp_path, monkeypatch):
+    """`irepa.py metrics` caches a teacher's tokens in its out dir; changing anything they depend on (teacher, weights,
+    the dataset's size, classes or seed, which images, resolution, grid, SigLIP normalization) computes them again."""
+    loads = []
+
+    def load_teacher(name, weights, grid, *args, **kw):  # a stand-in teacher: the image's first grid^2 pixels
+        loads.append(name)
+        return lambda img: img.flatten(2).transpose(1, 2)[:, :grid * grid]  # (B, T, 3)
+    monkeypatch.setattr(encoders, 'load_teacher', load_teacher)
+    base = dict(encoder='dinov2-vit-b', encoder_weights='random:1', data_path=None, num_classes=10, synthetic_size=12,
+                resolution=16, seed=0, siglip_norm='imagenet', out_dir=str(tmp_path), batch_size=4)
+
+    def computes(grid=2, idx=(0, 1, 2, 3), **kw):
+        a = SimpleNamespace(**base | kw)
+        before = len(loads)
+        irepa.teacher_tokens(a, irepa.ImageData(None, a.resolution, a.num_classes, a.seed, a.synthetic_size),
+                             list(idx), grid, torch.device('cpu'))
+        return len(loads) > before
+    assert computes() and not computes()  # computed, then read from the cache
+    for what, kw in (('teacher', dict(encoder='siglip-vit-b')), ('weights', dict(encoder_weights='random:2')),
+                     ('dataset size', dict(synthetic_size=13)), ('classes', dict(num_classes=5)),
+                     ('seed', dict(seed=1)), ('images', dict(idx=(0, 1, 2, 5))), ('resolution', dict(resolution=32)),
+                     ('grid', dict(grid=4)), ('siglip norm', dict(siglip_norm='siglip'))):
+        assert computes(**kw), what
