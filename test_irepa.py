@@ -3086,7 +3086,7 @@ def mech_runs_at(root, device='cpu'):
         with tiny_trainer(seen[run]):
             irepa.main(MECH_RUN + ['--device', device, '--out-dir', str(root / ('full' if run == 'full' else 'split')),
                                    '--max-steps', str(steps)] + extra)
-    return SimpleNamespace(seen=seen, ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
+    return SimpleNamespace(seen=seen, root=root, ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
                            log=lambda run: [json.loads(l) for l in open(root / run / 'log.jsonl')])
 
 
@@ -3196,10 +3196,14 @@ def test_optimizer_settings_reach_adamw_in_a_run(mech_runs):
 
 
 def test_resume_restores_the_step_counter(mech_runs):
-    """Resumed at step 2 of 3: one step runs, the checkpoint is step 3's, the log goes 1, 2, 3."""
+    """Resumed at step 2 of 3: one step runs, the checkpoint is step 3's, named so that names sort by step, and the log
+    goes 1, 2, 3."""
     assert len(mech_runs.seen['resumed']) == 1
     ckpt = mech_runs.ckpt('split', 3)
     assert ckpt['step'] == 3 and [r['step'] for r in mech_runs.log('split')] == [1, 2, 3]
+    split = mech_runs.root / 'split'
+    assert sorted(p.name for p in (split / 'checkpoints').iterdir()) == ['0000001.pt', '0000002.pt', '0000003.pt']
+    assert irepa.latest_checkpoint(split) == split / 'checkpoints/0000003.pt'
 
 
 def test_resume_restores_the_optimizer_state(mech_runs):
