@@ -3334,7 +3334,7 @@ def test_teacher_cache_key_changes_with_every_input(tmp_path):
     os.replace(root / 'cat/2.png', root / 'cat/9.png')
     changed['file name'] = key(data=irepa.ImageData(root, 16))
     os.replace(root / 'cat/9.png', root / 'dog/9.png')
-    changed['label'] = key(data=irepa.ImageData(root, 16))
+    changed['class folder'] = key(data=irepa.ImageData(root, 16))
     shutil.copytree(root, tmp_path / 'other')
     changed['root'] = key(data=irepa.ImageData(tmp_path / 'other', 16))
     keys = [base, folder, *changed.values()]
