@@ -3084,7 +3084,7 @@ def mech_runs_at(root, device='cpu'):
     seen = dict(full=[], split=[], resumed=[])
     for run, steps, extra in (('full', 3, []), ('split', 2, []), ('resumed', 3, ['--resume'])):
         with tiny_trainer(seen[run]):
-            irepa.main(MECH_RUN + ['--device', device, '--out-dir', str(root / ('full' if run == 'full' else 'split')),
+            irepa.main(MECH_RUN + ['--device', device, '--no-compile', '--out-dir', str(root / ('full' if run == 'full' else 'split')),
                                    '--max-steps', str(steps)] + extra)
     return SimpleNamespace(seen=seen, root=root, ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
                            log=lambda run: [json.loads(l) for l in open(root / run / 'log.jsonl')])
