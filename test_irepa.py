@@ -434,10 +434,8 @@ def test_sde_is_seeded_and_deterministic_last_step():
     m = randomize(tiny_sit()).eval()
     z, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     a = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(1))
-    b = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(1))
-    c = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.dtype == z.dtype and a.shape == z.shape
+    assert not torch.equal(a, irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(2)))
+    assert a.dtype == z.dtype and a.shape == z.shape  # and seed 1 again is the trajectory below, exactly
 
     def drift(x, t):
         with torch.no_grad():
