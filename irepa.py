@@ -1525,8 +1525,9 @@ def teacher_tokens(a, data, idx, grid, device):
     """The teacher's patch tokens (n, T, D) fp16 of the images idx, cached in a.out_dir under a key of everything they
     depend on; and the extraction speed (None when cached)."""
     import encoders
-    name, source = encoders.resolve_teacher(a.encoder), Path(a.data_path).resolve() if a.data_path else 'synthetic'
-    key = f"{name}|{a.encoder_weights}|{source}|{a.num_classes}|{a.resolution}|{grid}|{len(idx)}|{a.seed}|{a.siglip_norm}"
+    name, images = encoders.resolve_teacher(a.encoder), hashlib.sha256(str(idx).encode()).hexdigest()[:16]
+    key = f"{name}|{a.encoder_weights}|{dataset_fingerprint(data)}|{images}|{a.resolution}|{grid}|{a.seed}|" \
+          f"{a.siglip_norm}"  # the dataset (its size and files too) and which of its images: not just their number
     cache = Path(a.out_dir) / f"{name}-{int.from_bytes(key.encode(), 'little') % 10 ** 10:010d}.pt"
     if cache.exists():
         print(f"features from the cache {cache}")

@@ -312,15 +312,23 @@ def test_conv_projector_k1_equals_linear():
 
 
 def test_conv_projector_is_spatial_and_row_major():
-    """A 3x3 conv sees the grid: a token's output changes with its grid neighbour but not with a far token."""
+    """A 3x3 conv sees the grid, read row-major: token i is at (i // W, i % W). Perturbing token (1, 2), off the
+    diagonal, changes its 3x3 neighbourhood on that grid (a column-major reading would change another set); the whole
+    output equals a convolution written here on the grid laid out by index."""
     proj = irepa.Projector('conv', 8, 4, kernel=3)
     x = torch.randn(1, 16, 8)
     base = proj(x)
     x2 = x.clone()
-    x2[0, 5] += 1.0  # token (row 1, col 1)
+    x2[0, 1 * 4 + 2] += 1.0  # token (row 1, col 2)
     diff = (proj(x2) - base).abs().sum(-1)[0]  # (16,)
     changed = {i for i in range(16) if diff[i] > 0}
-    assert changed == {r * 4 + c for r in range(3) for c in range(3)}  # its 3x3 neighbourhood, row-major
+    assert changed == {r * 4 + c for r in range(3) for c in range(1, 4)}  # rows 0-2, cols 1-3
+    grid = torch.zeros(1, 8, 4, 4)
+    for i in range(16):
+        grid[0, :, i // 4, i % 4] = x[0, i]
+    ref = F.conv2d(grid, proj.projection_layer.weight, proj.projection_layer.bias, padding=1)  # (1, 4, 4, 4)
+    want = torch.stack([ref[0, :, i // 4, i % 4] for i in range(16)])[None]  # (1, 16, 4)
+    torch.testing.assert_close(base, want, rtol=1e-5, atol=1e-6)
 
 
 def test_null_label_is_the_unconditional_branch():
@@ -421,13 +429,25 @@ def test_guidance_on_all_channels():
 
 
 def test_sde_is_seeded_and_deterministic_last_step():
+    """Euler-Maruyama on linspace(1, 0.04, n) with w(t) = 2t, drift v - t score, score ((t - 1) v - x) / t, noise
+    sqrt(2 t |dt|) eps from the generator, then one noise-free step from 0.04 to 0: written out here for n = 3."""
     m = randomize(tiny_sit()).eval()
     z, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
-    a = irepa.sample(m, z, y, 'sde', 5, generator=torch.Generator().manual_seed(1))
-    b = irepa.sample(m, z, y, 'sde', 5, generator=torch.Generator().manual_seed(1))
-    c = irepa.sample(m, z, y, 'sde', 5, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.dtype == z.dtype and a.shape == z.shape
+    a = irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, irepa.sample(m, z, y, 'sde', 3, generator=torch.Generator().manual_seed(2)))
+    assert a.dtype == z.dtype and a.shape == z.shape  # and seed 1 again is the trajectory below, exactly
+
+    def drift(x, t):
+        with torch.no_grad():
+            v = m(x.float(), torch.full((2,), t), y)[0].double()
+        return v - t * ((t - 1) * v - x) / t
+    g, x = torch.Generator().manual_seed(1), z.double()
+    for t, t_next in ((1.0, 0.52), (0.52, 0.04)):
+        eps = torch.randn(x.shape, dtype=torch.float64, generator=g)
+        x = x + drift(x, t) * (t_next - t) + math.sqrt(2 * t * (t - t_next)) * eps
+    torch.testing.assert_close(a, (x - 0.04 * drift(x, 0.04)).float(), rtol=1e-5, atol=1e-5)  # no noise at the end
+    one = [irepa.sample(m, z, y, 'sde', 1, generator=torch.Generator().manual_seed(k)) for k in (1, 2)]
+    assert torch.equal(*one)  # one step is the last step: nothing random
 
 
 def test_one_step_euler_exact_for_point_mass():
@@ -544,8 +564,9 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     row = irepa.RECIPES[recipe]
-    given = dict(encoder_weights='random:1', max_steps=2, log_every=1, synthetic_size=16, global_batch_size=4,
-                 out_dir=str(tmp_path)) | (dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
+    given = dict(encoder_weights='random:1', max_steps=2, log_every=1, ckpt_every=1, synthetic_size=16,
+                 global_batch_size=4, out_dir=str(tmp_path)) | (
+        dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
     irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
@@ -561,6 +582,18 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     assert ('h_embedder.mlp.0.weight' in ckpt['model']) == (row['objective'] == 'meanflow')
     assert ('vae' in ckpt and 'ema_bn' in ckpt) == (row['objective'] == 'repa-e')
     assert (tmp_path / 'samples/0000002.png').exists()
+    prev, d = load_ckpt(tmp_path / 'checkpoints/0000001.pt'), cfg['ema_decay']  # step 2 trained and its EMA followed
+    for net, ema in (('model', 'ema'), ('bn', 'ema_bn')) if 'bn' in ckpt else (('model', 'ema'),):
+        assert any(not torch.equal(ckpt[net][k], prev[net][k]) for k in ckpt[net] if ckpt[net][k].is_floating_point())
+        for k, e in ckpt[ema].items():
+            if e.is_floating_point():
+                e0 = prev[ema][k].double()
+                torch.testing.assert_close(e.double(), e0 + (1 - d) * (ckpt[net][k].double() - e0), rtol=0, atol=1e-6)
+    lrs = dict(opt=cfg['lr'], opt_vae=cfg.get('vae_lr'), opt_disc=cfg.get('disc_lr'))  # every optimizer, every group
+    for name in [k for k in ckpt if k.startswith('opt')]:
+        for group in ckpt[name]['param_groups']:
+            assert (group['lr'], tuple(group['betas']), group['weight_decay']) == (
+                lrs[name], (0.9, cfg['adam_beta2']), 0), name
 
 
 def test_the_loop_reads_like_dits():
@@ -3094,3 +3127,487 @@ def test_prepare_resumed_by_two_ranks_equals_one_uninterrupted_pass(tmp_path, mo
     assert np.load(tmp_path / 'stop/latents.npy').tobytes() == np.load(tmp_path / 'full/latents.npy').tobytes()
     assert json.loads((tmp_path / 'stop/meta.json').read_text())['stats'] == json.loads(
         (tmp_path / 'full/meta.json').read_text())['stats']
+
+# --- issue 26: the training machinery, each mechanism against a known answer ---
+# Every test here fails when its mechanism is removed, inverted or fed the wrong setting (issue 26's report lists the
+# one-line mutation each one was seen to catch). References are formulas written here or second implementations,
+# never the function under test. The runs go through irepa.main with SiT-T shrunk to 2 blocks of width 32 and no
+# teacher (~0.1 s a step), so the fast tier covers the trainer: EMA, clipping, AdamW, resume, bad-data accounting.
+
+MECH = dict(lr=3e-3, beta1=0.9, beta2=0.95, clip=1e-3, decay=0.8)  # none of them a default: a dropped flag shows
+MECH_RUN = ['--model', 'SiT-T/8', '--resolution', '16', '--vae', 'none', '--encoder', 'none', '--global-batch-size',
+            '4', '--synthetic-size', '32', '--log-every', '1', '--ckpt-every', '1', '--sample-every', '0',
+            '--num-workers', '0', '--device', 'cpu', '--lr', str(MECH['lr']), '--adam-beta2', str(MECH['beta2']),
+            '--grad-clip', str(MECH['clip']), '--ema-decay', str(MECH['decay'])]
+
+
+@contextlib.contextmanager
+def tiny_trainer(seen=None):
+    """SiT-T as a 2-block, 32-wide model; with `seen` (a list), the flow step appends the batch and the CPU (and CUDA)
+    RNG state it starts from."""
+    real = irepa.OBJECTIVES['flow']
+
+    def spy(s, img, moments, y, targets):
+        seen.append(dict(img=img.clone(), y=y.clone(), rng=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state(img.device) if img.device.type == 'cuda' else None))
+        return real(s, img, moments, y, targets)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(irepa.SIZES, 'T', (2, 32, 2, 1))
+        if seen is not None:
+            mp.setitem(irepa.OBJECTIVES, 'flow', spy)
+        yield
+
+
+def mech_runs_at(root, device='cpu'):
+    """'full' trains 3 steps; 'split' trains 2, then a second process-like call resumes it to 3 ('resumed')."""
+    seen = dict(full=[], split=[], resumed=[])
+    for run, steps, extra in (('full', 3, []), ('split', 2, []), ('resumed', 3, ['--resume'])):
+        with tiny_trainer(seen[run]):
+            irepa.main(MECH_RUN + ['--device', device, '--no-compile', '--out-dir', str(root / ('full' if run == 'full' else 'split')),
+                                   '--max-steps', str(steps)] + extra)
+    return SimpleNamespace(seen=seen, root=root, ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
+                           log=lambda run: [json.loads(l) for l in open(root / run / 'log.jsonl')])
+
+
+@pytest.fixture(scope='module')
+def mech_runs(tmp_path_factory):
+    return mech_runs_at(tmp_path_factory.mktemp('mech'))
+
+
+def param_names(ckpt):
+    """The optimizer state's indices -> parameter names (the order of model.parameters())."""
+    with tiny_trainer():
+        return [n for n, _ in irepa.SiT(**ckpt['model_args']).named_parameters()]
+
+
+def adam_moments(ckpt):
+    names, state = param_names(ckpt), ckpt['opt']['state']
+    return {names[i]: (st['exp_avg'].double(), st['exp_avg_sq'].double(), float(st['step'])) for i, st in state.items()}
+
+
+def test_ema_update_direction_and_rate():
+    """One EMA update from known weights: ema + (1 - decay)(model - ema) on every float parameter and buffer (REPA-E's
+    BatchNorm statistics), integer buffers left alone, the model untouched."""
+    torch.manual_seed(0)
+    model, ema = (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double() for _ in range(2))
+    for i, m in enumerate((model, ema)):
+        for v in m.state_dict().values():
+            v.uniform_(1, 2) if v.is_floating_point() else v.fill_(5 + i)  # num_batches_tracked: 5 and 6
+    m0, e0 = copy.deepcopy(model.state_dict()), copy.deepcopy(ema.state_dict())
+    irepa.ema_update(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(model.state_dict()[k], m0[k]), k
+        want = e0[k] + 0.1 * (m0[k] - e0[k]) if v.is_floating_point() else e0[k]
+        torch.testing.assert_close(v, want, rtol=0, atol=1e-15)
+        assert not v.is_floating_point() or not torch.equal(v, e0[k]), k  # it moved
+
+
+def test_ema_in_a_run_follows_the_model(mech_runs):
+    """In a run, after each step: ema_k = ema_{k-1} + (1 - decay)(model_k - ema_{k-1}), and the model moved."""
+    d = MECH['decay']
+    for k in (2, 3):
+        prev, now = mech_runs.ckpt('full', k - 1), mech_runs.ckpt('full', k)
+        for name, e in now['ema'].items():
+            e0, m = prev['ema'][name].double(), now['model'][name].double()
+            torch.testing.assert_close(e.double(), e0 + (1 - d) * (m - e0), rtol=0, atol=1e-7)
+        assert any(not torch.equal(now['model'][n], prev['model'][n]) for n in now['model'])
+        assert any(not torch.equal(now['ema'][n], prev['ema'][n]) for n in now['ema'])
+
+
+def test_clipped_step_moves_by_the_clipped_norm():
+    """A gradient of norm 1e6 clipped at 0.5: plain SGD (lr 1) moves the weights by exactly 0.5 along it; the norm
+    before clipping is returned; no gradient outlives the step."""
+    p = nn.Parameter(torch.arange(6, dtype=torch.float64))
+    g = torch.tensor([3.0, -4.0, 0.0, 12.0, 0.0, 0.0], dtype=torch.float64) * 1e6 / 13  # norm 1e6
+    p.grad = g.clone()
+    norm = irepa.clipped_step([p], torch.optim.SGD([p], lr=1.0), 0.5)
+    assert norm.item() == pytest.approx(1e6, rel=1e-12) and p.grad is None
+    torch.testing.assert_close(p.detach(), torch.arange(6, dtype=torch.float64) - 0.5 * g / 1e6, rtol=0, atol=1e-9)
+
+
+def test_clipping_in_a_run_caps_the_gradient_at_grad_clip(mech_runs):
+    """After step 1, AdamW's moments hold the clipped gradient: ||exp_avg|| = (1 - b1) clip, sum exp_avg_sq =
+    (1 - b2) clip^2, while the logged gradient norm (before clipping) is far above --grad-clip."""
+    assert mech_runs.log('full')[0]['grad_norm'] > 20 * MECH['clip']
+    moments = adam_moments(mech_runs.ckpt('full', 1)).values()
+    m_norm = math.sqrt(sum(m.square().sum().item() for m, _, _ in moments))
+    v_sum = sum(v.sum().item() for _, v, _ in moments)
+    assert m_norm == pytest.approx((1 - MECH['beta1']) * MECH['clip'], rel=1e-4)
+    assert v_sum == pytest.approx((1 - MECH['beta2']) * MECH['clip'] ** 2, rel=1e-4)
+
+
+def test_adamw_settings_and_update():
+    """adamw(params, lr, beta2): betas (0.9, beta2), eps 1e-8, no weight decay, and two steps equal Adam's formula."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = irepa.adamw([w], 0.01, 0.95)
+    group = opt.param_groups[0]
+    assert (group['lr'], tuple(group['betas']), group['weight_decay'], group['eps']) == (0.01, (0.9, 0.95), 0, 1e-8)
+    b1, b2, m, v, ref = 0.9, 0.95, 0.0, 0.0, w.detach().clone()
+    for k, g in enumerate((torch.tensor([0.3, -1.0, 2.0]), torch.tensor([-0.1, 0.5, 2.0])), start=1):
+        w.grad = g.double()
+        opt.step()
+        m, v = b1 * m + (1 - b1) * g.double(), b2 * v + (1 - b2) * g.double() ** 2
+        ref = ref - 0.01 * (m / (1 - b1 ** k)) / ((v / (1 - b2 ** k)).sqrt() + 1e-8)
+        torch.testing.assert_close(w.detach(), ref, rtol=0, atol=1e-12)
+
+
+def test_optimizer_settings_reach_adamw_in_a_run(mech_runs):
+    """--lr, --adam-beta2 (a recipe row's value) and beta1 0.9 reach the run's optimizer, without weight decay: its
+    param group says so, the moments of step 2 follow from step 1's with those betas, and the weights of step 2 are
+    step 1's minus lr x Adam's bias-corrected ratio (AdamW's decay would subtract lr x wd x w more)."""
+    b1, b2, lr = MECH['beta1'], MECH['beta2'], MECH['lr']
+    one, two = mech_runs.ckpt('full', 1), mech_runs.ckpt('full', 2)
+    for group in two['opt']['param_groups']:
+        assert (group['lr'], tuple(group['betas']), group['weight_decay'], group['eps']) == (lr, (b1, b2), 0, 1e-8)
+    m1, m2 = adam_moments(one), adam_moments(two)
+    moved = 0
+    for name, (m, v, step) in m2.items():
+        g = (m - b1 * m1[name][0]) / (1 - b1)  # step 2's clipped gradient, from the first moment
+        torch.testing.assert_close(v, b2 * m1[name][1] + (1 - b2) * g ** 2, rtol=1e-3, atol=1e-18)
+        update = lr * (m / (1 - b1 ** 2)) / ((v / (1 - b2 ** 2)).sqrt() + 1e-8)
+        torch.testing.assert_close(two['model'][name].double(), one['model'][name].double() - update,
+                                   rtol=0, atol=lr * 1e-4)
+        moved += int((update.abs() > lr / 2).sum())
+    assert moved > 100  # most weights took a full-size step: the check above is not vacuous
+    for recipe, row in irepa.RECIPES.items():  # each row's beta2 is the cfg's, which the run above shows reaches AdamW
+        want = 0.95 if row['objective'] == 'meanflow' else 0.999  # MeanFlow's ImageNet config; REPA's otherwise
+        assert row['adam_beta2'] == want and irepa.resolve_config(['--recipe', recipe]).adam_beta2 == want
+
+
+def test_resume_restores_the_step_counter(mech_runs):
+    """Resumed at step 2 of 3: one step runs, the checkpoint is step 3's, named so that names sort by step, and the log
+    goes 1, 2, 3."""
+    assert len(mech_runs.seen['resumed']) == 1
+    ckpt = mech_runs.ckpt('split', 3)
+    assert ckpt['step'] == 3 and [r['step'] for r in mech_runs.log('split')] == [1, 2, 3]
+    split = mech_runs.root / 'split'
+    assert sorted(p.name for p in (split / 'checkpoints').iterdir()) == ['0000001.pt', '0000002.pt', '0000003.pt']
+    assert irepa.latest_checkpoint(split) == split / 'checkpoints/0000003.pt'
+
+
+def test_resume_restores_the_optimizer_state(mech_runs):
+    """The resumed step continues AdamW's moments: exp_avg_sq_3 = b2 exp_avg_sq_2 + (1 - b2) g^2 with
+    g = (exp_avg_3 - b1 exp_avg_2) / (1 - b1) and step 2's moments as the interrupted run saved them; AdamW's own
+    step count (its bias correction) goes on to 3."""
+    b1, b2 = MECH['beta1'], MECH['beta2']
+    before, after = adam_moments(mech_runs.ckpt('split', 2)), adam_moments(mech_runs.ckpt('split', 3))
+    assert {step for _, _, step in after.values()} == {3.0}
+    for name, (m, v, _) in after.items():
+        g = (m - b1 * before[name][0]) / (1 - b1)
+        torch.testing.assert_close(v, b2 * before[name][1] + (1 - b2) * g ** 2, rtol=1e-3, atol=1e-18)
+
+
+def test_resume_restores_the_cpu_rng(mech_runs):
+    """The resumed step starts from the CPU RNG state the uninterrupted run had at that step (t, noise, dropout)."""
+    full, resumed = mech_runs.seen['full'], mech_runs.seen['resumed']
+    assert torch.equal(resumed[0]['rng'], full[2]['rng']) and not torch.equal(full[2]['rng'], full[1]['rng'])
+
+
+@needs_cuda
+def test_resume_restores_the_cuda_rng(tmp_path):
+    runs = mech_runs_at(tmp_path, 'cuda')
+    full, resumed = runs.seen['full'], runs.seen['resumed']
+    assert torch.equal(resumed[0]['cuda'], full[2]['cuda']) and not torch.equal(full[2]['cuda'], full[1]['cuda'])
+
+
+def test_resume_restores_the_data_order(mech_runs):
+    """The resumed step trains on the batch the uninterrupted run drew at that step (not the epoch's first)."""
+    full, resumed = mech_runs.seen['full'], mech_runs.seen['resumed']
+    assert torch.equal(resumed[0]['y'], full[2]['y']) and torch.equal(resumed[0]['img'], full[2]['img'])
+    assert not torch.equal(full[2]['img'], full[0]['img'])
+
+
+def test_bad_data_accounting_counts_every_unreadable_draw(tmp_path):
+    """A folder of 8 images, one unreadable, and a global batch of 8: every step draws each image once, so the log's
+    bad_images is exactly the step number; 1/8 is allowed by --max-bad-fraction 0.125 and stops a run at 0.1."""
+    root = make_folder(tmp_path / 'imgs', n_per_class=4, size=16)
+    (root / 'dog' / '3.png').write_bytes(b'not a png')
+    args = MECH_RUN + ['--data-path', str(root), '--global-batch-size', '8', '--max-steps', '3']
+    with tiny_trainer():
+        irepa.main(args + ['--out-dir', str(tmp_path / 'ok'), '--max-bad-fraction', '0.125'])
+        log = [json.loads(l) for l in open(tmp_path / 'ok/log.jsonl')]
+        assert [(r['step'], r['bad_images']) for r in log] == [(1, 1), (2, 2), (3, 3)]
+        with pytest.raises(encoders.UserError, match=r'1 of the 8 images drawn so far were unreadable.*dog/3\.png'):
+            irepa.main(args + ['--out-dir', str(tmp_path / 'strict'), '--max-bad-fraction', '0.1'])
+
+
+def test_label_dropout_rate():
+    """The SiT drops a label to the null one with probability 0.1 in train mode only; MeanFlow's SiT never (its loss
+    does, with the row's mf_label_drop)."""
+    n = 20_000  # the rate's standard error is 0.0021
+    m = tiny_sit()
+    torch.manual_seed(0)
+    y = torch.arange(n) % m.num_classes
+    null = lambda model: model.y_embedder.embedding_table.weight[model.num_classes]  # the row of the null label
+    dropped = lambda model, train: (model.y_embedder(y, train) == null(model)).all(1).double().mean().item()
+    assert abs(dropped(m, True) - 0.1) < 0.01 and dropped(m, False) == 0
+    assert dropped(tiny_sit(meanflow=True), True) == 0
+    seen = []
+
+    class Recorder(nn.Module):
+        num_classes = 10
+
+        def forward(self, z, t, y, align=True, r=None):
+            seen.append(y)
+            return z * 1.0, []
+    cfg = SimpleNamespace(**irepa.RECIPES['meanflow-irepa'])
+    irepa.meanflow_loss(Recorder(), Recorder(), torch.randn(n, 1, 1, 1), y, [], cfg)
+    assert cfg.mf_label_drop == 0.1 and abs((seen[-1] == 10).double().mean().item() - 0.1) < 0.01
+    assert ((seen[-1] == y) | (seen[-1] == 10)).all()
+
+
+def test_latent_stats_equal_a_direct_computation():
+    """Per-channel mean and std of posterior samples z = mu + sigma eps, from per-shard sums, against the law of total
+    variance: Var z = Var mu + E sigma^2 (population variances over images and positions)."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(10, 3, 4, 4, generator=g) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 2
+    std = torch.rand(10, 3, 4, 4, generator=g) + 0.5
+    mu, sd = irepa.latent_stats(irepa.moment_sums(mean[:4], std[:4]) + irepa.moment_sums(mean[4:], std[4:]))
+    dims = (0, 2, 3)
+    want_var = mean.double().var(dims, unbiased=False) + std.double().square().mean(dims)
+    torch.testing.assert_close(mu, mean.double().mean(dims), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sd, want_var.sqrt(), rtol=1e-12, atol=0)
+    z = mean.double() + std.double() * torch.randn(1000, *mean.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(sd, z.transpose(0, 2).reshape(3, -1).std(1), rtol=5e-3, atol=0)  # sampled
+
+
+def test_batches_shard_the_global_batch_over_ranks():
+    """Ranks get disjoint shares whose concatenation is the one-process batch, which is the epoch's seeded
+    permutation (seed + epoch) in order, its last partial batch dropped; a start step gives that step's batches."""
+    n, gb, seed = 43, 8, 5
+    take = lambda it, k: [next(it) for _ in range(k)]
+    whole = take(irepa.batches(n, gb, 0, 1, seed), 12)  # 5 batches per epoch: two epochs and a bit
+    ranks = [take(irepa.batches(n, gb, r, 4, seed), 12) for r in range(4)]
+    for step in range(12):
+        epoch, k = divmod(step, n // gb)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        assert whole[step] == perm[k * gb:(k + 1) * gb]
+        shares = [r[step] for r in ranks]
+        assert all(len(s) == 2 for s in shares) and sum(shares, []) == whole[step]
+    assert take(irepa.batches(n, gb, 1, 4, seed, start=7), 3) == ranks[1][7:10]
+
+
+class FakeTeacher(nn.Linear):
+    def __init__(self, name='dinov2-vit-b', dim=4, grid=4, seed=0):
+        torch.manual_seed(seed)
+        super().__init__(2, dim)
+        self.name, self.dim, self.grid = name, dim, grid
+
+
+def test_teacher_cache_key_changes_with_every_input(tmp_path):
+    """The teacher cache's key (the meta it must match) changes with each thing the tokens depend on, and only then."""
+    root = make_folder(tmp_path / 'imgs', size=8)
+    cfg = lambda **kw: SimpleNamespace(**dict(resolution=16, siglip_norm='imagenet') | kw)
+    synth = lambda **kw: irepa.ImageData(None, 16, **dict(num_classes=10, seed=0, synthetic_size=40) | kw)
+    key = lambda c=None, data=None, teachers=None, dtypes=(torch.bfloat16,): json.dumps(irepa.cache_meta(
+        c or cfg(), data or synth(), teachers or [FakeTeacher()], list(dtypes)), sort_keys=True)
+    base = key()
+    assert key() == base
+    changed = dict(name=key(teachers=[FakeTeacher('siglip-vit-b')]), weights=key(teachers=[FakeTeacher(seed=1)]),
+                   dim=key(teachers=[FakeTeacher(dim=5)]), grid=key(teachers=[FakeTeacher(grid=8)]),
+                   dtype=key(dtypes=(torch.float32,)), resolution=key(cfg(resolution=32)),
+                   siglip_norm=key(cfg(siglip_norm='siglip')), seed=key(data=synth(seed=1)),
+                   size=key(data=synth(synthetic_size=41)), classes=key(data=synth(num_classes=5)),
+                   teachers=key(teachers=[FakeTeacher(), FakeTeacher()], dtypes=(torch.bfloat16,) * 2))
+    folder = key(data=irepa.ImageData(root, 16))
+    os.replace(root / 'cat/2.png', root / 'cat/9.png')
+    changed['file name'] = key(data=irepa.ImageData(root, 16))
+    os.replace(root / 'cat/9.png', root / 'dog/9.png')
+    changed['class folder'] = key(data=irepa.ImageData(root, 16))
+    shutil.copytree(root, tmp_path / 'other')
+    changed['root'] = key(data=irepa.ImageData(tmp_path / 'other', 16))
+    keys = [base, folder, *changed.values()]
+    assert len(set(keys)) == len(keys), [k for k, v in changed.items() if v in (base, folder)]
+
+
+def test_fid_reference_cache_key_changes_with_every_input(tmp_path, monkeypatch):
+    """fid.py's cached reference statistics are reused only for the same file (path, size, mtime), the same Inception
+    weights and CACHE_VERSION: changing any one computes them again. The statistics are the uncached ones."""
+    calls = []
+
+    class Net:
+        weights_sha256 = 'a' * 64
+
+        def __call__(self, x):  # (B, 3, 8, 8) uint8 -> pool (B, 5), spatial (B, 3), logits (B, 4)
+            calls.append(len(x))
+            f = x.float().flatten(1)
+            return f[:, :5], f[:, 5:8], f[:, 8:12]
+    path, cache = tmp_path / 'ref.npz', tmp_path / 'cache'
+    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    get = lambda p=path, net=None: fid.reference_features(str(p), net or Net(), 4, cache_dir=str(cache))
+    first = get()
+    n = len(calls)
+    again = get()
+    assert len(calls) == n and all(np.array_equal(first[k], again[k]) for k in first)  # a hit
+    pool = np.load(path)['arr_0'].transpose(0, 3, 1, 2).reshape(6, -1)[:, :5].astype(np.float64)  # what Net saw
+    np.testing.assert_allclose(again['mu'], pool.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(again['sigma'], np.cov(pool, rowvar=False), rtol=1e-12)
+
+    def recomputes(what, **kw):
+        before = len(calls)
+        get(**kw)
+        assert len(calls) > before, what
+    other = Net()
+    other.weights_sha256 = 'b' * 64
+    recomputes('weights', net=other)
+    os.utime(path, ns=(1, os.stat(path).st_mtime_ns + 10 ** 9))
+    recomputes('mtime')
+    np.savez(path, arr_0=np.zeros((7, 8, 8, 3), np.uint8))
+    recomputes('size')
+    shutil.copy(path, tmp_path / 'copy.npz')
+    recomputes('path', p=tmp_path / 'copy.npz')
+    monkeypatch.setattr(fid, 'CACHE_VERSION', fid.CACHE_VERSION + 1)
+    recomputes('version')
+
+
+def test_meanflow_target_jvp_tangents():
+    """sg(v_g - (t - r) du/dt) with du/dt along (v_g, 1, 0), for u(z, t, r) = z t^2 + 3 r whose derivative is known:
+    du/dt = v_g t^2 + 2 z t (r does not move with t, so the 3 r term adds nothing)."""
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(2, 2, 4, 3, 3, generator=g, dtype=torch.float64)
+    t, r = torch.tensor([0.9, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.6], dtype=torch.float64)
+    col = lambda a: a.view(-1, 1, 1, 1)
+    u = lambda z_, t_, r_: z_ * col(t_) ** 2 + 3 * col(r_)
+    want = v - col(t - r) * (v * col(t) ** 2 + 2 * z * col(t))
+    torch.testing.assert_close(irepa.meanflow_target(u, z, t, r, v), want, rtol=1e-12, atol=1e-12)
+
+
+def test_meanflow_loss_stop_gradients():
+    """The gradient of MeanFlow's loss for u = w z is that of sum_i ||w z_i - sg(target_i)||^2 / sg(err_i + c)^p:
+    neither the target (v - (t - r) w v) nor the adaptive weight carries a gradient."""
+    seen = []
+
+    class Linear(nn.Module):
+        num_classes = 10
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+        def forward(self, z, t, y, align=True, r=None):
+            seen.append((z, t, r))
+            return self.w * z, []
+    m, x = Linear(), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    cfg = SimpleNamespace(**irepa.RECIPES['meanflow-irepa'] | dict(mf_omega=1.0, mf_kappa=0.0, mf_norm_p=0.5))
+    torch.manual_seed(0)
+    loss = irepa.meanflow_loss(m, m, x, torch.zeros(6, dtype=torch.long), [], cfg)['flow']
+    loss.backward()
+    z, t, r = (a.detach().double() for a in seen[-1])  # the gradient-carrying pass
+    col = lambda a: a.view(-1, 1, 1, 1)
+    w, v = 0.7, (z - x) / col(t)  # z = (1 - t) x + t eps, v = eps - x
+    target = v - col(t - r) * w * v
+    res = w * z - target
+    err = res.square().sum((1, 2, 3))
+    want = (2 * (res * z).sum((1, 2, 3)) / (err + cfg.mf_norm_c) ** cfg.mf_norm_p).mean()
+    assert (t != r).any() and m.w.grad.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_repae_stop_gradients():
+    """REPA-E's three losses reach only their own network: (1) the VAE's loss (alignment through the frozen SiT)
+    gives no gradient to the SiT or the discriminator, (2) the discriminator's none to the VAE (recon detached), (3)
+    the SiT's none to the VAE (latent detached); and the VAE's alignment gradient does flow through the SiT."""
+    torch.manual_seed(0)
+
+    class VAE(nn.Module):  # 32 px -> (4, 16, 16) posterior; its decoder an upsampling conv
+        latent_channels, downsample = 4, 2
+
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Conv2d(3, 8, 2, 2), nn.ConvTranspose2d(4, 3, 2, 2)
+
+        def forward(self, x):
+            mean, logstd = self.enc(x).chunk(2, 1)
+            z = mean + logstd.exp() * torch.randn_like(mean)
+            return mean, logstd.exp(), z, self.dec(z)
+    model, vae, disc = randomize(tiny_sit(input_size=16)), VAE(), nn.Conv2d(3, 1, 4, 2, 1)
+    cfg = SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa-e'] | dict(ema_decay=0.99))
+    bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    s = SimpleNamespace(cfg=cfg, world=1, model=model, train_model=model, vae=vae, train_vae=vae, disc=disc, bn=bn,
+                        ema=copy.deepcopy(model).requires_grad_(False), ema_bn=copy.deepcopy(bn).eval(),
+                        lpips=lambda a, b: (a - b).abs().mean((1, 2, 3)), autocast=contextlib.nullcontext())
+    s.opt, s.opt_vae, s.opt_disc = (torch.optim.SGD(n.parameters(), lr=1e-3) for n in (model, vae, disc))
+    grads = lambda n: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in n.parameters()]
+    img, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    targets = [torch.randn(4, 64, 24)]  # one teacher, 8 x 8 tokens
+
+    def vae_grads(coeff):  # the VAE's gradient in step (1) of one iteration from s, with vae_align_coeff `coeff`
+        torch.manual_seed(1)
+        c = copy.deepcopy(s)
+        c.cfg, got = SimpleNamespace(**vars(cfg) | dict(vae_align_coeff=coeff)), []
+        c.opt_vae.register_step_pre_hook(lambda o, a, k: got.append([p.grad.clone() for p in c.vae.parameters()]))
+        irepa.repae_step(c, img, torch.empty(0), y, targets)
+        return got[0]
+    assert any(not torch.allclose(a, b) for a, b in zip(vae_grads(1.5), vae_grads(0.0)))  # alignment reaches the VAE
+    seen = []
+    for name, opt in zip(('sit', 'vae', 'disc'), (s.opt, s.opt_vae, s.opt_disc)):
+        opt.register_step_pre_hook(lambda o, a, k, name=name: seen.append((name, *map(grads, (model, vae, disc)))))
+    for _ in range(2):  # the second iteration: no gradient outlives its step
+        irepa.repae_step(s, img, torch.empty(0), y, targets)
+    assert [n for n, *_ in seen] == ['vae', 'disc', 'sit'] * 2
+    for name, sit, v, d in seen:
+        own = dict(sit=sit, vae=v, disc=d)
+        assert any(own[name]) and not any(sum((g for k, g in own.items() if k != name), [])), name
+
+
+def test_fid_estimators_against_direct_formulas():
+    """On random features: the statistics are numpy's mean and np.cov; the Frechet distance is
+    ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)) with scipy's sqrtm; IS is exp(mean KL(p(y|x) || p(y))) per split of
+    numpy softmaxes, averaged; precision and recall are counts of k-NN balls by brute force."""
+    import scipy.linalg
+    from scipy.special import softmax
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)), rng.normal(size=(200, 6)) * 1.5 + 0.4
+    (mu1, s1), (mu2, s2) = fid.compute_stats(x.astype(np.float32)), fid.compute_stats(y.astype(np.float32))
+    x32, y32 = x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu1, x32.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s1, np.cov(x32, rowvar=False), rtol=1e-10, atol=1e-12)
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    for method in ('eigh', 'sqrtm'):
+        assert fid.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(want, rel=1e-9)
+    logits = rng.normal(size=(70, 8)) * 2
+    p = softmax(logits, axis=1)
+    parts = [np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()) for q in (p[:30], p[30:60], p[60:])]
+    assert fid.inception_score(logits, split_size=30) == pytest.approx(np.mean(parts), rel=1e-12)
+    ref, fake = rng.normal(size=(40, 5)).astype(np.float32), (rng.normal(size=(30, 5)) * 1.3).astype(np.float32)
+    d = lambda a, b: ((a[:, None].astype(np.float64) - b[None].astype(np.float64)) ** 2).sum(-1)
+    radius = lambda a: np.sort(d(a, a), 1)[:, 3]  # the 3rd neighbour, the point itself the 0th
+    precision = (d(fake, ref) <= radius(ref)[None]).any(1).mean()
+    recall = (d(ref, fake) <= radius(fake)[None]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert fid.precision_recall(ref, fake, k=3, adm16=False) == pytest.approx((precision, recall), abs=1e-12)
+
+
+def test_kl_term_equals_torch_distributions():
+    """REPA-E's KL: KL(N(mean, std^2) || N(0, 1)) summed over the latent, averaged over images."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    std = torch.rand(3, 4, 5, 5, generator=g, dtype=torch.float64) + 0.2
+    D = torch.distributions
+    want = D.kl_divergence(D.Normal(mean, std), D.Normal(torch.zeros_like(mean), torch.ones_like(std))).sum((1, 2, 3))
+    torch.testing.assert_close(irepa.kl_loss(mean, std), want.mean(), rtol=1e-12, atol=0)
+
+
+def test_metrics_token_cache_key_changes_with_every_input(tmp_path, monkeypatch):
+    """`irepa.py metrics` caches a teacher's tokens in its out dir; changing anything they depend on (teacher, weights,
+    the dataset's size, classes or seed, which images, resolution, grid, SigLIP normalization) computes them again."""
+    loads = []
+
+    def load_teacher(name, weights, grid, *args, **kw):  # a stand-in teacher: the image's first grid^2 pixels
+        loads.append(name)
+        return lambda img: img.flatten(2).transpose(1, 2)[:, :grid * grid]  # (B, T, 3)
+    monkeypatch.setattr(encoders, 'load_teacher', load_teacher)
+    base = dict(encoder='dinov2-vit-b', encoder_weights='random:1', data_path=None, num_classes=10, synthetic_size=12,
+                resolution=16, seed=0, siglip_norm='imagenet', out_dir=str(tmp_path), batch_size=4)
+
+    def computes(grid=2, idx=(0, 1, 2, 3), **kw):
+        a = SimpleNamespace(**base | kw)
+        before = len(loads)
+        irepa.teacher_tokens(a, irepa.ImageData(None, a.resolution, a.num_classes, a.seed, a.synthetic_size),
+                             list(idx), grid, torch.device('cpu'))
+        return len(loads) > before
+    assert computes() and not computes()  # computed, then read from the cache
+    for what, kw in (('teacher', dict(encoder='siglip-vit-b')), ('weights', dict(encoder_weights='random:2')),
+                     ('dataset size', dict(synthetic_size=13)), ('classes', dict(num_classes=5)),
+                     ('seed', dict(seed=1)), ('images', dict(idx=(0, 1, 2, 5))), ('resolution', dict(resolution=32)),
+                     ('grid', dict(grid=4)), ('siglip norm', dict(siglip_norm='siglip'))):
+        assert computes(**kw), what
