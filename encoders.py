@@ -752,8 +752,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
 def load_teachers(names, weights='auto', demo=False, **kw):
     """The teachers of a comma-separated list ('none' or '': no teacher), with one weights entry or one per teacher;
     kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes HOG (real spatial
-    features that need no weights), and the run says so."""
-    names = [n for n in names.split(',') if n and n != 'none']
+    features that need no weights), and the run says so; an unknown name is an error in demo mode too."""
+    names = [resolve_teacher(n) for n in names.split(',') if n and n != 'none']  # a typo is not a missing file
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
         raise UserError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
