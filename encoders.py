@@ -692,10 +692,9 @@ def teachers_like(sd):
             and t.get('tokens', 'vit') == 'vit' and t['prefix'] == prefix]
 
 
-def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
-    """A frozen teacher yielding (B, grid*grid, D) tokens. weights: 'auto' (HF hub and its cache), a local file in the
-    original or timm layout, 'random' or 'random:N' (random init, N blocks; tests and the offline demo only)."""
-    name, weights = resolve_teacher(name), str(weights)
+def check_teacher(name, grid=16, siglip_norm='imagenet', **_):
+    """The canonical name of a teacher that can run on a grid x grid token map; else the error, before any file."""
+    name = resolve_teacher(name)
     t = TEACHERS[name]
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
@@ -704,6 +703,14 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
                         f"official code asserts it), got grid {grid}")
     if siglip_norm not in ('imagenet', 'siglip'):
         raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
+    return name
+
+
+def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
+    """A frozen teacher yielding (B, grid*grid, D) tokens. weights: 'auto' (HF hub and its cache), a local file in the
+    original or timm layout, 'random' or 'random:N' (random init, N blocks; tests and the offline demo only)."""
+    name, weights = check_teacher(name, grid, siglip_norm), str(weights)
+    t = TEACHERS[name]
     norm = HALF if siglip_norm == 'siglip' and t['family'] == 'siglip' else t['norm']
     depth, sd, source = None, None, weights
     if t['family'] in WEIGHT_FREE:
@@ -752,8 +759,9 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
 def load_teachers(names, weights='auto', demo=False, **kw):
     """The teachers of a comma-separated list ('none' or '': no teacher), with one weights entry or one per teacher;
     kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes HOG (real spatial
-    features that need no weights), and the run says so; an unknown name is an error in demo mode too."""
-    names = [resolve_teacher(n) for n in names.split(',') if n and n != 'none']  # a typo is not a missing file
+    features that need no weights), and the run says so; an unknown name or a grid the teacher does not support is an
+    error in demo mode too: only the weights may be missing."""
+    names = [check_teacher(n, **kw) for n in names.split(',') if n and n != 'none']  # before any weights are fetched
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
         raise UserError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")

@@ -3090,6 +3090,8 @@ def test_demo_unknown_teacher_is_an_error(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / 'run/checkpoints').exists()
     with pytest.raises(encoders.UserError, match="unknown teacher 'dinov2x'"):
         encoders.load_teachers('dinov2,dinov2x', 'auto', demo=True, grid=2)
+    with pytest.raises(encoders.UserError, match='teacher siglip-vit-b supports only grid 16'):  # not a missing file
+        encoders.load_teachers('siglip', 'auto', demo=True, grid=2)
     assert [t.name for t in encoders.load_teachers('dinov2,sift', 'auto', demo=True, grid=2)] == ['hog', 'sift']
     assert 'the weights of dinov2-vit-b are not available here' in capsys.readouterr().err  # said loudly
 
