@@ -549,7 +549,7 @@ class LatentNorm:
     (from --prepare); REPA: mean 0, std 1 / 0.18215; REPA-E: its BatchNorm's EMA statistics. `vae` decodes
     ('checkpoint': the VAE REPA-E trained, from vae_args). Checkpoints hold it as a plain dict: all fid.py needs.
     scale: the official checkpoints' factor (std = 1 / scale), which their samplers divide by: z / scale + mean, whose
-    float32 result can differ from z * (1 / scale) + mean in the last bit, and then the decoded bytes by one."""
+    float32 result can differ from z * (1 / scale) + mean in the last bit, and then the decoded images."""
     def __init__(self, vae, mean, std, vae_args=None, scale=None):
         self.vae, self.vae_args = vae, vae_args
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1) for v in (mean, std))
