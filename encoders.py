@@ -443,10 +443,10 @@ def gradient(x, sobel):
 
 def soft_orientation_bins(gx, gy, weight, bins, eps, offset):
     """kornia's gradient histogram votes: magnitude (Gaussian-weighted) split linearly between the two nearest of
-    `bins` orientation bins -> (N, bins, H, W). offset pi: the orienter's bins start at -pi."""
-    sq = gx * gx + gy * gy
-    mag = torch.where(sq > 0, torch.sqrt(sq + eps), torch.zeros_like(sq)) * weight
-    ori = torch.where(sq > 0, torch.atan2(gy, gx + eps) + 2 * math.pi, torch.full_like(sq, 2 * math.pi))
+    `bins` orientation bins -> (N, bins, H, W). offset pi: the orienter's bins start at -pi. As kornia 0.8.1 (the
+    official environment's), a flat pixel votes too: magnitude sqrt(eps), angle atan2(0, eps) = 0 (0.9.0 drops it)."""
+    mag = torch.sqrt(gx * gx + gy * gy + eps) * weight
+    ori = torch.atan2(gy, gx + eps) + 2 * math.pi
     o = bins * (ori + offset) / (2 * math.pi)
     b0 = torch.floor(o)
     w1 = o - b0
@@ -458,62 +458,73 @@ def soft_orientation_bins(gx, gy, weight, bins, eps, offset):
 
 
 class SIFT(nn.Module):
-    """Dense SIFT as the official sift-kornia-dense16 computes it with kornia: grey (0.299/0.587/0.114), one keypoint
-    at the centre of every 16-px cell (scale 16), its dominant orientation from a 20x20 patch (36-bin Sobel-gradient
-    histogram, circularly smoothed, parabolic peak: kornia's LAFOrienter), then a rotated 41x41 patch (bilinear,
-    border-clamped) described by kornia's SIFTDescriptor (8 angles x 4x4 cells, clip 0.2, no RootSIFT) -> L2 ->
-    (B, 128, grid, grid). Both patches span the keypoint +- 16 px."""
+    """Dense SIFT as the official sift-kornia-dense16 computes it with kornia 0.8.1 (the version its environment pins;
+    0.9.0 changed the patch sampling, the pooling cells and the votes of flat pixels): grey (0.299/0.587/0.114), one
+    keypoint at the centre of every 16-px cell (scale 16), its dominant orientation from a 20x20 patch (36-bin
+    Sobel-gradient histogram, circularly smoothed, parabolic peak: kornia's LAFOrienter), then a rotated 41x41 patch
+    (bilinear, border-clamped) described by kornia's SIFTDescriptor (8 angles x 4x4 cells, clip 0.2, no RootSIFT) ->
+    L2 -> (B, 128, grid, grid). Both patches span the keypoint +- 16 px (times W / (W - 1), see patches)."""
 
     def __init__(self, grid):
-        from scipy.special import ive  # exp(-t) I_n(t): the discrete Gaussian kernel kornia smooths the histogram with
         super().__init__()
         self.grid = grid
         c = torch.arange(8, 16 * grid, 16, dtype=torch.float32)  # keypoint centres, pixels
         self.register_buffer('centres', torch.stack(torch.meshgrid(c, c, indexing='ij')[::-1], -1).view(-1, 2),
                              persistent=False)  # (T, 2) as (x, y), row-major
-        disc = torch.tensor([float(ive(abs(n), 1.6 ** 2)) for n in range(-2, 3)])  # discrete Gaussian
-        self.register_buffer('smooth', (disc / disc.sum()).view(1, 1, 5), persistent=False)
+        # the histogram's smoothing: the discrete Gaussian exp(-t) I_n(t), t = 1.6^2, n = -2..2, normalized, as kornia
+        # 0.8.1 computes it in float32 (polynomial approximations of I_n): the exact kernel differs in the last bit,
+        # and a last bit can turn a near-tie between two orientation bins
+        disc = torch.tensor([0.119062498, 0.231123596, 0.299627781, 0.231123596, 0.119062498])
+        self.register_buffer('smooth', disc.view(1, 1, 5), persistent=False)
         for name, n, sigma in [('w_ori', 20, 20 / 6), ('w_desc', 41, 41 / math.sqrt(2))]:
             g = gaussian(n, sigma)
             self.register_buffer(name, torch.outer(g, g), persistent=False)
-        ks_2 = 17 / 2  # kornia's SIFT pooling: a 17x17 bilinear (tent) kernel, stride 10, padding 3 -> 4x4 cells
-        tent = ks_2 - (torch.arange(17, dtype=torch.float32) + 0.5 - ks_2).abs()
-        self.register_buffer('pool', (torch.outer(tent, tent) / ks_2 ** 2).view(1, 1, 17, 17), persistent=False)
+        # kornia 0.8.1's SIFT pooling: a 16x16 bilinear (tent) kernel, stride 10, padding 4 -> 4x4 cells whose grid
+        # sits half a pixel off the patch centre (0.9.0 centres it: 17x17, padding 3)
+        ks_2 = 16 / 2
+        tent = ks_2 - (torch.arange(16, dtype=torch.float32) + 0.5 - ks_2).abs()
+        self.register_buffer('pool', (torch.outer(tent, tent) / ks_2 ** 2).view(1, 1, 16, 16), persistent=False)
 
     def patches(self, gray, angle, size):
-        """Bilinear patches (B*T, 1, size, size) around the keypoints, rotated by angle (B, T) radians: the sample at
-        normalized offset u in (-1, 1) is centre + 16 R(angle) u, R = [[cos, sin], [-sin, cos]] (kornia's LAF)."""
+        """Bilinear patches (B*T, 1, size, size) around the keypoints, rotated by angle (B, T) radians, in kornia
+        0.8.1's arithmetic (the official environment's): the angle goes through degrees, the frame is the LAF
+        [16 R | centre], R = [[cos, sin], [-sin, cos]], scaled to the image and back, and affine_grid's sample at
+        offset u in (-1, 1) is p = centre + 16 R u in pixels. kornia 0.8.1 maps p to grid_sample's frame with
+        2 p / (W - 1) - 1 but samples with align_corners=False, so it reads the image at p W / (W - 1) - 1/2, not at
+        p (0.9.0 reads at p): the official tokens come from there."""
         B, _, H, W = gray.shape
-        u = (2 * torch.arange(size, device=gray.device, dtype=torch.float32) + 1) / size - 1  # patch pixel centres
-        uy, ux = torch.meshgrid(u, u, indexing='ij')  # (size, size)
-        cos, sin = (16 * torch.cos(angle))[..., None, None], (16 * torch.sin(angle))[..., None, None]  # (B, T, 1, 1)
-        x = self.centres[:, 0, None, None] + cos * ux + sin * uy  # (B, T, size, size), pixels
-        y = self.centres[:, 1, None, None] - sin * ux + cos * uy
-        pos = torch.stack([(2 * x + 1) / W - 1, (2 * y + 1) / H - 1], -1)  # grid_sample's frame (align_corners=False)
-        T = pos.shape[1]
-        out = F.grid_sample(gray, pos.view(B, T * size, size, 2), padding_mode='border', align_corners=False)
+        T = self.centres.shape[0]
+        pi = torch.tensor(math.pi)  # float32, as kornia's constant
+        angle = 180 * angle / pi * pi / 180  # to degrees (LAFOrienter) and back (the rotation matrix)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        frame = 16 * torch.stack([cos, sin, -sin, cos], -1).view(B, T, 2, 2)  # (B, T, 2, 2)
+        laf = torch.cat([frame, self.centres.expand(B, T, 2)[..., None]], -1)  # (B, T, 2, 3)
+        laf = laf * torch.tensor(1 / (W - 1)) * (W - 1)  # kornia's normalize_laf and denormalize_laf (H = W)
+        grid = F.affine_grid(laf.view(B * T, 2, 3), [B * T, 1, size, size], align_corners=False)  # (BT, s, s, 2)
+        grid = 2 * grid / (W - 1) - 1  # kornia 0.8.1's frame (see above)
+        out = F.grid_sample(gray, grid.view(B, T * size, size, 2), padding_mode='border', align_corners=False)
         return out.view(B, T, size, size).reshape(B * T, 1, size, size)
 
     def forward(self, x):  # x (B, 3, R, R) in [0, 1], R = 16 * grid
         x = x.float()
-        gray = torch.addcmul(torch.addcmul(x[:, 0] * 0.299, x[:, 1], torch.tensor(0.587)), x[:, 2], torch.tensor(0.114))
-        gray = gray[:, None]  # (B, 1, R, R), kornia's rgb_to_grayscale
+        gray = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]  # (B, 1, R, R), kornia 0.8.1's rgb_to_grayscale
         B, T = x.shape[0], self.centres.shape[0]
         # 1. dominant orientation of each keypoint (kornia's PatchDominantGradientOrientation on a 20x20 patch)
         p = self.patches(gray, torch.zeros(B, T, device=x.device), 20)
         gx, gy = gradient(p, sobel=True)
-        hist = soft_orientation_bins(gx, gy, self.w_ori, 36, 1e-8, math.pi).sum((-1, -2)) / 400  # (BT, 36)
+        votes = soft_orientation_bins(gx, gy, self.w_ori, 36, 1e-8, math.pi).contiguous()  # (B*T, 36, 20, 20)
+        hist = F.adaptive_avg_pool2d(votes, 1).flatten(1)  # (B*T, 36): kornia's mean, in its summation order
         hist = F.conv1d(F.pad(hist[:, None], (2, 2), mode='circular'), self.smooth)[:, 0]  # (B*T, 36)
         peak, i = hist.max(1)
         left, right = hist.gather(1, ((i - 1) % 36)[:, None])[:, 0], hist.gather(1, ((i + 1) % 36)[:, None])[:, 0]
         denom = left + right - 2 * peak
-        sub = torch.where(denom != 0, 0.5 * (left - right) / denom, torch.zeros_like(denom))
+        sub = torch.where(denom != 0, 0.5 * (left - right) / denom, torch.zeros_like(denom))  # 0.8.1: NaN at 0 / 0
         angle = -(2 * math.pi * (i.float() + sub) / 36 - math.pi)  # radians, (B*T,): the patch's x axis turns onto it
         # 2. the SIFT descriptor of the rotated 41x41 patch
         p = self.patches(gray, angle.view(B, T), 41)
         gx, gy = gradient(p, sobel=False)
         votes = soft_orientation_bins(gx, gy, self.w_desc, 8, 1e-10, 0.0)  # (B*T, 8, 41, 41)
-        cells = F.conv2d(votes.reshape(B * T * 8, 1, 41, 41), self.pool, stride=10, padding=3)  # (B*T*8, 1, 4, 4)
+        cells = F.conv2d(votes.reshape(B * T * 8, 1, 41, 41), self.pool, stride=10, padding=4)  # (B*T*8, 1, 4, 4)
         d = F.normalize(cells.view(B * T, 128), dim=1).clamp(0, 0.2)
         d = F.normalize(F.normalize(d, dim=1), dim=1)  # kornia's second L2, then the official code's own
         return d.view(B, self.grid, self.grid, 128).permute(0, 3, 1, 2)  # (B, T, 128) -> (B, 128, grid, grid)
@@ -681,10 +692,9 @@ def teachers_like(sd):
             and t.get('tokens', 'vit') == 'vit' and t['prefix'] == prefix]
 
 
-def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
-    """A frozen teacher yielding (B, grid*grid, D) tokens. weights: 'auto' (HF hub and its cache), a local file in the
-    original or timm layout, 'random' or 'random:N' (random init, N blocks; tests and the offline demo only)."""
-    name, weights = resolve_teacher(name), str(weights)
+def check_teacher(name, grid=16, siglip_norm='imagenet', **_):
+    """The canonical name of a teacher that can run on a grid x grid token map; else the error, before any file."""
+    name = resolve_teacher(name)
     t = TEACHERS[name]
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
@@ -693,6 +703,14 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
                         f"official code asserts it), got grid {grid}")
     if siglip_norm not in ('imagenet', 'siglip'):
         raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
+    return name
+
+
+def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compile=False, siglip_norm='imagenet'):
+    """A frozen teacher yielding (B, grid*grid, D) tokens. weights: 'auto' (HF hub and its cache), a local file in the
+    original or timm layout, 'random' or 'random:N' (random init, N blocks; tests and the offline demo only)."""
+    name, weights = check_teacher(name, grid, siglip_norm), str(weights)
+    t = TEACHERS[name]
     norm = HALF if siglip_norm == 'siglip' and t['family'] == 'siglip' else t['norm']
     depth, sd, source = None, None, weights
     if t['family'] in WEIGHT_FREE:
@@ -741,8 +759,9 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
 def load_teachers(names, weights='auto', demo=False, **kw):
     """The teachers of a comma-separated list ('none' or '': no teacher), with one weights entry or one per teacher;
     kw as load_teacher's. demo=True: a teacher whose 'auto' weights are unavailable becomes HOG (real spatial
-    features that need no weights), and the run says so."""
-    names = [n for n in names.split(',') if n and n != 'none']
+    features that need no weights), and the run says so; an unknown name or a grid the teacher does not support is an
+    error in demo mode too: only the weights may be missing."""
+    names = [check_teacher(n, **kw) for n in names.split(',') if n and n != 'none']  # before any weights are fetched
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
         raise UserError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")

@@ -551,12 +551,12 @@ def sample_main(a):
         model, info = model_from_checkpoint(a.ckpt, device=device)
         norm = irepa.LatentNorm.from_dict(info['latent'])
         if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
-            if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale
+            if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale, decoded as z / scale + bias
                 st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
-                norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', st['latents_bias'], 1 / st['latents_scale'])
-            else:  # REPA: z = latent * 0.18215
-                norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', [0.0] * model.in_channels,
-                                        [1 / a.latent_scale] * model.in_channels)
+                scale, bias = st['latents_scale'].float().flatten(), st['latents_bias'].float().flatten()
+            else:  # REPA: z = latent * 0.18215, decoded as z / 0.18215
+                scale, bias = torch.full((model.in_channels,), a.latent_scale), torch.zeros(model.in_channels)
+            norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale)
         elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
             raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
                             f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")

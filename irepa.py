@@ -547,23 +547,30 @@ def batches(n, global_batch, rank, world, seed, start=0):
 class LatentNorm:
     """VAE latents <-> the SiT's space, per channel: z = (latent - mean) / std and back. iREPA: the data's statistics
     (from --prepare); REPA: mean 0, std 1 / 0.18215; REPA-E: its BatchNorm's EMA statistics. `vae` decodes
-    ('checkpoint': the VAE REPA-E trained, from vae_args). Checkpoints hold it as a plain dict: all fid.py needs."""
-    def __init__(self, vae, mean, std, vae_args=None):
+    ('checkpoint': the VAE REPA-E trained, from vae_args). Checkpoints hold it as a plain dict: all fid.py needs.
+    scale: the official checkpoints' factor (std = 1 / scale), which their samplers divide by: z / scale + mean, whose
+    float32 result can differ from z * (1 / scale) + mean in the last bit, and then the decoded images."""
+    def __init__(self, vae, mean, std, vae_args=None, scale=None):
         self.vae, self.vae_args = vae, vae_args
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1) for v in (mean, std))
+        self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).flatten().view(1, -1, 1, 1)
 
     def normalize(self, latent):
         return (latent - self.mean.to(latent)) / self.std.to(latent)
 
     def denormalize(self, z):
+        if self.scale is not None:
+            return z / self.scale.to(z) + self.mean.to(z)  # the official generate.py's expression
         return z * self.std.to(z) + self.mean.to(z)
 
     def to_dict(self):
-        return dict(vae=self.vae, mean=self.mean.flatten().tolist(), std=self.std.flatten().tolist(), vae_args=self.vae_args)
+        scale = {} if self.scale is None else dict(scale=self.scale.flatten().tolist())
+        return dict(vae=self.vae, mean=self.mean.flatten().tolist(), std=self.std.flatten().tolist(),
+                    vae_args=self.vae_args) | scale
 
     @staticmethod
     def from_dict(d):
-        return None if d is None else LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'))
+        return None if d is None else LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'), d.get('scale'))
 
 def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; pixel-space runs (norm None) are images already."""
@@ -827,8 +834,16 @@ def sit_train_flops(model):
     return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
 
 def weights_fingerprint(model):
-    """A float that equal weights reproduce bit for bit and different weights almost surely do not."""
-    return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(model.parameters())).item()
+    """A float that equal weights reproduce bit for bit and different weights almost surely do not. A model without
+    weights (the HOG and SIFT teachers) is its name and configuration: a string, e.g. 'sift: SIFT(grid=16)'."""
+    params = list(model.parameters())
+    if params:
+        return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(params)).item()
+    inner = getattr(model, 'model', model)  # a Teacher wraps its descriptor
+    settings = dict(vars(type(inner))) | vars(inner)  # HOG's class settings, SIFT's grid
+    config = ', '.join(f'{k}={v}' for k, v in sorted(settings.items())
+                       if type(v) in (int, float, str, bool) and not k.startswith('_') and k != 'training')
+    return f"{getattr(model, 'name', '')}: {type(inner).__name__}({config})"
 
 def atomic_save(path, state):
     """Write to a temp file, then rename: a kill or a failed write (disk full, permissions) during the save never
@@ -1422,24 +1437,27 @@ OBJECTIVES = {'flow': flow_step, 'repa-e': repae_step, 'meanflow': meanflow_step
 # -----------------------------------------------------------------------------
 # The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
 @functools.lru_cache(maxsize=8)
-def pair_sets(H, device, far_dist, dmax, d_pos, d_neg):
+def pair_sets(H, device, far_dist, dmax, d_pos, d_neg, lds='code'):
     """The fixed sets of token pairs (i, j) on an H x H row-major grid that the metrics average K over, by Manhattan
-    distance d: the columns of `sets` (T*T, 2 + len(ds)) flag the pairs with d = 1, d >= far_dist, and each d of ds
-    (1..dmax, those the grid has), so K (B, T*T) @ sets / sizes is every per-set mean in one matmul; near and far
-    (T, T) flag SRSS's windows 1 <= d <= d_pos and d >= d_neg."""
+    distance d: the columns of `sets` (T*T, 2 + len(ds)) flag LDS's near and far pairs (lds 'code': d = 1 and
+    d >= far_dist; 'paper': 1 <= d < H/2 and d >= H/2) and each d of ds (1..dmax, those the grid has), so
+    K (B, T*T) @ sets / sizes is every per-set mean in one matmul; near and far (T, T) flag SRSS's windows
+    1 <= d <= d_pos and d >= d_neg."""
     T = H * H
     rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2)
     dist = (rc[:, None] - rc[None]).abs().sum(-1)  # (T, T)
     ds = [d for d in range(1, dmax + 1) if (dist == d).any()]
-    sets = torch.stack([dist == 1, dist >= far_dist] + [dist == d for d in ds], -1).flatten(0, 1).float()  # (T*T, n)
+    lds_sets = [dist == 1, dist >= far_dist] if lds == 'code' else [(dist >= 1) & (2 * dist < H), 2 * dist >= H]
+    sets = torch.stack(lds_sets + [dist == d for d in ds], -1).flatten(0, 1).float()  # (T*T, n)
     near, far = ((dist >= 1) & (dist <= d_pos)).float(), (dist >= d_neg).float()
     return ds, sets.to(device), sets.sum(0).clamp(min=1).to(device), near.to(device), far.to(device)
 
 @torch.no_grad()
-def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6, chunk=None):
+def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6, chunk=None, lds='code'):
     """Per-image LDS, CDS, SRSS and RMSC of tokens (B, T, D) on a square, row-major grid; returns a dict of (B,) tensors.
     K is the cosine similarity of two tokens, d their Manhattan distance on the grid.
-    LDS  = mean K over 4-neighbours - mean K over pairs with d >= far_dist.
+    LDS  = mean K over 4-neighbours - mean K over pairs with d >= far_dist (lds='code', the official code's, which
+           gave the paper's correlations); lds='paper': the paper's text, near 1 <= d < H/2, far d >= H/2.
     CDS  = -slope of the least-squares line through (d, mean K at distance d), d = 1..dmax.
     SRSS = mean over foreground anchors of [mean K to foreground tokens at d <= d_pos - mean K to background tokens at
            d >= d_neg]; NaN without masks, with < 2 foreground or no background tokens (average it with nanmean).
@@ -1452,17 +1470,19 @@ def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6, ch
     H = math.isqrt(T)
     if H * H != T:
         raise ValueError(f"the tokens must lie on a square grid, got T={T} (not a square number)")
+    if lds not in ('code', 'paper'):
+        raise ValueError(f"lds: 'code' (the official code's definition) or 'paper' (the paper's text), not {lds!r}")
     if masks is not None and tuple(masks.shape) != (B, T):
         raise ValueError(f"masks must be (B, T) = {(B, T)} foreground flags, one per token; got {tuple(masks.shape)}")
     chunk = chunk or (B if tokens.is_cuda else max(1, 2 ** 18 // (T * T)))
     if B > chunk:
         parts = [spatial_metrics(tokens[i: i + chunk], None if masks is None else masks[i: i + chunk], far_dist, dmax,
-                                 d_pos, d_neg, chunk) for i in range(0, B, chunk)]
+                                 d_pos, d_neg, chunk, lds) for i in range(0, B, chunk)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    ds, sets, sizes, near, far = pair_sets(H, tokens.device, far_dist, dmax, d_pos, d_neg)
+    ds, sets, sizes, near, far = pair_sets(H, tokens.device, far_dist, dmax, d_pos, d_neg, lds)
     u = F.normalize(tokens.float(), dim=-1, eps=1e-8)
     K = u @ u.transpose(1, 2)  # (B, T, T)
-    M = K.view(B, T * T) @ sets / sizes  # (B, 2 + len(ds)): mean K at d = 1, at d >= far_dist, at each d of ds
+    M = K.view(B, T * T) @ sets / sizes  # (B, 2 + len(ds)): mean K over LDS's near and far pairs, at each d of ds
     S = M[:, 2:]  # (B, len(ds)) mean similarity at each distance
     x0 = torch.tensor(ds, dtype=S.dtype, device=S.device) - sum(ds) / len(ds)  # centred distances
     out = {'lds': M[:, 0] - M[:, 1], 'cds': -((S - S.mean(1, keepdim=True)) @ x0) / (x0 @ x0).clamp(min=1e-12)}
@@ -1558,6 +1578,8 @@ def measure_teacher(argv):
     p.add_argument('--num-images', type=int, default=1000)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe)')
+    p.add_argument('--lds', default='code', choices=('code', 'paper'), help="LDS's pairs: 'code' (the official code's, "
+                   "behind the paper's correlations): d = 1 vs d >= 6; 'paper' (its text): d < H/2 vs d >= H/2")
     a = p.parse_args(argv)
     device = torch.device(auto_device(a.device))
     grid, name = a.grid or a.resolution // 16, encoders.resolve_teacher(a.encoder)
@@ -1572,10 +1594,10 @@ def measure_teacher(argv):
         masks[few] = False  # SRSS only where a quarter of the patches are foreground and a quarter background (64/64 at 16x16)
     t0 = time.time()
     per = {k: torch.cat(v) for k, v in zip(('lds', 'cds', 'srss', 'rmsc'), zip(*[
-        spatial_metrics(tokens[i: i + 64].to(device), None if masks is None else masks[i: i + 64].to(device)).values()
-        for i in range(0, n, 64)]))}
-    summary = dict(teacher=name, images=n, resolution=a.resolution, grid=grid, extract_img_per_s=extract_rate,
-                   metrics_img_per_s=n / (time.time() - t0))
+        spatial_metrics(tokens[i: i + 64].to(device), None if masks is None else masks[i: i + 64].to(device),
+                        lds=a.lds).values() for i in range(0, n, 64)]))}
+    summary = dict(teacher=name, images=n, resolution=a.resolution, grid=grid, lds_pairs=a.lds,
+                   extract_img_per_s=extract_rate, metrics_img_per_s=n / (time.time() - t0))
     labels = torch.as_tensor(data.labels[idx])
     summary['lp'] = linear_probe(tokens.float().mean(1), labels, a.lp_steps, seed=a.seed) \
         if a.lp_steps and len(labels.unique()) > 1 else None

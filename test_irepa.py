@@ -1573,28 +1573,34 @@ def test_hog_equals_scikit_image():
 
 def test_sift_equals_kornia():
     """SIFT tokens = the official SIFTEncoder (kornia: LAFOrienter(20), 41-px patches, SIFTDescriptor(41, 8, 4,
-    clip 0.2), L2) on the same images."""
+    clip 0.2), L2) on the same images, under kornia 0.8.1: the version the official environment pins (0.9.0 samples
+    the patches, pools the cells and counts flat pixels differently). Noise, and blocky images whose flat areas have
+    exactly zero gradients (the synthetic set and upsampled images have them)."""
     import kornia
     import kornia.feature as KF
+    assert kornia.__version__ == '0.8.1', f"the official SIFT is kornia 0.8.1's; got kornia {kornia.__version__} " \
+        "(install the README's pinned test extras)"
     g = torch.Generator().manual_seed(0)
-    grid, n = 4, 2
-    R = 16 * grid
-    x = torch.randint(0, 256, (n, 3, R, R), generator=g).float() / 255
-    grey = kornia.color.rgb_to_grayscale(x * 255 / 255.0)  # the official lines from here on
-    c = torch.arange(8, R, 16, dtype=torch.float32)
-    yy, xx = torch.meshgrid(c, c, indexing='ij')
-    kpts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)[None].expand(n, -1, -1)  # (n, T, 2)
-    T_ = kpts.shape[1]
-    lafs = KF.laf_from_center_scale_ori(kpts, torch.full((n, T_, 1, 1), 16.0), torch.zeros(n, T_, 1))
-    with torch.no_grad():
-        lafs = KF.LAFOrienter(20)(lafs, grey)
-        patches = KF.extract_patches_from_pyramid(grey, lafs, PS=41)
-        ref = KF.SIFTDescriptor(41, 8, 4, rootsift=False, clipval=0.2)(patches.reshape(n * T_, 1, 41, 41))
-    ref = F.normalize(ref.view(n, T_, 128), p=2, dim=-1)
-    out = load_teacher('sift', grid=grid)(x)
-    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4
-    assert (out - ref).abs().mean() < 1e-6
-    assert not torch.allclose(out[:, :-1], ref[:, 1:], atol=1e-2)  # the keypoint order matters (row-major)
+    noise = torch.randint(0, 256, (2, 3, 64, 64), generator=g).float() / 255
+    blocks = F.interpolate(torch.randint(0, 4, (2, 3, 8, 8), generator=g).float() / 3, scale_factor=8)
+    synthetic = torch.from_numpy(irepa.synthetic_image(0, 256, 10)[0]).permute(2, 0, 1)[None].float() / 255
+    for x in (noise, blocks, synthetic):
+        n, R = len(x), x.shape[-1]
+        grid = R // 16
+        grey = kornia.color.rgb_to_grayscale(x * 255 / 255.0)  # the official lines from here on
+        c = torch.arange(8, R, 16, dtype=torch.float32)
+        yy, xx = torch.meshgrid(c, c, indexing='ij')
+        kpts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)[None].expand(n, -1, -1)  # (n, T, 2)
+        T_ = kpts.shape[1]
+        lafs = KF.laf_from_center_scale_ori(kpts, torch.full((n, T_, 1, 1), 16.0), torch.zeros(n, T_, 1))
+        with torch.no_grad():
+            lafs = KF.LAFOrienter(20)(lafs, grey)
+            patches = KF.extract_patches_from_pyramid(grey, lafs, PS=41)
+            ref = KF.SIFTDescriptor(41, 8, 4, rootsift=False, clipval=0.2)(patches.reshape(n * T_, 1, 41, 41))
+        ref = F.normalize(ref.view(n, T_, 128), p=2, dim=-1)
+        out = load_teacher('sift', grid=grid)(x)
+        assert out.shape == ref.shape and (out - ref).abs().max() < 1e-6
+        assert not torch.allclose(out[:, :-1], ref[:, 1:], atol=1e-2)  # the keypoint order matters (row-major)
 
 
 def test_bad_input():
@@ -3611,3 +3617,138 @@ def test_metrics_token_cache_key_changes_with_every_input(tmp_path, monkeypatch)
                      ('seed', dict(seed=1)), ('images', dict(idx=(0, 1, 2, 5))), ('resolution', dict(resolution=32)),
                      ('grid', dict(grid=4)), ('siglip norm', dict(siglip_norm='siglip'))):
         assert computes(**kw), what
+
+# --- issue 24: weight-free teachers in the teacher cache, the demo fallback, official decoding, LDS's definitions ---
+
+@slow
+@pytest.mark.parametrize('name', ['hog', 'sift'])
+def test_teacher_cache_of_a_weight_free_teacher(name, tmp_path):
+    """--teacher-cache with HOG or SIFT, which have no parameters: their fingerprint is their name and configuration.
+    The cache is built, equals the online run bit for bit, is reused without a new pass, refused for another teacher."""
+    teacher = ['--encoder', name, '--encoder-weights', 'auto']
+    cache = tmp_path / 'cache'
+    irepa.main(run_args(tmp_path / 'online', 2, *teacher))
+    irepa.main(run_args(tmp_path / 'cached', 2, '--teacher-cache', cache, *teacher))
+    meta = json.loads((cache / 'meta.json').read_text())
+    assert meta['teachers'][0]['weights'] == {'hog': 'hog: HOG(block=4, cell=2, orientations=8)',
+                                              'sift': 'sift: SIFT(grid=4)'}[name]
+    online = load_ckpt(tmp_path / 'online/checkpoints/0000002.pt')
+    assert_same_state(online, load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
+    stamps = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
+    irepa.main(run_args(tmp_path / 'again', 2, '--teacher-cache', cache, *teacher))
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == stamps  # reused: nothing rewritten
+    assert_same_state(online, load_ckpt(tmp_path / 'again/checkpoints/0000002.pt'))
+    other = 'sift' if name == 'hog' else 'hog'
+    want = rf"another teacher.*name {name} \(cache\) vs {other} \(now\); teacher 0 weights {name}: .* vs {other}: "
+    with pytest.raises(encoders.UserError, match=want):
+        irepa.main(run_args(tmp_path / 'other', 2, '--teacher-cache', cache, '--encoder', other))
+    assert irepa.weights_fingerprint(load_teacher('sift', grid=8)) == 'sift: SIFT(grid=8)'  # the grid is SIFT's own
+
+
+def offline_hub(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hub'))  # and not from a cache this machine might have
+
+
+@slow
+def test_demo_fallback_with_teacher_cache_equals_the_run_without(tmp_path, monkeypatch, capsys):
+    """python irepa.py --demo --teacher-cache DIR without DINOv2's weights: the loud HOG fallback; the cache is built,
+    the run equals the run without the cache bit for bit, a second run reuses it, and a run whose teacher is DINOv2
+    (here random weights) refuses it."""
+    offline_hub(monkeypatch, tmp_path)
+    demo = lambda out, *extra: ['--demo', '--max-steps', '2', '--ckpt-every', '2', '--sample-every', '0',
+                                '--synthetic-size', '32', '--out-dir', str(tmp_path / out), *map(str, extra)]
+    cache = tmp_path / 'cache'
+    irepa.main(demo('plain'))
+    assert 'Using the weight-free HOG teacher instead' in capsys.readouterr().err
+    irepa.main(demo('cached', '--teacher-cache', cache))
+    assert 'Using the weight-free HOG teacher instead' in capsys.readouterr().err
+    assert json.loads((cache / 'meta.json').read_text())['teachers'][0]['name'] == 'hog'
+    plain = load_ckpt(tmp_path / 'plain/checkpoints/0000002.pt')
+    assert_same_state(plain, load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
+    stamps = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
+    irepa.main(demo('again', '--teacher-cache', cache))
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == stamps
+    assert_same_state(plain, load_ckpt(tmp_path / 'again/checkpoints/0000002.pt'))
+    with pytest.raises(encoders.UserError, match=r"teacher 0 name hog \(cache\) vs dinov2-vit-b \(now\)"):
+        irepa.main(demo('dinov2', '--teacher-cache', cache, '--encoder-weights', 'random:1'))
+
+
+def test_demo_unknown_teacher_is_an_error(tmp_path, monkeypatch, capsys):
+    """--demo falls back to HOG only for a known teacher whose weights are unavailable; a misspelt name is the usual
+    error: one line with the names, exit code 2, no training."""
+    offline_hub(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        encoders.cli(lambda: irepa.main(['--demo', '--encoder', 'nosuch', '--out-dir', str(tmp_path / 'run'),
+                                         '--max-steps', '1', '--synthetic-size', '16']))  # fails fast if it trains
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: unknown teacher 'nosuch'. Teachers: dino-vit-b, " in err
+    assert ', hog, sift. Aliases: ' in err and 'HOG teacher instead' not in err
+    assert not (tmp_path / 'run/checkpoints').exists()
+    with pytest.raises(encoders.UserError, match="unknown teacher 'dinov2x'"):
+        encoders.load_teachers('dinov2,dinov2x', 'auto', demo=True, grid=2)
+    with pytest.raises(encoders.UserError, match='teacher siglip-vit-b supports only grid 16'):  # not a missing file
+        encoders.load_teachers('siglip', 'auto', demo=True, grid=2)
+    assert [t.name for t in encoders.load_teachers('dinov2,sift', 'auto', demo=True, grid=2)] == ['hog', 'sift']
+    assert 'the weights of dinov2-vit-b are not available here' in capsys.readouterr().err  # said loudly
+
+
+@slow
+@pytest.mark.parametrize('kind', ['irepa', 'repa'])
+def test_official_checkpoint_decodes_like_the_official_generate(kind, tmp_path, monkeypatch):
+    """fid.py sample on an official checkpoint decodes exactly what the official generate.py decodes: iREPA
+    vae.decode(z / latents_scale + latents_bias), REPA vae.decode(z / 0.18215), bit for bit with the same VAE and
+    latents (z * (1 / scale) + bias differs in the last bit of some latents, and then in the images)."""
+    import argparse
+    official = irepa.build_sit('SiT-S/8', input_size=16, encoder_depth=4, z_dims=(768,), projector='mlp')
+    args = argparse.Namespace(model='SiT-S/8', resolution=128, num_classes=1000, encoder_depth=4, qk_norm=False)
+    torch.save({'model': official.state_dict(), 'ema': randomize(official).state_dict(), 'opt': {}, 'args': args,
+                'steps': 100}, tmp_path / 'official.pt')
+    g = torch.Generator().manual_seed(0)
+    scale, bias = (torch.rand(1, 4, 1, 1, generator=g) + 0.1, torch.randn(1, 4, 1, 1, generator=g)) if kind == 'irepa' \
+        else (torch.full((1, 4, 1, 1), 0.18215), torch.zeros(1, 4, 1, 1))
+    torch.save(dict(latents_scale=scale, latents_bias=bias), tmp_path / 'stats.pt')
+    seen, to_pixels = [], irepa.to_pixels
+    def spy(z, vae, norm):  # what fid.py decodes, with the VAE and latents it decodes
+        seen.append((z, vae, to_pixels(z, vae, norm)))
+        return seen[-1][2]
+    monkeypatch.setattr(irepa, 'to_pixels', spy)
+    normalization = ['--latent-stats', tmp_path / 'stats.pt'] if kind == 'irepa' else ['--latent-scale', '0.18215']
+    fid.main(sample_args(tmp_path / 'official.pt', tmp_path / 'x.npz', n=8) + ['--vae', 'random:tiny'] +
+             list(map(str, normalization)))
+    with torch.no_grad():
+        official_images = [vae.decode(z / scale + bias) if kind == 'irepa' else vae.decode(z / 0.18215)
+                           for z, vae, _ in seen]  # ldm/generate.py; REPA's generate.py
+    assert len(seen) == 2 and all(torch.equal(x, ref) for (_, _, x), ref in zip(seen, official_images))
+    images = np.load(tmp_path / 'x.npz')['arr_0']
+    assert images.shape == (8, 32, 32, 3)
+    assert np.array_equal(images, torch.cat([fid.to_uint8(x) for x in official_images]))  # the bytes, as decoded
+
+
+def test_lds_code_and_paper_definitions_known_answers():
+    """Tokens that are one-hot codes of their grid row: K = 1 for two tokens of a row, 0 otherwise. Ordered pairs
+    (a, b) = (|column offset|, |row offset|) number c(a) c(b), c(0) = H, c(k) = 2 (H - k); the mean K of a set is the
+    share of its pairs with b = 0.
+    H = 4. Code: near d = 1: 24 of 48 -> 1/2; far d >= 6: (3, 3) only, 0 -> LDS 1/2. Paper (H/2 = 2): near d = 1 -> 1/2;
+      far d >= 2: 24 of 192 -> 1/8 -> LDS 3/8.
+    H = 6. Code: 1/2 - 0 (d >= 6 never has b = 0). Paper (H/2 = 3): near d in {1, 2}: (60 + 48) of (120 + 196) =
+      27/79; far d >= 3: 72 of 944 = 9/118 -> LDS 27/79 - 9/118."""
+    for H, code, paper in ((4, 1 / 2, 3 / 8), (6, 1 / 2, 27 / 79 - 9 / 118)):
+        tokens = F.one_hot(torch.arange(H).repeat_interleave(H), H).float()[None]  # (1, H*H, H), row-major
+        assert abs(irepa.spatial_metrics(tokens)['lds'].item() - code) < 1e-6
+        assert abs(irepa.spatial_metrics(tokens, lds='paper')['lds'].item() - paper) < 1e-6
+        assert irepa.spatial_metrics(tokens, lds='paper')['cds'] == irepa.spatial_metrics(tokens)['cds']  # LDS only
+    with pytest.raises(ValueError, match="lds: 'code'"):
+        irepa.spatial_metrics(tokens, lds='text')
+
+
+@slow
+def test_metrics_lds_flag(tmp_path):
+    """python irepa.py metrics --lds paper: the paper's pairs, recorded in the summary; the default is the code's."""
+    args = ['metrics', '--encoder', 'hog', '--num-images', '8', '--resolution', '64', '--lp-steps', '0',
+            '--batch-size', '8', '--device', 'cpu']
+    code = irepa.main(args + ['--out-dir', str(tmp_path / 'code')])
+    paper = irepa.main(args + ['--out-dir', str(tmp_path / 'paper'), '--lds', 'paper'])
+    assert (code['lds_pairs'], paper['lds_pairs']) == ('code', 'paper') and code['cds'] == paper['cds']
+    assert code['lds'] != paper['lds']
