@@ -130,7 +130,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
         w, v = np.linalg.eigh(sigma1)
         root = (v * np.sqrt(w.clip(0))) @ v.T  # S1^1/2, symmetric
         tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
-        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+        return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, sigma1, sigma2)
     if method != 'sqrtm':
         raise ValueError(f"method must be 'eigh' or 'sqrtm' (ADM's), got {method!r}")
     covmean = _sqrtm(sigma1 @ sigma2)
@@ -142,7 +142,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), sigma1, sigma2)
+
+
+def never_negative(d, sigma1, sigma2):
+    """A squared distance is >= 0, but two equal sets give 0 only up to rounding, of either sign (-1.3e-6 was seen):
+    an eigenvalue that is 0 in exact arithmetic comes out as +-eps ||S||, and its square root, up to
+    sqrt(eps ||S||), enters tr sqrt(S1 S2) once per dimension. A negative value within that noise is 0; anything more
+    negative is a fault and stays visible."""
+    noise = 2 * len(sigma1) * np.sqrt(np.finfo(np.float64).eps * max(np.trace(sigma1), np.trace(sigma2), 0.0))
+    return float(0.0 if -noise <= d < 0 else d)
 
 
 def inception_score(logits, split_size=5000, probs=False):
@@ -625,7 +634,7 @@ def sample_main(a):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
@@ -696,4 +705,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cli(main)
+    cli(main, 'fid.py')

@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from encoders import UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from encoders import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
 
 # -----------------------------------------------------------------------------
 # The recipes: every default of a method is in its row; a flag given on the command line overrides it. `objective`
@@ -879,6 +879,40 @@ def ignore_stop_signals(worker_id):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
+class StartupStop(BaseException):
+    """SIGTERM or SIGINT before the training loop began: nothing to checkpoint, so the start-up (a hub download and
+    its retries, the latents pass) ends at once. A BaseException, as KeyboardInterrupt: `except Exception` in a
+    library's retry loop does not swallow it."""
+
+def catch_startup_signals():
+    def handler(signum, frame):
+        raise StartupStop(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+def lock_run(out):
+    """One run per folder: an exclusive flock on <out>/lock, held by rank 0 for the whole run (main closes it). The
+    OS releases it when the process dies, even by kill -9, so it is never stale. A second run (a double launch, a
+    requeued job while the old one is still ending) stops with one line naming the holder. The file stays; a run
+    started again rewrites it. Removes the PREEMPTED marker of the run it continues."""
+    import fcntl, socket
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / 'lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise UserError(f"{out} is in use by {holder} (it holds {out / 'lock'}); one run per --out-dir: wait for it "
+                        f"to end, or start this one in another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    (out / 'PREEMPTED').unlink(missing_ok=True)
+    return f
+
 def should_stop(s):
     """Whether every rank stops after this step: a stop signal arrived or --time-limit is up, on any rank. Under DDP
     the flags travel in a CPU (gloo) all_reduce started one step earlier, so no rank waits on the device or stops
@@ -1485,7 +1519,7 @@ def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
 
 def study_parser(prog, doc, shared=(), **defaults):
     """The parser of a study command, with the training flags it shares (same names, help, defaults) and its own."""
-    p = argparse.ArgumentParser(prog=f'irepa.py {prog}', description=doc, allow_abbrev=False)
+    p = ArgumentParser(prog=f'irepa.py {prog}', description=doc, allow_abbrev=False)
     for k in shared:
         v = defaults.get(k, DEFAULTS.get(k))
         p.add_argument('--' + k.replace('_', '-'), default=v, help=HELP.get(k), choices=CHOICES.get(k),
@@ -1701,8 +1735,8 @@ CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=(
 
 def get_parser():
     """Flags with no default of their own: parse_args returns the ones given, which then override the defaults."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                                argument_default=argparse.SUPPRESS)
+    p = ArgumentParser(prog='irepa.py', description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                       argument_default=argparse.SUPPRESS)
     settings = DEFAULTS | {k: v for row in RECIPES.values() for k, v in row.items() if k != 'objective'}
     for k, v in settings.items():
         kind = TYPES.get(k) or type(v)
@@ -1741,6 +1775,96 @@ def resolve_config(argv=None):
             p.error(f"--time-limit: {e}")
     return SimpleNamespace(**cfg)
 
+# -----------------------------------------------------------------------------
+# Validation: the whole configuration is checked in one pass before anything is printed or written, so a bad value is
+# one line per mistake (all of them at once), exit code 2, not a traceback minutes into the run or a run of 0 steps.
+# The interval each number must lie in ('[' and ']' include the end, '(' and ')' exclude it; inf is never allowed).
+RANGES = dict(
+    max_steps='[1, inf)', global_batch_size='[1, inf)', lr='[0, inf)', grad_clip='(0, inf)', ema_decay='[0, 1]',
+    seed='[0, inf)', log_every='[1, inf)', ckpt_every='[1, inf)', sample_every='[0, inf)', num_workers='[0, inf)',
+    keep_last='[0, inf)', resolution='[1, inf)', num_classes='[1, inf)', synthetic_size='[1, inf)',
+    projector_dim='[1, inf)', latent_scale='(0, inf)', max_bad_fraction='[0, 1]', grad_floor='[0, inf)',
+    grad_jump='(1, inf)', encoder_depth='[1, inf)', proj_kernel='[1, inf)', spnorm_gamma='[0, 1]',
+    proj_coeff='[0, inf)', adam_beta2='[0, 1)', vae_align_coeff='[0, inf)', vae_lr='[0, inf)', disc_lr='[0, inf)',
+    l1_coeff='[0, inf)', lpips_coeff='[0, inf)', kl_coeff='[0, inf)', gan_coeff='[0, inf)',
+    repae_stats_images='[1, inf)', mf_p_mean='(-inf, inf)', mf_p_std='(0, inf)', mf_ratio='[0, 1]',
+    mf_norm_c='(0, inf)', mf_norm_p='[0, inf)', mf_label_drop='[0, 1]', mf_omega='(0, inf)', mf_kappa='[0, 1)',
+    mf_t_start='[0, 1]', mf_t_end='[0, 1]')
+VAE_NAMES = {'sd-vae-ft-mse': 8, 'sd-vae-ft-ema': 8, 'random': 8, 'random:tiny': 2}  # the VAEs by name: their factor
+
+def in_range(v, interval):
+    lo, hi = (float(x) for x in interval[1:-1].split(','))
+    return math.isfinite(v) and (v >= lo if interval[0] == '[' else v > lo) and (v <= hi if interval[-1] == ']' else v < hi)
+
+def check_numbers(cfg, world):
+    """Each numeric setting in its interval; the batch split evenly over the processes."""
+    flag = lambda k: '--' + k.replace('_', '-')
+    errors = [f"{flag(k)} must be in {r} (got {getattr(cfg, k)})" for k, r in RANGES.items()
+              if getattr(cfg, k, None) is not None and not in_range(getattr(cfg, k), r)]
+    if cfg.global_batch_size >= 1 and cfg.global_batch_size % world:
+        errors.append(f"--global-batch-size must be a positive multiple of the number of processes, {world} "
+                      f"(got {cfg.global_batch_size})")
+    if cfg.proj_kernel % 2 == 0:
+        errors.append(f"--proj-kernel must be odd, so the convolution keeps the token grid (got {cfg.proj_kernel})")
+    if cfg.objective == 'meanflow' and cfg.mf_t_start > cfg.mf_t_end:
+        errors.append(f"--mf-t-start {cfg.mf_t_start} is past --mf-t-end {cfg.mf_t_end}")
+    if cfg.data_path is None and cfg.global_batch_size > cfg.synthetic_size >= 1 and not cfg.prepare:
+        errors.append(f"--synthetic-size {cfg.synthetic_size} is smaller than one global batch ({cfg.global_batch_size})")
+    return errors
+
+def check_shapes(cfg):
+    """The SiT's token grid and aligned block: resolution / (VAE factor x patch size) whole, encoder depth <= depth."""
+    errors, (depth, *_), patch = [], SIZES[cfg.model[4:].split('/')[0]], int(cfg.model.split('/')[1])
+    if cfg.encoder_depth is not None and cfg.encoder_depth > depth:
+        errors.append(f"--encoder-depth {cfg.encoder_depth} is past the last block of {cfg.model}, which has {depth} "
+                      f"(the aligned block must be in 1..{depth})")
+    if cfg.objective == 'repa-e' and cfg.vae == 'none':
+        errors.append(f"--recipe {cfg.recipe} trains the VAE end to end: it needs a --vae to start from, not 'none'")
+    prepared = cfg.data_path and (Path(cfg.data_path) / 'meta.json').exists()  # its latents fix the grid
+    factor = 1 if cfg.vae == 'none' else VAE_NAMES.get(cfg.vae, 8)
+    if cfg.resolution >= 1 and not prepared and cfg.resolution % (factor * patch):
+        errors.append(f"--resolution must be a multiple of {factor * patch}, the VAE's factor {factor} times the "
+                      f"patch size {patch} of {cfg.model} (got {cfg.resolution})")
+    if cfg.resume and cfg.overwrite:
+        errors.append("--resume continues the run in --out-dir and --overwrite moves it aside: pass one of them")
+    return errors
+
+def writable(path):
+    """Whether a folder can be made or written at `path`: its nearest existing ancestor is a writable folder."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+def check_paths(cfg):
+    """The input files and folders exist; the output folders can be written."""
+    errors, files = [], []
+    if cfg.data_path is not None and not Path(cfg.data_path).is_dir():
+        errors.append(f"--data-path {cfg.data_path} is not a folder"
+                      f"{'' if Path(cfg.data_path).exists() else ' (it does not exist)'}")
+    files += [('--encoder-weights', w) for w in cfg.encoder_weights.split(',') if w not in ('auto', 'none', '')
+              and not w.startswith('random')]
+    files += [('--vae', cfg.vae)] if cfg.vae not in VAE_NAMES and cfg.vae != 'none' else []
+    if cfg.objective == 'repa-e':
+        files += [('--lpips-weights', w) for w in cfg.lpips_weights.split(',') if w not in ('auto', 'random', '')
+                  and not cfg.demo]  # --demo: a missing LPIPS file gives random weights
+        files += [('--disc-weights', cfg.disc_weights)] if cfg.disc_weights != 'random' else []
+    errors += [f"{flag}: no weights file at '{f}'" for flag, f in files if not Path(f).is_file()]
+    for flag, d in (('--out-dir', cfg.out_dir), ('--teacher-cache', cfg.teacher_cache)):
+        if d is not None and Path(d).exists() and not Path(d).is_dir():
+            errors.append(f"{flag} {d} is a file, not a folder")
+        elif d is not None and not writable(d):
+            errors.append(f"{flag} {d} cannot be written here (permissions, or a read-only file system)")
+    return errors
+
+def validate(cfg):
+    """Every mistake of the configuration at once, as one UserError (one line each); the same on every process of a
+    torchrun job, so rank 0 alone prints it."""
+    errors = check_numbers(cfg, int(os.environ.get('WORLD_SIZE', 1)))
+    errors += check_shapes(cfg) + check_paths(cfg)
+    if errors:
+        raise UserError('; '.join(errors), errors, everywhere=True)
+
 COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae}
 
 def main(argv=None):
@@ -1748,23 +1872,42 @@ def main(argv=None):
     if argv and argv[0] in COMMANDS:  # the study commands; everything else trains (or prepares latents)
         return COMMANDS[argv[0]](argv[1:])
     cfg = resolve_config(argv)
+    validate(cfg)  # every mistake at once, before anything is printed or written
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    if ddp:
-        dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see catch_stop_signals
+    lock = None
     try:
+        catch_startup_signals()  # until the loop takes over: a signal stops the start-up with PREEMPTED
+        if ddp:
+            dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
+        lock = lock_run(Path(cfg.out_dir)) if dist_info()[0] == 0 else None  # one run per folder
         if dist_info()[0] == 0:
             print(json.dumps(vars(cfg), indent=1))
-        if not cfg.prepare:
-            return train(cfg)
-        device = torch.device(f"cuda:{dist_info()[2]}" if cfg.device == 'cuda' else cfg.device)
-        prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
-                        cfg.synthetic_size, num_workers=cfg.num_workers)
+        return run(cfg)
+    except StartupStop as e:
+        if dist_info()[0] == 0:
+            print(f"stopped by {signal.Signals(e.args[0]).name} before {'the pass' if cfg.prepare else 'training'} "
+                  f"began; nothing to keep (exit code {PREEMPTED}: requeue, with --resume)", file=sys.stderr)
+        raise SystemExit(PREEMPTED) from None
+    except SystemExit as e:  # under torchrun a worker's exit code is lost: PREEMPTED leaves a marker a job script tests
+        if e.code == PREEMPTED and lock and 'TORCHELASTIC_RUN_ID' in os.environ:
+            (Path(cfg.out_dir) / 'PREEMPTED').write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        raise
     finally:
         for sig, handler in handlers.items():  # also when a run stops with an error (a caller's Ctrl-C works again)
             signal.signal(sig, handler)
-        if ddp:
+        if lock:
+            lock.close()  # releases the flock
+        if ddp and dist.is_initialized():
             dist.destroy_process_group()
 
+def run(cfg):
+    """Train, or with --prepare encode the data into latents and exit."""
+    if not cfg.prepare:
+        return train(cfg)
+    device = torch.device(f"cuda:{dist_info()[2]}" if cfg.device == 'cuda' else cfg.device)
+    prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
+                    cfg.synthetic_size, num_workers=cfg.num_workers)
+
 if __name__ == '__main__':
-    cli(main)
+    cli(main, 'irepa.py')
