@@ -35,7 +35,7 @@ from torchvision.models.inception import Inception3, InceptionA, InceptionC
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from encoders import UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from encoders import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
 
 INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE

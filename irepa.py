@@ -780,7 +780,8 @@ PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H20
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
                      'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
-                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
+                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump',
+                     'trained_teachers'}  # set by the run itself, and checked on its own (record_teachers)
 
 def compiler_missing(device):
     """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
@@ -848,12 +849,13 @@ def fresh_out_dir(out, overwrite, master):
 def open_log(s):
     """log.jsonl, on rank 0: a fresh run starts it; a resumed run continues its own, from its checkpoint's step on
     (lines past that step are of steps the interrupted run lost, and they are done again)."""
-    path = s.out / 'log.jsonl'
-    if s.cfg.resume and path.exists():
+    path, resumed = s.out / 'log.jsonl', s.start > 0
+    if resumed and path.exists():
         keep = [line for line in open(path) if line.strip() and json.loads(line)['step'] <= s.start]
         path.with_name('log.jsonl.tmp').write_text(''.join(keep))
         os.replace(path.with_name('log.jsonl.tmp'), path)
-    return open(path, 'a' if s.cfg.resume else 'w')
+        s.wall0 = json.loads(keep[-1]).get('wall_s', 0.0) if keep else 0.0  # the run's wall time before this process
+    return open(path, 'a' if resumed else 'w')
 
 def prune_checkpoints(out, keep_last):
     """--keep-last N: remove all but the newest N checkpoints, called once the newest is complete (renamed)."""
@@ -961,17 +963,49 @@ def training_data(cfg, device, master):
     mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
     return data, LatentNorm(data.meta['vae'], mean, std)
 
+def newest_loadable(out, master):
+    """The newest checkpoint of out/checkpoints that loads, or None; and the ones that did not (truncated by a full
+    disk or a node lost during a copy), which rank 0 renames *.corrupt (never deleted: they may still be rescued)."""
+    bad = []
+    for path in sorted((out / 'checkpoints').glob('*.pt'), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(ckpt, dict) and {'step', 'config', 'model'} <= ckpt.keys():
+                return ckpt, path, bad
+            why = 'not a checkpoint of irepa.py'
+        except Exception as e:  # whatever torch.load raises on a broken file
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        bad.append(path.with_name(path.name + '.corrupt'))
+        if master:
+            os.replace(path, bad[-1])
+            print(f"*** WARNING: --resume: {path} does not load ({why}); renamed it {bad[-1].name}, trying the one "
+                  f"before it ***", file=sys.stderr)
+    return None, None, bad
+
 def resume_checkpoint(cfg, out, master):
-    """The newest checkpoint in out/checkpoints, refused if it was made with another config (RESUME_MAY_CHANGE aside)."""
-    path = latest_checkpoint(out)
-    if path is None:
-        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start afresh")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    """The newest checkpoint that loads, refused if made with another config (RESUME_MAY_CHANGE aside). None when
+    there is none yet (a job stopped during its start-up, requeued with the same command): the run starts afresh.
+    A run that has reached --max-steps says where its results are and exits 0."""
+    ckpt, path, bad = newest_loadable(out, master)
+    if ckpt is None and (bad := bad or sorted((out / 'checkpoints').glob('*.corrupt'))):
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} loads ({', '.join(p.name for p in bad)} "
+                        f"set aside); start afresh with --overwrite, or in another --out-dir")
+    if ckpt is None:
+        if master:
+            print(f"--resume: no checkpoint in {out / 'checkpoints'} yet: starting afresh", file=sys.stderr)
+        return None
     diff = {k: (ckpt['config'].get(k), v) for k, v in vars(cfg).items() if k not in RESUME_MAY_CHANGE and ckpt['config'].get(k) != v}
     if diff:
         raise UserError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
+    if ckpt['step'] >= cfg.max_steps:
+        if master:
+            grids = out / 'samples'
+            print(f"--resume: the run in {out} has finished (step {ckpt['step']} of --max-steps {cfg.max_steps}): "
+                  f"final checkpoint {path}{f', samples in {grids}' if grids.is_dir() else ''}", file=sys.stderr)
+        raise SystemExit(0)
     if master:
-        print(f"resuming from {path} (step {ckpt['step']})")
+        print(f"resuming from {path} (step {ckpt['step']})" + (' *** NOT the newest: see the warning above ***' if bad
+                                                                else ''))
     return ckpt
 
 def setup(cfg):
@@ -987,12 +1021,12 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
                         vae=None, bn=None, saved={}, sums={}, n_steps=0, first_bad=torch.tensor(-1, device=device),
-                        t0=time.time(), first_rec=None, rec=None,  # saved: what a checkpoint holds, by name
+                        t0=time.time(), started=time.time(), wall0=0.0, rec=None,  # saved: a checkpoint's, by name
                         deadline=time.time() + seconds(cfg.time_limit) if cfg.time_limit else None,
                         drawn=0, bad_draws=0, bad_files={}, grad_prev={}, grad_low={})  # the data and gradient watch
-    if not cfg.resume:
-        fresh_out_dir(s.out, cfg.overwrite, s.master)
     ckpt = resume_checkpoint(cfg, s.out, s.master) if cfg.resume else None
+    if ckpt is None:
+        fresh_out_dir(s.out, cfg.overwrite, s.master)
     s.data, s.norm = training_data(cfg, device, s.master)
     torch.manual_seed(cfg.seed)  # the same on every rank: random teachers and networks agree
     s.autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == 'bf16' else contextlib.nullcontext()
@@ -1006,6 +1040,7 @@ def setup(cfg):
     s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: HOG if needed
         cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
         dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
+    record_teachers(s, ckpt)
     if cfg.teacher_cache and s.teachers:
         use_teacher_cache(s)
     s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
@@ -1041,6 +1076,16 @@ def setup(cfg):
               f"(projectors included), {T} tokens, {'pixels' if C == 3 else f'latents {(C, size, size)}'}, "
               f"{len(s.data)} images, {s.data.num_classes} classes, teachers: {', '.join(t.name for t in s.teachers) or 'none'}")
     return s
+
+def record_teachers(s, ckpt):
+    """The teachers that actually train, in the config (config.json, checkpoints) in a field of their own:
+    --encoder names the ones asked for, and --demo may fall back to another. A resumed run must train with the same
+    ones as its checkpoint."""
+    s.cfg.trained_teachers = ','.join(t.name for t in s.teachers) or 'none'
+    before = ckpt and ckpt['config'].get('trained_teachers')
+    if before and before != s.cfg.trained_teachers:
+        raise UserError(f"--resume: the checkpoint's run trained with the teacher(s) {before}, this one would train "
+                        f"with {s.cfg.trained_teachers}; give it the same teacher weights (--encoder-weights)")
 
 def use_teacher_cache(s):
     """--teacher-cache DIR: build the cache when it is absent or unfinished, check it fits this run, and have the data
@@ -1127,14 +1172,15 @@ def log_interval(s, step):
                         f"--max-bad-fraction {s.cfg.max_bad_fraction:g}; stopping. This process met: {files}")
     dt, s.t0 = time.time() - s.t0, time.time()
     rec = dict(step=step, **{k: v / (s.n_steps * s.world) for k, v in zip(names, vec)},
-               img_per_s=s.n_steps * s.cfg.global_batch_size / dt, steps_per_s=s.n_steps / dt,
+               img_per_s=s.n_steps * s.cfg.global_batch_size / dt, steps_per_s=s.n_steps / dt, interval_s=dt,
+               wall_s=s.wall0 + time.time() - s.started,  # the run's, start-ups and earlier processes included
                peak_mem_gb=(torch.cuda.max_memory_allocated(s.device) if s.device.type == 'cuda' else
                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
     rec['mfu'] = rec['img_per_s'] / s.world * s.flops / s.peak if s.peak else None  # unknown on CPUs
     rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
     if warnings := grad_watch(s, rec):
         rec['grad_watch'] = warnings
-    s.sums, s.n_steps, s.rec, s.first_rec = {}, 0, rec, s.first_rec or rec
+    s.sums, s.n_steps, s.rec = {}, 0, rec
     if s.master:
         print(json.dumps(rec), file=s.log, flush=True)
         s.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
@@ -1235,12 +1281,28 @@ def end_of_run(s):
                   f"with --resume (exit code {PREEMPTED}: requeue)", file=sys.stderr)
         raise SystemExit(PREEMPTED)
 
+def run_summary(s):
+    """The closing line, over the whole run as log.jsonl holds it (every process of a resumed run): steps, wall time
+    (start-ups included), img/s while training, the loss from the first log to the last, where the results are."""
+    log = [json.loads(line) for line in open(s.out / 'log.jsonl') if line.strip()]
+    key = 'mse' if 'mse' in s.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
+    steps, prev, train_s = log[-1]['step'], 0, 0.0
+    for r in log:  # older logs lack interval_s: the interval's steps at its steps/s
+        train_s, prev = train_s + r.get('interval_s', (r['step'] - prev) / r['steps_per_s']), r['step']
+    wall = log[-1].get('wall_s', train_s)
+    grids = f", samples in {s.out / 'samples'}" if s.cfg.sample_every > 0 else ''
+    return (f"done: {steps} steps in {wall / 60:.1f} min wall time ({steps * s.cfg.global_batch_size / train_s:.1f} "
+            f"img/s while training); {key} loss {log[0][key]:.4f} (first log) -> {log[-1][key]:.4f} (last), "
+            f"alignment {log[-1]['align']:.4f}; checkpoint {latest_checkpoint(s.out)}{grids}"
+            + (f"; the {s.world} ranks hold identical weights" if s.world > 1 else ''))
+
 def train(cfg):
     """The loop: a batch, its teacher targets, the recipe's step, device-side sums; at intervals a log line, a
     checkpoint, a sample grid. Returns the run's state `s`."""
     s = setup(cfg)
     step_fn = OBJECTIVES[cfg.objective]  # flow_step, repae_step or meanflow_step (defined after this section)
     s.bar = tqdm(total=cfg.max_steps, initial=s.start, disable=not s.master, desc='train', dynamic_ncols=True)
+    s.t0 = time.time()  # the first interval's img/s counts the steps, not the start-up
     for step in range(s.start, cfg.max_steps):
         train_step(s, step_fn, step, next(s.loader))
         s.bar.update(1)
@@ -1261,10 +1323,7 @@ def train(cfg):
         s.log.close()
     end_of_run(s)
     if s.master and s.rec:
-        key = 'mse' if 'mse' in s.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
-        print(f"done: {cfg.max_steps} steps; {key} loss {s.first_rec[key]:.4f} (first log) -> {s.rec[key]:.4f} "
-              f"(last), alignment {s.rec['align']:.4f}; checkpoint {latest_checkpoint(s.out)}, samples in "
-              f"{s.out / 'samples'}" + (f"; the {s.world} ranks hold identical weights" if s.world > 1 else ''))
+        print(run_summary(s))
     return s
 
 # -----------------------------------------------------------------------------
@@ -1821,8 +1880,8 @@ def check_shapes(cfg):
     if cfg.objective == 'repa-e' and cfg.vae == 'none':
         errors.append(f"--recipe {cfg.recipe} trains the VAE end to end: it needs a --vae to start from, not 'none'")
     prepared = cfg.data_path and (Path(cfg.data_path) / 'meta.json').exists()  # its latents fix the grid
-    factor = 1 if cfg.vae == 'none' else VAE_NAMES.get(cfg.vae, 8)
-    if cfg.resolution >= 1 and not prepared and cfg.resolution % (factor * patch):
+    factor = 1 if cfg.vae == 'none' else VAE_NAMES.get(cfg.vae)  # a local file's: known once it is read
+    if cfg.resolution >= 1 and factor and not prepared and cfg.resolution % (factor * patch):
         errors.append(f"--resolution must be a multiple of {factor * patch}, the VAE's factor {factor} times the "
                       f"patch size {patch} of {cfg.model} (got {cfg.resolution})")
     if cfg.resume and cfg.overwrite:
