@@ -1423,8 +1423,8 @@ def export_vae(argv):
     layout, its config and latent statistics in the metadata), for --prepare and a fresh SiT on frozen latents."""
     import encoders
     p = study_parser('export-vae', export_vae.__doc__)
-    p.add_argument('ckpt')
-    p.add_argument('out')
+    p.add_argument('ckpt', help='a checkpoint of --recipe repa-e or irepa-e')
+    p.add_argument('out', help='the VAE file to write (.safetensors)')
     a = p.parse_args(argv)
     encoders.export_vae(a.ckpt, a.out)
 
@@ -1576,12 +1576,22 @@ def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
         opt.step(closure)
     return (lin(x[val]).argmax(1) == labels[val]).double().mean().item()
 
+STUDY_HELP = dict(  # the training flags the study commands share, as these commands use them
+    encoder='the teacher (python encoders.py --list)', spnorm_gamma='share of the token mean the z-score removes',
+    encoder_weights="'auto' (Hugging Face hub and its cache), a local file, or 'random[:BLOCKS]' (tests)",
+    data_path='ImageNet-style folder (<root>/<class>/*.JPEG) of the images to measure; none: the synthetic set',
+    resolution='image side in pixels', num_classes='classes of the synthetic set', synthetic_size='its images',
+    siglip_norm="SigLIP's input stats: the paper's ImageNet ones or SigLIP's 0.5/0.5", device="'auto', 'cuda' or 'cpu'",
+    seed='which images are drawn (and a random teacher)',
+    out_dir='where the token cache and <teacher>.json go')
+
 def study_parser(prog, doc, shared=(), **defaults):
-    """The parser of a study command, with the training flags it shares (same names, help, defaults) and its own."""
+    """The parser of a study command, with the training flags it shares (same names and defaults, help written for
+    these commands) and its own."""
     p = ArgumentParser(prog=f'irepa.py {prog}', description=doc, allow_abbrev=False)
     for k in shared:
         v = defaults.get(k, DEFAULTS.get(k))
-        p.add_argument('--' + k.replace('_', '-'), default=v, help=HELP.get(k), choices=CHOICES.get(k),
+        p.add_argument('--' + k.replace('_', '-'), default=v, help=f'{STUDY_HELP[k]} (default {v})', choices=CHOICES.get(k),
                        type=TYPES.get(k) or type(v))
     return p
 
@@ -1618,9 +1628,9 @@ def measure_teacher(argv):
                      'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'), out_dir='out/metrics')
     p.add_argument('--masks', default=None, help='folder of foreground masks, same relative paths as the images (.png)')
     p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
-    p.add_argument('--num-images', type=int, default=1000)
-    p.add_argument('--batch-size', type=int, default=32)
-    p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe)')
+    p.add_argument('--num-images', type=int, default=1000, help='images measured, at most the dataset (default 1000)')
+    p.add_argument('--batch-size', type=int, default=32, help='images per teacher forward (default 32)')
+    p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe; default 200)')
     a = p.parse_args(argv)
     device = torch.device(auto_device(a.device))
     grid, name = a.grid or a.resolution // 16, encoders.resolve_teacher(a.encoder)
@@ -1729,9 +1739,9 @@ def spnorm_viz(argv):
     p = study_parser('spnorm-viz', spnorm_viz.__doc__, ('encoder', 'encoder_weights', 'resolution', 'spnorm_gamma'),
                      spnorm_gamma=RECIPES['irepa']['spnorm_gamma'])
     p.add_argument('--image', default=None, help='an image file (center-cropped); default: a synthetic image')
-    p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image')
+    p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image (default 3)')
     p.add_argument('--token', default=None, help='row,col of the query token on the grid (default: the centre)')
-    p.add_argument('--out', default='out/spnorm-viz.png')
+    p.add_argument('--out', default='out/spnorm-viz.png', help='the picture (PNG)')
     a = p.parse_args(argv)
     grid = a.resolution // 16
     img = center_crop(a.image, a.resolution) if a.image else synthetic_image(a.index, a.resolution, 10)[0]
@@ -1786,29 +1796,68 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     time_limit=f"checkpoint and exit (code {PREEMPTED}) once this much time has passed, e.g. 3h55m for a 4-hour job",
     max_bad_fraction='stop when more than this fraction of the images drawn so far is unreadable',
     grad_floor=f'warn when a network\'s gradient norm stays below this for {GRAD_FLOOR_INTERVALS} log intervals',
-    grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next')
+    grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next',
+    projector_dim='hidden width of the MLP projector', qk_norm='LayerNorm on queries and keys (steadier at high lr)',
+    resolution='image side in pixels (a multiple of the VAE factor x patch size)', max_steps='training steps in all',
+    lr='AdamW learning rate (constant, no warm-up)', grad_clip='clip the gradient norm to this',
+    ema_decay='decay of the EMA weights that sample', seed='data order, noise and initialization',
+    log_every='steps between log.jsonl lines', ckpt_every='steps between checkpoints',
+    num_workers='DataLoader processes per rank', proj_kernel='side of the conv projector\'s kernel (odd)',
+    adam_beta2="AdamW's beta2", projector="'mlp' (REPA's 3 layers) or 'conv' (iREPA's one convolution)",
+    spnorm="teacher tokens raw ('none') or spatially z-scored ('zscore', iREPA)",
+    vae_align_coeff='REPA-E: weight of the alignment in the VAE step', vae_lr='REPA-E: learning rate of the VAE',
+    disc_lr='REPA-E: learning rate of the discriminator', l1_coeff='REPA-E: weight of the L1 reconstruction loss',
+    lpips_coeff='REPA-E: weight of LPIPS', kl_coeff='REPA-E: weight of the KL term', gan_coeff='REPA-E: weight of '
+    'the GAN loss', repae_stats_images='REPA-E: images whose latents give the initial BatchNorm statistics',
+    mf_p_mean='MeanFlow: mean of the logit-normal t, r', mf_p_std='MeanFlow: std of the logit-normal t, r',
+    mf_ratio='MeanFlow: share of the rows with r != t', mf_norm_c='MeanFlow: c of the adaptive weight 1/sg(L+c)^p',
+    mf_norm_p='MeanFlow: p of the adaptive weight', mf_label_drop='MeanFlow: share of labels dropped in the loss',
+    mf_omega='MeanFlow: guidance scale trained in (omega)', mf_kappa='MeanFlow: kappa of the trained-in guidance',
+    mf_t_start='MeanFlow: guidance applies for t from this', mf_t_end='MeanFlow: guidance applies for t up to this')
 TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str,
              time_limit=str, teacher_cache=str)  # flags whose default is None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
+EPILOG = '''commands (each with its own --help):
+  python irepa.py recipes                  every recipe's settings side by side
+  python irepa.py metrics --encoder NAME   a teacher's spatial-structure metrics (LDS, CDS, SRSS, RMSC) and LP accuracy
+  python irepa.py correlate results.csv    the metrics' correlation with FID over teachers, and a scatter panel
+  python irepa.py spnorm-viz               one token's similarity map before and after the spatial z-score
+  python irepa.py export-vae CKPT OUT      the VAE a REPA-E run trained, as a file --vae reads
+  python fid.py sample | eval              samples of a checkpoint; FID, sFID, IS, precision, recall'''
 
-def get_parser():
-    """Flags with no default of their own: parse_args returns the ones given, which then override the defaults."""
+def get_parser(recipe=DEFAULTS['recipe'], demo=False):
+    """Flags with no default of their own: parse_args returns the ones given, which then override the defaults. The
+    help shows each flag's value for `recipe` (and --demo): python irepa.py --recipe repa-e --help."""
     p = ArgumentParser(prog='irepa.py', description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                       argument_default=argparse.SUPPRESS)
+                       argument_default=argparse.SUPPRESS, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    row = RECIPES.get(recipe, RECIPES[DEFAULTS['recipe']])
+    values = DEFAULTS | row | (DEMO | DEMO_OBJECTIVE.get(row['objective'], {}) if demo else {})
     settings = DEFAULTS | {k: v for row in RECIPES.values() for k, v in row.items() if k != 'objective'}
     for k, v in settings.items():
         kind = TYPES.get(k) or type(v)
-        where = f'default {v}' if k in DEFAULTS else 'default: its recipe row'
-        p.add_argument('--' + k.replace('_', '-'), help=f"{HELP.get(k, '')} ({where})", choices=CHOICES.get(k),
+        where = (f"{recipe}{' --demo' if demo else ''}: {values[k]}" if k in values else
+                 f"not for {recipe}; recipes {', '.join(r for r, other in RECIPES.items() if k in other)}")
+        p.add_argument('--' + k.replace('_', '-'), help=f"{HELP[k]} ({where})", choices=CHOICES.get(k),
                        metavar='NAME' if k == 'model' else None,  # not the 15 names in the usage line
                        **dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind))
     return p
 
+def recipes(argv):
+    """python irepa.py recipes: every recipe's settings side by side (the defaults that all share: irepa.py --help)."""
+    p = study_parser('recipes', recipes.__doc__)
+    p.parse_args(argv)
+    keys = [k for k in dict.fromkeys(k for row in RECIPES.values() for k in row)]
+    print(f"{'setting':20s}" + ''.join(f"{r:>15s}" for r in RECIPES))
+    for k in keys:
+        print(f"{k:20s}" + ''.join(f"{str(row.get(k, '-')):>15s}" for row in RECIPES.values()))
+
 def resolve_config(argv=None):
     """The command line -> the run's config: DEFAULTS, the recipe's row, --demo's values, then every flag given, each
     overriding the ones before. It is printed, saved as config.json and stored in every checkpoint."""
-    p = get_parser()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    named = [a.split('=', 1)[-1] if '=' in a else b for a, b in zip(argv, argv[1:] + ['']) if a.startswith('--recipe')]
+    p = get_parser(named[-1] if named else DEFAULTS['recipe'], '--demo' in argv)  # the help shows their values
     given = vars(p.parse_args(argv))
     recipe = given.get('recipe', DEFAULTS['recipe'])
     row = RECIPES[recipe]
@@ -1924,7 +1973,8 @@ def validate(cfg):
     if errors:
         raise UserError('; '.join(errors), errors, everywhere=True)
 
-COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae}
+COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae,
+            'recipes': recipes}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
