@@ -746,7 +746,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
             source = f'{repo}/{filename}'
         else:
             paths = [weights]
-        sd = {k: v for p in paths for k, v in read_state_dict(p, f"the weights of teacher {name} (timm {t['timm']})").items()}
+        expected = f"the weights of teacher {name} (timm {t['timm']})"
+        sd = {k: v for p in paths for k, v in read_state_dict(p, expected).items()}
         sd = mocov3_to_timm(sd) if t['family'] == 'mocov3' else webssl_to_timm(sd) if t['family'] == 'webssl' else sd
         try:
             sd = hf_to_timm(sd, t['family']) if t['family'] in HF_LAYOUTS else sd
@@ -1047,7 +1048,8 @@ def load_lpips(spec='auto', device='cpu', demo=False):
         vgg, = hub_files('timm/vgg16.tv_in1k', 'model.safetensors', 'LPIPS VGG16', 'pass --lpips-weights LINEAR,VGG')
     model = timm.create_model('vgg16.tv_in1k', pretrained=True, pretrained_cfg_overlay=dict(file=vgg), **vgg_kw)
     lpips = LPIPS(model)
-    sd = {f'{m[1]}.weight': v for k, v in read_state_dict(linear, f'the LPIPS linear layers ({LPIPS_FILE})').items()  # lin<k>.model.<1: after a dropout>.weight
+    lins = read_state_dict(linear, f'the LPIPS linear layers ({LPIPS_FILE})')
+    sd = {f'{m[1]}.weight': v for k, v in lins.items()  # lin<k>.model.<1: after a dropout>.weight
           if (m := re.fullmatch(r'lin(\d)\.model\.\d\.weight', k))}
     lpips.lins.load_state_dict(sd, strict=True)
     return lpips.to(device)

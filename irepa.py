@@ -780,8 +780,8 @@ PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H20
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
                      'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
-                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump',
-                     'trained_teachers'}  # set by the run itself, and checked on its own (record_teachers)
+                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor',
+                     'grad_jump', 'trained_teachers'}  # set by the run itself, and checked on its own (record_teachers)
 
 def compiler_missing(device):
     """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
@@ -1591,8 +1591,8 @@ def study_parser(prog, doc, shared=(), **defaults):
     p = ArgumentParser(prog=f'irepa.py {prog}', description=doc, allow_abbrev=False)
     for k in shared:
         v = defaults.get(k, DEFAULTS.get(k))
-        p.add_argument('--' + k.replace('_', '-'), default=v, help=f'{STUDY_HELP[k]} (default {v})', choices=CHOICES.get(k),
-                       type=TYPES.get(k) or type(v))
+        p.add_argument('--' + k.replace('_', '-'), default=v, help=f'{STUDY_HELP[k]} (default {v})',
+                       choices=CHOICES.get(k), type=TYPES.get(k) or type(v))
     return p
 
 def teacher_tokens(a, data, idx, grid, device):
@@ -1630,7 +1630,8 @@ def measure_teacher(argv):
     p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
     p.add_argument('--num-images', type=int, default=1000, help='images measured, at most the dataset (default 1000)')
     p.add_argument('--batch-size', type=int, default=32, help='images per teacher forward (default 32)')
-    p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe; default 200)')
+    p.add_argument('--lp-steps', type=int, default=200,
+                   help='L-BFGS iterations of the linear probe (0: no probe; default 200)')
     a = p.parse_args(argv)
     device = torch.device(auto_device(a.device))
     grid, name = a.grid or a.resolution // 16, encoders.resolve_teacher(a.encoder)
@@ -1829,8 +1830,8 @@ EPILOG = '''commands (each with its own --help):
 def get_parser(recipe=DEFAULTS['recipe'], demo=False):
     """Flags with no default of their own: parse_args returns the ones given, which then override the defaults. The
     help shows each flag's value for `recipe` (and --demo): python irepa.py --recipe repa-e --help."""
-    p = ArgumentParser(prog='irepa.py', description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                       argument_default=argparse.SUPPRESS, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog='irepa.py', description=__doc__.split('\n\n')[0], allow_abbrev=False, epilog=EPILOG,
+                       argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter)
     row = RECIPES.get(recipe, RECIPES[DEFAULTS['recipe']])
     values = DEFAULTS | row | (DEMO | DEMO_OBJECTIVE.get(row['objective'], {}) if demo else {})
     settings = DEFAULTS | {k: v for row in RECIPES.values() for k, v in row.items() if k != 'objective'}
@@ -1902,7 +1903,8 @@ VAE_NAMES = {'sd-vae-ft-mse': 8, 'sd-vae-ft-ema': 8, 'random': 8, 'random:tiny':
 
 def in_range(v, interval):
     lo, hi = (float(x) for x in interval[1:-1].split(','))
-    return math.isfinite(v) and (v >= lo if interval[0] == '[' else v > lo) and (v <= hi if interval[-1] == ']' else v < hi)
+    above = v >= lo if interval[0] == '[' else v > lo
+    return math.isfinite(v) and above and (v <= hi if interval[-1] == ']' else v < hi)
 
 def check_numbers(cfg, world):
     """Each numeric setting in its interval; the batch split evenly over the processes."""
@@ -1917,7 +1919,8 @@ def check_numbers(cfg, world):
     if cfg.objective == 'meanflow' and cfg.mf_t_start > cfg.mf_t_end:
         errors.append(f"--mf-t-start {cfg.mf_t_start} is past --mf-t-end {cfg.mf_t_end}")
     if cfg.data_path is None and cfg.global_batch_size > cfg.synthetic_size >= 1 and not cfg.prepare:
-        errors.append(f"--synthetic-size {cfg.synthetic_size} is smaller than one global batch ({cfg.global_batch_size})")
+        errors.append(f"--synthetic-size {cfg.synthetic_size} is smaller than one global batch "
+                      f"({cfg.global_batch_size})")
     return errors
 
 def check_shapes(cfg):
