@@ -1423,7 +1423,7 @@ def export_vae(argv):
     layout, its config and latent statistics in the metadata), for --prepare and a fresh SiT on frozen latents."""
     import encoders
     p = study_parser('export-vae', export_vae.__doc__)
-    p.add_argument('ckpt', help='a checkpoint of --recipe repa-e or irepa-e')
+    p.add_argument('ckpt', type=existing_file, help='a checkpoint of --recipe repa-e or irepa-e')
     p.add_argument('out', help='the VAE file to write (.safetensors)')
     a = p.parse_args(argv)
     encoders.export_vae(a.ckpt, a.out)
@@ -1595,6 +1595,17 @@ def study_parser(prog, doc, shared=(), **defaults):
                        choices=CHOICES.get(k), type=TYPES.get(k) or type(v))
     return p
 
+def existing_file(path):
+    """An input file's argparse type: a missing one is argparse's one error line, not a traceback later."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+def existing_folder(path):
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"no such folder: {path}")
+    return path
+
 def teacher_tokens(a, data, idx, grid, device):
     """The teacher's patch tokens (n, T, D) fp16 of the images idx, cached in a.out_dir under a key of everything they
     depend on; and the extraction speed (None when cached)."""
@@ -1626,7 +1637,7 @@ def measure_teacher(argv):
     import encoders
     p = study_parser('metrics', measure_teacher.__doc__, ('encoder', 'encoder_weights', 'data_path', 'resolution',
                      'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'), out_dir='out/metrics')
-    p.add_argument('--masks', default=None, help='folder of foreground masks, same relative paths as the images (.png)')
+    p.add_argument('--masks', default=None, type=existing_folder, help='folder of foreground masks, same relative paths as the images (.png)')
     p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
     p.add_argument('--num-images', type=int, default=1000, help='images measured, at most the dataset (default 1000)')
     p.add_argument('--batch-size', type=int, default=32, help='images per teacher forward (default 32)')
@@ -1672,7 +1683,7 @@ def correlate(argv):
     import csv
     from scipy import stats
     p = study_parser('correlate', correlate.__doc__)
-    p.add_argument('csv', help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
+    p.add_argument('csv', type=existing_file, help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
     p.add_argument('--out', default=None, help='scatter panel PNG (default: next to the CSV)')
     a = p.parse_args(argv)
     with open(a.csv, newline='') as f:
@@ -1739,7 +1750,7 @@ def spnorm_viz(argv):
     import encoders
     p = study_parser('spnorm-viz', spnorm_viz.__doc__, ('encoder', 'encoder_weights', 'resolution', 'spnorm_gamma'),
                      spnorm_gamma=RECIPES['irepa']['spnorm_gamma'])
-    p.add_argument('--image', default=None, help='an image file (center-cropped); default: a synthetic image')
+    p.add_argument('--image', default=None, type=existing_file, help='an image file (center-cropped); default: a synthetic image')
     p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image (default 3)')
     p.add_argument('--token', default=None, help='row,col of the query token on the grid (default: the centre)')
     p.add_argument('--out', default='out/spnorm-viz.png', help='the picture (PNG)')
