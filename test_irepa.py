@@ -3284,4 +3284,5 @@ def test_torchrun_says_a_batch_that_does_not_divide_once(tmp_path):
     r = torchrun(2, run_args(tmp_path / 'odd', 2, '--global-batch-size', '3'), tmp_path)
     said = 'irepa.py: error: --global-batch-size must be a positive multiple of the number of processes, 2 (got 3)'
     assert (r.stdout + r.stderr).count(said) == 1 and r.returncode != 0, r.stderr[-3000:]
-    assert 'Traceback' not in r.stderr.split('ChildFailedError')[0] and not (tmp_path / 'odd').exists()
+    assert f'{HERE / "irepa.py"}", line' not in r.stderr  # no worker's traceback (torchrun's own summary has one)
+    assert not (tmp_path / 'odd').exists()
