@@ -1681,11 +1681,11 @@ def measure_teacher(argv):
 def correlate(argv):
     """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID, and the panel."""
     import csv
-    from scipy import stats
     p = study_parser('correlate', correlate.__doc__)
     p.add_argument('csv', type=existing_file, help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
     p.add_argument('--out', default=None, help='scatter panel PNG (default: next to the CSV)')
     a = p.parse_args(argv)
+    from scipy import stats  # seconds to import: after the arguments are checked
     with open(a.csv, newline='') as f:
         rows = [{k.strip().lower(): v for k, v in r.items() if k} for r in csv.DictReader(f)]
     need = ['teacher', 'fid', 'lp', 'lds', 'cds', 'srss', 'rmsc']
