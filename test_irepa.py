@@ -3053,7 +3053,8 @@ BAD_INPUTS = [
     ('irepa', '--resume --overwrite', 2, 'pass one of them'),
     ('irepa', '--teacher-cache {t}/tc --encoder none', 2, '--encoder none has no teacher'),
     ('irepa', '--data-path {t}/nothing', 2, '--data-path {t}/nothing is not a folder (it does not exist)'),
-    ('irepa', '--encoder-weights {t}/none.safetensors', 2, "--encoder-weights: no weights file at '{t}/none.safetensors'"),
+    ('irepa', '--encoder-weights {t}/none.safetensors', 2,
+     "--encoder-weights: no weights file at '{t}/none.safetensors'"),
     ('irepa', '--vae {t}/vae.safetensors', 2, "--vae: no weights file at '{t}/vae.safetensors'"),
     ('irepa', '--out-dir {t}/a-file', 2, '--out-dir {t}/a-file is a file, not a folder'),
     ('irepa', '--out-dir {t}/a-file/run', 2, '--out-dir {t}/a-file/run cannot be written here'),
@@ -3148,7 +3149,8 @@ def test_help_documents_every_flag_with_the_recipes_value(capsys):
         value = (irepa.DEFAULTS | irepa.RECIPES['repa-e']).get(k)
         assert a.help and not a.help.startswith(' ('), k
         assert f'(repa-e: {value})' in a.help if k in irepa.DEFAULTS | irepa.RECIPES['repa-e'] else 'not for' in a.help
-    assert '(irepa --demo: 300)' in next(a.help for a in irepa.get_parser('irepa', True)._actions if a.dest == 'max_steps')
+    demo = irepa.get_parser('irepa', True)._actions
+    assert '(irepa --demo: 300)' in next(a.help for a in demo if a.dest == 'max_steps')
     with pytest.raises(SystemExit):
         irepa.main(['--recipe', 'meanflow-irepa', '--help'])
     out = capsys.readouterr().out
@@ -3171,7 +3173,8 @@ def test_fid_of_equal_sets_is_zero_not_negative():
     root = (v * np.sqrt(w.clip(0))) @ v.T
     raw = 2 * np.trace(sigma) - 2 * np.sqrt(np.linalg.eigvalsh(root @ sigma @ root).clip(0)).sum()
     assert raw < 0  # the rounding this is about
-    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0 == fid.frechet_distance(mu, sigma, mu, sigma, method='sqrtm')
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0
+    assert fid.frechet_distance(mu, sigma, mu, sigma, method='sqrtm') == 0.0
     assert fid.frechet_distance(mu + 1, sigma, mu, sigma) == pytest.approx(64, rel=1e-6)  # a real distance stays
 
 
@@ -3183,8 +3186,9 @@ def test_a_signal_during_start_up_is_one_line_and_preempted(tmp_path, capsys, mo
         raise AssertionError('the signal did not stop the start-up')
     monkeypatch.setattr(encoders, 'load_teachers', killed_while_loading)
     code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(tmp_path, 2))
-    assert code == irepa.PREEMPTED and err.strip().splitlines() == [
-        f'stopped by SIGTERM before training began; nothing to keep (exit code {irepa.PREEMPTED}: requeue, with --resume)']
+    assert code == irepa.PREEMPTED and err.strip().splitlines() == [f'stopped by SIGTERM before training began; nothing '
+                                                                    f'to keep (exit code {irepa.PREEMPTED}: requeue, '
+                                                                    f'with --resume)']
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
 
 
@@ -3236,8 +3240,8 @@ def test_one_run_per_folder_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
         for extra in ([], ['--resume']):
             code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(out, 2, *extra))
             assert code == 2 and err.strip() == (
-                f"irepa.py: error: {out} is in use by PID {first.pid} on {socket.gethostname()} (it holds {out / 'lock'}); "
-                f"one run per --out-dir: wait for it to end, or start this one in another --out-dir"), err
+                f"irepa.py: error: {out} is in use by PID {first.pid} on {socket.gethostname()} (it holds "
+                f"{out / 'lock'}); one run per --out-dir: wait for it to end, or start this one in another --out-dir"), err
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
