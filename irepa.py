@@ -1637,7 +1637,8 @@ def measure_teacher(argv):
     import encoders
     p = study_parser('metrics', measure_teacher.__doc__, ('encoder', 'encoder_weights', 'data_path', 'resolution',
                      'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'), out_dir='out/metrics')
-    p.add_argument('--masks', default=None, type=existing_folder, help='folder of foreground masks, same relative paths as the images (.png)')
+    p.add_argument('--masks', default=None, type=existing_folder,
+                   help='folder of foreground masks, same relative paths as the images (.png)')
     p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
     p.add_argument('--num-images', type=int, default=1000, help='images measured, at most the dataset (default 1000)')
     p.add_argument('--batch-size', type=int, default=32, help='images per teacher forward (default 32)')
@@ -1682,7 +1683,8 @@ def correlate(argv):
     """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID, and the panel."""
     import csv
     p = study_parser('correlate', correlate.__doc__)
-    p.add_argument('csv', type=existing_file, help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
+    p.add_argument('csv', type=existing_file,
+                   help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
     p.add_argument('--out', default=None, help='scatter panel PNG (default: next to the CSV)')
     a = p.parse_args(argv)
     from scipy import stats  # seconds to import: after the arguments are checked
@@ -1750,7 +1752,8 @@ def spnorm_viz(argv):
     import encoders
     p = study_parser('spnorm-viz', spnorm_viz.__doc__, ('encoder', 'encoder_weights', 'resolution', 'spnorm_gamma'),
                      spnorm_gamma=RECIPES['irepa']['spnorm_gamma'])
-    p.add_argument('--image', default=None, type=existing_file, help='an image file (center-cropped); default: a synthetic image')
+    p.add_argument('--image', default=None, type=existing_file,
+                   help='an image file (center-cropped); default: a synthetic image')
     p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image (default 3)')
     p.add_argument('--token', default=None, help='row,col of the query token on the grid (default: the centre)')
     p.add_argument('--out', default='out/spnorm-viz.png', help='the picture (PNG)')
@@ -1859,9 +1862,8 @@ def recipes(argv):
     """python irepa.py recipes: every recipe's settings side by side (the defaults that all share: irepa.py --help)."""
     p = study_parser('recipes', recipes.__doc__)
     p.parse_args(argv)
-    keys = [k for k in dict.fromkeys(k for row in RECIPES.values() for k in row)]
     print(f"{'setting':20s}" + ''.join(f"{r:>15s}" for r in RECIPES))
-    for k in keys:
+    for k in dict.fromkeys(k for row in RECIPES.values() for k in row):  # each setting once, in the rows' order
         print(f"{k:20s}" + ''.join(f"{str(row.get(k, '-')):>15s}" for row in RECIPES.values()))
 
 def resolve_config(argv=None):
