@@ -3186,9 +3186,8 @@ def test_a_signal_during_start_up_is_one_line_and_preempted(tmp_path, capsys, mo
         raise AssertionError('the signal did not stop the start-up')
     monkeypatch.setattr(encoders, 'load_teachers', killed_while_loading)
     code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(tmp_path, 2))
-    assert code == irepa.PREEMPTED and err.strip().splitlines() == [f'stopped by SIGTERM before training began; nothing '
-                                                                    f'to keep (exit code {irepa.PREEMPTED}: requeue, '
-                                                                    f'with --resume)']
+    said = f'stopped by SIGTERM before training began; nothing to keep (exit code {irepa.PREEMPTED}: requeue, with --resume)'
+    assert code == irepa.PREEMPTED and err.strip().splitlines() == [said]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
 
 
@@ -3241,7 +3240,8 @@ def test_one_run_per_folder_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
             code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(out, 2, *extra))
             assert code == 2 and err.strip() == (
                 f"irepa.py: error: {out} is in use by PID {first.pid} on {socket.gethostname()} (it holds "
-                f"{out / 'lock'}); one run per --out-dir: wait for it to end, or start this one in another --out-dir"), err
+                f"{out / 'lock'}); one run per --out-dir: wait for it to end, or start this one in another "
+                f"--out-dir"), err
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
