@@ -3186,7 +3186,8 @@ def test_a_signal_during_start_up_is_one_line_and_preempted(tmp_path, capsys, mo
         raise AssertionError('the signal did not stop the start-up')
     monkeypatch.setattr(encoders, 'load_teachers', killed_while_loading)
     code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(tmp_path, 2))
-    said = f'stopped by SIGTERM before training began; nothing to keep (exit code {irepa.PREEMPTED}: requeue, with --resume)'
+    said = f'stopped by SIGTERM before training began; nothing to keep (exit code {irepa.PREEMPTED}: requeue, with ' \
+           '--resume)'
     assert code == irepa.PREEMPTED and err.strip().splitlines() == [said]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
 
