@@ -633,6 +633,16 @@ def sample_main(a):
 # Command line
 
 
+def check_args(parser, a):
+    """The counts positive and the input files present, as one error line before any work."""
+    for k in ('num_samples', 'batch_size', 'num_steps', 'is_split', 'pr_block'):
+        if getattr(a, k, 1) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(a, k)})")
+    for k in ('latent_stats',):
+        if getattr(a, k, None) and not os.path.isfile(getattr(a, k)):
+            parser.error(f"--{k.replace('_', '-')}: no such file: {getattr(a, k)}")
+
+
 def main(argv=None):
     parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
@@ -674,6 +684,7 @@ def main(argv=None):
     sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
     sa.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     if args.cmd == 'sample':
         args.compile = args.device.startswith('cuda') if args.compile is None else args.compile
