@@ -3236,10 +3236,10 @@ def test_one_run_per_folder_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
                              env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     t0 = time.time()
-    while not ((out / 'lock').exists() and 'PID' in (out / 'lock').read_text()):
-        assert first.poll() is None and time.time() - t0 < 120
-        time.sleep(0.05)
     try:
+        while not ((out / 'lock').exists() and 'PID' in (out / 'lock').read_text()):
+            assert first.poll() is None and time.time() - t0 < 120
+            time.sleep(0.05)
         for extra in ([], ['--resume']):
             code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(out, 2, *extra))
             assert code == 2 and err.strip() == (
