@@ -5,7 +5,7 @@ after the loop REPA-E and MeanFlow (the other objectives), the paper's study com
 REPA twice: the 3-layer MLP projector becomes one 3x3 convolution on the token grid, and the teacher tokens get a
 spatial z-score over the token axis, y = (f - gamma * mean_T f) / (std_T f + 1e-6).
 
-    python irepa.py --demo                                                   # offline, CPU, ~4 minutes
+    python irepa.py --demo                                                   # offline, CPU, minutes
     python irepa.py --prepare --data-path /data/imagenet/train --out-dir data/in256          # SD-VAE latents, once
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2 --data-path data/in256 --out-dir out/xl-irepa
     torchrun --nproc_per_node=8 irepa.py --recipe repa | irepa-e | meanflow-irepa ...      # every recipe: RECIPES
@@ -87,7 +87,7 @@ DEFAULTS = dict(
     overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # on a cluster
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
-# cores, enough for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
+# cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
 DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
             log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
 DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to train; the PatchGAN needs >= 24 px
