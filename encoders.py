@@ -20,6 +20,7 @@ on the integer grid, SigLIP tanh-GELU, WebSSL and C-RADIO their own position-emb
 only up to pool4. Absolute position embeddings of the ViTs are resampled to the SiT grid at load (img_size), never
 their features; SAM's and HOG's maps are resized to the grid as the official code does.
 """
+import argparse
 import contextlib
 import json
 import math
@@ -39,18 +40,41 @@ import torch.nn.functional as F
 class UserError(ValueError):
     """A mistake of the user, not of the code: a bad value, a missing file, an unknown name, a wrong folder layout, a
     checkpoint of another model. The command lines (cli below) print it as one line and exit with code 2, as argparse
-    does; any other exception is a bug and keeps its traceback. irepa.py and fid.py raise this same class."""
+    does; any other exception is a bug and keeps its traceback. irepa.py and fid.py raise this same class.
+    errors: several mistakes found at once (irepa.py's validation), one line each. everywhere: every process of a
+    torchrun job meets it alike (the configuration), so rank 0 alone says it."""
+    def __init__(self, message, errors=None, everywhere=False):
+        super().__init__(message)
+        self.errors, self.everywhere = errors or [message], everywhere
 
 
-def cli(main):
-    """Run a command line's main(): a UserError becomes 'error: ...' on stderr and exit code 2, without a traceback."""
+def rank_zero():
+    """Whether this process speaks for a torchrun job (RANK unset: a plain python process)."""
+    return int(os.environ.get('RANK', 0)) == 0
+
+
+def cli(main, prog=None):
+    """Run a command line's main(): a UserError becomes 'prog: error: ...' on stderr (one line per error) and exit
+    code 2, without a traceback."""
     try:
         return main()
     except UserError as e:
         from tqdm import tqdm
         for bar in list(tqdm._instances):  # a progress bar in flight ends its line first
             bar.close()
-        print(f"error: {e}", file=sys.stderr)
+        if rank_zero() or not e.everywhere:
+            for line in e.errors:
+                print(f"{prog + ': ' if prog else ''}error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes are one line, `prog: error: ...` (with the valid choices where there are
+    some), not the usage block that pushes the error off the screen; under torchrun rank 0 alone says it."""
+    def error(self, message):
+        if rank_zero():
+            hint = f" (see {self.prog} --help)" if 'unrecognized' in message or 'required' in message else ''
+            print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
 
 # -----------------------------------------------------------------------------
@@ -218,9 +242,21 @@ def resolve_teacher(name):
 # Weights: the HF hub (with its cache), local files, and converters for the layouts timm does not read itself
 
 
-def read_state_dict(path):
+def read_state_dict(path, expected='a state dict of tensors (.safetensors, .pth, .bin or .pt)'):
+    """The tensors of a weights file; one that does not load (truncated, empty, another format) is one error line
+    naming the file and what was `expected` there."""
     if not os.path.isfile(path):
         raise UserError(f"no weights file at '{path}'")
+    try:
+        return read_tensors(path)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"'{path}' does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]}); expected "
+                        f"{expected}") from None
+
+
+def read_tensors(path):
     if str(path).endswith('.safetensors'):
         return safetensors.torch.load_file(path)
     if zipfile.is_zipfile(path) and any('/code/' in n for n in zipfile.ZipFile(path).namelist()):
@@ -728,7 +764,8 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
             source = f'{repo}/{filename}'
         else:
             paths = [weights]
-        sd = {k: v for p in paths for k, v in read_state_dict(p).items()}
+        expected = f"the weights of teacher {name} (timm {t['timm']})"
+        sd = {k: v for p in paths for k, v in read_state_dict(p, expected).items()}
         sd = mocov3_to_timm(sd) if t['family'] == 'mocov3' else webssl_to_timm(sd) if t['family'] == 'webssl' else sd
         try:
             sd = hf_to_timm(sd, t['family']) if t['family'] in HF_LAYOUTS else sd
@@ -940,7 +977,7 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
                           "pass the local path instead of the name")
     old = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}  # diffusers' pre-0.14 names
     sd = {re.sub(r'attentions\.0\.(query|key|value|proj_attn)\.', lambda m: f'attentions.0.{old[m[1]]}.', k): v
-          for k, v in read_state_dict(path).items()}
+          for k, v in read_state_dict(path, 'a diffusers AutoencoderKL state dict (SD f8d4)').items()}
     config = SD_VAE  # diffusers files carry no config; `irepa.py export-vae` writes its own into the metadata
     if str(path).endswith('.safetensors'):
         with safetensors.safe_open(path, 'pt') as f:
@@ -1030,7 +1067,8 @@ def load_lpips(spec='auto', device='cpu', demo=False):
         vgg, = hub_files('timm/vgg16.tv_in1k', 'model.safetensors', 'LPIPS VGG16', 'pass --lpips-weights LINEAR,VGG')
     model = timm.create_model('vgg16.tv_in1k', pretrained=True, pretrained_cfg_overlay=dict(file=vgg), **vgg_kw)
     lpips = LPIPS(model)
-    sd = {f'{m[1]}.weight': v for k, v in read_state_dict(linear).items()  # lin<k>.model.<1: after a dropout>.weight
+    lins = read_state_dict(linear, f'the LPIPS linear layers ({LPIPS_FILE})')
+    sd = {f'{m[1]}.weight': v for k, v in lins.items()  # lin<k>.model.<1: after a dropout>.weight
           if (m := re.fullmatch(r'lin(\d)\.model\.\d\.weight', k))}
     lpips.lins.load_state_dict(sd, strict=True)
     return lpips.to(device)
@@ -1065,7 +1103,7 @@ def load_discriminator(spec='random', device='cpu'):
     or a REPA-E checkpoint holding 'discriminator')."""
     disc = PatchGAN()
     if spec != 'random':
-        sd = read_state_dict(spec)
+        sd = read_state_dict(spec, 'a PatchGAN discriminator state dict')
         sd = sd.get('discriminator', sd)
         try:
             disc.load_state_dict(sd)
@@ -1079,8 +1117,7 @@ def load_discriminator(spec='random', device='cpu'):
 
 
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='encoders.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('--list', action='store_true', help='one row per teacher (built on the meta device)')
     parser.add_argument('--grid', type=int, default=16, help='SiT token grid side used for the input size column')
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ from torchvision.models.inception import Inception3, InceptionA, InceptionC
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from encoders import UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from encoders import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
 
 INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
@@ -130,7 +130,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
         w, v = np.linalg.eigh(sigma1)
         root = (v * np.sqrt(w.clip(0))) @ v.T  # S1^1/2, symmetric
         tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
-        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+        return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, sigma1, sigma2)
     if method != 'sqrtm':
         raise ValueError(f"method must be 'eigh' or 'sqrtm' (ADM's), got {method!r}")
     covmean = _sqrtm(sigma1 @ sigma2)
@@ -142,7 +142,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), sigma1, sigma2)
+
+
+def never_negative(d, sigma1, sigma2):
+    """A squared distance is >= 0, but two equal sets give 0 only up to rounding, of either sign (-1.3e-6 was seen):
+    an eigenvalue that is 0 in exact arithmetic comes out as +-eps ||S||, and its square root, up to
+    sqrt(eps ||S||), enters tr sqrt(S1 S2) once per dimension. A negative value within that noise is 0; anything more
+    negative is a fault and stays visible."""
+    noise = 2 * len(sigma1) * np.sqrt(np.finfo(np.float64).eps * max(np.trace(sigma1), np.trace(sigma2), 0.0))
+    return float(0.0 if -noise <= d < 0 else d)
 
 
 def inception_score(logits, split_size=5000, probs=False):
@@ -614,8 +623,18 @@ def sample_main(a):
 # Command line
 
 
+def check_args(parser, a):
+    """The counts positive and the input files present, as one error line before any work."""
+    for k in ('num_samples', 'batch_size', 'num_steps', 'is_split', 'pr_block'):
+        if getattr(a, k, 1) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(a, k)})")
+    for k in ('latent_stats',):
+        if getattr(a, k, None) and not os.path.isfile(getattr(a, k)):
+            parser.error(f"--{k.replace('_', '-')}: no such file: {getattr(a, k)}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
@@ -655,6 +674,7 @@ def main(argv=None):
     sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
     sa.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     if args.cmd == 'sample':
         args.compile = args.device.startswith('cuda') if args.compile is None else args.compile
@@ -686,4 +706,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cli(main)
+    cli(main, 'fid.py')

@@ -5,7 +5,7 @@ after the loop REPA-E and MeanFlow (the other objectives), the paper's study com
 REPA twice: the 3-layer MLP projector becomes one 3x3 convolution on the token grid, and the teacher tokens get a
 spatial z-score over the token axis, y = (f - gamma * mean_T f) / (std_T f + 1e-6).
 
-    python irepa.py --demo                                                   # offline, CPU, ~4 minutes
+    python irepa.py --demo                                                   # offline, CPU, minutes
     python irepa.py --prepare --data-path /data/imagenet/train --out-dir data/in256          # SD-VAE latents, once
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2 --data-path data/in256 --out-dir out/xl-irepa
     torchrun --nproc_per_node=8 irepa.py --recipe repa | irepa-e | meanflow-irepa ...      # every recipe: RECIPES
@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from encoders import UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from encoders import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
 
 # -----------------------------------------------------------------------------
 # The recipes: every default of a method is in its row; a flag given on the command line overrides it. `objective`
@@ -87,7 +87,7 @@ DEFAULTS = dict(
     overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # on a cluster
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
-# cores, enough for the EMA model to draw class-coloured shapes. lr and EMA decay are raised for so few steps.
+# cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
 DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
             log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
 DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to train; the PatchGAN needs >= 24 px
@@ -814,7 +814,8 @@ PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H20
                    'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
                      'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
-                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
+                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor',
+                     'grad_jump', 'trained_teachers'}  # set by the run itself, and checked on its own (record_teachers)
 
 def compiler_missing(device):
     """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
@@ -890,12 +891,13 @@ def fresh_out_dir(out, overwrite, master):
 def open_log(s):
     """log.jsonl, on rank 0: a fresh run starts it; a resumed run continues its own, from its checkpoint's step on
     (lines past that step are of steps the interrupted run lost, and they are done again)."""
-    path = s.out / 'log.jsonl'
-    if s.cfg.resume and path.exists():
+    path, resumed = s.out / 'log.jsonl', s.start > 0
+    if resumed and path.exists():
         keep = [line for line in open(path) if line.strip() and json.loads(line)['step'] <= s.start]
         path.with_name('log.jsonl.tmp').write_text(''.join(keep))
         os.replace(path.with_name('log.jsonl.tmp'), path)
-    return open(path, 'a' if s.cfg.resume else 'w')
+        s.wall0 = json.loads(keep[-1]).get('wall_s', 0.0) if keep else 0.0  # the run's wall time before this process
+    return open(path, 'a' if resumed else 'w')
 
 def prune_checkpoints(out, keep_last):
     """--keep-last N: remove all but the newest N checkpoints, called once the newest is complete (renamed)."""
@@ -920,6 +922,40 @@ def ignore_stop_signals(worker_id):
     the step before the checkpoint; the main process stops the workers itself."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+class StartupStop(BaseException):
+    """SIGTERM or SIGINT before the training loop began: nothing to checkpoint, so the start-up (a hub download and
+    its retries, the latents pass) ends at once. A BaseException, as KeyboardInterrupt: `except Exception` in a
+    library's retry loop does not swallow it."""
+
+def catch_startup_signals():
+    def handler(signum, frame):
+        raise StartupStop(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+def lock_run(out):
+    """One run per folder: an exclusive flock on <out>/lock, held by rank 0 for the whole run (main closes it). The
+    OS releases it when the process dies, even by kill -9, so it is never stale. A second run (a double launch, a
+    requeued job while the old one is still ending) stops with one line naming the holder. The file stays; a run
+    started again rewrites it. Removes the PREEMPTED marker of the run it continues."""
+    import fcntl, socket
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / 'lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise UserError(f"{out} is in use by {holder} (it holds {out / 'lock'}); one run per --out-dir: wait for it "
+                        f"to end, or start this one in another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    (out / 'PREEMPTED').unlink(missing_ok=True)
+    return f
 
 def should_stop(s):
     """Whether every rank stops after this step: a stop signal arrived or --time-limit is up, on any rank. Under DDP
@@ -969,17 +1005,49 @@ def training_data(cfg, device, master):
     mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
     return data, LatentNorm(data.meta['vae'], mean, std)
 
+def newest_loadable(out, master):
+    """The newest checkpoint of out/checkpoints that loads, or None; and the ones that did not (truncated by a full
+    disk or a node lost during a copy), which rank 0 renames *.corrupt (never deleted: they may still be rescued)."""
+    bad = []
+    for path in sorted((out / 'checkpoints').glob('*.pt'), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(ckpt, dict) and {'step', 'config', 'model'} <= ckpt.keys():
+                return ckpt, path, bad
+            why = 'not a checkpoint of irepa.py'
+        except Exception as e:  # whatever torch.load raises on a broken file
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        bad.append(path.with_name(path.name + '.corrupt'))
+        if master:
+            os.replace(path, bad[-1])
+            print(f"*** WARNING: --resume: {path} does not load ({why}); renamed it {bad[-1].name}, trying the one "
+                  f"before it ***", file=sys.stderr)
+    return None, None, bad
+
 def resume_checkpoint(cfg, out, master):
-    """The newest checkpoint in out/checkpoints, refused if it was made with another config (RESUME_MAY_CHANGE aside)."""
-    path = latest_checkpoint(out)
-    if path is None:
-        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start afresh")
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    """The newest checkpoint that loads, refused if made with another config (RESUME_MAY_CHANGE aside). None when
+    there is none yet (a job stopped during its start-up, requeued with the same command): the run starts afresh.
+    A run that has reached --max-steps says where its results are and exits 0."""
+    ckpt, path, bad = newest_loadable(out, master)
+    if ckpt is None and (bad := bad or sorted((out / 'checkpoints').glob('*.corrupt'))):
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} loads ({', '.join(p.name for p in bad)} "
+                        f"set aside); start afresh with --overwrite, or in another --out-dir")
+    if ckpt is None:
+        if master:
+            print(f"--resume: no checkpoint in {out / 'checkpoints'} yet: starting afresh", file=sys.stderr)
+        return None
     diff = {k: (ckpt['config'].get(k), v) for k, v in vars(cfg).items() if k not in RESUME_MAY_CHANGE and ckpt['config'].get(k) != v}
     if diff:
         raise UserError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
+    if ckpt['step'] >= cfg.max_steps:
+        if master:
+            grids = out / 'samples'
+            print(f"--resume: the run in {out} has finished (step {ckpt['step']} of --max-steps {cfg.max_steps}): "
+                  f"final checkpoint {path}{f', samples in {grids}' if grids.is_dir() else ''}", file=sys.stderr)
+        raise SystemExit(0)
     if master:
-        print(f"resuming from {path} (step {ckpt['step']})")
+        print(f"resuming from {path} (step {ckpt['step']})" + (' *** NOT the newest: see the warning above ***' if bad
+                                                                else ''))
     return ckpt
 
 def setup(cfg):
@@ -995,12 +1063,12 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
                         vae=None, bn=None, saved={}, sums={}, n_steps=0, first_bad=torch.tensor(-1, device=device),
-                        t0=time.time(), first_rec=None, rec=None,  # saved: what a checkpoint holds, by name
+                        t0=time.time(), started=time.time(), wall0=0.0, rec=None,  # saved: a checkpoint's, by name
                         deadline=time.time() + seconds(cfg.time_limit) if cfg.time_limit else None,
                         drawn=0, bad_draws=0, bad_files={}, grad_prev={}, grad_low={})  # the data and gradient watch
-    if not cfg.resume:
-        fresh_out_dir(s.out, cfg.overwrite, s.master)
     ckpt = resume_checkpoint(cfg, s.out, s.master) if cfg.resume else None
+    if ckpt is None:
+        fresh_out_dir(s.out, cfg.overwrite, s.master)
     s.data, s.norm = training_data(cfg, device, s.master)
     torch.manual_seed(cfg.seed)  # the same on every rank: random teachers and networks agree
     s.autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == 'bf16' else contextlib.nullcontext()
@@ -1014,6 +1082,7 @@ def setup(cfg):
     s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: HOG if needed
         cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
         dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
+    record_teachers(s, ckpt)
     if cfg.teacher_cache and s.teachers:
         use_teacher_cache(s)
     s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
@@ -1049,6 +1118,16 @@ def setup(cfg):
               f"(projectors included), {T} tokens, {'pixels' if C == 3 else f'latents {(C, size, size)}'}, "
               f"{len(s.data)} images, {s.data.num_classes} classes, teachers: {', '.join(t.name for t in s.teachers) or 'none'}")
     return s
+
+def record_teachers(s, ckpt):
+    """The teachers that actually train, in the config (config.json, checkpoints) in a field of their own:
+    --encoder names the ones asked for, and --demo may fall back to another. A resumed run must train with the same
+    ones as its checkpoint."""
+    s.cfg.trained_teachers = ','.join(t.name for t in s.teachers) or 'none'
+    before = ckpt and ckpt['config'].get('trained_teachers')
+    if before and before != s.cfg.trained_teachers:
+        raise UserError(f"--resume: the checkpoint's run trained with the teacher(s) {before}, this one would train "
+                        f"with {s.cfg.trained_teachers}; give it the same teacher weights (--encoder-weights)")
 
 def use_teacher_cache(s):
     """--teacher-cache DIR: build the cache when it is absent or unfinished, check it fits this run, and have the data
@@ -1135,14 +1214,15 @@ def log_interval(s, step):
                         f"--max-bad-fraction {s.cfg.max_bad_fraction:g}; stopping. This process met: {files}")
     dt, s.t0 = time.time() - s.t0, time.time()
     rec = dict(step=step, **{k: v / (s.n_steps * s.world) for k, v in zip(names, vec)},
-               img_per_s=s.n_steps * s.cfg.global_batch_size / dt, steps_per_s=s.n_steps / dt,
+               img_per_s=s.n_steps * s.cfg.global_batch_size / dt, steps_per_s=s.n_steps / dt, interval_s=dt,
+               wall_s=s.wall0 + time.time() - s.started,  # the run's, start-ups and earlier processes included
                peak_mem_gb=(torch.cuda.max_memory_allocated(s.device) if s.device.type == 'cuda' else
                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
     rec['mfu'] = rec['img_per_s'] / s.world * s.flops / s.peak if s.peak else None  # unknown on CPUs
     rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
     if warnings := grad_watch(s, rec):
         rec['grad_watch'] = warnings
-    s.sums, s.n_steps, s.rec, s.first_rec = {}, 0, rec, s.first_rec or rec
+    s.sums, s.n_steps, s.rec = {}, 0, rec
     if s.master:
         print(json.dumps(rec), file=s.log, flush=True)
         s.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
@@ -1243,12 +1323,28 @@ def end_of_run(s):
                   f"with --resume (exit code {PREEMPTED}: requeue)", file=sys.stderr)
         raise SystemExit(PREEMPTED)
 
+def run_summary(s):
+    """The closing line, over the whole run as log.jsonl holds it (every process of a resumed run): steps, wall time
+    (start-ups included), img/s while training, the loss from the first log to the last, where the results are."""
+    log = [json.loads(line) for line in open(s.out / 'log.jsonl') if line.strip()]
+    key = 'mse' if 'mse' in s.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
+    steps, prev, train_s = log[-1]['step'], 0, 0.0
+    for r in log:  # older logs lack interval_s: the interval's steps at its steps/s
+        train_s, prev = train_s + r.get('interval_s', (r['step'] - prev) / r['steps_per_s']), r['step']
+    wall = log[-1].get('wall_s', train_s)
+    grids = f", samples in {s.out / 'samples'}" if s.cfg.sample_every > 0 else ''
+    return (f"done: {steps} steps in {wall / 60:.1f} min wall time ({steps * s.cfg.global_batch_size / train_s:.1f} "
+            f"img/s while training); {key} loss {log[0][key]:.4f} (first log) -> {log[-1][key]:.4f} (last), "
+            f"alignment {log[-1]['align']:.4f}; checkpoint {latest_checkpoint(s.out)}{grids}"
+            + (f"; the {s.world} ranks hold identical weights" if s.world > 1 else ''))
+
 def train(cfg):
     """The loop: a batch, its teacher targets, the recipe's step, device-side sums; at intervals a log line, a
     checkpoint, a sample grid. Returns the run's state `s`."""
     s = setup(cfg)
     step_fn = OBJECTIVES[cfg.objective]  # flow_step, repae_step or meanflow_step (defined after this section)
     s.bar = tqdm(total=cfg.max_steps, initial=s.start, disable=not s.master, desc='train', dynamic_ncols=True)
+    s.t0 = time.time()  # the first interval's img/s counts the steps, not the start-up
     for step in range(s.start, cfg.max_steps):
         train_step(s, step_fn, step, next(s.loader))
         s.bar.update(1)
@@ -1269,10 +1365,7 @@ def train(cfg):
         s.log.close()
     end_of_run(s)
     if s.master and s.rec:
-        key = 'mse' if 'mse' in s.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
-        print(f"done: {cfg.max_steps} steps; {key} loss {s.first_rec[key]:.4f} (first log) -> {s.rec[key]:.4f} "
-              f"(last), alignment {s.rec['align']:.4f}; checkpoint {latest_checkpoint(s.out)}, samples in "
-              f"{s.out / 'samples'}" + (f"; the {s.world} ranks hold identical weights" if s.world > 1 else ''))
+        print(run_summary(s))
     return s
 
 # -----------------------------------------------------------------------------
@@ -1374,8 +1467,8 @@ def export_vae(argv):
     layout, its config and latent statistics in the metadata), for --prepare and a fresh SiT on frozen latents."""
     import encoders
     p = study_parser('export-vae', export_vae.__doc__)
-    p.add_argument('ckpt')
-    p.add_argument('out')
+    p.add_argument('ckpt', type=existing_file, help='a checkpoint of --recipe repa-e or irepa-e')
+    p.add_argument('out', help='the VAE file to write (.safetensors)')
     a = p.parse_args(argv)
     encoders.export_vae(a.ckpt, a.out)
 
@@ -1532,14 +1625,35 @@ def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
         opt.step(closure)
     return (lin(x[val]).argmax(1) == labels[val]).double().mean().item()
 
+STUDY_HELP = dict(  # the training flags the study commands share, as these commands use them
+    encoder='the teacher (python encoders.py --list)', spnorm_gamma='share of the token mean the z-score removes',
+    encoder_weights="'auto' (Hugging Face hub and its cache), a local file, or 'random[:BLOCKS]' (tests)",
+    data_path='ImageNet-style folder (<root>/<class>/*.JPEG) of the images to measure; none: the synthetic set',
+    resolution='image side in pixels', num_classes='classes of the synthetic set', synthetic_size='its images',
+    siglip_norm="SigLIP's input stats: the paper's ImageNet ones or SigLIP's 0.5/0.5", device="'auto', 'cuda' or 'cpu'",
+    seed='which images are drawn (and a random teacher)',
+    out_dir='where the token cache and <teacher>.json go')
+
 def study_parser(prog, doc, shared=(), **defaults):
-    """The parser of a study command, with the training flags it shares (same names, help, defaults) and its own."""
-    p = argparse.ArgumentParser(prog=f'irepa.py {prog}', description=doc, allow_abbrev=False)
+    """The parser of a study command, with the training flags it shares (same names and defaults, help written for
+    these commands) and its own."""
+    p = ArgumentParser(prog=f'irepa.py {prog}', description=doc, allow_abbrev=False)
     for k in shared:
         v = defaults.get(k, DEFAULTS.get(k))
-        p.add_argument('--' + k.replace('_', '-'), default=v, help=HELP.get(k), choices=CHOICES.get(k),
-                       type=TYPES.get(k) or type(v))
+        p.add_argument('--' + k.replace('_', '-'), default=v, help=f'{STUDY_HELP[k]} (default {v})',
+                       choices=CHOICES.get(k), type=TYPES.get(k) or type(v))
     return p
+
+def existing_file(path):
+    """An input file's argparse type: a missing one is argparse's one error line, not a traceback later."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+def existing_folder(path):
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"no such folder: {path}")
+    return path
 
 def teacher_tokens(a, data, idx, grid, device):
     """The teacher's patch tokens (n, T, D) fp16 of the images idx, cached in a.out_dir under a key of everything they
@@ -1573,11 +1687,13 @@ def measure_teacher(argv):
     import encoders
     p = study_parser('metrics', measure_teacher.__doc__, ('encoder', 'encoder_weights', 'data_path', 'resolution',
                      'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'), out_dir='out/metrics')
-    p.add_argument('--masks', default=None, help='folder of foreground masks, same relative paths as the images (.png)')
+    p.add_argument('--masks', default=None, type=existing_folder,
+                   help='folder of foreground masks, same relative paths as the images (.png)')
     p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
-    p.add_argument('--num-images', type=int, default=1000)
-    p.add_argument('--batch-size', type=int, default=32)
-    p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe)')
+    p.add_argument('--num-images', type=int, default=1000, help='images measured, at most the dataset (default 1000)')
+    p.add_argument('--batch-size', type=int, default=32, help='images per teacher forward (default 32)')
+    p.add_argument('--lp-steps', type=int, default=200,
+                   help='L-BFGS iterations of the linear probe (0: no probe; default 200)')
     p.add_argument('--lds', default='code', choices=('code', 'paper'), help="LDS's pairs: 'code' (the official code's, "
                    "behind the paper's correlations): d = 1 vs d >= 6; 'paper' (its text): d < H/2 vs d >= H/2")
     a = p.parse_args(argv)
@@ -1618,11 +1734,12 @@ def measure_teacher(argv):
 def correlate(argv):
     """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID, and the panel."""
     import csv
-    from scipy import stats
     p = study_parser('correlate', correlate.__doc__)
-    p.add_argument('csv', help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
+    p.add_argument('csv', type=existing_file,
+                   help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
     p.add_argument('--out', default=None, help='scatter panel PNG (default: next to the CSV)')
     a = p.parse_args(argv)
+    from scipy import stats  # seconds to import: after the arguments are checked
     with open(a.csv, newline='') as f:
         rows = [{k.strip().lower(): v for k, v in r.items() if k} for r in csv.DictReader(f)]
     need = ['teacher', 'fid', 'lp', 'lds', 'cds', 'srss', 'rmsc']
@@ -1687,10 +1804,11 @@ def spnorm_viz(argv):
     import encoders
     p = study_parser('spnorm-viz', spnorm_viz.__doc__, ('encoder', 'encoder_weights', 'resolution', 'spnorm_gamma'),
                      spnorm_gamma=RECIPES['irepa']['spnorm_gamma'])
-    p.add_argument('--image', default=None, help='an image file (center-cropped); default: a synthetic image')
-    p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image')
+    p.add_argument('--image', default=None, type=existing_file,
+                   help='an image file (center-cropped); default: a synthetic image')
+    p.add_argument('--index', type=int, default=3, help='which synthetic image, without --image (default 3)')
     p.add_argument('--token', default=None, help='row,col of the query token on the grid (default: the centre)')
-    p.add_argument('--out', default='out/spnorm-viz.png')
+    p.add_argument('--out', default='out/spnorm-viz.png', help='the picture (PNG)')
     a = p.parse_args(argv)
     grid = a.resolution // 16
     img = center_crop(a.image, a.resolution) if a.image else synthetic_image(a.index, a.resolution, 10)[0]
@@ -1745,29 +1863,67 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     time_limit=f"checkpoint and exit (code {PREEMPTED}) once this much time has passed, e.g. 3h55m for a 4-hour job",
     max_bad_fraction='stop when more than this fraction of the images drawn so far is unreadable',
     grad_floor=f'warn when a network\'s gradient norm stays below this for {GRAD_FLOOR_INTERVALS} log intervals',
-    grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next')
+    grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next',
+    projector_dim='hidden width of the MLP projector', qk_norm='LayerNorm on queries and keys (steadier at high lr)',
+    resolution='image side in pixels (a multiple of the VAE factor x patch size)', max_steps='training steps in all',
+    lr='AdamW learning rate (constant, no warm-up)', grad_clip='clip the gradient norm to this',
+    ema_decay='decay of the EMA weights that sample', seed='data order, noise and initialization',
+    log_every='steps between log.jsonl lines', ckpt_every='steps between checkpoints',
+    num_workers='DataLoader processes per rank', proj_kernel='side of the conv projector\'s kernel (odd)',
+    adam_beta2="AdamW's beta2", projector="'mlp' (REPA's 3 layers) or 'conv' (iREPA's one convolution)",
+    spnorm="teacher tokens raw ('none') or spatially z-scored ('zscore', iREPA)",
+    vae_align_coeff='REPA-E: weight of the alignment in the VAE step', vae_lr='REPA-E: learning rate of the VAE',
+    disc_lr='REPA-E: learning rate of the discriminator', l1_coeff='REPA-E: weight of the L1 reconstruction loss',
+    lpips_coeff='REPA-E: weight of LPIPS', kl_coeff='REPA-E: weight of the KL term', gan_coeff='REPA-E: weight of '
+    'the GAN loss', repae_stats_images='REPA-E: images whose latents give the initial BatchNorm statistics',
+    mf_p_mean='MeanFlow: mean of the logit-normal t, r', mf_p_std='MeanFlow: std of the logit-normal t, r',
+    mf_ratio='MeanFlow: share of the rows with r != t', mf_norm_c='MeanFlow: c of the adaptive weight 1/sg(L+c)^p',
+    mf_norm_p='MeanFlow: p of the adaptive weight', mf_label_drop='MeanFlow: share of labels dropped in the loss',
+    mf_omega='MeanFlow: guidance scale trained in (omega)', mf_kappa='MeanFlow: kappa of the trained-in guidance',
+    mf_t_start='MeanFlow: guidance applies for t from this', mf_t_end='MeanFlow: guidance applies for t up to this')
 TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str,
              time_limit=str, teacher_cache=str)  # flags whose default is None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
+EPILOG = '''commands (each with its own --help):
+  python irepa.py recipes                  every recipe's settings side by side
+  python irepa.py metrics --encoder NAME   a teacher's spatial-structure metrics (LDS, CDS, SRSS, RMSC) and LP accuracy
+  python irepa.py correlate results.csv    the metrics' correlation with FID over teachers, and a scatter panel
+  python irepa.py spnorm-viz               one token's similarity map before and after the spatial z-score
+  python irepa.py export-vae CKPT OUT      the VAE a REPA-E run trained, as a file --vae reads
+  python fid.py sample | eval              samples of a checkpoint; FID, sFID, IS, precision, recall'''
 
-def get_parser():
-    """Flags with no default of their own: parse_args returns the ones given, which then override the defaults."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
-                                argument_default=argparse.SUPPRESS)
+def get_parser(recipe=DEFAULTS['recipe'], demo=False):
+    """Flags with no default of their own: parse_args returns the ones given, which then override the defaults. The
+    help shows each flag's value for `recipe` (and --demo): python irepa.py --recipe repa-e --help."""
+    p = ArgumentParser(prog='irepa.py', description=__doc__.split('\n\n')[0], allow_abbrev=False, epilog=EPILOG,
+                       argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    row = RECIPES.get(recipe, RECIPES[DEFAULTS['recipe']])
+    values = DEFAULTS | row | (DEMO | DEMO_OBJECTIVE.get(row['objective'], {}) if demo else {})
     settings = DEFAULTS | {k: v for row in RECIPES.values() for k, v in row.items() if k != 'objective'}
     for k, v in settings.items():
         kind = TYPES.get(k) or type(v)
-        where = f'default {v}' if k in DEFAULTS else 'default: its recipe row'
-        p.add_argument('--' + k.replace('_', '-'), help=f"{HELP.get(k, '')} ({where})", choices=CHOICES.get(k),
+        where = (f"{recipe}{' --demo' if demo else ''}: {values[k]}" if k in values else
+                 f"not for {recipe}; recipes {', '.join(r for r, other in RECIPES.items() if k in other)}")
+        p.add_argument('--' + k.replace('_', '-'), help=f"{HELP[k]} ({where})", choices=CHOICES.get(k),
                        metavar='NAME' if k == 'model' else None,  # not the 15 names in the usage line
                        **dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind))
     return p
 
+def recipes(argv):
+    """python irepa.py recipes: every recipe's settings side by side (the defaults that all share: irepa.py --help)."""
+    p = study_parser('recipes', recipes.__doc__)
+    p.parse_args(argv)
+    print(f"{'setting':20s}" + ''.join(f"{r:>15s}" for r in RECIPES))
+    for k in dict.fromkeys(k for row in RECIPES.values() for k in row):  # each setting once, in the rows' order
+        print(f"{k:20s}" + ''.join(f"{str(row.get(k, '-')):>15s}" for row in RECIPES.values()))
+
 def resolve_config(argv=None):
     """The command line -> the run's config: DEFAULTS, the recipe's row, --demo's values, then every flag given, each
     overriding the ones before. It is printed, saved as config.json and stored in every checkpoint."""
-    p = get_parser()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    named = [a.split('=', 1)[-1] if '=' in a else b for a, b in zip(argv, argv[1:] + ['']) if a.startswith('--recipe')]
+    p = get_parser(named[-1] if named else DEFAULTS['recipe'], '--demo' in argv)  # the help shows their values
     given = vars(p.parse_args(argv))
     recipe = given.get('recipe', DEFAULTS['recipe'])
     row = RECIPES[recipe]
@@ -1793,30 +1949,142 @@ def resolve_config(argv=None):
             p.error(f"--time-limit: {e}")
     return SimpleNamespace(**cfg)
 
-COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae}
+# -----------------------------------------------------------------------------
+# Validation: the whole configuration is checked in one pass before anything is printed or written, so a bad value is
+# one line per mistake (all of them at once), exit code 2, not a traceback minutes into the run or a run of 0 steps.
+# The interval each number must lie in ('[' and ']' include the end, '(' and ')' exclude it; inf is never allowed).
+RANGES = dict(
+    max_steps='[1, inf)', global_batch_size='[1, inf)', lr='[0, inf)', grad_clip='(0, inf)', ema_decay='[0, 1]',
+    seed='[0, inf)', log_every='[1, inf)', ckpt_every='[1, inf)', sample_every='[0, inf)', num_workers='[0, inf)',
+    keep_last='[0, inf)', resolution='[1, inf)', num_classes='[1, inf)', synthetic_size='[1, inf)',
+    projector_dim='[1, inf)', latent_scale='(0, inf)', max_bad_fraction='[0, 1]', grad_floor='[0, inf)',
+    grad_jump='(1, inf)', encoder_depth='[1, inf)', proj_kernel='[1, inf)', spnorm_gamma='[0, 1]',
+    proj_coeff='[0, inf)', adam_beta2='[0, 1)', vae_align_coeff='[0, inf)', vae_lr='[0, inf)', disc_lr='[0, inf)',
+    l1_coeff='[0, inf)', lpips_coeff='[0, inf)', kl_coeff='[0, inf)', gan_coeff='[0, inf)',
+    repae_stats_images='[1, inf)', mf_p_mean='(-inf, inf)', mf_p_std='(0, inf)', mf_ratio='[0, 1]',
+    mf_norm_c='(0, inf)', mf_norm_p='[0, inf)', mf_label_drop='[0, 1]', mf_omega='(0, inf)', mf_kappa='[0, 1)',
+    mf_t_start='[0, 1]', mf_t_end='[0, 1]')
+VAE_NAMES = {'sd-vae-ft-mse': 8, 'sd-vae-ft-ema': 8, 'random': 8, 'random:tiny': 2}  # the VAEs by name: their factor
+
+def in_range(v, interval):
+    lo, hi = (float(x) for x in interval[1:-1].split(','))
+    above = v >= lo if interval[0] == '[' else v > lo
+    return math.isfinite(v) and above and (v <= hi if interval[-1] == ']' else v < hi)
+
+def check_numbers(cfg, world):
+    """Each numeric setting in its interval; the batch split evenly over the processes."""
+    flag = lambda k: '--' + k.replace('_', '-')
+    errors = [f"{flag(k)} must be in {r} (got {getattr(cfg, k)})" for k, r in RANGES.items()
+              if getattr(cfg, k, None) is not None and not in_range(getattr(cfg, k), r)]
+    if cfg.global_batch_size >= 1 and cfg.global_batch_size % world:
+        errors.append(f"--global-batch-size must be a positive multiple of the number of processes, {world} "
+                      f"(got {cfg.global_batch_size})")
+    if cfg.proj_kernel % 2 == 0:
+        errors.append(f"--proj-kernel must be odd, so the convolution keeps the token grid (got {cfg.proj_kernel})")
+    if cfg.objective == 'meanflow' and cfg.mf_t_start > cfg.mf_t_end:
+        errors.append(f"--mf-t-start {cfg.mf_t_start} is past --mf-t-end {cfg.mf_t_end}")
+    if cfg.data_path is None and cfg.global_batch_size > cfg.synthetic_size >= 1 and not cfg.prepare:
+        errors.append(f"--synthetic-size {cfg.synthetic_size} is smaller than one global batch "
+                      f"({cfg.global_batch_size})")
+    return errors
+
+def check_shapes(cfg):
+    """The SiT's token grid and aligned block: resolution / (VAE factor x patch size) whole, encoder depth <= depth."""
+    errors, (depth, *_), patch = [], SIZES[cfg.model[4:].split('/')[0]], int(cfg.model.split('/')[1])
+    if cfg.encoder_depth is not None and cfg.encoder_depth > depth:
+        errors.append(f"--encoder-depth {cfg.encoder_depth} is past the last block of {cfg.model}, which has {depth} "
+                      f"(the aligned block must be in 1..{depth})")
+    if cfg.objective == 'repa-e' and cfg.vae == 'none':
+        errors.append(f"--recipe {cfg.recipe} trains the VAE end to end: it needs a --vae to start from, not 'none'")
+    prepared = cfg.data_path and (Path(cfg.data_path) / 'meta.json').exists()  # its latents fix the grid
+    factor = 1 if cfg.vae == 'none' else VAE_NAMES.get(cfg.vae)  # a local file's: known once it is read
+    if cfg.resolution >= 1 and factor and not prepared and cfg.resolution % (factor * patch):
+        errors.append(f"--resolution must be a multiple of {factor * patch}, the VAE's factor {factor} times the "
+                      f"patch size {patch} of {cfg.model} (got {cfg.resolution})")
+    if cfg.resume and cfg.overwrite:
+        errors.append("--resume continues the run in --out-dir and --overwrite moves it aside: pass one of them")
+    return errors
+
+def writable(path):
+    """Whether a folder can be made or written at `path`: its nearest existing ancestor is a writable folder."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+def check_paths(cfg):
+    """The input files and folders exist; the output folders can be written."""
+    errors, files = [], []
+    if cfg.data_path is not None and not Path(cfg.data_path).is_dir():
+        errors.append(f"--data-path {cfg.data_path} is not a folder"
+                      f"{'' if Path(cfg.data_path).exists() else ' (it does not exist)'}")
+    files += [('--encoder-weights', w) for w in cfg.encoder_weights.split(',') if w not in ('auto', 'none', '')
+              and not w.startswith('random')]
+    files += [('--vae', cfg.vae)] if cfg.vae not in VAE_NAMES and cfg.vae != 'none' else []
+    if cfg.objective == 'repa-e':
+        files += [('--lpips-weights', w) for w in cfg.lpips_weights.split(',') if w not in ('auto', 'random', '')
+                  and not cfg.demo]  # --demo: a missing LPIPS file gives random weights
+        files += [('--disc-weights', cfg.disc_weights)] if cfg.disc_weights != 'random' else []
+    errors += [f"{flag}: no weights file at '{f}'" for flag, f in files if not Path(f).is_file()]
+    for flag, d in (('--out-dir', cfg.out_dir), ('--teacher-cache', cfg.teacher_cache)):
+        if d is not None and Path(d).exists() and not Path(d).is_dir():
+            errors.append(f"{flag} {d} is a file, not a folder")
+        elif d is not None and not writable(d):
+            errors.append(f"{flag} {d} cannot be written here (permissions, or a read-only file system)")
+    return errors
+
+def validate(cfg):
+    """Every mistake of the configuration at once, as one UserError (one line each); the same on every process of a
+    torchrun job, so rank 0 alone prints it."""
+    errors = check_numbers(cfg, int(os.environ.get('WORLD_SIZE', 1)))
+    errors += check_shapes(cfg) + check_paths(cfg)
+    if errors:
+        raise UserError('; '.join(errors), errors, everywhere=True)
+
+COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae,
+            'recipes': recipes}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:  # the study commands; everything else trains (or prepares latents)
         return COMMANDS[argv[0]](argv[1:])
     cfg = resolve_config(argv)
+    validate(cfg)  # every mistake at once, before anything is printed or written
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    if ddp:
-        dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see catch_stop_signals
+    lock = None
     try:
+        catch_startup_signals()  # until the loop takes over: a signal stops the start-up with PREEMPTED
+        if ddp:
+            dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
+        lock = lock_run(Path(cfg.out_dir)) if dist_info()[0] == 0 else None  # one run per folder
         if dist_info()[0] == 0:
             print(json.dumps(vars(cfg), indent=1))
-        if not cfg.prepare:
-            return train(cfg)
-        device = torch.device(f"cuda:{dist_info()[2]}" if cfg.device == 'cuda' else cfg.device)
-        prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
-                        cfg.synthetic_size, num_workers=cfg.num_workers)
+        return run(cfg)
+    except StartupStop as e:
+        if dist_info()[0] == 0:
+            print(f"stopped by {signal.Signals(e.args[0]).name} before {'the pass' if cfg.prepare else 'training'} "
+                  f"began; nothing to keep (exit code {PREEMPTED}: requeue, with --resume)", file=sys.stderr)
+        raise SystemExit(PREEMPTED) from None
+    except SystemExit as e:  # under torchrun a worker's exit code is lost: PREEMPTED leaves a marker a job script tests
+        if e.code == PREEMPTED and lock and 'TORCHELASTIC_RUN_ID' in os.environ:
+            (Path(cfg.out_dir) / 'PREEMPTED').write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        raise
     finally:
         for sig, handler in handlers.items():  # also when a run stops with an error (a caller's Ctrl-C works again)
             signal.signal(sig, handler)
-        if ddp:
+        if lock:
+            lock.close()  # releases the flock
+        if ddp and dist.is_initialized():
             dist.destroy_process_group()
 
+def run(cfg):
+    """Train, or with --prepare encode the data into latents and exit."""
+    if not cfg.prepare:
+        return train(cfg)
+    device = torch.device(f"cuda:{dist_info()[2]}" if cfg.device == 'cuda' else cfg.device)
+    prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
+                    cfg.synthetic_size, num_workers=cfg.num_workers)
+
 if __name__ == '__main__':
-    cli(main)
+    cli(main, 'irepa.py')

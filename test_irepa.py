@@ -80,7 +80,7 @@ def user_error(capsys, main, *argv):
     with pytest.raises(SystemExit) as e:
         encoders.cli(lambda: main([str(a) for a in argv]))
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    lines = [line for line in err.splitlines() if re.match(r'([\w.]+ ?)*: error: |error: ', line)]
     assert e.value.code == 2 and len(lines) == 1 and 'Traceback' not in err, (e.value.code, err[-2000:])
     return lines[0]
 
@@ -674,8 +674,8 @@ def test_resume_refuses_another_config(tmp_path):
         irepa.main(run_args(tmp_path, 4, '--resume', '--recipe', 'repa'))
     with pytest.raises(ValueError, match="model"):
         irepa.main(run_args(tmp_path, 4, '--resume', '--model', 'SiT-T/2'))
-    with pytest.raises(encoders.UserError, match='no checkpoint'):
-        irepa.main(run_args(tmp_path / 'empty', 4, '--resume'))
+    irepa.main(run_args(tmp_path / 'empty', 1, '--resume'))  # no checkpoint yet: it starts afresh (one job script)
+    assert irepa.latest_checkpoint(tmp_path / 'empty').name == '0000001.pt'
     irepa.main(run_args(tmp_path, 3, '--resume', '--preview', 'euler'))  # the grids' sampler may change
 
 
@@ -868,18 +868,19 @@ def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     code, err, k = stop_when_logged(cmd + run_args(tmp_path / 'stop', 1000, '--sample-every', '0'), tmp_path / 'stop', 2,
                                     env, rank1)
     assert f'stopped by another rank\'s stop signal after step {k}' in err and 'exitcode  : 75' in err, err[-3000:]
+    assert (tmp_path / 'stop/PREEMPTED').exists()  # torchrun loses the 75: the job script tests this file
     n = k + 2 + k % 2  # even: the uninterrupted run below checkpoints every 2 steps
     r = torchrun(2, run_args(tmp_path / 'stop', n, '--resume', '--sample-every', '0'), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 and not (tmp_path / 'stop/PREEMPTED').exists(), r.stderr[-3000:]
     r = torchrun(2, run_args(tmp_path / 'ddp', n, '--ckpt-every', '2', '--sample-every', '0'), tmp_path)  # no grids
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the 2 ranks hold identical weights' in r.stdout
-    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'log.jsonl']
+    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'lock', 'log.jsonl']
     assert sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir()) == [f'{i:07d}.pt' for i in range(2, n + 1, 2)]
     assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == n // 2  # one writer
     assert_same_state(load_ckpt(tmp_path / f'stop/checkpoints/{n:07d}.pt'), load_ckpt(tmp_path / f'ddp/checkpoints/{n:07d}.pt'))
     r = torchrun(2, run_args(tmp_path / 'odd', 2, '--global-batch-size', '3'), tmp_path)
-    assert r.returncode != 0 and 'not divisible by the 2 processes' in r.stderr
+    assert r.returncode != 0 and 'must be a positive multiple of the number of processes, 2' in r.stderr
 
 
 @slow
@@ -3752,3 +3753,283 @@ def test_metrics_lds_flag(tmp_path):
     paper = irepa.main(args + ['--out-dir', str(tmp_path / 'paper'), '--lds', 'paper'])
     assert (code['lds_pairs'], paper['lds_pairs']) == ('code', 'paper') and code['cds'] == paper['cds']
     assert code['lds'] != paper['lds']
+
+# --- issue 25: user errors in one line, --resume of damaged and finished runs, one run per folder ---
+def error_of(capsys, main, prog, argv):
+    """Run a command line in-process as its __main__ does: (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        encoders.cli(lambda: main(argv), prog)
+    return e.value.code, capsys.readouterr().err
+
+
+# One row per bad input: command, argv ({t}: the test's folder, {o}: the output folder, which must stay unwritten),
+# exit code, a fragment of the one error line. Training rows run on TINY_RUN (cheap), their flags after it.
+BAD_INPUTS = [
+    ('irepa', '--max-steps -5', 2, '--max-steps must be in [1, inf) (got -5)'),
+    ('irepa', '--max-steps 0', 2, '--max-steps must be in [1, inf) (got 0)'),
+    ('irepa', '--global-batch-size 0', 2, '--global-batch-size must be in [1, inf) (got 0)'),
+    ('irepa', '--global-batch-size -4', 2, '--global-batch-size must be in [1, inf) (got -4)'),
+    ('irepa', '--lr nan', 2, '--lr must be in [0, inf) (got nan)'),
+    ('irepa', '--ema-decay 1.5', 2, '--ema-decay must be in [0, 1] (got 1.5)'),
+    ('irepa', '--num-workers -1', 2, '--num-workers must be in [0, inf) (got -1)'),
+    ('irepa', '--sample-every -1', 2, '--sample-every must be in [0, inf) (got -1)'),
+    ('irepa', '--max-bad-fraction 2', 2, '--max-bad-fraction must be in [0, 1] (got 2.0)'),
+    ('irepa', '--recipe meanflow-irepa --mf-kappa 1', 2, '--mf-kappa must be in [0, 1) (got 1.0)'),
+    ('irepa', '--proj-kernel 2', 2, '--proj-kernel must be odd'),
+    ('irepa', '--model SiT-Q/2', 2, "invalid choice: 'SiT-Q/2' (choose from 'SiT-T/2', 'SiT-T/4'"),
+    ('irepa', '--recipe foo', 2, "invalid choice: 'foo' (choose from 'repa', 'irepa'"),
+    ('irepa', '--dem', 2, 'unrecognized arguments: --dem'),
+    ('irepa', '--mf-kappa 0.3', 2, '--mf-kappa does not apply to --recipe irepa'),
+    ('irepa', '--precision fp16', 2, '--precision fp16: use bf16'),
+    ('irepa', '--time-limit 3hours', 2, "not a duration: '3hours'"),
+    ('irepa', '--vae sd-vae-ft-mse --resolution 24 --model SiT-T/2', 2,
+     "--resolution must be a multiple of 16, the VAE's factor 8 times the patch size 2 of SiT-T/2 (got 24)"),
+    ('irepa', '--model SiT-T/4 --resolution 18', 2, '--resolution must be a multiple of 4'),
+    ('irepa', '--model SiT-T/2 --encoder-depth 7', 2, '--encoder-depth 7 is past the last block of SiT-T/2'),
+    ('irepa', '--synthetic-size 3', 2, '--synthetic-size 3 is smaller than one global batch (4)'),
+    ('irepa', '--recipe repa-e --vae none', 2, 'needs a --vae to start from'),
+    ('irepa', '--resume --overwrite', 2, 'pass one of them'),
+    ('irepa', '--teacher-cache {t}/tc --encoder none', 2, '--encoder none has no teacher'),
+    ('irepa', '--data-path {t}/nothing', 2, '--data-path {t}/nothing is not a folder (it does not exist)'),
+    ('irepa', '--encoder-weights {t}/none.safetensors', 2,
+     "--encoder-weights: no weights file at '{t}/none.safetensors'"),
+    ('irepa', '--vae {t}/vae.safetensors', 2, "--vae: no weights file at '{t}/vae.safetensors'"),
+    ('irepa', '--out-dir {t}/a-file', 2, '--out-dir {t}/a-file is a file, not a folder'),
+    ('irepa', '--out-dir {t}/a-file/run', 2, '--out-dir {t}/a-file/run cannot be written here'),
+    ('irepa', '--encoder-weights {t}/zeros.safetensors', 2,  # found when the teacher loads: the lock is written
+     "'{t}/zeros.safetensors' does not load (SafetensorError"),
+    ('irepa', '--resume', 2, "--resume: no checkpoint in {o}/checkpoints loads (0000002.pt.corrupt set aside)"),
+    ('irepa', 'metrics --bogus', 2, 'irepa.py metrics: error: unrecognized arguments: --bogus'),
+    ('irepa', 'metrics --siglip-norm x --out-dir {o}', 2, "invalid choice: 'x' (choose from 'imagenet', 'siglip')"),
+    ('irepa', 'correlate {t}/nothing.csv', 2, 'irepa.py correlate: error: argument csv: no such file'),
+    ('irepa', 'correlate {t}/short.csv --out {o}/p.png', 2, 'lacks the column(s) fid'),
+    ('irepa', 'spnorm-viz --token 99,0 --out {o}/v.png', 2, '--token 99,0 is outside the 16x16 grid'),
+    ('irepa', 'export-vae {t}/nothing.pt {o}/v.safetensors', 2, 'argument ckpt: no such file'),
+    ('irepa', 'export-vae', 2, 'the following arguments are required: ckpt, out'),
+    ('irepa', 'recipes --all', 2, 'irepa.py recipes: error: unrecognized arguments: --all'),
+    ('fid', 'foo', 2, "fid.py: error: argument cmd: invalid choice: 'foo' (choose from 'eval', 'sample')"),
+    ('fid', 'sample', 2, 'fid.py sample: error: the following arguments are required: --ckpt'),
+    ('fid', 'sample --ckpt {t}/a-file --out {o}/s.npz', 2, 'is not a readable PyTorch checkpoint'),
+    ('fid', 'sample --ckpt {t}/a-file --mode ode', 2, "invalid choice: 'ode' (choose from 'sde', 'euler'"),
+    ('fid', 'sample --ckpt {t}/a-file --num-samples 0 --out {o}/s.npz', 2, '--num-samples must be at least 1 (got 0)'),
+    ('fid', 'sample --ckpt {t}/a-file --latent-stats {t}/nothing.pt', 2, '--latent-stats: no such file'),
+    ('fid', 'eval {t}/a-file {t}/a-file --batch-size 0', 2, '--batch-size must be at least 1 (got 0)'),
+    ('fid', 'eval {t}/a-file', 2, 'the following arguments are required: samples'),
+    ('fid', 'eval {t}/a-file {t}/a-file --pr-dtype fp8', 2, "invalid choice: 'fp8' (choose from 'adm16', 'fp32')"),
+    ('fid', 'eval {t}/nothing.npz {t}/nothing.npz --inception random --no-cache', 2, 'nothing.npz: not an .npz file'),
+]
+
+
+def bad_input_folder(tmp_path):
+    """The files the rows name: a plain file, 100 zero bytes where weights belong, a CSV without FID, the output
+    folder holding only a truncated checkpoint."""
+    (tmp_path / 'a-file').write_text('not a folder, not a checkpoint')
+    (tmp_path / 'zeros.safetensors').write_bytes(bytes(100))
+    (tmp_path / 'short.csv').write_text('teacher,lp\na,1\n')
+    return tmp_path / 'out'
+
+
+def bad_input_argv(row, t, o):
+    cmd, args, *_ = row
+    argv = args.replace('{t}', str(t)).replace('{o}', str(o)).split()
+    return argv if cmd == 'fid' or argv[0] in irepa.COMMANDS else TINY_RUN + ['--out-dir', str(o)] + argv
+
+
+def check_bad_input(row, code, err, t, o):
+    said = row[3].replace('{t}', str(t)).replace('{o}', str(o))
+    lines = err.strip().splitlines()
+    assert code == row[2] and said in err and 'Traceback' not in err and 1 <= len(lines) <= 3, (row, code, err[-3000:])
+    assert any(line.startswith(('irepa.py', 'fid.py')) and ': error: ' in line and said in line for line in lines), err
+    written = sorted(str(p.relative_to(o)) for p in o.rglob('*')) if o.exists() else []
+    allowed = {'--resume': ['checkpoints', 'checkpoints/0000002.pt.corrupt', 'lock']}.get(row[1], ['lock'])
+    assert written in ([], allowed if 'does not load' in said or row[1] == '--resume' else []), (row, written)
+
+
+@pytest.mark.parametrize('row', BAD_INPUTS, ids=[f'{r[0]} {r[1]}' for r in BAD_INPUTS])
+def test_every_bad_input_is_one_line_and_writes_nothing(row, tmp_path, capsys, monkeypatch):
+    """Each bad input: its exit code, one 'prog: error: ...' line naming it (at most 3 lines on stderr in all), no
+    traceback, nothing in the output folder (the lock of a run that got as far as loading its teacher aside, and the
+    corrupt checkpoint renamed, never deleted)."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # no row waits for the network
+    monkeypatch.delenv('RANK', raising=False)
+    o = bad_input_folder(tmp_path)
+    if row[1] == '--resume':
+        (o / 'checkpoints').mkdir(parents=True)
+        (o / 'checkpoints/0000002.pt').write_bytes(b'PK\x03\x04 truncated by a full disk')
+    main, prog = (irepa.main, 'irepa.py') if row[0] == 'irepa' else (fid.main, 'fid.py')
+    code, err = error_of(capsys, main, prog, bad_input_argv(row, tmp_path, o))
+    check_bad_input(row, code, err, tmp_path, o)
+    if row[1] == '--resume':  # set aside with its bytes, not deleted
+        assert (o / 'checkpoints/0000002.pt.corrupt').read_bytes() == b'PK\x03\x04 truncated by a full disk'
+
+
+@slow
+@pytest.mark.parametrize('row', [r for r in BAD_INPUTS if r[1] in ('--global-batch-size 0', '--model SiT-Q/2',
+                                                                  'metrics --bogus', 'foo')], ids=str)
+def test_bad_inputs_as_real_command_lines(row, tmp_path):
+    """A few rows as real processes: the same line and code from `python irepa.py` / `python fid.py`."""
+    o = bad_input_folder(tmp_path)
+    r = subprocess.run([sys.executable, str(HERE / f'{row[0]}.py')] + bad_input_argv(row, tmp_path, o), cwd=tmp_path,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
+    check_bad_input(row, r.returncode, r.stderr, tmp_path, o)
+    assert r.stdout == ''  # no configuration dump before the error
+
+
+def test_validation_reports_every_mistake_at_once(capsys):
+    code, err = error_of(capsys, irepa.main, 'irepa.py', TINY_RUN + ['--max-steps', '0', '--lr', '-1', '--seed', '-2'])
+    assert code == 2 and err.splitlines() == ['irepa.py: error: --max-steps must be in [1, inf) (got 0)',
+                                              'irepa.py: error: --lr must be in [0, inf) (got -1.0)',
+                                              'irepa.py: error: --seed must be in [0, inf) (got -2)']
+
+
+def test_help_documents_every_flag_with_the_recipes_value(capsys):
+    p = irepa.get_parser('repa-e')
+    for a in p._actions[1:]:  # --help aside
+        k = a.dest
+        value = (irepa.DEFAULTS | irepa.RECIPES['repa-e']).get(k)
+        assert a.help and not a.help.startswith(' ('), k
+        assert f'(repa-e: {value})' in a.help if k in irepa.DEFAULTS | irepa.RECIPES['repa-e'] else 'not for' in a.help
+    demo = irepa.get_parser('irepa', True)._actions
+    assert '(irepa --demo: 300)' in next(a.help for a in demo if a.dest == 'max_steps')
+    with pytest.raises(SystemExit):
+        irepa.main(['--recipe', 'meanflow-irepa', '--help'])
+    out = capsys.readouterr().out
+    assert '(meanflow-irepa: 0.95)' in out and all(f'python irepa.py {c}' in out for c in irepa.COMMANDS)
+    irepa.main(['recipes'])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ['setting', *irepa.RECIPES] and 'mf_kappa' in table[-3]
+    with pytest.raises(SystemExit):
+        irepa.main(['metrics', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())  # as wrapped to the terminal
+    assert 'token cache' in out and 'checkpoints' not in out and '(default out/metrics)' in out  # written for it
+
+
+def test_fid_of_equal_sets_is_zero_not_negative():
+    """Rank-deficient statistics (fewer images than dimensions), as with small sample sets: the exact formula gives a
+    slightly negative number; the distance is 0."""
+    x = np.random.default_rng(0).standard_normal((30, 64)) * 3
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    w, v = np.linalg.eigh(sigma)
+    root = (v * np.sqrt(w.clip(0))) @ v.T
+    raw = 2 * np.trace(sigma) - 2 * np.sqrt(np.linalg.eigvalsh(root @ sigma @ root).clip(0)).sum()
+    assert raw < 0  # the rounding this is about
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0
+    assert fid.frechet_distance(mu, sigma, mu, sigma, method='sqrtm') == 0.0
+    assert fid.frechet_distance(mu + 1, sigma, mu, sigma) == pytest.approx(64, rel=1e-6)  # a real distance stays
+
+
+def test_a_signal_during_start_up_is_one_line_and_preempted(tmp_path, capsys, monkeypatch):
+    import signal
+    def killed_while_loading(*a, **k):  # as a hub download's retries would be interrupted
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError('the signal did not stop the start-up')
+    monkeypatch.setattr(encoders, 'load_teachers', killed_while_loading)
+    code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(tmp_path, 2))
+    said = f'stopped by SIGTERM before training began; nothing to keep (exit code {irepa.PREEMPTED}: requeue, with ' \
+           '--resume)'
+    assert code == irepa.PREEMPTED and err.strip().splitlines() == [said]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
+
+
+@slow
+def test_resume_sets_a_truncated_checkpoint_aside_and_continues_bitwise(tmp_path, capsys):
+    """The newest checkpoint truncated (a full disk, a node lost during a copy): renamed *.corrupt, said loudly, and
+    the run resumes from the one before it, bit for bit as an uninterrupted run; the closing line counts the whole
+    run; a finished run says so and exits 0."""
+    irepa.main(run_args(tmp_path / 'full', 4, '--ckpt-every', '2'))
+    irepa.main(run_args(tmp_path / 'cut', 4, '--ckpt-every', '2'))
+    newest = tmp_path / 'cut/checkpoints/0000004.pt'
+    size = newest.stat().st_size
+    with open(newest, 'r+b') as f:
+        f.truncate(size // 2)
+    capsys.readouterr()
+    irepa.main(run_args(tmp_path / 'cut', 4, '--ckpt-every', '2', '--resume'))
+    out, err = capsys.readouterr()
+    assert f'{newest} does not load' in err and 'renamed it 0000004.pt.corrupt' in err, err[-2000:]
+    assert 'resuming from' in out and '0000002.pt (step 2) *** NOT the newest' in out
+    assert (tmp_path / 'cut/checkpoints/0000004.pt.corrupt').stat().st_size == size // 2  # kept, not deleted
+    assert_same_state(load_ckpt(newest), load_ckpt(tmp_path / 'full/checkpoints/0000004.pt'))
+    log = [json.loads(l) for l in open(tmp_path / 'cut/log.jsonl')]
+    assert [r['step'] for r in log] == [2, 4] and log[0]['interval_s'] < log[0]['wall_s'] < log[1]['wall_s']
+    done, = [l for l in out.splitlines() if l.startswith('done:')]
+    assert done.startswith('done: 4 steps in ') and f"{log[0]['flow']:.4f} (first log)" in done  # the first process's
+    code = None
+    with pytest.raises(SystemExit) as e:
+        irepa.main(run_args(tmp_path / 'cut', 4, '--resume'))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 0 and err == [f"--resume: the run in {tmp_path / 'cut'} has finished (step 4 of --max-steps "
+                                         f"4): final checkpoint {newest}, samples in {tmp_path / 'cut/samples'}"]
+
+
+@slow
+def test_one_run_per_folder_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
+    """A run holds its folder: a second one (fresh or --resume) stops at once naming the holder's PID and host; once
+    the holder dies by kill -9, --resume proceeds (here with no checkpoint yet: it starts afresh, said in one line)."""
+    import signal
+    import socket
+    out = tmp_path / 'run'
+    first = subprocess.Popen([sys.executable, str(HERE / 'irepa.py')] + run_args(out, 10_000), cwd=tmp_path,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while not ((out / 'lock').exists() and 'PID' in (out / 'lock').read_text()):
+            assert first.poll() is None and time.time() - t0 < 120
+            time.sleep(0.05)
+        for extra in ([], ['--resume']):
+            code, err = error_of(capsys, irepa.main, 'irepa.py', run_args(out, 2, *extra))
+            assert code == 2 and err.strip() == (
+                f"irepa.py: error: {out} is in use by PID {first.pid} on {socket.gethostname()} (it holds "
+                f"{out / 'lock'}); one run per --out-dir: wait for it to end, or start this one in another "
+                f"--out-dir"), err
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    shutil.rmtree(out / 'checkpoints', ignore_errors=True)  # killed before or after its first checkpoint: the same
+    irepa.main(run_args(out, 1, '--resume', '--sample-every', '0'))
+    got = capsys.readouterr()
+    assert f"--resume: no checkpoint in {out / 'checkpoints'} yet: starting afresh" in got.err
+    assert 'done: 1 steps' in got.out and 'samples in' not in got.out  # --sample-every 0: no grids
+    assert (out / 'lock').read_text() == f'PID {os.getpid()} on {socket.gethostname()}\n'
+
+
+@slow
+def test_config_records_the_teacher_that_trains_and_demo_resumes(tmp_path, monkeypatch):
+    """--demo without DINOv2's weights trains with HOG: config.json says so in trained_teachers (--encoder keeps the
+    name asked for), and --demo --resume of it works."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hub'))  # an empty cache
+    args = ['--demo', '--out-dir', str(tmp_path / 'demo'), '--max-steps', '1', '--model', 'SiT-T/4',
+            '--synthetic-size', '64', '--global-batch-size', '4', '--sample-every', '0']
+    irepa.main(args)
+    config = json.loads((tmp_path / 'demo/config.json').read_text())
+    assert (config['encoder'], config['trained_teachers']) == ('dinov2-vit-b', 'hog')
+    irepa.main(args[:4] + ['2', '--resume'] + args[5:])
+    assert load_ckpt(tmp_path / 'demo/checkpoints/0000002.pt')['config']['trained_teachers'] == 'hog'
+    irepa.main(run_args(tmp_path / 'random', 1))
+    assert json.loads((tmp_path / 'random/config.json').read_text())['trained_teachers'] == 'dinov2-vit-b'
+
+
+@slow
+def test_preempted_marker_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Under torchrun a worker's exit code is lost: a preempted run leaves <out-dir>/PREEMPTED, which --resume
+    removes."""
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'test')
+    with pytest.raises(SystemExit) as e:
+        irepa.main(run_args(tmp_path, 50, '--time-limit', '0s', '--sample-every', '0'))
+    assert e.value.code == irepa.PREEMPTED and (tmp_path / 'PREEMPTED').exists()
+    irepa.main(run_args(tmp_path, 2, '--resume', '--sample-every', '0'))
+    assert not (tmp_path / 'PREEMPTED').exists()
+
+
+@slow
+def test_torchrun_says_a_batch_that_does_not_divide_once(tmp_path):
+    r = torchrun(2, run_args(tmp_path / 'odd', 2, '--global-batch-size', '3'), tmp_path)
+    said = 'irepa.py: error: --global-batch-size must be a positive multiple of the number of processes, 2 (got 3)'
+    assert (r.stdout + r.stderr).count(said) == 1 and r.returncode != 0, r.stderr[-3000:]
+    assert f'{HERE / "irepa.py"}", line' not in r.stderr  # no worker's traceback (torchrun's own summary has one)
+    assert not (tmp_path / 'odd').exists()
