@@ -56,7 +56,7 @@ p.add_argument('--model', default=None, choices=irepa.MODELS, metavar='NAME', he
 p.add_argument('--batch-size', type=int, default=None, help='CUDA 256, CPU 4')
 p.add_argument('--steps', type=int, default=None, help='timed steps, median reported; CUDA 20, CPU 3')
 p.add_argument('--warmup', type=int, default=None, help='untimed steps first (compilation happens here); CUDA 3, CPU 1')
-p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+p.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
 p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='default on for CUDA')
 p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='bf16: autocast; CUDA bf16, CPU fp32')
 p.add_argument('--grad-ckpt', action='store_true', help="irepa.py's --grad-ckpt: activation checkpointing per block")
@@ -82,7 +82,11 @@ if args.suite == 'official':  # SiT-S/2, batch 8, 256 px, random target tokens, 
                      metrics_images=256, workloads='train-official,train,metrics-official,metrics').items():
         if getattr(args, k) == p.get_default(k):
             setattr(args, k, v)
-cuda = args.device.startswith('cuda')
+try:
+    device = irepa.torch_device(args.device)  # 'cuda' -> cuda:0, with its index; a missing device: one line, exit 2
+except encoders.UserError as e:
+    sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+cuda = device.type == 'cuda'
 # On this project's 2-core CPU a SiT-S/2 step at 256 px and batch 8 takes ~10-20 s, the FID Inception ~0.2-1.4 s per
 # image, so the CPU defaults shrink the work; the shapes that matter on a GPU are the CUDA ones. One CPU thread: on a
 # shared machine, OpenMP threads beyond the free cores spin at every barrier (measured here: 10-25x slower steps).
@@ -113,10 +117,7 @@ if args.teacher != 'none':
 
 # -----------------------------------------------------------------------------
 # Device, clock, memory, peak FLOPs
-device = torch.device(args.device)
-if cuda:
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as irepa.train, for fp32 leftovers
+irepa.use_device(device)  # as irepa.train: the current device, TF32 for fp32 leftovers
 name = torch.cuda.get_device_name(device) if cuda else 'cpu'
 peak = next((v for k, v in irepa.PEAK_BF16_FLOPS.items() if k in name), None) if cuda else None
 print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {name} (bf16 peak "
@@ -228,7 +229,7 @@ def make_train(c, variant):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
 
         def step():
-            torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's fp32 default (cuDNN convs keep TF32)
+            irepa.tf32(False, conv=False)  # PyTorch's fp32 default (cuDNN convs keep TF32)
             losses = irepa.flow_loss(model, x, y, targets())
             loss = losses['flow'] + 1.0 * losses['align']
             opt.zero_grad()
@@ -237,7 +238,7 @@ def make_train(c, variant):
             opt.step()
             update_ema(ema, model)
             out[:] = [loss.item()]  # a host sync every step, as most training loops log
-            torch.backends.cuda.matmul.allow_tf32 = cuda  # back to irepa.train's setting for everything else
+            irepa.tf32(cuda, conv=False)  # back to irepa.train's setting for everything else
     elif variant == 'official':  # ldm/train.py's loop body, our weights loaded into the official SiT
         sit, loss_py = (official_module(c, f'ldm/{f}.py') for f in ('models/sit', 'loss'))
         model = sit.SiT_models[c.model](input_size=latent, num_classes=1000, z_dims=[z_dim], decoder_hidden_size=model.
@@ -398,7 +399,7 @@ def run_jobs(c, workloads):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-            torch.backends.cuda.matmul.allow_tf32 = True  # in case an out-of-memory stopped train-naive before it restored it
+            irepa.tf32(True)  # in case an out-of-memory stopped train-naive before it restored it
     return out
 
 

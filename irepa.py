@@ -569,8 +569,49 @@ def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; pixel-space runs (norm None) are images already."""
     return z if norm is None else vae.decode(norm.denormalize(z))
 
-def auto_device(name):
-    return ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
+def torch_device(name):
+    """--device -> the torch.device of this process, with an index on CUDA: the one place that reads the flag (the
+    rest asks .type). 'auto': CUDA if there is one; 'cuda': cuda:LOCAL_RANK under torchrun, else cuda:0."""
+    name = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if device.type == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}, CUDA "
+                        f"{torch.version.cuda or 'none: a CPU build'}); use --device cpu")
+    local, n = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+    index = local if device.index is None else device.index
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and index != local:  # two ranks on one GPU: NCCL would hang
+        raise UserError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda")
+    if index >= n:
+        raise UserError(f"--device {name}: this machine has {n} CUDA device{'s' * (n != 1)}"
+                        f"{f' (cuda:0 to cuda:{n - 1})' if n else ''}")
+    return torch.device('cuda', index)
+
+def tf32(on, conv=True):
+    """TF32 for fp32 matmuls and (conv=True) cuDNN convolutions: True, False, or a list this returned before (the
+    settings it replaced). Through the fp32_precision API where torch has it (2.9+): it deprecates the allow_tf32
+    flags, and reading one after a mix of the two raises."""
+    b = torch.backends
+    new = hasattr(b.cuda.matmul, 'fp32_precision')
+    flags, attr = ((b.cuda.matmul, b.cudnn.conv), 'fp32_precision') if new else ((b.cuda.matmul, b.cudnn), 'allow_tf32')
+    flags = flags if conv else flags[:1]
+    before = [getattr(f, attr) for f in flags]
+    for f, v in zip(flags, on if isinstance(on, list) else [('tf32' if on else 'ieee') if new else on] * len(flags)):
+        setattr(f, attr, v)
+    return before
+
+def use_device(device):
+    """A process's CUDA settings, before anything runs on the GPU (and before the NCCL process group, which binds to
+    the current device): the device, TF32 for what stays fp32. Nothing on a CPU."""
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        tf32(True)
 
 def dist_info():
     """(rank, world size, local rank): from torchrun's environment, or a single process without it."""
@@ -776,15 +817,16 @@ def build_teacher_cache(s, path, batch_size):
 # -----------------------------------------------------------------------------
 # Training: helpers (FLOPs, checkpoints, optimizer, EMA), then setup -> one plain state `s`, the step, the loop
 # dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
-PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
-                   'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
+                   'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12,
+                   'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
                      'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
                      'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
 
 def compiler_missing(device):
-    """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
-    if device.startswith('cuda'):
+    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++ compiler on CPU."""
+    if device == 'cuda':
         import torch.utils._triton
         return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
     from torch._inductor.cpp_builder import get_cpp_compiler
@@ -944,13 +986,11 @@ def setup(cfg):
     """Everything a run needs, as one namespace `s`: processes and device, data, the frozen teachers, the SiT with its
     EMA and AdamW (and REPA-E's networks), resumed exactly from the newest checkpoint with --resume."""
     import encoders
-    rank, world, local_rank = dist_info()
-    device = torch.device(f'cuda:{local_rank}' if cfg.device == 'cuda' and world > 1 else cfg.device)
+    rank, world, _ = dist_info()
+    device = torch.device(cfg.device)  # with its index: see torch_device
     if cfg.global_batch_size % world:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {world} processes")
-    if device.type == 'cuda':  # the only device-specific settings; precision and compilation follow the flags
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_device(device)  # the only device-specific settings; precision and compilation follow the flags
     s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
                         vae=None, bn=None, saved={}, sums={}, n_steps=0, first_bad=torch.tensor(-1, device=device),
                         t0=time.time(), first_rec=None, rec=None,  # saved: what a checkpoint holds, by name
@@ -985,7 +1025,8 @@ def setup(cfg):
     s.saved.update(model=s.model, ema=s.ema, opt=s.opt)
     torch.manual_seed(cfg.seed * world + rank)  # a different stream of t, noise and label dropout per rank
     s.start = restore(s, ckpt) if ckpt else 0
-    s.train_model = DDP(s.model, device_ids=[local_rank] if device.type == 'cuda' else None) if world > 1 else s.model
+    s.train_model = DDP(s.model, device_ids=[device.index] if device.type == 'cuda' else None,  # the gradients are
+                        gradient_as_bucket_view=True) if world > 1 else s.model  # views of the buckets: no copy
     if cfg.compile:
         s.train_model = torch.compile(s.train_model)
     s.loader = iter(torch.utils.data.DataLoader(
@@ -1284,7 +1325,8 @@ def repae_setup(s, ckpt):
     s.ema_bn = copy.deepcopy(s.bn).eval()
     s.opt_vae, s.opt_disc = (adamw(m.parameters(), lr, cfg.adam_beta2) for m, lr in ((s.vae, cfg.vae_lr), (s.disc, cfg.disc_lr)))
     s.saved.update(vae=s.vae, disc=s.disc, opt_vae=s.opt_vae, opt_disc=s.opt_disc, bn=s.bn, ema_bn=s.ema_bn)
-    s.train_vae = DDP(s.vae, device_ids=[device.index] if device.type == 'cuda' else None) if s.world > 1 else s.vae
+    s.train_vae = DDP(s.vae, device_ids=[device.index] if device.type == 'cuda' else None,
+                      gradient_as_bucket_view=True) if s.world > 1 else s.vae
 
 def repae_step(s, img, moments, y, targets):
     """One REPA-E iteration, three clipped optimizers. (1) The VAE: regularizer + vae_align_coeff x alignment through
@@ -1529,7 +1571,8 @@ def measure_teacher(argv):
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--lp-steps', type=int, default=200, help='L-BFGS iterations of the linear probe (0: no probe)')
     a = p.parse_args(argv)
-    device = torch.device(auto_device(a.device))
+    device = torch_device(a.device)
+    use_device(device)
     grid, name = a.grid or a.resolution // 16, encoders.resolve_teacher(a.encoder)
     data = ImageData(a.data_path, a.resolution, a.num_classes, a.seed, a.synthetic_size)
     n = min(a.num_images, len(data))
@@ -1676,7 +1719,7 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     spnorm_gamma='share of the token mean the z-score removes (paper: 1, LDM code: 0.6)', sample_every='0: no grids',
     siglip_norm="SigLIP's input stats: the paper's ImageNet ones or SigLIP's 0.5/0.5", num_classes='synthetic set',
     lpips_weights="REPA-E: 'auto', 'LINEAR[,VGG]' files (vgg.pth of LPIPS), or 'random'", synthetic_size='its images',
-    disc_weights="REPA-E: 'random' or a PatchGAN state dict (REPA-E: a released one)", device="'auto', 'cuda' or 'cpu'",
+    disc_weights="REPA-E: 'random' or a PatchGAN state dict (REPA-E: a released one)", device="'auto', 'cpu', 'cuda' or 'cuda:N'",
     lpips_quirk='REPA-E feeds LPIPS [-1, 1] images although it expects [0, 1]; --no-lpips-quirk feeds [0, 1]',
     data_path='ImageNet-style folder (<root>/<class>/*.JPEG), a prepared latents folder, or none: the synthetic set',
     vae="'sd-vae-ft-mse', 'sd-vae-ft-ema', a local file, or 'none': pixel space", global_batch_size='all processes',
@@ -1724,13 +1767,14 @@ def resolve_config(argv=None):
                 f"{', '.join(r for r, other in RECIPES.items() if k in other)}")
     demo = DEMO | DEMO_OBJECTIVE.get(row['objective'], {}) if given.get('demo') else {}
     cfg = DEFAULTS | row | demo | given
-    cfg['device'] = auto_device(cfg['device'])
-    cfg['compile'] = cfg['device'] == 'cuda' if cfg['compile'] is None else cfg['compile']
-    cfg['precision'] = cfg['precision'] or ('bf16' if cfg['device'] == 'cuda' else 'fp32')
+    device = torch_device(cfg['device'])  # 'cuda' -> 'cuda:LOCAL_RANK'; bad or missing devices: one line
+    cfg['device'] = str(device)
+    cfg['compile'] = device.type == 'cuda' if cfg['compile'] is None else cfg['compile']
+    cfg['precision'] = cfg['precision'] or ('bf16' if device.type == 'cuda' else 'fp32')
     if cfg['precision'] not in ('bf16', 'fp32'):
         p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which "
                 "this trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
-    if cfg['compile'] and (missing := compiler_missing(cfg['device'])):
+    if cfg['compile'] and (missing := compiler_missing(device.type)):
         p.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
     if cfg['teacher_cache'] and cfg['encoder'] in ('', 'none'):
         p.error("--teacher-cache caches the teachers' tokens, and --encoder none has no teacher")
@@ -1748,16 +1792,16 @@ def main(argv=None):
     if argv and argv[0] in COMMANDS:  # the study commands; everything else trains (or prepares latents)
         return COMMANDS[argv[0]](argv[1:])
     cfg = resolve_config(argv)
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, torch.device(cfg.device)
+    use_device(device)  # before the process group: NCCL binds to the current device
     if ddp:
-        dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see catch_stop_signals
     try:
         if dist_info()[0] == 0:
             print(json.dumps(vars(cfg), indent=1))
         if not cfg.prepare:
             return train(cfg)
-        device = torch.device(f"cuda:{dist_info()[2]}" if cfg.device == 'cuda' else cfg.device)
         prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
                         cfg.synthetic_size, num_workers=cfg.num_workers)
     finally:

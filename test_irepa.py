@@ -494,9 +494,9 @@ def test_state_dict_from_another_config():
 
 def on_this_machine(row):
     """What the device-dependent settings ('auto', None) of a row become here: device, compile, precision."""
-    device = irepa.auto_device('auto')
-    return dict(device=device, compile=device == 'cuda', precision=row['precision'] or
-                ('bf16' if device == 'cuda' else 'fp32'))
+    device = irepa.torch_device('auto')
+    return dict(device=str(device), compile=device.type == 'cuda', precision=row['precision'] or
+                ('bf16' if device.type == 'cuda' else 'fp32'))
 
 
 def test_config_precedence_row_demo_flags(capsys):
