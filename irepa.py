@@ -340,10 +340,11 @@ def interpolate(x, noise, t):
     t = t.view(-1, *([1] * (x.dim() - 1)))
     return (1 - t) * x + t * noise
 
-def alignment_loss(projected, targets):
-    """Mean over teachers, images and tokens of -cos(projected SiT token, teacher target); -1 is perfect alignment."""
+def alignment_loss(projected, targets, device='cpu'):
+    """Mean over teachers, images and tokens of -cos(projected SiT token, teacher target); -1 is perfect alignment.
+    Without teachers: 0, made on `device` (a CPU zero moved there every step would be a blocking copy)."""
     if not projected:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     cos = [(F.normalize(p.float(), dim=-1) * F.normalize(y.float(), dim=-1)).sum(-1).mean()
            for p, y in zip(projected, targets)]
     return -torch.stack(cos).mean()
@@ -353,7 +354,7 @@ def flow_loss(model, x, y, targets, t=None, noise=None):
     t = torch.rand(x.shape[0], device=x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     v, projected = model(interpolate(x, noise, t), t, y, align=bool(targets))
-    return dict(flow=F.mse_loss(v.float(), (noise - x).float()), align=alignment_loss(projected, targets).to(x.device))
+    return dict(flow=F.mse_loss(v.float(), (noise - x).float()), align=alignment_loss(projected, targets, x.device))
 
 # -----------------------------------------------------------------------------
 # Samplers: Euler / Heun ODE and Euler-Maruyama SDE, t from 1 to 0, state in float64 (as the official code)
@@ -551,6 +552,12 @@ class LatentNorm:
     def __init__(self, vae, mean, std, vae_args=None):
         self.vae, self.vae_args = vae, vae_args
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1) for v in (mean, std))
+
+    def to(self, device):
+        """The constants on the training's device, once: a CPU tensor's .to(cuda) in every step would be a blocking
+        host-to-device copy (normalize's .to(latent) is then free)."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
 
     def normalize(self, latent):
         return (latent - self.mean.to(latent)) / self.std.to(latent)
@@ -752,6 +759,12 @@ def open_cache(path, meta):
                         f"{'; '.join(diff)}; pick another folder or delete it")
     return [np.load(path / f'tokens-{k}.npy', mmap_mode='r') for k in range(len(meta['teachers']))]
 
+def cache_tokens(s, img):
+    """What the teacher cache stores of a batch: each teacher's raw tokens (B, T, D), in bf16 under --precision bf16
+    whatever the teacher returns (CUDA autocast computes LayerNorm in fp32: DINOv2's tokens come out fp32, twice the
+    disk), else as returned. The online path keeps the teacher's own dtype, as the official code does."""
+    return [f.to(torch.bfloat16) if s.cfg.precision == 'bf16' else f for f in teacher_targets(s, img, raw=True)]
+
 @torch.no_grad()
 def build_teacher_cache(s, path, batch_size):
     """The cache pass, like --prepare: shards of PREPARE_SHARD images spread over the ranks, each run through the
@@ -760,7 +773,7 @@ def build_teacher_cache(s, path, batch_size):
     on. The free disk space is checked first; meta.json, written last, marks the cache complete."""
     barrier = dist.barrier if s.world > 1 else lambda: None
     probe = torch.zeros(batch_size, 3, s.cfg.resolution, s.cfg.resolution, dtype=torch.uint8, device=s.device)
-    dtypes = [f.dtype for f in teacher_targets(s, probe, raw=True)]  # autocast decides: bf16, or fp32 (HOG, CPU)
+    dtypes = [f.dtype for f in cache_tokens(s, probe)]  # bf16 (--precision bf16) or what the teacher returns
     meta, n = cache_meta(s.cfg, s.data, s.teachers, dtypes), -(-len(s.data) // PREPARE_SHARD)
     if (path / 'meta.json').exists():
         return meta
@@ -799,7 +812,7 @@ def build_teacher_cache(s, path, batch_size):
         for chunk, (img, _, _, _, bad) in zip(chunks, loader):
             report_unreadable(s.bad_files, bad)
             img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's batch shape
-            for mm, f in zip(out, teacher_targets(s, img.to(s.device), raw=True)):
+            for mm, f in zip(out, cache_tokens(s, img.to(s.device))):
                 mm[chunk] = f[:len(chunk)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
         for mm in out:
             mm.flush()
@@ -967,7 +980,7 @@ def training_data(cfg, device, master):
         return data, None
     stats, C = data.meta['stats'], data.latents.shape[1] // 2  # iREPA: the data's per-channel statistics
     mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
-    return data, LatentNorm(data.meta['vae'], mean, std)
+    return data, LatentNorm(data.meta['vae'], mean, std).to(device)
 
 def resume_checkpoint(cfg, out, master):
     """The newest checkpoint in out/checkpoints, refused if it was made with another config (RESUME_MAY_CHANGE aside)."""
@@ -1205,9 +1218,9 @@ def sample_grid(s, path):
     """PREVIEW_IMAGES samples of the EMA model with the recipe's preview sampler, as one PNG."""
     import encoders, fid
     steps, cfg_scale, size = *PREVIEW[s.cfg.preview], s.model.x_embedder.input_size
-    g = torch.Generator().manual_seed(s.cfg.seed)  # the same noise and labels at every step: grids are comparable
-    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g).to(s.device)
-    y = (torch.arange(PREVIEW_IMAGES) % s.data.num_classes).to(s.device)
+    g = torch.Generator(s.device).manual_seed(s.cfg.seed)  # the same noise and labels at every step: grids compare
+    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g, device=s.device)  # drawn there:
+    y = torch.arange(PREVIEW_IMAGES, device=s.device) % s.data.num_classes  # no copy, and the SDE's draws from g too
     if s.norm is not None and s.vae is None:  # prepared latents: the VAE is needed for the pictures only
         s.vae = encoders.load_vae(s.norm.vae, device=s.device)
     with s.autocast:
@@ -1343,7 +1356,7 @@ def repae_step(s, img, moments, y, targets):
     lpips_in = (lambda v: v) if cfg.lpips_quirk else (lambda v: (v + 1) / 2)  # upstream feeds [-1, 1] to a [0, 1] LPIPS
     with s.autocast:
         projected = s.model(interpolate(normalize_latents(s.bn, z), noise, t), t, y, align_only=True)[1]
-        vae_align = alignment_loss(projected, targets)
+        vae_align = alignment_loss(projected, targets, x.device)
         terms = dict(l1=(x - recon.float()).abs().mean(), lpips=s.lpips(lpips_in(x), lpips_in(recon.float())).mean(),
                      kl=kl_loss(mean.float(), std.float()), gan=-s.disc(recon).float().mean())
     vae_loss = sum(getattr(cfg, f'{k}_coeff') * v for k, v in terms.items()) + cfg.vae_align_coeff * vae_align
@@ -1421,7 +1434,7 @@ def meanflow_loss(model, raw, x, y, targets, cfg, autocast=contextlib.nullcontex
         u, projected = model(z, t, y, r=r, align=bool(targets))
     err = (u.float() - u_tgt).square().sum((1, 2, 3))  # per image, summed over pixels
     loss = (err / (err.detach() + cfg.mf_norm_c) ** cfg.mf_norm_p).mean()  # adaptive weight 1 / sg(L + c)^p
-    return dict(flow=loss, align=alignment_loss(projected, targets).to(x.device), mse=err.detach().mean() / u[0].numel())
+    return dict(flow=loss, align=alignment_loss(projected, targets, x.device), mse=err.detach().mean() / u[0].numel())
 
 def meanflow_step(s, img, moments, y, targets):
     """One step of MeanFlow + alignment: fp32 as MeanFlow (the rows' precision); --precision bf16 autocasts the
