@@ -358,13 +358,23 @@ def flow_loss(model, x, y, targets, t=None, noise=None):
 
 # -----------------------------------------------------------------------------
 # Samplers: Euler / Heun ODE and Euler-Maruyama SDE, t from 1 to 0, state in float64 (as the official code)
+@functools.cache
+def time_grid(mode, num_steps):
+    """The sampler's times, float64 as Python floats, from 1 to 0: a uniform grid (ODE, MeanFlow), or the SDE's
+    linspace(1, 0.04, num_steps) and 0. Host numbers, computed once per setting."""
+    if mode != 'sde':
+        return tuple(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist())
+    return tuple(torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64),
+                            torch.zeros(1, dtype=torch.float64)]).tolist())
+
 @torch.no_grad()
 def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-           generator=None):
+           generator=None, eps=None):
     """Latents from `noise` (t = 1) with labels y. mode: 'euler', 'heun' (ODE), 'sde' (Euler-Maruyama) or 'meanflow'
     (average-velocity jumps z_r = z_t - (t - r) u; MeanFlow models; 1 step = 1 NFE). Classifier-free guidance acts on
     all channels while guidance_low <= t <= guidance_high, cond and uncond in one batch. The SDE uses w(t) = 2t on
-    linspace(1, 0.04, num_steps) and a last, deterministic step to 0; its float64 noise comes from `generator`."""
+    linspace(1, 0.04, num_steps) and a last, deterministic step to 0; its float64 noise comes from `generator` on
+    its device, a step at a time, or is given whole: eps (num_steps - 1, *noise.shape) on noise's device."""
     if model.training:
         raise ValueError("sample with the model in eval mode (the EMA model): train mode drops labels at random")
     if mode not in PREVIEW:
@@ -385,7 +395,7 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
     guided = lambda t: cfg_scale > 1.0 and guidance_low <= t <= guidance_high
     x = noise.double()
     if mode != 'sde':  # a uniform grid from 1 to 0
-        ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+        ts = time_grid(mode, num_steps)
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             d = velocity(x, t, guided(t), t_next if mode == 'meanflow' else None)  # MeanFlow: z_r = z_t - (t - r) u
             x_next = x + (t_next - t) * d
@@ -399,12 +409,12 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
         score = ((t - 1) * v - x) / t
         return v - 0.5 * (2 * t) * score
 
-    ts = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]).tolist()
-    for t, t_next in zip(ts[:-2], ts[1:-1]):
+    ts = time_grid(mode, num_steps)
+    for i, (t, t_next) in enumerate(zip(ts[:-2], ts[1:-1])):
         dt = t_next - t
-        eps = torch.randn(x.shape, dtype=torch.float64, generator=generator,
-                          device=device if generator is None else generator.device).to(device)
-        x = x + drift(x, t) * dt + math.sqrt(2 * t) * math.sqrt(abs(dt)) * eps
+        e = eps[i] if eps is not None else torch.randn(x.shape, dtype=torch.float64, generator=generator,
+                                                       device=device if generator is None else generator.device)
+        x = x + drift(x, t) * dt + math.sqrt(2 * t) * math.sqrt(abs(dt)) * e.to(device)
     t, t_next = ts[-2], ts[-1]
     return (x + drift(x, t) * (t_next - t)).to(dtype)  # last step: the mean, no noise
 
@@ -1218,13 +1228,16 @@ def sample_grid(s, path):
     """PREVIEW_IMAGES samples of the EMA model with the recipe's preview sampler, as one PNG."""
     import encoders, fid
     steps, cfg_scale, size = *PREVIEW[s.cfg.preview], s.model.x_embedder.input_size
-    g = torch.Generator(s.device).manual_seed(s.cfg.seed)  # the same noise and labels at every step: grids compare
-    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g, device=s.device)  # drawn there:
-    y = torch.arange(PREVIEW_IMAGES, device=s.device) % s.data.num_classes  # no copy, and the SDE's draws from g too
+    g = torch.Generator().manual_seed(s.cfg.seed)  # the same noise and labels at every grid: grids compare
+    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g)
+    eps = torch.randn(steps - 1, *noise.shape, dtype=torch.float64, generator=g) if s.cfg.preview == 'sde' else None
+    pin = (lambda v: v.pin_memory()) if s.device.type == 'cuda' else (lambda v: v)  # drawn once, up front: one
+    noise, eps = (None if v is None else pin(v).to(s.device, non_blocking=True) for v in (noise, eps))  # copy each
+    y = torch.arange(PREVIEW_IMAGES, device=s.device) % s.data.num_classes
     if s.norm is not None and s.vae is None:  # prepared latents: the VAE is needed for the pictures only
         s.vae = encoders.load_vae(s.norm.vae, device=s.device)
     with s.autocast:
-        z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, generator=g)
+        z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, eps=eps)
         fid.save_grid(fid.to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
 
 def train_step(s, step_fn, step, batch):

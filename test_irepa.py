@@ -3012,3 +3012,128 @@ def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
     assert 'ls: ' in stage_log.read_text() and '== train' not in log  # the stage's own output; nothing after it
 
 
+
+
+# --- issue 23: the CUDA path without a GPU: devices, fake CUDA tensors, no blocking copy ---
+# Modules are built for real on the CPU, then each parameter and buffer becomes a FakeTensor on cuda:0 (a shape, a
+# dtype and a device, no data); with torch.cuda.is_available and is_bf16_supported patched, torch.autocast('cuda')
+# then follows CUDA's policy (layer_norm in fp32). Backward does not run there (the autograd engine asks the driver
+# for a device), so Tensor.backward gives every trainable parameter a fake gradient and the optimizers step on it.
+CUDA0 = torch.device('cuda', 0)
+
+
+def fake_cuda(mode, obj):
+    """A CPU tensor -> a FakeTensor of its shape and dtype on cuda:0; a module: each parameter and buffer so replaced.
+    The one place that uses FakeTensor's private constructor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    if isinstance(obj, torch.Tensor):
+        return FakeTensor(mode, torch.empty_like(obj, device='meta'), CUDA0)
+    for mod in obj.modules():
+        for k, p in mod._parameters.items():
+            if p is not None:
+                mod._parameters[k] = nn.Parameter(fake_cuda(mode, p), requires_grad=p.requires_grad)
+        for k, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[k] = fake_cuda(mode, b)
+    return obj
+
+
+def cuda_present(monkeypatch, n=1, calls=None):
+    """What torch asks before it touches a GPU, patched: n devices with bf16; set_device records its argument."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('set_device', d)) if calls is not None else None)
+    monkeypatch.setattr(irepa, 'compiler_missing', lambda device: None)  # the compiler probe: Triton is "there"
+
+
+class NoBlockingCopy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any copy between devices that the host waits for: every .to(other device) or copy_ that is not
+    non_blocking (on a GPU, a host-to-device copy from pageable memory and any device-to-host copy block the host).
+    The batch's non_blocking copy from the loader's pinned memory passes. Reads on the host (.item()) raise in the
+    FakeTensorMode below it."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].device, kwargs.get('device') or args[0].device
+            assert src == dst or kwargs.get('non_blocking'), f'a blocking copy {src} -> {dst} ({func})'
+        if func is torch.ops.aten.copy_.default:
+            assert args[0].device == args[1].device or (args[2:] and args[2]) or kwargs.get('non_blocking'), \
+                f'a blocking copy {args[1].device} -> {args[0].device} ({func})'
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_fake_cuda(objective, out, monkeypatch):
+    """irepa.setup's state for the objective's GPU-path recipe (bf16, SiT-T with one block, the tiny VAE, a random
+    DINOv2 with one block), built on the CPU, then moved to fake CUDA as setup would build it there: networks, the
+    latent normalization (training_data on cuda:0), the NaN guard's step, the optimizers, bf16 CUDA autocast. Yields
+    (s, batches of fake CPU tensors, the FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
+    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], out, 'cpu', '--precision', 'bf16')))
+    batches, mode = [next(s.loader) for _ in range(2)], FakeTensorMode(allow_non_fake_inputs=True)
+    nets = [s.model] + ([s.vae, s.disc] if objective == 'repa-e' else [])
+    for m in [*nets, s.ema, *s.teachers] + ([s.lpips, s.bn, s.ema_bn] if objective == 'repa-e' else []):
+        fake_cuda(mode, m)
+    for t in s.teachers:  # their input-range check reads the first batch on the host, once per run: done
+        t.checked = True
+    cuda_present(monkeypatch)
+
+    def backward(loss, *a, **k):  # the autograd engine needs a real device: fake gradients instead
+        for p in (p for m in nets for p in m.parameters() if p.requires_grad):
+            p.grad = torch.zeros_like(p)
+    monkeypatch.setattr(torch.Tensor, 'backward', backward)
+    with mode:
+        s.device, s.autocast, s.first_bad = CUDA0, torch.autocast('cuda', torch.bfloat16), fake_cuda(mode, s.first_bad)
+        s.norm = irepa.training_data(s.cfg, CUDA0, True)[1]
+        s.opt = irepa.adamw(s.model.parameters(), s.cfg.lr, s.cfg.adam_beta2)
+        if objective == 'repa-e':
+            s.opt_vae, s.opt_disc = (irepa.adamw(m.parameters(), 1e-4, 0.999) for m in (s.vae, s.disc))
+        yield s, [[mode.from_tensor(v) for v in b[:3]] + list(b[3:]) for b in batches], mode
+
+
+@pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
+def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
+    """train_step on fake CUDA tensors under NoBlockingCopy, twice (the optimizers make their state, then use it):
+    the batch's non_blocking copy, teacher -> targets -> losses -> (fake) gradients -> clipped AdamW -> EMA. The
+    teacher's tokens reach the loss in fp32 (CUDA autocast: its last LayerNorm), the losses are fp32 on cuda:0; the
+    teacher cache stores bf16. A control with the latent normalization left on the CPU fails."""
+    seen = []
+    real = irepa.alignment_loss
+    monkeypatch.setattr(irepa, 'alignment_loss', lambda p, t, *a: seen.append([v.dtype for v in t]) or real(p, t, *a))
+    with on_fake_cuda(objective, tmp_path, monkeypatch) as (s, batches, mode):
+        with NoBlockingCopy():
+            for step in (0, 1):
+                irepa.train_step(s, irepa.OBJECTIVES[objective], step, batches[step])
+        assert s.n_steps == 2 and all(type(v).__name__ == 'FakeTensor' and v.device == CUDA0 and v.dtype == torch.float32
+                                      for v in s.sums.values()), {k: (v.device, v.dtype) for k, v in s.sums.items()}
+        assert seen and all(d == [torch.float32] for d in seen), seen  # the online targets: the teacher's own dtype
+        img = batches[0][0].to(CUDA0)
+        assert [f.dtype for f in irepa.teacher_targets(s, img, raw=True)] == [torch.float32]  # the issue's premise
+        with NoBlockingCopy():
+            assert [f.dtype for f in irepa.cache_tokens(s, img)] == [torch.bfloat16]  # what the cache writes
+        if s.norm is not None:  # the control: a CPU tensor in the step (the normalization's constants) is caught
+            s.norm = irepa.LatentNorm('x', s.norm.mean, s.norm.std)
+            s.norm.mean, s.norm.std = torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1)
+            with pytest.raises(AssertionError, match='a blocking copy cpu -> cuda:0'), NoBlockingCopy():
+                irepa.train_step(s, irepa.OBJECTIVES[objective], 2, batches[1])
+
+
+def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch):
+    """The SDE sampler with guidance on fake CUDA tensors draws its noise there; the preview grid draws its noise
+    once, up front, and moves it with one non_blocking copy; its picture is the one copy back (fid.save_grid)."""
+    irepa.time_grid('sde', 3)  # host floats, computed once per setting (here before the fake mode)
+    irepa.time_grid('sde', irepa.PREVIEW['sde'][0])
+    saved = []
+    monkeypatch.setattr(fid, 'save_grid', lambda x, path, cols: saved.append(x))
+    vae = encoders.load_vae('random:tiny')  # the decoder of the pictures, as sample_grid loads it
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self, *a: self)  # page-locking needs the driver
+    with on_fake_cuda('flow', tmp_path, monkeypatch) as (s, batches, mode):
+        s.vae = fake_cuda(mode, vae)
+        with NoBlockingCopy():
+            z = irepa.sample(s.ema, torch.randn(4, 4, 16, 16, device=CUDA0), torch.arange(4, device=CUDA0), 'sde', 3,
+                             cfg_scale=1.5)
+            assert z.device == CUDA0 and z.shape == (4, 4, 16, 16)
+            irepa.sample_grid(s, tmp_path / 'grid.png')
+        assert saved and saved[0].device == CUDA0 and saved[0].dtype == torch.uint8
