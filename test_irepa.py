@@ -3064,14 +3064,15 @@ class NoBlockingCopy(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def on_fake_cuda(objective, out, monkeypatch):
+def on_fake_cuda(objective, out, monkeypatch, *extra):
     """irepa.setup's state for the objective's GPU-path recipe (bf16, SiT-T with one block, the tiny VAE, a random
     DINOv2 with one block), built on the CPU, then moved to fake CUDA as setup would build it there: networks, the
     latent normalization (training_data on cuda:0), the NaN guard's step, the optimizers, bf16 CUDA autocast. Yields
     (s, batches of fake CPU tensors, the FakeTensorMode)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
-    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], out, 'cpu', '--precision', 'bf16')))
+    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], out, 'cpu', '--precision', 'bf16',
+                                                       *extra)))
     batches, mode = [next(s.loader) for _ in range(2)], FakeTensorMode(allow_non_fake_inputs=True)
     nets = [s.model] + ([s.vae, s.disc] if objective == 'repa-e' else [])
     for m in [*nets, s.ema, *s.teachers] + ([s.lpips, s.bn, s.ema_bn] if objective == 'repa-e' else []):
@@ -3120,6 +3121,13 @@ def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
                 irepa.train_step(s, irepa.OBJECTIVES[objective], 2, batches[1])
 
 
+def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkeypatch):
+    """--encoder none: the alignment loss is a zero made on the device, not a CPU zero copied there every step."""
+    with on_fake_cuda('flow', tmp_path, monkeypatch, '--encoder', 'none') as (s, batches, mode), NoBlockingCopy():
+        irepa.train_step(s, irepa.flow_step, 0, batches[0])
+        assert not s.teachers and s.sums['align'].device == CUDA0
+
+
 def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch):
     """The SDE sampler with guidance on fake CUDA tensors draws its noise there; the preview grid draws its noise
     once, up front, and moves it with one non_blocking copy; its picture is the one copy back (fid.save_grid)."""
@@ -3137,3 +3145,97 @@ def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatc
             assert z.device == CUDA0 and z.shape == (4, 4, 16, 16)
             irepa.sample_grid(s, tmp_path / 'grid.png')
         assert saved and saved[0].device == CUDA0 and saved[0].dtype == torch.uint8
+
+
+class Stop(Exception):
+    """Raised by a patched function to end a command once the part under test has run."""
+
+
+def stop_at(monkeypatch, obj, name, calls):
+    def fn(*a, **k):
+        calls.append((name, *a))
+        raise Stop
+    monkeypatch.setattr(obj, name, fn)
+
+
+@pytest.mark.parametrize('argv, env, want', [
+    (['--device', 'cuda'], {}, CUDA0),  # one process: cuda -> cuda:0
+    (['--device', 'cuda:0'], {}, CUDA0),
+    (['--device', 'auto'], {}, CUDA0),
+    (['--device', 'cuda:1'], {}, torch.device('cuda', 1)),
+    (['--device', 'cuda'], dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1'), torch.device('cuda', 1)),  # torchrun
+    (['--device', 'cuda', '--prepare'], dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1'), torch.device('cuda', 1)),
+    (['--device', 'cuda:0'], dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0'), CUDA0)])
+def test_set_device_gets_an_index_before_the_process_group(argv, env, want, tmp_path, monkeypatch):
+    """irepa.py on a (patched) 2-GPU machine: set_device receives the process's indexed device before the process
+    group exists, also for --prepare; `cuda:0` keeps what `cuda` gets: bf16, compile, NCCL."""
+    calls = []
+    cuda_present(monkeypatch, n=2, calls=calls)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    stop_at(monkeypatch, irepa.dist, 'init_process_group', calls)  # torchrun: the process group
+    stop_at(monkeypatch, torch.cuda, '_lazy_init', calls)  # one process: the first tensor on the GPU
+    with pytest.raises(Stop):
+        irepa.main(['--demo', '--out-dir', str(tmp_path)] + argv)
+    assert calls[0] == ('set_device', want), calls
+    cfg = irepa.resolve_config(['--demo'] + argv)
+    assert (cfg.device, cfg.precision, cfg.compile) == (str(want), 'bf16', True)
+    if env:
+        assert calls[1] == ('init_process_group', 'nccl'), calls
+
+
+def test_demo_on_cuda_gets_past_setups_device_part(tmp_path, monkeypatch):
+    """`python irepa.py --demo --device cuda` with CUDA patched: past set_device (which the index-less device made
+    raise) to setup's first tensor on the GPU (torch.cuda._lazy_init, where a real driver is needed: the end here);
+    the run's device, precision and compilation are CUDA's."""
+    calls, setups = [], []
+    cuda_present(monkeypatch, calls=calls)
+    stop_at(monkeypatch, torch.cuda, '_lazy_init', calls)
+    real = irepa.setup
+    monkeypatch.setattr(irepa, 'setup', lambda cfg: setups.append(cfg) or real(cfg))
+    with pytest.raises(Stop):
+        irepa.main(['--demo', '--device', 'cuda', '--out-dir', str(tmp_path)])
+    assert calls == [('set_device', CUDA0), ('set_device', CUDA0), ('_lazy_init',)], calls  # main's, setup's
+    assert (setups[0].device, setups[0].precision, setups[0].compile) == ('cuda:0', 'bf16', True)
+
+
+def test_fid_sample_and_bench_set_an_indexed_device_first(tiny_ckpt, tmp_path, monkeypatch):
+    """fid.py sample under torchrun: set_device(cuda:LOCAL_RANK) before the process group; bench.py's default device
+    on a CUDA machine: cuda:0, without crashing at start (its first CUDA query ends it here)."""
+    calls = []
+    cuda_present(monkeypatch, n=2, calls=calls)
+    for k, v in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
+        monkeypatch.setenv(k, v)
+    stop_at(monkeypatch, torch.distributed, 'init_process_group', calls)
+    with pytest.raises(Stop):
+        fid.main(['sample', '--ckpt', str(tiny_ckpt), '--out', str(tmp_path / 's.npz'), '--no-compile'])
+    assert calls[:2] == [('set_device', torch.device('cuda', 1)), ('init_process_group', 'nccl')], calls
+    import runpy
+    calls.clear()
+    for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(k)
+    stop_at(monkeypatch, torch.cuda, 'get_device_name', calls)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--suite', 'gpu'])
+    with pytest.raises(Stop):
+        runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+    assert calls == [('set_device', CUDA0), ('get_device_name', CUDA0)], calls
+
+
+@pytest.mark.parametrize('device, n, says', [
+    ('cuda', 0, '--device cuda: torch sees no CUDA device here'), ('cuda:7', 2, '--device cuda:7: this machine has 2 '
+     'CUDA devices (cuda:0 to cuda:1)'), ('tpu', 2, '--device tpu: use auto, cpu, cuda or cuda:N')])
+def test_a_missing_or_unknown_device_is_one_line(device, n, says, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """irepa.py, fid.py sample/eval and bench.py: one 'error:' line, exit code 2."""
+    if n:
+        cuda_present(monkeypatch, n=n)
+    else:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert says in user_error(capsys, irepa.main, '--demo', '--device', device, '--out-dir', tmp_path)
+    assert says in user_error(capsys, fid.main, 'sample', '--ckpt', tiny_ckpt, '--device', device)
+    assert says in user_error(capsys, fid.main, 'eval', 'a.npz', 'b.npz', '--device', device)
+    import runpy
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device', device])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f'error: {says}') and len(err.strip().splitlines()) == 1, err
