@@ -864,6 +864,33 @@ def sit_train_flops(model):
     L, (_, T, D) = len(model.blocks), model.pos_embed.shape
     return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
 
+def forward_flops(module, *shapes):
+    """FLOPs of one forward of `module` on inputs of these shapes, counted by torch on fake tensors: no compute."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(module.parameters()).device
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
+        module(*(torch.zeros(shape, device=device) for shape in shapes))
+    return counter.get_total_flops()
+
+def step_flops(s):
+    """Training FLOPs per image of one step of the run's objective (for MFU), in forwards: a backward into the
+    weights and the input counts 2 more, into one of them 1 more. Every objective: the SiT's forward and backward
+    (sit_train_flops) and the teachers' forwards (none with a cache). MeanFlow: + the guidance pass (cond and
+    uncond: 2, when guidance is trained in) + the JVP (primal and tangent: 2). REPA-E: + the VAE step (the VAE 3;
+    the frozen LPIPS, discriminator and SiT up to the aligned block 2 each: the gradient passes to their input) + the
+    discriminator's step (real and fake images: 2 each)."""
+    cfg, sit = s.cfg, sit_train_flops(s.model)
+    flops = sit + sum(t.flops() for t in s.teachers if not s.data.tokens)
+    if cfg.objective == 'meanflow':
+        flops += sit / 3 * (2 * (cfg.mf_omega != 1.0 or cfg.mf_kappa != 0.0) + 2)
+    if cfg.objective == 'repa-e':
+        img = (1, 3, cfg.resolution, cfg.resolution)
+        disc = forward_flops(s.disc, img)
+        flops += 3 * forward_flops(s.vae, img) + 2 * (forward_flops(s.lpips, img, img) + 3 * disc +
+                                                      sit / 3 * s.model.encoder_depth / len(s.model.blocks))
+    return flops
+
 def weights_fingerprint(model):
     """A float that equal weights reproduce bit for bit and different weights almost surely do not."""
     return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(model.parameters())).item()
@@ -1059,7 +1086,7 @@ def setup(cfg):
         collate_fn=functools.partial(collate_reporting, s.data), worker_init_fn=ignore_stop_signals))
     s.cpu_group = dist.new_group(backend='gloo') if world > 1 else None  # should_stop's flags, off the GPU
     catch_stop_signals(s)
-    s.flops = sit_train_flops(s.model) + sum(t.flops() for t in s.teachers if not s.data.tokens)  # per image: MFU
+    s.flops = step_flops(s)  # per image: MFU
     s.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == 'cuda' else None
     if s.master:  # the run folder, and one line that says what trains on what

@@ -3239,3 +3239,21 @@ def test_a_missing_or_unknown_device_is_one_line(device, n, says, tiny_ckpt, tmp
         runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f'error: {says}') and len(err.strip().splitlines()) == 1, err
+
+
+def test_mfu_counts_every_pass_of_each_objective(tmp_path, monkeypatch):
+    """The FLOPs per image that MFU divides by (s.flops) against torch's count of one real CPU step: what MeanFlow
+    (guidance + JVP passes) and REPA-E (VAE, LPIPS, discriminator, ...) run beyond the flow step is in s.flops too,
+    within the formula's leaving out of embeddings and norms at this tiny size."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))
+    ours, counted = {}, {}
+    for objective, recipe in GPU_PATH_RECIPES.items():
+        s = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, tmp_path / objective, 'cpu', '--no-compile')))
+        batch = next(s.loader)
+        with FlopCounterMode(display=False) as c:
+            irepa.train_step(s, irepa.OBJECTIVES[objective], 0, batch)
+        ours[objective], counted[objective] = s.flops, c.get_total_flops() / len(batch[2])
+    for objective in ('meanflow', 'repa-e'):
+        extra = (counted[objective] - counted['flow']) / (ours[objective] - ours['flow'])
+        assert 0.75 < extra < 1.4, (objective, ours, counted)
