@@ -3043,7 +3043,7 @@ def cuda_present(monkeypatch, n=1, calls=None):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.append(('set_device', d)) if calls is not None else None)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: None if calls is None else calls.append(('set_device', d)))
     monkeypatch.setattr(irepa, 'compiler_missing', lambda device: None)  # the compiler probe: Triton is "there"
 
 
@@ -3107,7 +3107,7 @@ def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
         with NoBlockingCopy():
             for step in (0, 1):
                 irepa.train_step(s, irepa.OBJECTIVES[objective], step, batches[step])
-        assert s.n_steps == 2 and all(type(v).__name__ == 'FakeTensor' and v.device == CUDA0 and v.dtype == torch.float32
+        assert s.n_steps == 2 and all(type(v).__name__ == 'FakeTensor' and (v.device, v.dtype) == (CUDA0, torch.float32)
                                       for v in s.sums.values()), {k: (v.device, v.dtype) for k, v in s.sums.items()}
         assert seen and all(d == [torch.float32] for d in seen), seen  # the online targets: the teacher's own dtype
         img = batches[0][0].to(CUDA0)
@@ -3257,3 +3257,31 @@ def test_mfu_counts_every_pass_of_each_objective(tmp_path, monkeypatch):
     for objective in ('meanflow', 'repa-e'):
         extra = (counted[objective] - counted['flow']) / (ours[objective] - ours['flow'])
         assert 0.75 < extra < 1.4, (objective, ours, counted)
+
+
+def test_bench_gpu_suite_prints_its_table_whatever_fails(monkeypatch, capsys):
+    """python bench.py --suite gpu --device cpu with every row made to fail at once: the correctness checks raise
+    (not AssertionError), every SiT compile runs out of memory inside inductor (BackendCompilerFailed around
+    torch.OutOfMemoryError: the batch halving takes it for an out-of-memory), the FID network cannot be built. The
+    table still comes, one row each, saying why; --budget 0 skips every row and still prints it."""
+    import runpy
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def compile_oom(*a, **k):
+        raise BackendCompilerFailed(None, torch.OutOfMemoryError('CUDA out of memory (in the compile)'), None)
+    this = sys.modules[__name__]  # bench.py imports this file for its checks
+    monkeypatch.setattr(this, 'check_parity', lambda *a: 1 / 0)
+    monkeypatch.setattr(this, 'sampler_device_error', lambda *a: {}['no such key'])
+    monkeypatch.setattr(this, 'compiled_first_steps', lambda *a: (_ for _ in ()).throw(RuntimeError('a bug')))
+    monkeypatch.setattr(torch, 'compile', compile_oom)
+    monkeypatch.setattr(fid, 'FIDInception', lambda: (_ for _ in ()).throw(OSError('no Inception')))
+    for budget, want in (('1e9', 'FAILED: '), ('0', 'skipped: ')):
+        monkeypatch.setattr(sys, 'argv', ['bench.py', '--suite', 'gpu', '--device', 'cpu', '--budget', budget])
+        runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+        table = capsys.readouterr().out.split('| row | result |\n|---|---|\n')[1].splitlines()
+        assert len(table) == 2 + 3 + 2 + 2 and all(want in line for line in table), "\n".join(table)
+        if budget != '0':
+            assert sum('ZeroDivisionError' in l or 'KeyError' in l or 'a bug' in l for l in table) == 5, table
+            assert [l.split(' | ')[0] for l in table if l.endswith(' | FAILED: out of memory |')] == [
+                '| train SiT-T/2, teacher none', '| train SiT-T/2, teacher dinov2', '| sample'], table
+            assert 'OSError: no Inception' in table[-1], table
