@@ -3285,3 +3285,13 @@ def test_bench_gpu_suite_prints_its_table_whatever_fails(monkeypatch, capsys):
             assert [l.split(' | ')[0] for l in table if l.endswith(' | FAILED: out of memory |')] == [
                 '| train SiT-T/2, teacher none', '| train SiT-T/2, teacher dinov2', '| sample'], table
             assert 'OSError: no Inception' in table[-1], table
+
+
+@slow
+def test_ddp_with_compile_and_grad_ckpt_trains(tmp_path):
+    """Two gloo processes, the SiT compiled (DDPOptimizer splits its graph at the buckets) with --grad-ckpt and the
+    gradients as views of DDP's buckets: two steps, equal weights on both ranks. The combination requirements.txt's
+    torch floor was tested for."""
+    r = torchrun(2, run_args(tmp_path / 'run', 2, '--compile', '--grad-ckpt', '--sample-every', '0'), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'the 2 ranks hold identical weights' in r.stdout, r.stdout[-2000:]
