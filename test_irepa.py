@@ -3020,6 +3020,8 @@ def test_run_sh_stops_at_a_failing_stage_and_names_it_and_its_log(tmp_path):
 # then follows CUDA's policy (layer_norm in fp32). Backward does not run there (the autograd engine asks the driver
 # for a device), so Tensor.backward gives every trainable parameter a fake gradient and the optimizers step on it.
 CUDA0 = torch.device('cuda', 0)
+cuda_build = pytest.mark.skipif(not torch.backends.cuda.is_built(), reason='fake CUDA tensors need a CUDA build of '
+                                'torch (no GPU): a CPU-only wheel is "not linked with support for cuda devices"')
 
 
 def fake_cuda(mode, obj):
@@ -3094,6 +3096,7 @@ def on_fake_cuda(objective, out, monkeypatch, *extra):
         yield s, [[mode.from_tensor(v) for v in b[:3]] + list(b[3:]) for b in batches], mode
 
 
+@cuda_build
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
 def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
     """train_step on fake CUDA tensors under NoBlockingCopy, twice (the optimizers make their state, then use it):
@@ -3121,6 +3124,7 @@ def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
                 irepa.train_step(s, irepa.OBJECTIVES[objective], 2, batches[1])
 
 
+@cuda_build
 def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkeypatch):
     """--encoder none: the alignment loss is a zero made on the device, not a CPU zero copied there every step."""
     with on_fake_cuda('flow', tmp_path, monkeypatch, '--encoder', 'none') as (s, batches, mode), NoBlockingCopy():
@@ -3128,6 +3132,7 @@ def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkey
         assert not s.teachers and s.sums['align'].device == CUDA0
 
 
+@cuda_build
 def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch):
     """The SDE sampler with guidance on fake CUDA tensors draws its noise there; the preview grid draws its noise
     once, up front, and moves it with one non_blocking copy; its picture is the one copy back (fid.save_grid)."""
