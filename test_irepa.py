@@ -3300,3 +3300,20 @@ def test_ddp_with_compile_and_grad_ckpt_trains(tmp_path):
     r = torchrun(2, run_args(tmp_path / 'run', 2, '--compile', '--grad-ckpt', '--sample-every', '0'), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the 2 ranks hold identical weights' in r.stdout, r.stdout[-2000:]
+
+
+def test_teacher_cache_stores_bf16_whatever_the_teacher_returns(tmp_path):
+    """--precision bf16: the cache holds bf16 tokens (its meta says so, the file is half the size) also for a teacher
+    that returns fp32 under autocast (HOG on a CPU here; on CUDA every teacher ending in a LayerNorm), and the run
+    reads them back as bf16."""
+    args = lambda out, *a: [x.replace('dinov2', 'hog') for x in run_args(tmp_path / out, 0, '--precision', 'bf16', *a)]
+    s = irepa.setup(irepa.resolve_config(args('online')))
+    probe = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    assert [f.dtype for f in irepa.teacher_targets(s, probe, raw=True)] == [torch.float32]  # online: its own dtype
+    s = irepa.main(args('cached', '--teacher-cache', tmp_path / 'cache'))
+    meta = json.loads((tmp_path / 'cache/meta.json').read_text())
+    assert meta['teachers'][0]['dtype'] == 'bfloat16' and s.cache_dtypes == [torch.bfloat16]
+    assert np.load(tmp_path / 'cache/tokens-0.npy', mmap_mode='r').dtype == np.int16  # bf16's bits
+    online = torch.cat([irepa.teacher_targets(s, torch.stack([s.data[i][0] for i in range(k, k + 4)]), raw=True)[0]
+                        for k in range(0, 64, 4)])
+    assert torch.equal(cached_tokens(tmp_path / 'cache'), online.to(torch.bfloat16))  # the online ones, rounded
