@@ -848,7 +848,8 @@ RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'pr
                      'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor', 'grad_jump'}
 
 def compiler_missing(device):
-    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++ compiler on CPU."""
+    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++
+    compiler on CPU."""
     if device == 'cuda':
         import torch.utils._triton
         return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
@@ -1773,7 +1774,8 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     spnorm_gamma='share of the token mean the z-score removes (paper: 1, LDM code: 0.6)', sample_every='0: no grids',
     siglip_norm="SigLIP's input stats: the paper's ImageNet ones or SigLIP's 0.5/0.5", num_classes='synthetic set',
     lpips_weights="REPA-E: 'auto', 'LINEAR[,VGG]' files (vgg.pth of LPIPS), or 'random'", synthetic_size='its images',
-    disc_weights="REPA-E: 'random' or a PatchGAN state dict (REPA-E: a released one)", device="'auto', 'cpu', 'cuda' or 'cuda:N'",
+    disc_weights="REPA-E: 'random' or a PatchGAN state dict (REPA-E: a released one)",
+    device="'auto' (CUDA if there is one), 'cpu', 'cuda' (torchrun: cuda:LOCAL_RANK) or 'cuda:N'",
     lpips_quirk='REPA-E feeds LPIPS [-1, 1] images although it expects [0, 1]; --no-lpips-quirk feeds [0, 1]',
     data_path='ImageNet-style folder (<root>/<class>/*.JPEG), a prepared latents folder, or none: the synthetic set',
     vae="'sd-vae-ft-mse', 'sd-vae-ft-ema', a local file, or 'none': pixel space", global_batch_size='all processes',
