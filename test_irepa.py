@@ -3040,13 +3040,21 @@ def fake_cuda(mode, obj):
     return obj
 
 
-def cuda_present(monkeypatch, n=1, calls=None):
-    """What torch asks before it touches a GPU, patched: n devices with bf16; set_device records its argument."""
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: None if calls is None else calls.append(('set_device', d)))
-    monkeypatch.setattr(irepa, 'compiler_missing', lambda device: None)  # the compiler probe: Triton is "there"
+@pytest.fixture
+def cuda_present(monkeypatch):
+    """cuda_present(n, calls): what torch asks before it touches a GPU, patched: n devices with bf16; set_device
+    records its argument in `calls`. TF32's settings (use_device turns it on) are put back afterwards."""
+    def present(n=1, calls=None):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+        record = (lambda d: None) if calls is None else (lambda d: calls.append(('set_device', d)))
+        monkeypatch.setattr(torch.cuda, 'set_device', record)
+        monkeypatch.setattr(irepa, 'compiler_missing', lambda device: None)  # the compiler probe: Triton is "there"
+    tf32 = irepa.tf32(False)
+    irepa.tf32(tf32)
+    yield present
+    irepa.tf32(tf32)
 
 
 class NoBlockingCopy(torch.utils._python_dispatch.TorchDispatchMode):
@@ -3066,7 +3074,7 @@ class NoBlockingCopy(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def on_fake_cuda(objective, out, monkeypatch, *extra):
+def on_fake_cuda(objective, out, monkeypatch, cuda_present, *extra):
     """irepa.setup's state for the objective's GPU-path recipe (bf16, SiT-T with one block, the tiny VAE, a random
     DINOv2 with one block), built on the CPU, then moved to fake CUDA as setup would build it there: networks, the
     latent normalization (training_data on cuda:0), the NaN guard's step, the optimizers, bf16 CUDA autocast. Yields
@@ -3081,7 +3089,7 @@ def on_fake_cuda(objective, out, monkeypatch, *extra):
         fake_cuda(mode, m)
     for t in s.teachers:  # their input-range check reads the first batch on the host, once per run: done
         t.checked = True
-    cuda_present(monkeypatch)
+    cuda_present()
 
     def backward(loss, *a, **k):  # the autograd engine needs a real device: fake gradients instead
         for p in (p for m in nets for p in m.parameters() if p.requires_grad):
@@ -3098,7 +3106,7 @@ def on_fake_cuda(objective, out, monkeypatch, *extra):
 
 @cuda_build
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
-def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
+def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch, cuda_present):
     """train_step on fake CUDA tensors under NoBlockingCopy, twice (the optimizers make their state, then use it):
     the batch's non_blocking copy, teacher -> targets -> losses -> (fake) gradients -> clipped AdamW -> EMA. The
     teacher's tokens reach the loss in fp32 (CUDA autocast: its last LayerNorm), the losses are fp32 on cuda:0; the
@@ -3106,7 +3114,7 @@ def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
     seen = []
     real = irepa.alignment_loss
     monkeypatch.setattr(irepa, 'alignment_loss', lambda p, t, *a: seen.append([v.dtype for v in t]) or real(p, t, *a))
-    with on_fake_cuda(objective, tmp_path, monkeypatch) as (s, batches, mode):
+    with on_fake_cuda(objective, tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
         with NoBlockingCopy():
             for step in (0, 1):
                 irepa.train_step(s, irepa.OBJECTIVES[objective], step, batches[step])
@@ -3125,15 +3133,16 @@ def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch):
 
 
 @cuda_build
-def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkeypatch):
+def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkeypatch, cuda_present):
     """--encoder none: the alignment loss is a zero made on the device, not a CPU zero copied there every step."""
-    with on_fake_cuda('flow', tmp_path, monkeypatch, '--encoder', 'none') as (s, batches, mode), NoBlockingCopy():
+    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present, '--encoder', 'none') as (s, batches, mode), \
+            NoBlockingCopy():
         irepa.train_step(s, irepa.flow_step, 0, batches[0])
         assert not s.teachers and s.sums['align'].device == CUDA0
 
 
 @cuda_build
-def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch):
+def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch, cuda_present):
     """The SDE sampler with guidance on fake CUDA tensors draws its noise there; the preview grid draws its noise
     once, up front, and moves it with one non_blocking copy; its picture is the one copy back (fid.save_grid)."""
     irepa.time_grid('sde', 3)  # host floats, computed once per setting (here before the fake mode)
@@ -3142,7 +3151,7 @@ def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatc
     monkeypatch.setattr(fid, 'save_grid', lambda x, path, cols: saved.append(x))
     vae = encoders.load_vae('random:tiny')  # the decoder of the pictures, as sample_grid loads it
     monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self, *a: self)  # page-locking needs the driver
-    with on_fake_cuda('flow', tmp_path, monkeypatch) as (s, batches, mode):
+    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
         s.vae = fake_cuda(mode, vae)
         with NoBlockingCopy():
             z = irepa.sample(s.ema, torch.randn(4, 4, 16, 16, device=CUDA0), torch.arange(4, device=CUDA0), 'sde', 3,
@@ -3171,11 +3180,11 @@ def stop_at(monkeypatch, obj, name, calls):
     (['--device', 'cuda'], dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1'), torch.device('cuda', 1)),  # torchrun
     (['--device', 'cuda', '--prepare'], dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1'), torch.device('cuda', 1)),
     (['--device', 'cuda:0'], dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0'), CUDA0)])
-def test_set_device_gets_an_index_before_the_process_group(argv, env, want, tmp_path, monkeypatch):
+def test_set_device_gets_an_index_before_the_process_group(argv, env, want, tmp_path, monkeypatch, cuda_present):
     """irepa.py on a (patched) 2-GPU machine: set_device receives the process's indexed device before the process
     group exists, also for --prepare; `cuda:0` keeps what `cuda` gets: bf16, compile, NCCL."""
     calls = []
-    cuda_present(monkeypatch, n=2, calls=calls)
+    cuda_present(n=2, calls=calls)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     stop_at(monkeypatch, irepa.dist, 'init_process_group', calls)  # torchrun: the process group
@@ -3189,12 +3198,12 @@ def test_set_device_gets_an_index_before_the_process_group(argv, env, want, tmp_
         assert calls[1] == ('init_process_group', 'nccl'), calls
 
 
-def test_demo_on_cuda_gets_past_setups_device_part(tmp_path, monkeypatch):
+def test_demo_on_cuda_gets_past_setups_device_part(tmp_path, monkeypatch, cuda_present):
     """`python irepa.py --demo --device cuda` with CUDA patched: past set_device (which the index-less device made
     raise) to setup's first tensor on the GPU (torch.cuda._lazy_init, where a real driver is needed: the end here);
     the run's device, precision and compilation are CUDA's."""
     calls, setups = [], []
-    cuda_present(monkeypatch, calls=calls)
+    cuda_present(calls=calls)
     stop_at(monkeypatch, torch.cuda, '_lazy_init', calls)
     real = irepa.setup
     monkeypatch.setattr(irepa, 'setup', lambda cfg: setups.append(cfg) or real(cfg))
@@ -3204,11 +3213,11 @@ def test_demo_on_cuda_gets_past_setups_device_part(tmp_path, monkeypatch):
     assert (setups[0].device, setups[0].precision, setups[0].compile) == ('cuda:0', 'bf16', True)
 
 
-def test_fid_sample_and_bench_set_an_indexed_device_first(tiny_ckpt, tmp_path, monkeypatch):
+def test_fid_sample_and_bench_set_an_indexed_device_first(tiny_ckpt, tmp_path, monkeypatch, cuda_present):
     """fid.py sample under torchrun: set_device(cuda:LOCAL_RANK) before the process group; bench.py's default device
     on a CUDA machine: cuda:0, without crashing at start (its first CUDA query ends it here)."""
     calls = []
-    cuda_present(monkeypatch, n=2, calls=calls)
+    cuda_present(n=2, calls=calls)
     for k, v in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
         monkeypatch.setenv(k, v)
     stop_at(monkeypatch, torch.distributed, 'init_process_group', calls)
@@ -3229,10 +3238,11 @@ def test_fid_sample_and_bench_set_an_indexed_device_first(tiny_ckpt, tmp_path, m
 @pytest.mark.parametrize('device, n, says', [
     ('cuda', 0, '--device cuda: torch sees no CUDA device here'), ('cuda:7', 2, '--device cuda:7: this machine has 2 '
      'CUDA devices (cuda:0 to cuda:1)'), ('tpu', 2, '--device tpu: use auto, cpu, cuda or cuda:N')])
-def test_a_missing_or_unknown_device_is_one_line(device, n, says, tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_a_missing_or_unknown_device_is_one_line(device, n, says, tiny_ckpt, tmp_path, monkeypatch, cuda_present,
+                                                 capsys):
     """irepa.py, fid.py sample/eval and bench.py: one 'error:' line, exit code 2."""
     if n:
-        cuda_present(monkeypatch, n=n)
+        cuda_present(n=n)
     else:
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert says in user_error(capsys, irepa.main, '--demo', '--device', device, '--out-dir', tmp_path)
@@ -3275,6 +3285,7 @@ def test_bench_gpu_suite_prints_its_table_whatever_fails(monkeypatch, capsys):
     def compile_oom(*a, **k):
         raise BackendCompilerFailed(None, torch.OutOfMemoryError('CUDA out of memory (in the compile)'), None)
     this = sys.modules[__name__]  # bench.py imports this file for its checks
+    threads = torch.get_num_threads()  # bench.py's CPU defaults set 1 thread: put it back after
     monkeypatch.setattr(this, 'check_parity', lambda *a: 1 / 0)
     monkeypatch.setattr(this, 'sampler_device_error', lambda *a: {}['no such key'])
     monkeypatch.setattr(this, 'compiled_first_steps', lambda *a: (_ for _ in ()).throw(RuntimeError('a bug')))
@@ -3282,7 +3293,10 @@ def test_bench_gpu_suite_prints_its_table_whatever_fails(monkeypatch, capsys):
     monkeypatch.setattr(fid, 'FIDInception', lambda: (_ for _ in ()).throw(OSError('no Inception')))
     for budget, want in (('1e9', 'FAILED: '), ('0', 'skipped: ')):
         monkeypatch.setattr(sys, 'argv', ['bench.py', '--suite', 'gpu', '--device', 'cpu', '--budget', budget])
-        runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+        try:
+            runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+        finally:
+            torch.set_num_threads(threads)
         table = capsys.readouterr().out.split('| row | result |\n|---|---|\n')[1].splitlines()
         assert len(table) == 2 + 3 + 2 + 2 and all(want in line for line in table), "\n".join(table)
         if budget != '0':
