@@ -3256,6 +3256,7 @@ def test_a_missing_or_unknown_device_is_one_line(device, n, says, tiny_ckpt, tmp
     assert e.value.code == 2 and err.startswith(f'error: {says}') and len(err.strip().splitlines()) == 1, err
 
 
+@slow
 def test_mfu_counts_every_pass_of_each_objective(tmp_path, monkeypatch):
     """The FLOPs per image that MFU divides by (s.flops) against torch's count of one real CPU step: what MeanFlow
     (guidance + JVP passes) and REPA-E (VAE, LPIPS, discriminator, ...) run beyond the flow step is in s.flops too,
@@ -3274,6 +3275,7 @@ def test_mfu_counts_every_pass_of_each_objective(tmp_path, monkeypatch):
         assert 0.75 < extra < 1.4, (objective, ours, counted)
 
 
+@slow
 def test_bench_gpu_suite_prints_its_table_whatever_fails(monkeypatch, capsys):
     """python bench.py --suite gpu --device cpu with every row made to fail at once: the correctness checks raise
     (not AssertionError), every SiT compile runs out of memory inside inductor (BackendCompilerFailed around
@@ -3316,6 +3318,7 @@ def test_ddp_with_compile_and_grad_ckpt_trains(tmp_path):
     assert 'the 2 ranks hold identical weights' in r.stdout, r.stdout[-2000:]
 
 
+@slow
 def test_teacher_cache_stores_bf16_whatever_the_teacher_returns(tmp_path):
     """--precision bf16: the cache holds bf16 tokens (its meta says so, the file is half the size) also for a teacher
     that returns fp32 under autocast (HOG on a CPU here; on CUDA every teacher ending in a LayerNorm), and the run
