@@ -552,6 +552,7 @@ def sample_main(a):
             else:
                 vae = encoders.load_vae(a.vae or norm.vae, device=device)
             vae = vae.to(device).eval().requires_grad_(False)
+            norm.to(device)  # its constants on the device once: no copy when each shard is decoded
         out = os.path.abspath(a.out)
         shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
         size = model.x_embedder.input_size
