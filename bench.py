@@ -4,7 +4,7 @@ Speed and memory of irepa's pieces on synthetic tensors already on the device: o
 
     python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
     python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step, per-GPU batch
-    python bench.py --suite gpu      # one CUDA device, <= 8 min: correctness on CUDA, then throughput; one table
+    python bench.py --suite gpu      # one CUDA device, <= 5 min (--budget): CUDA correctness, throughput; one table
     python bench.py --suite official --official ../iREPA  # CPU, ~3 min: against the official code, side by side
 
 The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens in the untimed warm-up):
@@ -56,7 +56,7 @@ p.add_argument('--model', default=None, choices=irepa.MODELS, metavar='NAME', he
 p.add_argument('--batch-size', type=int, default=None, help='CUDA 256, CPU 4')
 p.add_argument('--steps', type=int, default=None, help='timed steps, median reported; CUDA 20, CPU 3')
 p.add_argument('--warmup', type=int, default=None, help='untimed steps first (compilation happens here); CUDA 3, CPU 1')
-p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+p.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
 p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='default on for CUDA')
 p.add_argument('--precision', choices=['bf16', 'fp32'], default=None, help='bf16: autocast; CUDA bf16, CPU fp32')
 p.add_argument('--grad-ckpt', action='store_true', help="irepa.py's --grad-ckpt: activation checkpointing per block")
@@ -76,13 +76,19 @@ p.add_argument('--cfg-scale', type=float, default=1.5, help='> 1, so the CFG-dou
 p.add_argument('--fid-batch-size', type=int, default=None, help='CUDA --batch-size, CPU 2')
 p.add_argument('--threads', type=int, default=None, help="CPU threads; CPU 1, CUDA torch's default")
 p.add_argument('--metrics-images', type=int, default=None, help='token grids of the metrics workloads; --batch-size')
+p.add_argument('--budget', type=float, default=None, help='--suite gpu: seconds it may take; a row whose estimate '
+               'would end past it is skipped (CUDA 270: 5 minutes with the start; CPU: none)')
 args = p.parse_args()
 if args.suite == 'official':  # SiT-S/2, batch 8, 256 px, random target tokens, 2 threads for both codes; flags win
     for k, v in dict(model='SiT-S/2', batch_size=8, resolution=256, teacher='none', steps=20, warmup=2, threads=2,
                      metrics_images=256, workloads='train-official,train,metrics-official,metrics').items():
         if getattr(args, k) == p.get_default(k):
             setattr(args, k, v)
-cuda = args.device.startswith('cuda')
+try:
+    device = irepa.torch_device(args.device)  # 'cuda' -> cuda:0, with its index; a missing device: one line, exit 2
+except encoders.UserError as e:
+    sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+cuda = device.type == 'cuda'
 # On this project's 2-core CPU a SiT-S/2 step at 256 px and batch 8 takes ~10-20 s, the FID Inception ~0.2-1.4 s per
 # image, so the CPU defaults shrink the work; the shapes that matter on a GPU are the CUDA ones. One CPU thread: on a
 # shared machine, OpenMP threads beyond the free cores spin at every barrier (measured here: 10-25x slower steps).
@@ -113,10 +119,7 @@ if args.teacher != 'none':
 
 # -----------------------------------------------------------------------------
 # Device, clock, memory, peak FLOPs
-device = torch.device(args.device)
-if cuda:
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as irepa.train, for fp32 leftovers
+irepa.use_device(device)  # as irepa.train: the current device, TF32 for fp32 leftovers
 name = torch.cuda.get_device_name(device) if cuda else 'cpu'
 peak = next((v for k, v in irepa.PEAK_BF16_FLOPS.items() if k in name), None) if cuda else None
 print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {name} (bf16 peak "
@@ -228,7 +231,7 @@ def make_train(c, variant):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
 
         def step():
-            torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's fp32 default (cuDNN convs keep TF32)
+            irepa.tf32(False, conv=False)  # PyTorch's fp32 default (cuDNN convs keep TF32)
             losses = irepa.flow_loss(model, x, y, targets())
             loss = losses['flow'] + 1.0 * losses['align']
             opt.zero_grad()
@@ -237,7 +240,7 @@ def make_train(c, variant):
             opt.step()
             update_ema(ema, model)
             out[:] = [loss.item()]  # a host sync every step, as most training loops log
-            torch.backends.cuda.matmul.allow_tf32 = cuda  # back to irepa.train's setting for everything else
+            irepa.tf32(cuda, conv=False)  # back to irepa.train's setting for everything else
     elif variant == 'official':  # ldm/train.py's loop body, our weights loaded into the official SiT
         sit, loss_py = (official_module(c, f'ldm/{f}.py') for f in ('models/sit', 'loss'))
         model = sit.SiT_models[c.model](input_size=latent, num_classes=1000, z_dims=[z_dim], decoder_hidden_size=model.
@@ -263,7 +266,8 @@ def make_train(c, variant):
         s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
             cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
             opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if c.compile else model,
-            teachers=[teacher] if teacher else [], norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4), device=device)
+            teachers=[teacher] if teacher else [], device=device,
+            norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4).to(device))
         moments = torch.cat([x, torch.zeros_like(x)], 1)  # posterior mean x and std 0: the step trains on x
         if variant != 'cached':
             cached = tuple
@@ -372,6 +376,17 @@ MAKERS = {'train-naive': lambda c: make_train(c, 'naive'), 'train': lambda c: ma
           'metrics': make_metrics, 'fid': make_fid}
 
 
+def out_of_memory(e):
+    """Whether e is, or wraps, an out-of-memory error (inductor's compile raises BackendCompilerFailed around it)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = getattr(e, 'inner_exception', None) or e.__cause__ or e.__context__
+    return False
+
+
 def run_jobs(c, workloads):
     """The JSON records of the workloads of config c, each printed as it is done."""
     families = dict.fromkeys(w.split('-')[0] for w in ORDER if w in workloads)  # train-naive -> train, ...
@@ -383,7 +398,9 @@ def run_jobs(c, workloads):
             n, warmup = (c.sample_repeats, 0) if job == ['sample'] else (c.steps, c.warmup)
             res = timed({w: step for w, (step, _) in made.items()}, warmup, n)
             recs = {w: made[w][1](*res[w]) for w in job}
-        except torch.OutOfMemoryError:
+        except Exception as e:  # torch.compile reports an out-of-memory inside inductor as BackendCompilerFailed
+            if not out_of_memory(e):
+                raise
             recs = {w: dict(workload=w, model=c.model, device=name, batch_size=c.batch_size, error='out of memory')
                     for w in job}
         for ours, other, key in (('train', 'train-naive', 'speedup'), ('train', 'train-official', 'vs_official'),
@@ -398,7 +415,7 @@ def run_jobs(c, workloads):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-            torch.backends.cuda.matmul.allow_tf32 = True  # in case an out-of-memory stopped train-naive before it restored it
+            irepa.tf32(True)  # in case an out-of-memory stopped train-naive before it restored it
     return out
 
 
@@ -469,73 +486,100 @@ def memory_suite():
 # -----------------------------------------------------------------------------
 # The GPU check: correctness on CUDA (the checks of test_irepa.py's `pytest -m cuda` tests), then throughput
 
+# Seconds per row on one H100 with a cold compile cache, ESTIMATES (no GPU has run this suite yet): compiling the
+# SiT-XL/2 step ~60 s, the teacher ~20 s, 13 timed steps ~10 s; a tiny compiled step (the checks) ~25 s per objective.
+GPU_ROW_SECONDS = {'parity': 10, 'sampler': 5, 'step': 30, 'train SiT-XL/2': 90, 'train SiT-B/2': 50, 'sample': 40,
+                   'fid': 20}
+
+
 def gpu_suite(budget_s):
-    """python bench.py --suite gpu: one JSON line per row, then one table. Correctness: the parity vectors in fp32 with
-    TF32 off, CUDA sampling against the CPU, the compiled bf16 step against the fp32 eager one. Throughput: SiT-B/2
-    and SiT-XL/2 training with and without the DINOv2-B teacher at the largest batch the estimate lets fit (halved on
-    out-of-memory), SDE sampling, the FID Inception. Rows that would start after `budget_s` are skipped. With
+    """python bench.py --suite gpu: one JSON line per row, then one table, whatever fails (a failed row says why).
+    Correctness: the parity vectors in fp32 with TF32 off, CUDA sampling against the CPU, the compiled bf16 step
+    against the fp32 eager one. Throughput: SiT-XL/2 training without and with the DINOv2-B teacher at the largest
+    batch the estimate lets fit (halved on out-of-memory, also one inside the compile), SDE sampling, the FID
+    Inception, then SiT-B/2. A row whose estimate (GPU_ROW_SECONDS) would end past `budget_s` is skipped. With
     --device cpu: the same rows at toy sizes (SiT-T/2, 64 px), a dry run of the command, with no time budget."""
     import tempfile
-    import test_irepa as tests  # pip install pytest (the README's test command) for this import
     t0, rows = time.time(), []
 
-    def check(what, fn, tol, **extra):
-        try:
-            value, more = fn()
-        except AssertionError as e:  # a check that fails inside (e.g. one parity output over its tolerance)
-            value, more = float('inf'), dict(error=f'{e}')
-        rows.append(dict(suite='gpu', row=what, value=value, tol=tol, **more, ok=value <= tol and not more.get(
-            'graph_breaks')))
+    def row(what, estimate, fn):  # one row: its record, or why it failed or was skipped
+        if time.time() - t0 + estimate > budget_s:
+            rec = dict(skipped=f'its ~{estimate} s would pass the {budget_s:.0f} s budget')
+        else:
+            try:
+                rec = fn()
+            except Exception as e:  # any failure is a row of the table, not the end of the suite
+                rec = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                torch._dynamo.reset()  # what run_jobs does after a row, for the next one
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+        rows.append(dict(suite='gpu', row=what, **rec))
         print(json.dumps(rows[-1]), flush=True)
+
+    def check(fn, tol):
+        def run():
+            value, more = fn()
+            return dict(value=value, tol=tol, **more, ok=value <= tol and not more.get('graph_breaks'))
+        return run
 
     def first_steps(objective):
         with tempfile.TemporaryDirectory() as out:
             r = tests.compiled_first_steps(objective, out, device)
         return r.largest_difference, dict(graphs=r.after_third['stats'].get('unique_graphs'),
                                           graph_breaks=sum(r.after_third['graph_break'].values()))
-    with fid.exact_fp32():
-        check(f'parity vectors, {device.type} fp32, TF32 off', lambda: (
-            tests.check_parity(tests.vectors_path(), 1e-4, device), {}), 1e-4)
-        check(f'sampler {device.type} vs cpu, fp32 SDE', lambda: (tests.sampler_device_error(device), {}), 1e-4)
-    for objective in tests.GPU_PATH_RECIPES:
-        check(f'compiled bf16 step vs fp32 eager ({objective})', lambda: first_steps(objective), tests.STEP_TOL)
+
+    def train(model, teacher):
+        mem = step_memory(model, base.resolution)[False]
+        batch = min(512, fits(mem, gib) // 32 * 32) if cuda else 4
+        while True:
+            rec = run_jobs(SimpleNamespace(**vars(base) | dict(model=model, teacher=teacher, batch_size=batch)),
+                           ['train'])[0]
+            if 'error' not in rec or batch <= 8:
+                return rec
+            batch //= 2  # the estimate was too high for this card
+    try:
+        import test_irepa as tests  # pip install pytest (the README's test command) for this import
+    except ImportError as e:
+        tests = None
+        rows.append(dict(suite='gpu', row='correctness', error=f'{e}: pip install pytest (the test extras)'))
+    if tests:
+        with fid.exact_fp32():
+            row(f'parity vectors, {device.type} fp32, TF32 off', GPU_ROW_SECONDS['parity'], check(
+                lambda: (tests.check_parity(tests.vectors_path(), 1e-4, device), {}), 1e-4))
+            row(f'sampler {device.type} vs cpu, fp32 SDE', GPU_ROW_SECONDS['sampler'], check(
+                lambda: (tests.sampler_device_error(device), {}), 1e-4))
+        for objective in tests.GPU_PATH_RECIPES:
+            row(f'compiled bf16 step vs fp32 eager ({objective})', GPU_ROW_SECONDS['step'],
+                check(lambda: first_steps(objective), tests.STEP_TOL))
     gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if cuda else 1.0
     base = SimpleNamespace(**vars(args) | dict(compile=True, precision='bf16', resolution=256 if cuda else 64,
                                                teacher_depth=None if cuda else 1, steps=10 if cuda else 2, warmup=3,
                                                grad_ckpt=False, sample_steps=50 if cuda else 4, sample_repeats=2))
-    for model in ('SiT-B/2', 'SiT-XL/2') if cuda else ('SiT-T/2',):
-        mem = step_memory(model, base.resolution)[False]
-        for teacher in ('dinov2', 'none'):
-            batch = min(512, fits(mem, gib) // 32 * 32) if cuda else 4
-            while time.time() - t0 < budget_s:
-                rec = run_jobs(SimpleNamespace(**vars(base) | dict(model=model, teacher=teacher, batch_size=batch)),
-                               ['train'])[0]
-                if 'error' not in rec or batch <= 8:
-                    break
-                batch //= 2  # the estimate was too high for this card
-            else:
-                rec = dict(workload='train', model=model, teacher=teacher, skipped=f'over the {budget_s} s budget')
-            rows.append(dict(suite='gpu', row=f"train {model}, teacher {teacher}", **rec))
-    for workload, extra in (('sample', dict(model='SiT-XL/2' if cuda else 'SiT-T/2', batch_size=256 if cuda else 4)),
+    big, small = ('SiT-XL/2', 'SiT-B/2') if cuda else ('SiT-T/2', None)
+    for model, teacher in [(big, 'none'), (big, 'dinov2')]:
+        row(f'train {model}, teacher {teacher}', GPU_ROW_SECONDS['train SiT-XL/2'], lambda: train(model, teacher))
+    for workload, extra in (('sample', dict(model=big, batch_size=256 if cuda else 4)),
                             ('fid', dict(fid_batch_size=256 if cuda else 2))):
-        if time.time() - t0 < budget_s:
-            rec = run_jobs(SimpleNamespace(**vars(base) | extra), [workload])[0]
-        else:
-            rec = dict(workload=workload, skipped=f'over the {budget_s} s budget')
-        rows.append(dict(suite='gpu', row=workload, **rec))
-    print(f"\n{name}, {time.time() - t0:.0f} s\n| row | result |\n|---|---|")
+        row(workload, GPU_ROW_SECONDS[workload], lambda: run_jobs(SimpleNamespace(**vars(base) | extra), [workload])[0])
+    for teacher in ('none', 'dinov2') if small else ():
+        row(f'train {small}, teacher {teacher}', GPU_ROW_SECONDS['train SiT-B/2'], lambda: train(small, teacher))
+    print(f"\n{name}, {time.time() - t0:.0f} s (budget {budget_s:.0f} s)\n| row | result |\n|---|---|")
     for r in rows:
-        result = (f"{r['value']:.2e} (tol {r['tol']:.0e}) {'ok' if r['ok'] else 'FAILED'} {r.get('error', '')}"
-                  if 'tol' in r else r.get('error') or r.get('skipped') or
-                  f"{r['img_per_s']:.1f} img/s, {r['ms_per_step']:.1f} ms/step, batch {r['batch_size']}, "
-                  f"peak {r['peak_mem_gb']:.1f} GiB, MFU {r['mfu']}")
-        print(f"| {r['row']} | {result.strip()} |")
+        if 'error' in r or 'skipped' in r:
+            result = f"FAILED: {r['error']}" if 'error' in r else f"skipped: {r['skipped']}"
+        elif 'tol' in r:
+            result = f"{r['value']:.2e} (tol {r['tol']:.0e}) {'ok' if r['ok'] else 'FAILED'}"
+        else:
+            result = (f"{r['img_per_s']:.1f} img/s, {r['ms_per_step']:.1f} ms/step, batch {r['batch_size']}, peak "
+                      f"{r['peak_mem_gb']:.1f} GiB, MFU {r['mfu']}")
+        print(f"| {r['row']} | {result} |", flush=True)
     return rows
 
 
 if args.suite == 'memory':
     memory_suite()
 elif args.suite == 'gpu':
-    gpu_suite(budget_s=8 * 60 if cuda else float('inf'))
+    gpu_suite(budget_s=args.budget if args.budget is not None else 270 if cuda else float('inf'))
 else:
     run_jobs(args, workloads)

@@ -375,13 +375,15 @@ def load_inception(path=None, any_weights=False, device='cpu'):
 def exact_fp32():
     """TF32 off and deterministic cuDNN while evaluating: with TF32 the features depend on the batch size and the GPU
     (torchmetrics #1620, torch-fidelity #43). The previous settings are restored afterwards."""
+    import irepa
     b = torch.backends
-    saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic
-    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = False, False, False, True
+    saved, tf32 = (b.cudnn.benchmark, b.cudnn.deterministic), irepa.tf32(False)
+    b.cudnn.benchmark, b.cudnn.deterministic = False, True
     try:
         yield
     finally:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = saved
+        b.cudnn.benchmark, b.cudnn.deterministic = saved
+        irepa.tf32(tf32)
 
 
 @torch.no_grad()
@@ -548,14 +550,11 @@ def sample_shard(a, k, model, net, vae, norm, device, autocast):
 def sample_main(a):
     import irepa
     from torch import distributed as dist
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, a.device  # a torch.device with its index (main)
+    irepa.use_device(device)  # before the process group; TF32 on, as the official generate.py
     if ddp:
-        dist.init_process_group('nccl' if a.device == 'cuda' else 'gloo')
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if a.device == 'cuda' else a.device)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the official generate.py
     try:
         model, info = model_from_checkpoint(a.ckpt, device=device)
         norm = irepa.LatentNorm.from_dict(info['latent'])
@@ -578,6 +577,7 @@ def sample_main(a):
             else:
                 vae = encoders.load_vae(a.vae or norm.vae, device=device)
             vae = vae.to(device).eval().requires_grad_(False)
+            norm.to(device)  # its constants on the device once: no copy when each shard is decoded
         out = os.path.abspath(a.out)
         shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
         settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
@@ -644,7 +644,7 @@ def main(argv=None):
     ev.add_argument('--json', default=None, help='also write the five numbers to this JSON file')
     ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
     ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
-    ev.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ev.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
     ev.add_argument('--cache-dir', default='~/.cache/irepa/fid', help='where reference features are cached')
     ev.add_argument('--no-cache', action='store_true', help='neither read nor write the reference cache')
     ev.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
@@ -672,14 +672,15 @@ def main(argv=None):
     sa.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
     sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
     sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
-    sa.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    sa.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
     args = parser.parse_args(argv)
     check_args(parser, args)
+    import irepa
+    args.device = irepa.torch_device(args.device)  # 'cuda' -> cuda:LOCAL_RANK; a missing device: one line, exit 2
 
     if args.cmd == 'sample':
-        args.compile = args.device.startswith('cuda') if args.compile is None else args.compile
-        import irepa
-        if args.compile and (missing := irepa.compiler_missing(args.device)):
+        args.compile = args.device.type == 'cuda' if args.compile is None else args.compile
+        if args.compile and (missing := irepa.compiler_missing(args.device.type)):
             parser.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
         if args.out is None:
             stem = os.path.splitext(os.path.basename(args.ckpt))[0]
@@ -690,6 +691,7 @@ def main(argv=None):
         sample_main(args)
 
     if args.cmd == 'eval':
+        irepa.use_device(args.device)
         r = evaluate(args.ref, args.samples, args.inception, args.any_weights, args.batch_size, args.device,
                      None if args.no_cache else args.cache_dir, args.is_split, pr_block=args.pr_block,
                      pr_dtype=args.pr_dtype, fd_method=args.fd_method)

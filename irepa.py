@@ -340,10 +340,11 @@ def interpolate(x, noise, t):
     t = t.view(-1, *([1] * (x.dim() - 1)))
     return (1 - t) * x + t * noise
 
-def alignment_loss(projected, targets):
-    """Mean over teachers, images and tokens of -cos(projected SiT token, teacher target); -1 is perfect alignment."""
+def alignment_loss(projected, targets, device='cpu'):
+    """Mean over teachers, images and tokens of -cos(projected SiT token, teacher target); -1 is perfect alignment.
+    Without teachers: 0, made on `device` (a CPU zero moved there every step would be a blocking copy)."""
     if not projected:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     cos = [(F.normalize(p.float(), dim=-1) * F.normalize(y.float(), dim=-1)).sum(-1).mean()
            for p, y in zip(projected, targets)]
     return -torch.stack(cos).mean()
@@ -353,17 +354,27 @@ def flow_loss(model, x, y, targets, t=None, noise=None):
     t = torch.rand(x.shape[0], device=x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     v, projected = model(interpolate(x, noise, t), t, y, align=bool(targets))
-    return dict(flow=F.mse_loss(v.float(), (noise - x).float()), align=alignment_loss(projected, targets).to(x.device))
+    return dict(flow=F.mse_loss(v.float(), (noise - x).float()), align=alignment_loss(projected, targets, x.device))
 
 # -----------------------------------------------------------------------------
 # Samplers: Euler / Heun ODE and Euler-Maruyama SDE, t from 1 to 0, state in float64 (as the official code)
+@functools.cache
+def time_grid(mode, num_steps):
+    """The sampler's times, float64 as Python floats, from 1 to 0: a uniform grid (ODE, MeanFlow), or the SDE's
+    linspace(1, 0.04, num_steps) and 0. Host numbers, computed once per setting."""
+    if mode != 'sde':
+        return tuple(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist())
+    return tuple(torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64),
+                            torch.zeros(1, dtype=torch.float64)]).tolist())
+
 @torch.no_grad()
 def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-           generator=None):
+           generator=None, eps=None):
     """Latents from `noise` (t = 1) with labels y. mode: 'euler', 'heun' (ODE), 'sde' (Euler-Maruyama) or 'meanflow'
     (average-velocity jumps z_r = z_t - (t - r) u; MeanFlow models; 1 step = 1 NFE). Classifier-free guidance acts on
     all channels while guidance_low <= t <= guidance_high, cond and uncond in one batch. The SDE uses w(t) = 2t on
-    linspace(1, 0.04, num_steps) and a last, deterministic step to 0; its float64 noise comes from `generator`."""
+    linspace(1, 0.04, num_steps) and a last, deterministic step to 0; its float64 noise comes from `generator` on
+    its device, a step at a time, or is given whole: eps (num_steps - 1, *noise.shape) on noise's device."""
     if model.training:
         raise ValueError("sample with the model in eval mode (the EMA model): train mode drops labels at random")
     if mode not in PREVIEW:
@@ -384,7 +395,7 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
     guided = lambda t: cfg_scale > 1.0 and guidance_low <= t <= guidance_high
     x = noise.double()
     if mode != 'sde':  # a uniform grid from 1 to 0
-        ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+        ts = time_grid(mode, num_steps)
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             d = velocity(x, t, guided(t), t_next if mode == 'meanflow' else None)  # MeanFlow: z_r = z_t - (t - r) u
             x_next = x + (t_next - t) * d
@@ -398,12 +409,12 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
         score = ((t - 1) * v - x) / t
         return v - 0.5 * (2 * t) * score
 
-    ts = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]).tolist()
-    for t, t_next in zip(ts[:-2], ts[1:-1]):
+    ts = time_grid(mode, num_steps)
+    for i, (t, t_next) in enumerate(zip(ts[:-2], ts[1:-1])):
         dt = t_next - t
-        eps = torch.randn(x.shape, dtype=torch.float64, generator=generator,
-                          device=device if generator is None else generator.device).to(device)
-        x = x + drift(x, t) * dt + math.sqrt(2 * t) * math.sqrt(abs(dt)) * eps
+        e = eps[i] if eps is not None else torch.randn(x.shape, dtype=torch.float64, generator=generator,
+                                                       device=device if generator is None else generator.device)
+        x = x + drift(x, t) * dt + math.sqrt(2 * t) * math.sqrt(abs(dt)) * e.to(device)
     t, t_next = ts[-2], ts[-1]
     return (x + drift(x, t) * (t_next - t)).to(dtype)  # last step: the mean, no noise
 
@@ -555,6 +566,12 @@ class LatentNorm:
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1) for v in (mean, std))
         self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).flatten().view(1, -1, 1, 1)
 
+    def to(self, device):
+        """The constants on the training's device, once: a CPU tensor's .to(cuda) in every step would be a blocking
+        host-to-device copy (normalize's .to(latent) is then free)."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     def normalize(self, latent):
         return (latent - self.mean.to(latent)) / self.std.to(latent)
 
@@ -576,8 +593,49 @@ def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; pixel-space runs (norm None) are images already."""
     return z if norm is None else vae.decode(norm.denormalize(z))
 
-def auto_device(name):
-    return ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
+def torch_device(name):
+    """--device -> the torch.device of this process, with an index on CUDA: the one place that reads the flag (the
+    rest asks .type). 'auto': CUDA if there is one; 'cuda': cuda:LOCAL_RANK under torchrun, else cuda:0."""
+    name = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if device.type == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}, CUDA "
+                        f"{torch.version.cuda or 'none: a CPU build'}); use --device cpu")
+    local, n = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+    index = local if device.index is None else device.index
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and index != local:  # two ranks on one GPU: NCCL would hang
+        raise UserError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda")
+    if index >= n:
+        raise UserError(f"--device {name}: this machine has {n} CUDA device{'s' * (n != 1)}"
+                        f"{f' (cuda:0 to cuda:{n - 1})' if n else ''}")
+    return torch.device('cuda', index)
+
+def tf32(on, conv=True):
+    """TF32 for fp32 matmuls and (conv=True) cuDNN convolutions: True, False, or a list this returned before (the
+    settings it replaced). Through the fp32_precision API where torch has it (2.9+): it deprecates the allow_tf32
+    flags, and reading one after a mix of the two raises."""
+    b = torch.backends
+    new = hasattr(b.cuda.matmul, 'fp32_precision')
+    flags, attr = ((b.cuda.matmul, b.cudnn.conv), 'fp32_precision') if new else ((b.cuda.matmul, b.cudnn), 'allow_tf32')
+    flags = flags if conv else flags[:1]
+    before = [getattr(f, attr) for f in flags]
+    for f, v in zip(flags, on if isinstance(on, list) else [('tf32' if on else 'ieee') if new else on] * len(flags)):
+        setattr(f, attr, v)
+    return before
+
+def use_device(device):
+    """A process's CUDA settings, before anything runs on the GPU (and before the NCCL process group, which binds to
+    the current device): the device, TF32 for what stays fp32. Nothing on a CPU."""
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        tf32(True)
 
 def dist_info():
     """(rank, world size, local rank): from torchrun's environment, or a single process without it."""
@@ -749,6 +807,12 @@ def open_cache(path, meta):
                         f"{'; '.join(diff)}; pick another folder or delete it")
     return [np.load(path / f'tokens-{k}.npy', mmap_mode='r') for k in range(len(meta['teachers']))]
 
+def cache_tokens(s, img):
+    """What the teacher cache stores of a batch: each teacher's raw tokens (B, T, D), in bf16 under --precision bf16
+    whatever the teacher returns (CUDA autocast computes LayerNorm in fp32: DINOv2's tokens come out fp32, twice the
+    disk), else as returned. The online path keeps the teacher's own dtype, as the official code does."""
+    return [f.to(torch.bfloat16) if s.cfg.precision == 'bf16' else f for f in teacher_targets(s, img, raw=True)]
+
 @torch.no_grad()
 def cache_shard(s, out, k, batch_size):
     """Shard k of the cache pass: its images through the teachers in batches of the training's size (so the teacher
@@ -761,7 +825,7 @@ def cache_shard(s, out, k, batch_size):
     for chunk, (img, _, _, _, bad) in zip(chunks, loader):
         report_unreadable(s.bad_files, bad)
         img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's batch shape
-        for mm, f in zip(out, teacher_targets(s, img.to(s.device), raw=True)):
+        for mm, f in zip(out, cache_tokens(s, img.to(s.device))):
             mm[chunk] = f[:len(chunk)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
     for mm in out:
         mm.flush()  # before the mark: a marked shard is on disk
@@ -773,7 +837,7 @@ def build_teacher_cache(s, path, batch_size):
     same command goes on. The free disk space is checked first; meta.json, written last, marks the cache complete."""
     barrier = (lambda: dist.barrier(group=cpu_group())) if s.world > 1 else lambda: None  # waits off the GPU
     probe = torch.zeros(batch_size, 3, s.cfg.resolution, s.cfg.resolution, dtype=torch.uint8, device=s.device)
-    dtypes = [f.dtype for f in teacher_targets(s, probe, raw=True)]  # autocast decides: bf16, or fp32 (HOG, CPU)
+    dtypes = [f.dtype for f in cache_tokens(s, probe)]  # bf16 (--precision bf16) or what the teacher returns
     meta, n = cache_meta(s.cfg, s.data, s.teachers, dtypes), -(-len(s.data) // PREPARE_SHARD)
     if (path / 'meta.json').exists():
         return meta
@@ -810,16 +874,18 @@ def build_teacher_cache(s, path, batch_size):
 # -----------------------------------------------------------------------------
 # Training: helpers (FLOPs, checkpoints, optimizer, EMA), then setup -> one plain state `s`, the step, the loop
 # dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
-PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12,
-                   'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
+                   'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12,
+                   'RTX 4090': 165e12}
 RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
                      'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
                      'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor',
                      'grad_jump', 'trained_teachers'}  # set by the run itself, and checked on its own (record_teachers)
 
 def compiler_missing(device):
-    """What torch.compile (inductor) lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
-    if device.startswith('cuda'):
+    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++
+    compiler on CPU."""
+    if device == 'cuda':
         import torch.utils._triton
         return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
     from torch._inductor.cpp_builder import get_cpp_compiler
@@ -833,6 +899,33 @@ def sit_train_flops(model):
     """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
     L, (_, T, D) = len(model.blocks), model.pos_embed.shape
     return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
+
+def forward_flops(module, *shapes):
+    """FLOPs of one forward of `module` on inputs of these shapes, counted by torch on fake tensors: no compute."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(module.parameters()).device
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
+        module(*(torch.zeros(shape, device=device) for shape in shapes))
+    return counter.get_total_flops()
+
+def step_flops(s):
+    """Training FLOPs per image of one step of the run's objective (for MFU), in forwards: a backward into the
+    weights and the input counts 2 more, into one of them 1 more. Every objective: the SiT's forward and backward
+    (sit_train_flops) and the teachers' forwards (none with a cache). MeanFlow: + the guidance pass (cond and
+    uncond: 2, when guidance is trained in) + the JVP (primal and tangent: 2). REPA-E: + the VAE step (the VAE 3;
+    the frozen LPIPS, discriminator and SiT up to the aligned block 2 each: the gradient passes to their input) + the
+    discriminator's step (real and fake images: 2 each)."""
+    cfg, sit = s.cfg, sit_train_flops(s.model)
+    flops = sit + sum(t.flops() for t in s.teachers if not s.data.tokens)
+    if cfg.objective == 'meanflow':
+        flops += sit / 3 * (2 * (cfg.mf_omega != 1.0 or cfg.mf_kappa != 0.0) + 2)
+    if cfg.objective == 'repa-e':
+        img = (1, 3, cfg.resolution, cfg.resolution)
+        disc = forward_flops(s.disc, img)
+        flops += 3 * forward_flops(s.vae, img) + 2 * (forward_flops(s.lpips, img, img) + 3 * disc +
+                                                      sit / 3 * s.model.encoder_depth / len(s.model.blocks))
+    return flops
 
 def weights_fingerprint(model):
     """A float that equal weights reproduce bit for bit and different weights almost surely do not. A model without
@@ -1003,7 +1096,7 @@ def training_data(cfg, device, master):
         return data, None
     stats, C = data.meta['stats'], data.latents.shape[1] // 2  # iREPA: the data's per-channel statistics
     mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
-    return data, LatentNorm(data.meta['vae'], mean, std)
+    return data, LatentNorm(data.meta['vae'], mean, std).to(device)
 
 def newest_loadable(out, master):
     """The newest checkpoint of out/checkpoints that loads, or None; and the ones that did not (truncated by a full
@@ -1054,13 +1147,11 @@ def setup(cfg):
     """Everything a run needs, as one namespace `s`: processes and device, data, the frozen teachers, the SiT with its
     EMA and AdamW (and REPA-E's networks), resumed exactly from the newest checkpoint with --resume."""
     import encoders
-    rank, world, local_rank = dist_info()
-    device = torch.device(f'cuda:{local_rank}' if cfg.device == 'cuda' and world > 1 else cfg.device)
+    rank, world, _ = dist_info()
+    device = torch.device(cfg.device)  # with its index: see torch_device
     if cfg.global_batch_size % world:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {world} processes")
-    if device.type == 'cuda':  # the only device-specific settings; precision and compilation follow the flags
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_device(device)  # the only device-specific settings; precision and compilation follow the flags
     s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
                         vae=None, bn=None, saved={}, sums={}, n_steps=0, first_bad=torch.tensor(-1, device=device),
                         t0=time.time(), started=time.time(), wall0=0.0, rec=None,  # saved: a checkpoint's, by name
@@ -1096,7 +1187,8 @@ def setup(cfg):
     s.saved.update(model=s.model, ema=s.ema, opt=s.opt)
     torch.manual_seed(cfg.seed * world + rank)  # a different stream of t, noise and label dropout per rank
     s.start = restore(s, ckpt) if ckpt else 0
-    s.train_model = DDP(s.model, device_ids=[local_rank] if device.type == 'cuda' else None) if world > 1 else s.model
+    s.train_model = DDP(s.model, device_ids=[device.index] if device.type == 'cuda' else None,  # the gradients are
+                        gradient_as_bucket_view=True) if world > 1 else s.model  # views of the buckets: no copy
     if cfg.compile:
         s.train_model = torch.compile(s.train_model)
     s.loader = iter(torch.utils.data.DataLoader(
@@ -1106,7 +1198,7 @@ def setup(cfg):
         collate_fn=functools.partial(collate_reporting, s.data), worker_init_fn=ignore_stop_signals))
     s.cpu_group = cpu_group() if world > 1 else None  # should_stop's flags, off the GPU
     catch_stop_signals(s)
-    s.flops = sit_train_flops(s.model) + sum(t.flops() for t in s.teachers if not s.data.tokens)  # per image: MFU
+    s.flops = step_flops(s)  # per image: MFU
     s.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == 'cuda' else None
     if s.master:  # the run folder, and one line that says what trains on what
@@ -1286,13 +1378,16 @@ def sample_grid(s, path):
     """PREVIEW_IMAGES samples of the EMA model with the recipe's preview sampler, as one PNG."""
     import encoders, fid
     steps, cfg_scale, size = *PREVIEW[s.cfg.preview], s.model.x_embedder.input_size
-    g = torch.Generator().manual_seed(s.cfg.seed)  # the same noise and labels at every step: grids are comparable
-    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g).to(s.device)
-    y = (torch.arange(PREVIEW_IMAGES) % s.data.num_classes).to(s.device)
+    g = torch.Generator().manual_seed(s.cfg.seed)  # the same noise and labels at every grid: grids compare
+    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g)
+    eps = torch.randn(steps - 1, *noise.shape, dtype=torch.float64, generator=g) if s.cfg.preview == 'sde' else None
+    pin = (lambda v: v.pin_memory()) if s.device.type == 'cuda' else (lambda v: v)  # drawn once, up front: one
+    noise, eps = (None if v is None else pin(v).to(s.device, non_blocking=True) for v in (noise, eps))  # copy each
+    y = torch.arange(PREVIEW_IMAGES, device=s.device) % s.data.num_classes
     if s.norm is not None and s.vae is None:  # prepared latents: the VAE is needed for the pictures only
         s.vae = encoders.load_vae(s.norm.vae, device=s.device)
     with s.autocast:
-        z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, generator=g)
+        z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, eps=eps)
         fid.save_grid(fid.to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
 
 def train_step(s, step_fn, step, batch):
@@ -1421,7 +1516,8 @@ def repae_setup(s, ckpt):
     s.ema_bn = copy.deepcopy(s.bn).eval()
     s.opt_vae, s.opt_disc = (adamw(m.parameters(), lr, cfg.adam_beta2) for m, lr in ((s.vae, cfg.vae_lr), (s.disc, cfg.disc_lr)))
     s.saved.update(vae=s.vae, disc=s.disc, opt_vae=s.opt_vae, opt_disc=s.opt_disc, bn=s.bn, ema_bn=s.ema_bn)
-    s.train_vae = DDP(s.vae, device_ids=[device.index] if device.type == 'cuda' else None) if s.world > 1 else s.vae
+    s.train_vae = DDP(s.vae, device_ids=[device.index] if device.type == 'cuda' else None,
+                      gradient_as_bucket_view=True) if s.world > 1 else s.vae
 
 def repae_step(s, img, moments, y, targets):
     """One REPA-E iteration, three clipped optimizers. (1) The VAE: regularizer + vae_align_coeff x alignment through
@@ -1438,7 +1534,7 @@ def repae_step(s, img, moments, y, targets):
     lpips_in = (lambda v: v) if cfg.lpips_quirk else (lambda v: (v + 1) / 2)  # upstream feeds [-1, 1] to a [0, 1] LPIPS
     with s.autocast:
         projected = s.model(interpolate(normalize_latents(s.bn, z), noise, t), t, y, align_only=True)[1]
-        vae_align = alignment_loss(projected, targets)
+        vae_align = alignment_loss(projected, targets, x.device)
         terms = dict(l1=(x - recon.float()).abs().mean(), lpips=s.lpips(lpips_in(x), lpips_in(recon.float())).mean(),
                      kl=kl_loss(mean.float(), std.float()), gan=-s.disc(recon).float().mean())
     vae_loss = sum(getattr(cfg, f'{k}_coeff') * v for k, v in terms.items()) + cfg.vae_align_coeff * vae_align
@@ -1516,7 +1612,7 @@ def meanflow_loss(model, raw, x, y, targets, cfg, autocast=contextlib.nullcontex
         u, projected = model(z, t, y, r=r, align=bool(targets))
     err = (u.float() - u_tgt).square().sum((1, 2, 3))  # per image, summed over pixels
     loss = (err / (err.detach() + cfg.mf_norm_c) ** cfg.mf_norm_p).mean()  # adaptive weight 1 / sg(L + c)^p
-    return dict(flow=loss, align=alignment_loss(projected, targets).to(x.device), mse=err.detach().mean() / u[0].numel())
+    return dict(flow=loss, align=alignment_loss(projected, targets, x.device), mse=err.detach().mean() / u[0].numel())
 
 def meanflow_step(s, img, moments, y, targets):
     """One step of MeanFlow + alignment: fp32 as MeanFlow (the rows' precision); --precision bf16 autocasts the
@@ -1697,7 +1793,8 @@ def measure_teacher(argv):
     p.add_argument('--lds', default='code', choices=('code', 'paper'), help="LDS's pairs: 'code' (the official code's, "
                    "behind the paper's correlations): d = 1 vs d >= 6; 'paper' (its text): d < H/2 vs d >= H/2")
     a = p.parse_args(argv)
-    device = torch.device(auto_device(a.device))
+    device = torch_device(a.device)
+    use_device(device)
     grid, name = a.grid or a.resolution // 16, encoders.resolve_teacher(a.encoder)
     data = ImageData(a.data_path, a.resolution, a.num_classes, a.seed, a.synthetic_size)
     n = min(a.num_images, len(data))
@@ -1846,7 +1943,8 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     spnorm_gamma='share of the token mean the z-score removes (paper: 1, LDM code: 0.6)', sample_every='0: no grids',
     siglip_norm="SigLIP's input stats: the paper's ImageNet ones or SigLIP's 0.5/0.5", num_classes='synthetic set',
     lpips_weights="REPA-E: 'auto', 'LINEAR[,VGG]' files (vgg.pth of LPIPS), or 'random'", synthetic_size='its images',
-    disc_weights="REPA-E: 'random' or a PatchGAN state dict (REPA-E: a released one)", device="'auto', 'cuda' or 'cpu'",
+    disc_weights="REPA-E: 'random' or a PatchGAN state dict (REPA-E: a released one)",
+    device="'auto' (CUDA if there is one), 'cpu', 'cuda' (torchrun: cuda:LOCAL_RANK) or 'cuda:N'",
     lpips_quirk='REPA-E feeds LPIPS [-1, 1] images although it expects [0, 1]; --no-lpips-quirk feeds [0, 1]',
     data_path='ImageNet-style folder (<root>/<class>/*.JPEG), a prepared latents folder, or none: the synthetic set',
     vae="'sd-vae-ft-mse', 'sd-vae-ft-ema', a local file, or 'none': pixel space", global_batch_size='all processes',
@@ -1932,13 +2030,14 @@ def resolve_config(argv=None):
                 f"{', '.join(r for r, other in RECIPES.items() if k in other)}")
     demo = DEMO | DEMO_OBJECTIVE.get(row['objective'], {}) if given.get('demo') else {}
     cfg = DEFAULTS | row | demo | given
-    cfg['device'] = auto_device(cfg['device'])
-    cfg['compile'] = cfg['device'] == 'cuda' if cfg['compile'] is None else cfg['compile']
-    cfg['precision'] = cfg['precision'] or ('bf16' if cfg['device'] == 'cuda' else 'fp32')
+    device = torch_device(cfg['device'])  # 'cuda' -> 'cuda:LOCAL_RANK'; bad or missing devices: one line
+    cfg['device'] = str(device)
+    cfg['compile'] = device.type == 'cuda' if cfg['compile'] is None else cfg['compile']
+    cfg['precision'] = cfg['precision'] or ('bf16' if device.type == 'cuda' else 'fp32')
     if cfg['precision'] not in ('bf16', 'fp32'):
         p.error(f"--precision {cfg['precision']}: use bf16 (or fp32). fp16 needs loss scaling (a GradScaler), which "
                 "this trainer leaves out: bf16 (A100 and later) has fp32's range and needs none")
-    if cfg['compile'] and (missing := compiler_missing(cfg['device'])):
+    if cfg['compile'] and (missing := compiler_missing(device.type)):
         p.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
     if cfg['teacher_cache'] and cfg['encoder'] in ('', 'none'):
         p.error("--teacher-cache caches the teachers' tokens, and --encoder none has no teacher")
@@ -2050,13 +2149,14 @@ def main(argv=None):
         return COMMANDS[argv[0]](argv[1:])
     cfg = resolve_config(argv)
     validate(cfg)  # every mistake at once, before anything is printed or written
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, torch.device(cfg.device)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see catch_stop_signals
     lock = None
     try:
         catch_startup_signals()  # until the loop takes over: a signal stops the start-up with PREEMPTED
+        use_device(device)  # before the process group: NCCL binds to the current device
         if ddp:
-            dist.init_process_group('nccl' if cfg.device == 'cuda' else 'gloo')
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
         lock = lock_run(Path(cfg.out_dir)) if dist_info()[0] == 0 else None  # one run per folder
         if dist_info()[0] == 0:
             print(json.dumps(vars(cfg), indent=1))
@@ -2082,8 +2182,7 @@ def run(cfg):
     """Train, or with --prepare encode the data into latents and exit."""
     if not cfg.prepare:
         return train(cfg)
-    device = torch.device(f"cuda:{dist_info()[2]}" if cfg.device == 'cuda' else cfg.device)
-    prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
+    prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, torch.device(cfg.device), cfg.num_classes, cfg.seed,
                     cfg.synthetic_size, num_workers=cfg.num_workers)
 
 if __name__ == '__main__':

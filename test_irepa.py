@@ -514,9 +514,9 @@ def test_state_dict_from_another_config():
 
 def on_this_machine(row):
     """What the device-dependent settings ('auto', None) of a row become here: device, compile, precision."""
-    device = irepa.auto_device('auto')
-    return dict(device=device, compile=device == 'cuda', precision=row['precision'] or
-                ('bf16' if device == 'cuda' else 'fp32'))
+    device = irepa.torch_device('auto')
+    return dict(device=str(device), compile=device.type == 'cuda', precision=row['precision'] or
+                ('bf16' if device.type == 'cuda' else 'fp32'))
 
 
 def test_config_precedence_row_demo_flags(capsys):
@@ -4033,3 +4033,324 @@ def test_torchrun_says_a_batch_that_does_not_divide_once(tmp_path):
     assert (r.stdout + r.stderr).count(said) == 1 and r.returncode != 0, r.stderr[-3000:]
     assert f'{HERE / "irepa.py"}", line' not in r.stderr  # no worker's traceback (torchrun's own summary has one)
     assert not (tmp_path / 'odd').exists()
+
+# --- issue 23: the CUDA path without a GPU: devices, fake CUDA tensors, no blocking copy ---
+# Modules are built for real on the CPU, then each parameter and buffer becomes a FakeTensor on cuda:0 (a shape, a
+# dtype and a device, no data); with torch.cuda.is_available and is_bf16_supported patched, torch.autocast('cuda')
+# then follows CUDA's policy (layer_norm in fp32). Backward does not run there (the autograd engine asks the driver
+# for a device), so Tensor.backward gives every trainable parameter a fake gradient and the optimizers step on it.
+CUDA0 = torch.device('cuda', 0)
+cuda_build = pytest.mark.skipif(not torch.backends.cuda.is_built(), reason='fake CUDA tensors need a CUDA build of '
+                                'torch (no GPU): a CPU-only wheel is "not linked with support for cuda devices"')
+
+
+def fake_cuda(mode, obj):
+    """A CPU tensor -> a FakeTensor of its shape and dtype on cuda:0; a module: each parameter and buffer so replaced.
+    The one place that uses FakeTensor's private constructor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    if isinstance(obj, torch.Tensor):
+        return FakeTensor(mode, torch.empty_like(obj, device='meta'), CUDA0)
+    for mod in obj.modules():
+        for k, p in mod._parameters.items():
+            if p is not None:
+                mod._parameters[k] = nn.Parameter(fake_cuda(mode, p), requires_grad=p.requires_grad)
+        for k, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[k] = fake_cuda(mode, b)
+    return obj
+
+
+@pytest.fixture
+def cuda_present(monkeypatch):
+    """cuda_present(n, calls): what torch asks before it touches a GPU, patched: n devices with bf16; set_device
+    records its argument in `calls`. TF32's settings (use_device turns it on) are put back afterwards."""
+    def present(n=1, calls=None):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+        record = (lambda d: None) if calls is None else (lambda d: calls.append(('set_device', d)))
+        monkeypatch.setattr(torch.cuda, 'set_device', record)
+        monkeypatch.setattr(irepa, 'compiler_missing', lambda device: None)  # the compiler probe: Triton is "there"
+    tf32 = irepa.tf32(False)
+    irepa.tf32(tf32)
+    yield present
+    irepa.tf32(tf32)
+
+
+class NoBlockingCopy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any copy between devices that the host waits for: every .to(other device) or copy_ that is not
+    non_blocking (on a GPU, a host-to-device copy from pageable memory and any device-to-host copy block the host).
+    The batch's non_blocking copy from the loader's pinned memory passes. Reads on the host (.item()) raise in the
+    FakeTensorMode below it."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].device, kwargs.get('device') or args[0].device
+            assert src == dst or kwargs.get('non_blocking'), f'a blocking copy {src} -> {dst} ({func})'
+        if func is torch.ops.aten.copy_.default:
+            assert args[0].device == args[1].device or (args[2:] and args[2]) or kwargs.get('non_blocking'), \
+                f'a blocking copy {args[1].device} -> {args[0].device} ({func})'
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_fake_cuda(objective, out, monkeypatch, cuda_present, *extra):
+    """irepa.setup's state for the objective's GPU-path recipe (bf16, SiT-T with one block, the tiny VAE, a random
+    DINOv2 with one block), built on the CPU, then moved to fake CUDA as setup would build it there: networks, the
+    latent normalization (training_data on cuda:0), the NaN guard's step, the optimizers, bf16 CUDA autocast. Yields
+    (s, batches of fake CPU tensors, the FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
+    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], out, 'cpu', '--precision', 'bf16',
+                                                       *extra)))
+    batches, mode = [next(s.loader) for _ in range(2)], FakeTensorMode(allow_non_fake_inputs=True)
+    nets = [s.model] + ([s.vae, s.disc] if objective == 'repa-e' else [])
+    for m in [*nets, s.ema, *s.teachers] + ([s.lpips, s.bn, s.ema_bn] if objective == 'repa-e' else []):
+        fake_cuda(mode, m)
+    for t in s.teachers:  # their input-range check reads the first batch on the host, once per run: done
+        t.checked = True
+    cuda_present()
+
+    def backward(loss, *a, **k):  # the autograd engine needs a real device: fake gradients instead
+        for p in (p for m in nets for p in m.parameters() if p.requires_grad):
+            p.grad = torch.zeros_like(p)
+    monkeypatch.setattr(torch.Tensor, 'backward', backward)
+    with mode:
+        s.device, s.autocast, s.first_bad = CUDA0, torch.autocast('cuda', torch.bfloat16), fake_cuda(mode, s.first_bad)
+        s.norm = irepa.training_data(s.cfg, CUDA0, True)[1]
+        s.opt = irepa.adamw(s.model.parameters(), s.cfg.lr, s.cfg.adam_beta2)
+        if objective == 'repa-e':
+            s.opt_vae, s.opt_disc = (irepa.adamw(m.parameters(), 1e-4, 0.999) for m in (s.vae, s.disc))
+        yield s, [[mode.from_tensor(v) for v in b[:3]] + list(b[3:]) for b in batches], mode
+
+
+@cuda_build
+@pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
+def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch, cuda_present):
+    """train_step on fake CUDA tensors under NoBlockingCopy, twice (the optimizers make their state, then use it):
+    the batch's non_blocking copy, teacher -> targets -> losses -> (fake) gradients -> clipped AdamW -> EMA. The
+    teacher's tokens reach the loss in fp32 (CUDA autocast: its last LayerNorm), the losses are fp32 on cuda:0; the
+    teacher cache stores bf16. A control with the latent normalization left on the CPU fails."""
+    seen = []
+    real = irepa.alignment_loss
+    monkeypatch.setattr(irepa, 'alignment_loss', lambda p, t, *a: seen.append([v.dtype for v in t]) or real(p, t, *a))
+    with on_fake_cuda(objective, tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
+        with NoBlockingCopy():
+            for step in (0, 1):
+                irepa.train_step(s, irepa.OBJECTIVES[objective], step, batches[step])
+        assert s.n_steps == 2 and all(type(v).__name__ == 'FakeTensor' and (v.device, v.dtype) == (CUDA0, torch.float32)
+                                      for v in s.sums.values()), {k: (v.device, v.dtype) for k, v in s.sums.items()}
+        assert seen and all(d == [torch.float32] for d in seen), seen  # the online targets: the teacher's own dtype
+        img = batches[0][0].to(CUDA0)
+        assert [f.dtype for f in irepa.teacher_targets(s, img, raw=True)] == [torch.float32]  # the issue's premise
+        with NoBlockingCopy():
+            assert [f.dtype for f in irepa.cache_tokens(s, img)] == [torch.bfloat16]  # what the cache writes
+        if s.norm is not None:  # the control: a CPU tensor in the step (the normalization's constants) is caught
+            s.norm = irepa.LatentNorm('x', s.norm.mean, s.norm.std)
+            s.norm.mean, s.norm.std = torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1)
+            with pytest.raises(AssertionError, match='a blocking copy cpu -> cuda:0'), NoBlockingCopy():
+                irepa.train_step(s, irepa.OBJECTIVES[objective], 2, batches[1])
+
+
+@cuda_build
+def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkeypatch, cuda_present):
+    """--encoder none: the alignment loss is a zero made on the device, not a CPU zero copied there every step."""
+    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present, '--encoder', 'none') as (s, batches, mode), \
+            NoBlockingCopy():
+        irepa.train_step(s, irepa.flow_step, 0, batches[0])
+        assert not s.teachers and s.sums['align'].device == CUDA0
+
+
+@cuda_build
+def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch, cuda_present):
+    """The SDE sampler with guidance on fake CUDA tensors draws its noise there; the preview grid draws its noise
+    once, up front, and moves it with one non_blocking copy; its picture is the one copy back (fid.save_grid)."""
+    irepa.time_grid('sde', 3)  # host floats, computed once per setting (here before the fake mode)
+    irepa.time_grid('sde', irepa.PREVIEW['sde'][0])
+    saved = []
+    monkeypatch.setattr(fid, 'save_grid', lambda x, path, cols: saved.append(x))
+    vae = encoders.load_vae('random:tiny')  # the decoder of the pictures, as sample_grid loads it
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self, *a: self)  # page-locking needs the driver
+    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
+        s.vae = fake_cuda(mode, vae)
+        with NoBlockingCopy():
+            z = irepa.sample(s.ema, torch.randn(4, 4, 16, 16, device=CUDA0), torch.arange(4, device=CUDA0), 'sde', 3,
+                             cfg_scale=1.5)
+            assert z.device == CUDA0 and z.shape == (4, 4, 16, 16)
+            irepa.sample_grid(s, tmp_path / 'grid.png')
+        assert saved and saved[0].device == CUDA0 and saved[0].dtype == torch.uint8
+
+
+class Stop(Exception):
+    """Raised by a patched function to end a command once the part under test has run."""
+
+
+def stop_at(monkeypatch, obj, name, calls):
+    def fn(*a, **k):
+        calls.append((name, *a))
+        raise Stop
+    monkeypatch.setattr(obj, name, fn)
+
+
+@pytest.mark.parametrize('argv, env, want', [
+    (['--device', 'cuda'], {}, CUDA0),  # one process: cuda -> cuda:0
+    (['--device', 'cuda:0'], {}, CUDA0),
+    (['--device', 'auto'], {}, CUDA0),
+    (['--device', 'cuda:1'], {}, torch.device('cuda', 1)),
+    (['--device', 'cuda'], dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1'), torch.device('cuda', 1)),  # torchrun
+    (['--device', 'cuda', '--prepare'], dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1'), torch.device('cuda', 1)),
+    (['--device', 'cuda:0'], dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0'), CUDA0)])
+def test_set_device_gets_an_index_before_the_process_group(argv, env, want, tmp_path, monkeypatch, cuda_present):
+    """irepa.py on a (patched) 2-GPU machine: set_device receives the process's indexed device before the process
+    group exists, also for --prepare; `cuda:0` keeps what `cuda` gets: bf16, compile, NCCL."""
+    calls = []
+    cuda_present(n=2, calls=calls)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    stop_at(monkeypatch, irepa.dist, 'init_process_group', calls)  # torchrun: the process group
+    stop_at(monkeypatch, torch.cuda, '_lazy_init', calls)  # one process: the first tensor on the GPU
+    with pytest.raises(Stop):
+        irepa.main(['--demo', '--out-dir', str(tmp_path)] + argv)
+    assert calls[0] == ('set_device', want), calls
+    cfg = irepa.resolve_config(['--demo'] + argv)
+    assert (cfg.device, cfg.precision, cfg.compile) == (str(want), 'bf16', True)
+    if env:
+        assert calls[1] == ('init_process_group', 'nccl'), calls
+
+
+def test_demo_on_cuda_gets_past_setups_device_part(tmp_path, monkeypatch, cuda_present):
+    """`python irepa.py --demo --device cuda` with CUDA patched: past set_device (which the index-less device made
+    raise) to setup's first tensor on the GPU (torch.cuda._lazy_init, where a real driver is needed: the end here);
+    the run's device, precision and compilation are CUDA's."""
+    calls, setups = [], []
+    cuda_present(calls=calls)
+    stop_at(monkeypatch, torch.cuda, '_lazy_init', calls)
+    real = irepa.setup
+    monkeypatch.setattr(irepa, 'setup', lambda cfg: setups.append(cfg) or real(cfg))
+    with pytest.raises(Stop):
+        irepa.main(['--demo', '--device', 'cuda', '--out-dir', str(tmp_path)])
+    assert calls == [('set_device', CUDA0), ('set_device', CUDA0), ('_lazy_init',)], calls  # main's, setup's
+    assert (setups[0].device, setups[0].precision, setups[0].compile) == ('cuda:0', 'bf16', True)
+
+
+def test_fid_sample_and_bench_set_an_indexed_device_first(tiny_ckpt, tmp_path, monkeypatch, cuda_present):
+    """fid.py sample under torchrun: set_device(cuda:LOCAL_RANK) before the process group; bench.py's default device
+    on a CUDA machine: cuda:0, without crashing at start (its first CUDA query ends it here)."""
+    calls = []
+    cuda_present(n=2, calls=calls)
+    for k, v in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
+        monkeypatch.setenv(k, v)
+    stop_at(monkeypatch, torch.distributed, 'init_process_group', calls)
+    with pytest.raises(Stop):
+        fid.main(['sample', '--ckpt', str(tiny_ckpt), '--out', str(tmp_path / 's.npz'), '--no-compile'])
+    assert calls[:2] == [('set_device', torch.device('cuda', 1)), ('init_process_group', 'nccl')], calls
+    import runpy
+    calls.clear()
+    for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(k)
+    stop_at(monkeypatch, torch.cuda, 'get_device_name', calls)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--suite', 'gpu'])
+    with pytest.raises(Stop):
+        runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+    assert calls == [('set_device', CUDA0), ('get_device_name', CUDA0)], calls
+
+
+@pytest.mark.parametrize('device, n, says', [
+    ('cuda', 0, '--device cuda: torch sees no CUDA device here'), ('cuda:7', 2, '--device cuda:7: this machine has 2 '
+     'CUDA devices (cuda:0 to cuda:1)'), ('tpu', 2, '--device tpu: use auto, cpu, cuda or cuda:N')])
+def test_a_missing_or_unknown_device_is_one_line(device, n, says, tiny_ckpt, tmp_path, monkeypatch, cuda_present,
+                                                 capsys):
+    """irepa.py, fid.py sample/eval and bench.py: one 'error:' line, exit code 2."""
+    if n:
+        cuda_present(n=n)
+    else:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert says in user_error(capsys, irepa.main, '--demo', '--device', device, '--out-dir', tmp_path)
+    assert says in user_error(capsys, fid.main, 'sample', '--ckpt', tiny_ckpt, '--device', device)
+    assert says in user_error(capsys, fid.main, 'eval', 'a.npz', 'b.npz', '--device', device)
+    import runpy
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device', device])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f'error: {says}') and len(err.strip().splitlines()) == 1, err
+
+
+@slow
+def test_mfu_counts_every_pass_of_each_objective(tmp_path, monkeypatch):
+    """The FLOPs per image that MFU divides by (s.flops) against torch's count of one real CPU step: what MeanFlow
+    (guidance + JVP passes) and REPA-E (VAE, LPIPS, discriminator, ...) run beyond the flow step is in s.flops too,
+    within the formula's leaving out of embeddings and norms at this tiny size."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))
+    ours, counted = {}, {}
+    for objective, recipe in GPU_PATH_RECIPES.items():
+        s = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, tmp_path / objective, 'cpu', '--no-compile')))
+        batch = next(s.loader)
+        with FlopCounterMode(display=False) as c:
+            irepa.train_step(s, irepa.OBJECTIVES[objective], 0, batch)
+        ours[objective], counted[objective] = s.flops, c.get_total_flops() / len(batch[2])
+    for objective in ('meanflow', 'repa-e'):
+        extra = (counted[objective] - counted['flow']) / (ours[objective] - ours['flow'])
+        assert 0.75 < extra < 1.4, (objective, ours, counted)
+
+
+@slow
+def test_bench_gpu_suite_prints_its_table_whatever_fails(monkeypatch, capsys):
+    """python bench.py --suite gpu --device cpu with every row made to fail at once: the correctness checks raise
+    (not AssertionError), every SiT compile runs out of memory inside inductor (BackendCompilerFailed around
+    torch.OutOfMemoryError: the batch halving takes it for an out-of-memory), the FID network cannot be built. The
+    table still comes, one row each, saying why; --budget 0 skips every row and still prints it."""
+    import runpy
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def compile_oom(*a, **k):
+        raise BackendCompilerFailed(None, torch.OutOfMemoryError('CUDA out of memory (in the compile)'), None)
+    this = sys.modules[__name__]  # bench.py imports this file for its checks
+    threads = torch.get_num_threads()  # bench.py's CPU defaults set 1 thread: put it back after
+    monkeypatch.setattr(this, 'check_parity', lambda *a: 1 / 0)
+    monkeypatch.setattr(this, 'sampler_device_error', lambda *a: {}['no such key'])
+    monkeypatch.setattr(this, 'compiled_first_steps', lambda *a: (_ for _ in ()).throw(RuntimeError('a bug')))
+    monkeypatch.setattr(torch, 'compile', compile_oom)
+    monkeypatch.setattr(fid, 'FIDInception', lambda: (_ for _ in ()).throw(OSError('no Inception')))
+    for budget, want in (('1e9', 'FAILED: '), ('0', 'skipped: ')):
+        monkeypatch.setattr(sys, 'argv', ['bench.py', '--suite', 'gpu', '--device', 'cpu', '--budget', budget])
+        try:
+            runpy.run_path(str(HERE / 'bench.py'), run_name='__main__')
+        finally:
+            torch.set_num_threads(threads)
+        table = capsys.readouterr().out.split('| row | result |\n|---|---|\n')[1].splitlines()
+        assert len(table) == 2 + 3 + 2 + 2 and all(want in line for line in table), "\n".join(table)
+        if budget != '0':
+            assert sum('ZeroDivisionError' in l or 'KeyError' in l or 'a bug' in l for l in table) == 5, table
+            assert [l.split(' | ')[0] for l in table if l.endswith(' | FAILED: out of memory |')] == [
+                '| train SiT-T/2, teacher none', '| train SiT-T/2, teacher dinov2', '| sample'], table
+            assert 'OSError: no Inception' in table[-1], table
+
+
+@slow
+def test_ddp_with_compile_and_grad_ckpt_trains(tmp_path):
+    """Two gloo processes, the SiT compiled (DDPOptimizer splits its graph at the buckets) with --grad-ckpt and the
+    gradients as views of DDP's buckets: two steps, equal weights on both ranks. The combination requirements.txt's
+    torch floor was tested for."""
+    r = torchrun(2, run_args(tmp_path / 'run', 2, '--compile', '--grad-ckpt', '--sample-every', '0'), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'the 2 ranks hold identical weights' in r.stdout, r.stdout[-2000:]
+
+
+@slow
+def test_teacher_cache_stores_bf16_whatever_the_teacher_returns(tmp_path):
+    """--precision bf16: the cache holds bf16 tokens (its meta says so, the file is half the size) also for a teacher
+    that returns fp32 under autocast (HOG on a CPU here; on CUDA every teacher ending in a LayerNorm), and the run
+    reads them back as bf16."""
+    args = lambda out, *a: [x.replace('dinov2', 'hog') for x in run_args(tmp_path / out, 0, '--precision', 'bf16', *a)]
+    s = irepa.setup(irepa.resolve_config(args('online')))
+    probe = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    assert [f.dtype for f in irepa.teacher_targets(s, probe, raw=True)] == [torch.float32]  # online: its own dtype
+    s = irepa.main(args('cached', '--teacher-cache', tmp_path / 'cache'))
+    meta = json.loads((tmp_path / 'cache/meta.json').read_text())
+    assert meta['teachers'][0]['dtype'] == 'bfloat16' and s.cache_dtypes == [torch.bfloat16]
+    assert np.load(tmp_path / 'cache/tokens-0.npy', mmap_mode='r').dtype == np.int16  # bf16's bits
+    online = torch.cat([irepa.teacher_targets(s, torch.stack([s.data[i][0] for i in range(k, k + 4)]), raw=True)[0]
+                        for k in range(0, 64, 4)])
+    assert torch.equal(cached_tokens(tmp_path / 'cache'), online.to(torch.bfloat16))  # the online ones, rounded
