@@ -569,6 +569,7 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
         dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
     irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
+    assert cfg.pop('trained_teachers') == cfg['encoder']  # random weights: the named teacher trains, no fallback
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
         recipe=recipe, demo=True) | on_this_machine(row)
     log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
