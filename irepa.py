@@ -904,9 +904,11 @@ def forward_flops(module, *shapes):
     """FLOPs of one forward of `module` on inputs of these shapes, counted by torch on fake tensors: no compute."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    device = next(module.parameters()).device
+    device, training = next(module.parameters()).device, module.training
+    module.eval()  # in train mode a BatchNorm would count this pass in its statistics (REPA-E's discriminator)
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
         module(*(torch.zeros(shape, device=device) for shape in shapes))
+    module.train(training)
     return counter.get_total_flops()
 
 def step_flops(s):
@@ -2073,8 +2075,10 @@ def in_range(v, interval):
 def check_numbers(cfg, world):
     """Each numeric setting in its interval; the batch split evenly over the processes."""
     flag = lambda k: '--' + k.replace('_', '-')
+    cache_only = cfg.teacher_cache and cfg.max_steps == 0  # --max-steps 0 --teacher-cache DIR: the cache pass alone
     errors = [f"{flag(k)} must be in {r} (got {getattr(cfg, k)})" for k, r in RANGES.items()
-              if getattr(cfg, k, None) is not None and not in_range(getattr(cfg, k), r)]
+              if getattr(cfg, k, None) is not None and not in_range(getattr(cfg, k), r)
+              and not (k == 'max_steps' and cache_only)]
     if cfg.global_batch_size >= 1 and cfg.global_batch_size % world:
         errors.append(f"--global-batch-size must be a positive multiple of the number of processes, {world} "
                       f"(got {cfg.global_batch_size})")

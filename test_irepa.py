@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,16 @@ def cheap_grids():
     irepa.PREVIEW.update({k: (min(2, steps), cfg) for k, (steps, cfg) in full.items()})
     yield
     irepa.PREVIEW.update(full)
+
+
+@pytest.fixture(autouse=True)
+def stop_handlers_back():
+    """A test that calls irepa.setup itself (not main) leaves the run's stop handlers installed; put this process's
+    back after every test, so a later test sees the handlers it started with."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def vectors_path():
@@ -633,7 +644,8 @@ TINY_RUN = ['--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--enco
 
 
 def run_args(out, steps, *extra):
-    return TINY_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)] + [str(a) for a in extra]
+    return TINY_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(max(steps, 1))] + [
+        str(a) for a in extra]
 
 
 def load_ckpt(path):
