@@ -169,7 +169,8 @@ def record(c, workload, seconds, mem, faults, images, flops_per_img=None, **extr
     rec = dict(workload=workload, model=c.model, device=name, precision=c.precision, compile=c.compile,
                grad_ckpt=c.grad_ckpt, batch_size=images, resolution=c.resolution, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
                peak_mem_gb=round(mem / 2 ** 30, 3), page_faults=int(faults),
-               mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)')
+               mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)',
+               threads=torch.get_num_threads(), pid=os.getpid())
     rec['mfu'] = round(images / seconds * flops_per_img / peak, 4) if peak and flops_per_img else None
     if flops_per_img and not peak:
         rec['peak'] = f"unknown device {name}: not in irepa.PEAK_BF16_FLOPS"
@@ -255,15 +256,20 @@ def make_train(c, variant):
         net = torch.compile(model) if c.compile else model  # their --compile
         autocast_ = autocast(c)  # accelerate's autocast under --mixed-precision bf16
 
+        held = {}  # the loop's variables, alive until the next iteration rebinds them: what the allocator sees there
+
         def step():
             with autocast_:
-                loss, proj_loss, _ = loss_fn(net, x, dict(y=y), zs=targets())  # SILoss reads .item() itself
-            (loss.mean() + proj_loss.mean()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                loss, proj_loss, loss_dict = loss_fn(net, x, dict(y=y), zs=targets())  # SILoss reads .item() itself
+            held.clear()  # ldm/train.py rebinds the previous iteration's here
+            loss_mean, proj_loss_mean = loss.mean(), proj_loss.mean()
+            held.update(loss=loss_mean + proj_loss_mean, proj_loss=proj_loss, loss_dict=loss_dict)
+            held['loss'].backward()
+            held['grad_norm'] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model)
-            out[:] = [loss.mean().item() + proj_loss.item()]
+            out[:] = [loss_mean.item() + proj_loss_mean.item()]  # its log line's .item()s
     else:
         s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
             cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
