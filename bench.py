@@ -5,7 +5,7 @@ Speed and memory of irepa's pieces on synthetic tensors already on the device: o
     python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
     python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step, per-GPU batch
     python bench.py --suite gpu      # one CUDA device, <= 8 min: correctness on CUDA, then throughput; one table
-    python bench.py --suite official --official ../iREPA  # CPU, ~8 min: against the official code, each in its own process
+    python bench.py --suite official --official ../iREPA  # CPU, ~10 min: against the official code, each in its own process
 
 The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens in the untimed warm-up):
 
