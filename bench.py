@@ -5,7 +5,8 @@ Speed and memory of irepa's pieces on synthetic tensors already on the device: o
     python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
     python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step, per-GPU batch
     python bench.py --suite gpu      # one CUDA device, <= 5 min (--budget): CUDA correctness, throughput; one table
-    python bench.py --suite official --official ../iREPA  # CPU, ~3 min: against the official code, side by side
+    python bench.py --suite official --official ../iREPA  # CPU, ~10 min: against the official code, each in its own
+                                                          # process, alternating rounds (--rounds)
 
 The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens in the untimed warm-up):
 
@@ -21,9 +22,10 @@ train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or
 train-naive: the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item()
 every step, DiT's per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and
 the train line carries `speedup`. train-official and metrics-official (--official DIR, a checkout of
-github.com/End2End-Diffusion/iREPA): the official SiT, SILoss, AdamW, update_ema and spatial metrics on the same shapes,
-taking turns with train / metrics, whose lines carry `vs_official`. train-cached: the train step with the teacher's
-tokens read by index from a memmap (--teacher-cache) instead of the teacher's forward; its line carries
+github.com/End2End-Diffusion/iREPA): the official SiT, SILoss, AdamW, update_ema and spatial metrics on the same shapes;
+--suite official runs each in its own process against train / metrics, alternating, and prints the ratios (with
+--rounds 0, in one process, taking turns, the lines carry `vs_official`). train-cached: the train step with the
+teacher's tokens read by index from a memmap (--teacher-cache) instead of the teacher's forward; its line carries
 `vs_online`. fid runs fp32 with TF32 off, as evaluation does. MFU = img/s x 6 (12 L D^2 T +
 2 L T^2 D) (+ the teacher forward in mfu_with_teacher) / the dense bf16 peak of irepa.PEAK_BF16_FLOPS; CPUs, unknown
 GPUs: null.
@@ -33,8 +35,10 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,10 +82,12 @@ p.add_argument('--threads', type=int, default=None, help="CPU threads; CPU 1, CU
 p.add_argument('--metrics-images', type=int, default=None, help='token grids of the metrics workloads; --batch-size')
 p.add_argument('--budget', type=float, default=None, help='--suite gpu: seconds it may take; a row whose estimate '
                'would end past it is skipped (CUDA 270: 5 minutes with the start; CPU: none)')
+p.add_argument('--rounds', type=int, default=None, help='--suite official: rounds, each code in its own process, '
+               'alternating (default 5); 0: the listed workloads in this one process, taking turns call by call')
 args = p.parse_args()
 if args.suite == 'official':  # SiT-S/2, batch 8, 256 px, random target tokens, 2 threads for both codes; flags win
-    for k, v in dict(model='SiT-S/2', batch_size=8, resolution=256, teacher='none', steps=20, warmup=2, threads=2,
-                     metrics_images=256, workloads='train-official,train,metrics-official,metrics').items():
+    for k, v in dict(model='SiT-S/2', batch_size=8, resolution=256, teacher='none', steps=10, warmup=3, threads=2,
+                     metrics_images=256, workloads='train-official,train,metrics-official,metrics', rounds=5).items():
         if getattr(args, k) == p.get_default(k):
             setattr(args, k, v)
 try:
@@ -167,7 +173,8 @@ def record(c, workload, seconds, mem, faults, images, flops_per_img=None, **extr
     rec = dict(workload=workload, model=c.model, device=name, precision=c.precision, compile=c.compile,
                grad_ckpt=c.grad_ckpt, batch_size=images, resolution=c.resolution, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
                peak_mem_gb=round(mem / 2 ** 30, 3), page_faults=int(faults),
-               mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)')
+               mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)',
+               threads=torch.get_num_threads(), pid=os.getpid())
     rec['mfu'] = round(images / seconds * flops_per_img / peak, 4) if peak and flops_per_img else None
     if flops_per_img and not peak:
         rec['peak'] = f"unknown device {name}: not in irepa.PEAK_BF16_FLOPS"
@@ -253,15 +260,20 @@ def make_train(c, variant):
         net = torch.compile(model) if c.compile else model  # their --compile
         autocast_ = autocast(c)  # accelerate's autocast under --mixed-precision bf16
 
+        held = {}  # the loop's variables, alive until the next iteration rebinds them: what the allocator sees there
+
         def step():
             with autocast_:
-                loss, proj_loss, _ = loss_fn(net, x, dict(y=y), zs=targets())  # SILoss reads .item() itself
-            (loss.mean() + proj_loss.mean()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                loss, proj_loss, loss_dict = loss_fn(net, x, dict(y=y), zs=targets())  # SILoss reads .item() itself
+            held.clear()  # ldm/train.py rebinds the previous iteration's here
+            loss_mean, proj_loss_mean = loss.mean(), proj_loss.mean()
+            held.update(loss=loss_mean + proj_loss_mean, proj_loss=proj_loss, loss_dict=loss_dict)
+            held['loss'].backward()
+            held['grad_norm'] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model)
-            out[:] = [loss.mean().item() + proj_loss.item()]
+            out[:] = [loss_mean.item() + proj_loss_mean.item()]  # its log line's .item()s
     else:
         s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
             cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
@@ -577,9 +589,64 @@ def gpu_suite(budget_s):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# The official code against ours, each in its own process, as a user runs it: in one shared process each code
+# inherits the other's allocator state (glibc keeps or returns freed heap depending on what else is alive), which
+# favoured ours by a third (issue 23).
+
+def official_suite(rounds):
+    """python bench.py --suite official: for each pair (official, ours) of the listed workloads, `rounds` rounds of
+    two fresh processes, one per code, the order alternating round by round; both get this command's flags (threads,
+    steps, warm-up) and environment. Prints each process's JSON record (with its round), one summary line per pair
+    (the medians over the rounds, the ratio official ms / our ms per round: its median and spread, the load average)
+    and a table."""
+    pairs = [(o, w) for o, w in (('train-official', 'train'), ('metrics-official', 'metrics'))
+             if o in workloads and w in workloads]
+    runs, load = {w: [] for pair in pairs for w in pair}, [os.getloadavg()[0]]
+    for r in range(rounds):
+        for pair in pairs:
+            for w in pair if r % 2 == 0 else pair[::-1]:
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], '--rounds', '0',
+                                       '--workloads', w], env=dict(os.environ), capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"round {r + 1}, {w}: exit code {proc.returncode}\n{proc.stderr[-3000:]}")
+                rec = dict(json.loads(proc.stdout.splitlines()[-1]), round=r + 1, load_avg_1min=os.getloadavg()[0])
+                print(json.dumps(rec), flush=True)
+                runs[w].append(rec)
+                load.append(rec['load_avg_1min'])
+    summary = []
+    for o, w in pairs:
+        ratios = [a['ms_per_step'] / b['ms_per_step'] for a, b in zip(runs[o], runs[w])]
+        med = {k: statistics.median(r['ms_per_step'] for r in runs[k]) for k in (o, w)}
+        summary.append(dict(suite='official', workload=w, rounds=rounds, steps_per_process=args.steps,
+                            warmup=args.warmup, threads=args.threads, official_ms=[r['ms_per_step'] for r in runs[o]],
+                            irepa_ms=[r['ms_per_step'] for r in runs[w]], official_median_ms=med[o],
+                            irepa_median_ms=med[w], ratio_per_round=[round(x, 3) for x in ratios],
+                            ratio_median=round(statistics.median(ratios), 3), ratio_min=round(min(ratios), 3),
+                            ratio_max=round(max(ratios), 3), ratio_of_medians=round(med[o] / med[w], 3),
+                            official_page_faults=int(statistics.median(r['page_faults'] for r in runs[o])),
+                            irepa_page_faults=int(statistics.median(r['page_faults'] for r in runs[w])),
+                            load_avg_1min=[min(load), max(load)]))
+        print(json.dumps(summary[-1]), flush=True)
+    print(f"\nofficial vs irepa, each in its own process, {rounds} alternating rounds of {args.steps} timed steps "
+          f"(median) after {args.warmup}, {args.threads} threads; load average {min(load):.1f}-{max(load):.1f}")
+    for (o, w), s in zip(pairs, summary):
+        print(f"\n| {w}: round | official ms | irepa ms | ratio | official faults | irepa faults |\n" + '|---' * 6 +
+              '|')
+        for i, (a, b) in enumerate(zip(runs[o], runs[w])):
+            print(f"| {i + 1} | {a['ms_per_step']:,.1f} | {b['ms_per_step']:,.1f} | {s['ratio_per_round'][i]:.3f}x | "
+                  f"{a['page_faults']:,} | {b['page_faults']:,} |")
+        print(f"| median | {s['official_median_ms']:,.1f} | {s['irepa_median_ms']:,.1f} | {s['ratio_median']:.3f}x "
+              f"({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) | {s['official_page_faults']:,} | "
+              f"{s['irepa_page_faults']:,} |")
+    return summary
+
+
 if args.suite == 'memory':
     memory_suite()
 elif args.suite == 'gpu':
     gpu_suite(budget_s=args.budget if args.budget is not None else 270 if cuda else float('inf'))
+elif args.suite == 'official' and args.rounds:
+    official_suite(args.rounds)
 else:
     run_jobs(args, workloads)

@@ -168,8 +168,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
-        qkv = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, H, T, hd)
-        q, k, v = qkv.unbind(0)
+        # (N, T, 3, H, hd) split on its own axis, then each (N, H, T, hd) as a view: the same strides as the usual
+        # permute(2, 0, 3, 1, 4).unbind(0), but the backward stacks q, k, v's gradients straight into the layout of
+        # qkv's output, where the permuted form copies them once more (a (N, T, 3D) tensor per block)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).unbind(2))
         x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (N, H, T, hd)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
@@ -1268,17 +1270,26 @@ def model_input(s, img, moments):
     mean, std = moments.float().chunk(2, dim=1)  # (B, C, h, w) each
     return s.norm.normalize(mean + std * torch.randn_like(std))
 
-def clipped_step(params, opt, clip):
-    """Clip, step, drop the gradients at once (no gradient outlives its step: REPA-E relies on it); the norm before."""
+def clipped_step(params, opt, clip, keep_grads=False):
+    """Clip, step, drop the gradients at once (no gradient outlives its step: REPA-E relies on it; keep_grads: the
+    caller drops them just before its next backward instead); the norm before."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    if not keep_grads:
+        opt.zero_grad(set_to_none=True)
     return grad_norm
 
 def optimizer_step(s, losses):
-    """flow + proj_coeff * align -> backward, clipped AdamW, EMA; the losses and gradient norm stay on the device."""
+    """flow + proj_coeff * align -> backward, clipped AdamW, EMA; the losses and gradient norm stay on the device.
+    On a CPU the SiT's gradients live on until the next backward: glibc's malloc gives the top of its heap back to
+    the OS as soon as it is free, and they are the blocks above the step's freed activations, so dropped at the end
+    of the step they let the next forward fault its ~0.5 GB in afresh (SiT-S/2, batch 8: ~150K page faults a step);
+    kept, it reuses that memory. The same numbers: a None gradient is replaced, not added to. CUDA's caching
+    allocator keeps its blocks anyway, so there they go at once (a lower peak at the next forward)."""
+    keep = s.device.type == 'cpu'
+    s.opt.zero_grad(set_to_none=True)  # the previous step's, if kept
     (losses['flow'] + s.cfg.proj_coeff * losses['align']).backward()
-    grad_norm = clipped_step(s.model.parameters(), s.opt, s.cfg.grad_clip)
+    grad_norm = clipped_step(s.model.parameters(), s.opt, s.cfg.grad_clip, keep_grads=keep)
     ema_update(s.ema, s.model, s.cfg.ema_decay)
     return dict({k: v.detach() for k, v in losses.items()}, grad_norm=grad_norm)
 

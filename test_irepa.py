@@ -4367,3 +4367,90 @@ def test_teacher_cache_stores_bf16_whatever_the_teacher_returns(tmp_path):
     online = torch.cat([irepa.teacher_targets(s, torch.stack([s.data[i][0] for i in range(k, k + 4)]), raw=True)[0]
                         for k in range(0, 64, 4)])
     assert torch.equal(cached_tokens(tmp_path / 'cache'), online.to(torch.bfloat16))  # the online ones, rounded
+
+# --- issue 23: the CPU step's memory, the official comparison in separate processes ---
+
+def cpu_flow_state(model):
+    """The state irepa.setup builds for --recipe irepa on a CPU, around `model`, fp32 and eager (as bench.py's)."""
+    return SimpleNamespace(cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model,
+                           ema=copy.deepcopy(model).requires_grad_(False).eval(), autocast=contextlib.nullcontext(),
+                           opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=model, teachers=[],
+                           norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4), device=torch.device('cpu'))
+
+
+def test_kept_gradients_change_no_number():
+    """On a CPU the SiT's gradients outlive the step (until the next backward drops them): three steps give the
+    parameters, EMA and AdamW moments of the same steps written with zero_grad(set_to_none=True) after each, bit for
+    bit, and the gradients are the last step's alone."""
+    torch.manual_seed(0)
+    model = randomize(tiny_sit(z_dims=(32,)))
+    s, ref = cpu_flow_state(model), cpu_flow_state(copy.deepcopy(model))
+    ref.ema = copy.deepcopy(s.ema)
+    x, y, targets = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]), [torch.randn(3, 16, 32)]
+    moments = torch.cat([x, torch.zeros_like(x)], 1)
+    for step in range(3):
+        torch.manual_seed(step)  # the same t, noise and label dropout in both
+        irepa.flow_step(s, None, moments, y, targets)
+        torch.manual_seed(step)
+        losses = irepa.flow_loss(ref.model, irepa.model_input(ref, None, moments), y, targets)
+        (losses['flow'] + ref.cfg.proj_coeff * losses['align']).backward()
+        torch.nn.utils.clip_grad_norm_(ref.model.parameters(), ref.cfg.grad_clip)
+        ref.opt.step()
+        last = {n: p.grad.clone() for n, p in ref.model.named_parameters()}
+        ref.opt.zero_grad(set_to_none=True)
+        irepa.ema_update(ref.ema, ref.model, ref.cfg.ema_decay)
+    for a, b in ((s.model, ref.model), (s.ema, ref.ema)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(s.opt.state[p]['exp_avg_sq'], ref.opt.state[q]['exp_avg_sq'])
+               for p, q in zip(s.model.parameters(), ref.model.parameters()))
+    kept = dict(s.model.named_parameters())
+    assert kept.keys() == last.keys() and all(torch.equal(kept[n].grad, last[n]) for n in last)
+
+
+@slow
+def test_cpu_step_reuses_its_memory():
+    """glibc's malloc gives the free top of its heap back to the OS: a CPU step that frees all it allocated has the
+    next forward fault its activations in afresh (SiT-S/2 at 128 px, batch 8: ~10-30K fresh pages a step before the
+    gradients were kept). From the fourth step on, a step takes almost no fresh pages."""
+    import resource
+    torch.manual_seed(0)
+    s = cpu_flow_state(irepa.build_sit('SiT-S/2', input_size=16, z_dims=[768], projector='conv'))
+    x, y, targets = torch.randn(8, 4, 16, 16), torch.randint(0, 1000, (8,)), [torch.randn(8, 64, 768)]
+    moments, faults = torch.cat([x, torch.zeros_like(x)], 1), []
+    for _ in range(6):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        irepa.flow_step(s, None, moments, y, targets)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    assert faults[0] > 20_000 and sorted(faults[3:])[1] < 1_000, faults  # the first step's ~0.5 GB; then a few
+
+
+@slow
+def test_official_suite_runs_each_code_in_its_own_process(tmp_path):
+    """bench.py --suite official: each workload of each round in a fresh process, the order alternating, the same
+    threads and environment; the summary carries each round's figures, the median ratio and its spread. The official
+    checkout is a stand-in here (its spatial metrics = ours) that records its process's environment."""
+    (tmp_path / 'ldm').mkdir()
+    (tmp_path / 'metrics').mkdir()
+    (tmp_path / 'metrics/spatial_metrics.py').write_text(
+        "import os, irepa\n"
+        "def compute_spatial_metrics(feats, masks, names):\n"
+        "    assert os.environ['IREPA_TEST_MARK'] == 'same env'\n"
+        "    return irepa.spatial_metrics(feats, masks)\n")
+    env = {**os.environ, 'IREPA_TEST_MARK': 'same env'}
+    r = subprocess.run([sys.executable, HERE / 'bench.py', '--suite', 'official', '--official', tmp_path, '--workloads',
+                        'metrics-official,metrics', '--rounds', '2', '--steps', '1', '--warmup', '0',
+                        '--metrics-images', '2', '--threads', '1'], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+    runs, summary = recs[:4], recs[4]
+    assert [(x['round'], x['workload']) for x in runs] == [(1, 'metrics-official'), (1, 'metrics'), (2, 'metrics'),
+                                                           (2, 'metrics-official')]
+    assert len({x['pid'] for x in runs} | {os.getpid()}) == 5 and {x['threads'] for x in runs} == {1}
+    ours = sorted(runs, key=lambda x: x['round'])
+    assert summary['official_ms'] == [x['ms_per_step'] for x in ours if x['workload'] == 'metrics-official']
+    assert summary['irepa_ms'] == [x['ms_per_step'] for x in ours if x['workload'] == 'metrics']
+    ratios = [a / b for a, b in zip(summary['official_ms'], summary['irepa_ms'])]
+    assert summary['ratio_per_round'] == [round(q, 3) for q in ratios]
+    assert summary['ratio_median'] == round(sum(ratios) / 2, 3) and summary['ratio_min'] == round(min(ratios), 3)
+    assert '| metrics: round | official ms | irepa ms | ratio |' in r.stdout and 'vs_official' not in r.stdout
