@@ -1286,10 +1286,10 @@ def optimizer_step(s, losses):
     of the step they let the next forward fault its ~0.5 GB in afresh (SiT-S/2, batch 8: ~150K page faults a step);
     kept, it reuses that memory. The same numbers: a None gradient is replaced, not added to. CUDA's caching
     allocator keeps its blocks anyway, so there they go at once (a lower peak at the next forward)."""
-    keep = s.device.type == 'cpu'
+    params = list(s.model.parameters())
     s.opt.zero_grad(set_to_none=True)  # the previous step's, if kept
     (losses['flow'] + s.cfg.proj_coeff * losses['align']).backward()
-    grad_norm = clipped_step(s.model.parameters(), s.opt, s.cfg.grad_clip, keep_grads=keep)
+    grad_norm = clipped_step(params, s.opt, s.cfg.grad_clip, keep_grads=params[0].device.type == 'cpu')
     ema_update(s.ema, s.model, s.cfg.ema_decay)
     return dict({k: v.detach() for k, v in losses.items()}, grad_norm=grad_norm)
 
@@ -1567,6 +1567,7 @@ def repae_step(s, img, moments, y, targets):
     with s.autocast:
         losses = flow_loss(s.train_model, normalize_latents(s.bn, z.detach()), y, targets, t, noise)
     sit = optimizer_step(s, losses)
+    s.opt.zero_grad(set_to_none=True)  # no SiT gradient lives on into the next VAE step (optimizer_step keeps them)
     ema_update(s.ema_bn, s.bn, cfg.ema_decay)  # the EMA model samples in the space of the EMA statistics
     return dict(sit, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(), d_loss=d_loss.detach(),
                 grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc, **{k: v.detach() for k, v in terms.items()})

@@ -729,7 +729,7 @@ def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
     assert irepa.latest_checkpoint(tmp_path).name == '0000004.pt'  # written before the NaN; nothing after it
     assert torch.isfinite(torch.stack([v.float().sum() for v in load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
     real_step = irepa.clipped_step  # a non-finite gradient norm with a finite loss (REPA-E: its VAE, discriminator)
-    monkeypatch.setattr(irepa, 'clipped_step', lambda *a: real_step(*a) * (float('nan') if len(calls) == 3 else 1))
+    monkeypatch.setattr(irepa, 'clipped_step', lambda *a, **k: real_step(*a, **k) * (float('nan') if len(calls) == 3 else 1))
     calls.clear()
     with pytest.raises(FloatingPointError, match=r'non-finite grad_norm at step 3'):
         irepa.main(run_args(tmp_path / 'grad', 4, '--log-every', '4'))
