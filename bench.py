@@ -92,7 +92,7 @@ if args.suite == 'official':  # SiT-S/2, batch 8, 256 px, random target tokens, 
             setattr(args, k, v)
 try:
     device = irepa.torch_device(args.device)  # 'cuda' -> cuda:0, with its index; a missing device: one line, exit 2
-except encoders.UserError as e:
+except (irepa.UserError, encoders.LoadError) as e:
     sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
 cuda = device.type == 'cuda'
 # On this project's 2-core CPU a SiT-S/2 step at 256 px and batch 8 takes ~10-20 s, the FID Inception ~0.2-1.4 s per
@@ -120,7 +120,7 @@ if 'train-cached' in workloads and args.teacher == 'none':
 if args.teacher != 'none':
     try:
         encoders.resolve_teacher(args.teacher)
-    except encoders.UserError as e:
+    except (irepa.UserError, encoders.LoadError) as e:
         p.error(str(e))
 
 # -----------------------------------------------------------------------------

@@ -37,45 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class UserError(ValueError):
-    """A mistake of the user, not of the code: a bad value, a missing file, an unknown name, a wrong folder layout, a
-    checkpoint of another model. The command lines (cli below) print it as one line and exit with code 2, as argparse
-    does; any other exception is a bug and keeps its traceback. irepa.py and fid.py raise this same class.
-    errors: several mistakes found at once (irepa.py's validation), one line each. everywhere: every process of a
-    torchrun job meets it alike (the configuration), so rank 0 alone says it."""
-    def __init__(self, message, errors=None, everywhere=False):
-        super().__init__(message)
-        self.errors, self.everywhere = errors or [message], everywhere
+class LoadError(ValueError):
+    """A teacher, VAE or weights file that cannot be loaded as asked: an unknown name, a missing or unfitting file. A
+    mistake of the user, not of the code: irepa.py's and fid.py's command lines print it as one line, exit code 2."""
 
-
-def rank_zero():
-    """Whether this process speaks for a torchrun job (RANK unset: a plain python process)."""
-    return int(os.environ.get('RANK', 0)) == 0
-
-
-def cli(main, prog=None):
-    """Run a command line's main(): a UserError becomes 'prog: error: ...' on stderr (one line per error) and exit
-    code 2, without a traceback."""
-    try:
-        return main()
-    except UserError as e:
-        from tqdm import tqdm
-        for bar in list(tqdm._instances):  # a progress bar in flight ends its line first
-            bar.close()
-        if rank_zero() or not e.everywhere:
-            for line in e.errors:
-                print(f"{prog + ': ' if prog else ''}error: {line}", file=sys.stderr)
-        sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes are one line, `prog: error: ...` (with the valid choices where there are
-    some), not the usage block that pushes the error off the screen; under torchrun rank 0 alone says it."""
-    def error(self, message):
-        if rank_zero():
-            hint = f" (see {self.prog} --help)" if 'unrecognized' in message or 'required' in message else ''
-            print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
-        sys.exit(2)
 
 # -----------------------------------------------------------------------------
 # The teachers: one table of facts. timm (and torchvision under it) takes seconds to import, so it is imported only
@@ -234,7 +199,7 @@ def resolve_teacher(name):
     """Canonical teacher name for a canonical name or alias (case-insensitive)."""
     names = {n.lower(): n for n in TEACHERS} | {a.lower(): n for a, n in ALIASES.items()}
     if name.lower() not in names:
-        raise UserError(f"unknown teacher '{name}'. Teachers: {', '.join(TEACHERS)}. "
+        raise LoadError(f"unknown teacher '{name}'. Teachers: {', '.join(TEACHERS)}. "
                         f"Aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())}")
     return names[name.lower()]
 
@@ -246,13 +211,13 @@ def read_state_dict(path, expected='a state dict of tensors (.safetensors, .pth,
     """The tensors of a weights file; one that does not load (truncated, empty, another format) is one error line
     naming the file and what was `expected` there."""
     if not os.path.isfile(path):
-        raise UserError(f"no weights file at '{path}'")
+        raise LoadError(f"no weights file at '{path}'")
     try:
         return read_tensors(path)
-    except UserError:
+    except LoadError:
         raise
     except Exception as e:
-        raise UserError(f"'{path}' does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]}); expected "
+        raise LoadError(f"'{path}' does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]}); expected "
                         f"{expected}") from None
 
 
@@ -268,7 +233,7 @@ def read_tensors(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # the file pickles objects, not just tensors and plain containers
-        raise UserError(f"'{path}' holds more than tensors and plain containers, so it is not loaded (weights_only). "
+        raise LoadError(f"'{path}' holds more than tensors and plain containers, so it is not loaded (weights_only). "
                         f"If you trust it, re-save its state dict: torch.save(torch.load(p, weights_only=False)"
                         f"['state_dict'], 'clean.pth')") from e
 
@@ -295,7 +260,7 @@ def hub_files(repo, filename, what, how):
                 shards = sorted(set(json.load(f)['weight_map'].values()))
             return [hf_hub_download(repo, shard) for shard in shards]
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
-        raise UserError(
+        raise LoadError(
             f"{what}: cannot get '{filename}' from https://huggingface.co/{repo} (not in the Hugging Face cache, and "
             f"the hub is unreachable, gated or refused: {type(e).__name__}). Download it where you have network "
             f"(`hf download {repo} {filename}`) and {how}") from e
@@ -310,7 +275,7 @@ def url_files(url, filename, what, how):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(f'{url}/{filename}', path)
         except Exception as e:
-            raise UserError(f"{what}: '{filename}' is not in {os.path.dirname(path)} and {url}/{filename} is "
+            raise LoadError(f"{what}: '{filename}' is not in {os.path.dirname(path)} and {url}/{filename} is "
                             f"unreachable ({type(e).__name__}). Download it where you have network and "
                             f"{how}") from e
     return [path]
@@ -735,7 +700,7 @@ def check_teacher(name, grid=16, siglip_norm='imagenet', **_):
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     if grid not in t.get('grids', (grid,)):
-        raise UserError(f"teacher {name} supports only grid {t['grids'][0]} ({t['patch'] * 16}-px input, as the "
+        raise LoadError(f"teacher {name} supports only grid {t['grids'][0]} ({t['patch'] * 16}-px input, as the "
                         f"official code asserts it), got grid {grid}")
     if siglip_norm not in ('imagenet', 'siglip'):
         raise ValueError(f"siglip_norm: 'imagenet' (as the official code) or 'siglip' (0.5/0.5), not {siglip_norm!r}")
@@ -751,7 +716,7 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
     depth, sd, source = None, None, weights
     if t['family'] in WEIGHT_FREE:
         if weights not in ('auto', 'none') and not weights.startswith('random'):
-            raise UserError(f"teacher {name} has no weights (computed from the pixels); got weights '{weights}'")
+            raise LoadError(f"teacher {name} has no weights (computed from the pixels); got weights '{weights}'")
     elif weights == 'random' or weights.startswith('random:'):
         depth = int(weights.split(':')[1]) if ':' in weights else None
         print(f"*** WARNING: teacher {name} has RANDOM weights ({weights}): its tokens mean nothing. "
@@ -770,7 +735,7 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
         try:
             sd = hf_to_timm(sd, t['family']) if t['family'] in HF_LAYOUTS else sd
         except ValueError as e:
-            raise UserError(f"weights '{source}' do not fit teacher {name}: {e}") from e
+            raise LoadError(f"weights '{source}' do not fit teacher {name}: {e}") from e
         if t['family'] == 'cradio':
             sd, stats = cradio_to_timm(sd)
             norm = stats or norm
@@ -782,7 +747,7 @@ def load_teacher(name, weights='auto', grid=16, device='cpu', dtype=None, compil
                 raise
             like = [n for n in teachers_like(sd) if n != name]
             like = f": the file looks like {', '.join(like)}" if like else ''
-            raise UserError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']})"
+            raise LoadError(f"weights '{source}' do not fit teacher {name} (timm {t['timm']}, width {t['dim']})"
                             f"{like}. {name} reads {FILES.get(t['family'], 'timm')} files. "
                             f"timm says: {' '.join(str(e).split())[:600]}") from e
     teacher = Teacher(name, model, grid, norm).to(device)
@@ -801,7 +766,7 @@ def load_teachers(names, weights='auto', demo=False, **kw):
     names = [check_teacher(n, **kw) for n in names.split(',') if n and n != 'none']  # before any weights are fetched
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
-        raise UserError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
+        raise LoadError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
     teachers = []
     for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
         try:
@@ -987,7 +952,7 @@ def load_vae(spec='sd-vae-ft-mse', device='cpu'):
     try:
         vae.load_state_dict(sd, assign=True)
     except RuntimeError as e:
-        raise UserError(f"'{path}' is not a diffusers AutoencoderKL state dict with the config {config} "
+        raise LoadError(f"'{path}' is not a diffusers AutoencoderKL state dict with the config {config} "
                         f"(SD f8d4 unless the file's metadata says otherwise): {' '.join(str(e).split())[:600]}") from e
     return vae.float().to(device)  # fp32 whatever the file holds
 
@@ -997,7 +962,7 @@ def export_vae(ckpt_path, out):
     EMA statistics of its latent BatchNorm) in the metadata, which load_vae reads back."""
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     if not isinstance(ckpt, dict) or 'vae' not in ckpt:
-        raise UserError(f"{ckpt_path} holds no trained VAE: export-vae needs a checkpoint of --recipe repa-e or irepa-e")
+        raise LoadError(f"{ckpt_path} holds no trained VAE: export-vae needs a checkpoint of --recipe repa-e or irepa-e")
     norm = ckpt['latent']  # irepa.LatentNorm.to_dict()
     safetensors.torch.save_file({k: v.contiguous() for k, v in ckpt['vae'].items()}, out, metadata=dict(
         config=json.dumps(norm['vae_args']), latent_mean=json.dumps(norm['mean']), latent_std=json.dumps(norm['std'])))
@@ -1043,7 +1008,7 @@ def load_lpips(spec='auto', device='cpu', demo=False):
     if demo and spec != 'random':
         try:
             return load_lpips(spec, device)
-        except UserError as e:
+        except LoadError as e:
             print(f"\n!! --demo: {e}\n!! Using RANDOM LPIPS weights instead.\n", file=sys.stderr)
             spec = 'random'
     vgg_kw = dict(features_only=True, out_indices=(0, 1, 2, 3, 4))
@@ -1061,7 +1026,7 @@ def load_lpips(spec='auto', device='cpu', demo=False):
                       os.path.join(os.path.dirname(pkg.origin), 'weights', 'v0.1', LPIPS_FILE) if pkg else '']
         linear = next((p for p in candidates if p and os.path.isfile(p)), None)
         if linear is None:
-            raise UserError(f"LPIPS: no {LPIPS_FILE} (md5 {LPIPS_MD5}) in $IREPA_LPIPS, {candidates[1]} or the lpips "
+            raise LoadError(f"LPIPS: no {LPIPS_FILE} (md5 {LPIPS_MD5}) in $IREPA_LPIPS, {candidates[1]} or the lpips "
                             f"package: {LPIPS_WHERE}. Pass it with --lpips-weights PATH")
     if not vgg:
         vgg, = hub_files('timm/vgg16.tv_in1k', 'model.safetensors', 'LPIPS VGG16', 'pass --lpips-weights LINEAR,VGG')
@@ -1108,7 +1073,7 @@ def load_discriminator(spec='random', device='cpu'):
         try:
             disc.load_state_dict(sd)
         except RuntimeError as e:
-            raise UserError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): {' '.join(str(e).split())[:400]}") from e
+            raise LoadError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): {' '.join(str(e).split())[:400]}") from e
     return disc.to(device)
 
 
@@ -1117,7 +1082,7 @@ def load_discriminator(spec='random', device='cpu'):
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog='encoders.py', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='encoders.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('--list', action='store_true', help='one row per teacher (built on the meta device)')
     parser.add_argument('--grid', type=int, default=16, help='SiT token grid side used for the input size column')
     args = parser.parse_args(argv)
@@ -1137,4 +1102,4 @@ def main(argv=None):
               f"{tokens:6d} {params / 1e6:7.1f}M  {' '.join(aliases[name])}")
 
 if __name__ == '__main__':
-    cli(main)
+    main()

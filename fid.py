@@ -29,13 +29,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import distributed as dist
 from PIL import Image
 from scipy import linalg
 from torchvision.models.inception import Inception3, InceptionA, InceptionC
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from encoders import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+import encoders
+import irepa
+from irepa import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
 
 INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
@@ -375,7 +377,6 @@ def load_inception(path=None, any_weights=False, device='cpu'):
 def exact_fp32():
     """TF32 off and deterministic cuDNN while evaluating: with TF32 the features depend on the batch size and the GPU
     (torchmetrics #1620, torch-fidelity #43). The previous settings are restored afterwards."""
-    import irepa
     b = torch.backends
     saved, tf32 = (b.cudnn.benchmark, b.cudnn.deterministic), irepa.tf32(False)
     b.cudnn.benchmark, b.cudnn.deterministic = False, True
@@ -488,25 +489,10 @@ def write_npz(path, shard_files, shape):
     os.replace(tmp, path)
 
 
-def to_uint8(x):
-    """[-1, 1] floats (B, 3, H, W) -> uint8 (B, H, W, 3), rounding to nearest (REPA truncates; DiT rounds)."""
-    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def save_grid(images, path, cols=None):
-    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
-    k = max(1, 64 // images.shape[1])
-    images = images.permute(0, 3, 1, 2).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (N, 3, kH, kW)
-    grid = make_grid(images.cpu(), nrow=cols or math.ceil(math.sqrt(len(images))), padding=0)  # (3, rows kH, cols kW)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
-
 def model_from_checkpoint(path, ema=True, device='cpu'):
     """The SiT of a checkpoint (EMA weights by default) in eval mode, and a dict that describes it. Reads checkpoints
     of irepa.py and of the official iREPA/REPA code. Theirs pickle an argparse Namespace, which is allowed through
     the weights_only load; they do not store the latent normalization, so info['latent'] is None."""
-    import irepa
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
@@ -533,7 +519,6 @@ def model_from_checkpoint(path, ema=True, device='cpu'):
 def sample_shard(a, k, model, net, vae, norm, device, autocast):
     """Shard k of `fid.py sample`: images k * batch_size ... as uint8 (n, H, W, 3), from seeds of k alone (so the
     images do not depend on the number of processes, nor on which of them draws the shard)."""
-    import irepa
     n, size = min(a.batch_size, a.num_samples - k * a.batch_size), model.x_embedder.input_size
     g = shard_generator(a.seed, k)
     noise = torch.randn(n, model.in_channels, size, size, generator=g)
@@ -544,12 +529,10 @@ def sample_shard(a, k, model, net, vae, norm, device, autocast):
                          a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
     with torch.no_grad():
         x = irepa.to_pixels(z.float(), vae, norm)
-    return to_uint8(x).cpu().numpy()  # (n, H, W, 3)
+    return irepa.to_uint8(x).cpu().numpy()  # (n, H, W, 3)
 
 
 def sample_main(a):
-    import irepa
-    from torch import distributed as dist
     ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, a.device  # a torch.device with its index (main)
     irepa.use_device(device)  # before the process group; TF32 on, as the official generate.py
     if ddp:
@@ -570,7 +553,6 @@ def sample_main(a):
                             f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
         vae = None
         if norm is not None:
-            import encoders
             if norm.vae == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
                 vae = encoders.AutoencoderKL(**norm.vae_args)
                 vae.load_state_dict(info['vae_state'])
@@ -609,7 +591,7 @@ def sample_main(a):
             files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
             first = np.load(files[0])
             write_npz(out, files, (a.num_samples, *first.shape[1:]))
-            save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
+            irepa.save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
             for f in files + [os.path.join(shards, 'settings.json')]:
                 os.remove(f)
             os.rmdir(shards)
@@ -675,7 +657,6 @@ def main(argv=None):
     sa.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
     args = parser.parse_args(argv)
     check_args(parser, args)
-    import irepa
     args.device = irepa.torch_device(args.device)  # 'cuda' -> cuda:LOCAL_RANK; a missing device: one line, exit 2
 
     if args.cmd == 'sample':

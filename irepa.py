@@ -44,7 +44,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from encoders import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from torchvision.utils import make_grid
+
+import encoders
+
+
+class UserError(ValueError):
+    """A mistake of the user, not of the code: a bad value, a missing file, an unknown name, a wrong folder layout, a
+    checkpoint of another model. The command lines (cli) print it, and encoders.LoadError, as one line and exit with
+    code 2, as argparse does; any other exception is a bug and keeps its traceback. errors: several mistakes found at
+    once (validate), one line each. everywhere: every process of a torchrun job meets it alike, so rank 0 alone says it."""
+    def __init__(self, message, errors=None, everywhere=False):
+        super().__init__(message)
+        self.errors, self.everywhere = errors or [message], everywhere
 
 # -----------------------------------------------------------------------------
 # The recipes: every default of a method is in its row; a flag given on the command line overrides it. `objective`
@@ -591,6 +603,18 @@ class LatentNorm:
     def from_dict(d):
         return None if d is None else LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'), d.get('scale'))
 
+def to_uint8(x):
+    """[-1, 1] floats (B, 3, H, W) -> uint8 (B, H, W, 3), rounding to nearest (REPA truncates; DiT rounds)."""
+    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+def save_grid(images, path, cols=None):
+    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
+    k = max(1, 64 // images.shape[1])
+    images = images.permute(0, 3, 1, 2).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (N, 3, kH, kW)
+    grid = make_grid(images.cpu(), nrow=cols or math.ceil(math.sqrt(len(images))), padding=0)  # (3, rows kH, cols kW)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
 def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; pixel-space runs (norm None) are images already."""
     return z if norm is None else vae.decode(norm.denormalize(z))
@@ -729,7 +753,6 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
     memmap, labels, and the per-channel latent statistics (latent_stats). A finished shard leaves its moment sums in
     out/shards/; SIGTERM/SIGINT stop between shards (exit PREEMPTED) and the same command goes on from there.
     meta.json is written last and marks completion."""
-    import encoders
     rank, world, _ = dist_info()
     barrier = (lambda: dist.barrier(group=cpu_group())) if world > 1 else lambda: None  # waits off the GPU
     out = Path(out_dir)
@@ -1150,7 +1173,6 @@ def resume_checkpoint(cfg, out, master):
 def setup(cfg):
     """Everything a run needs, as one namespace `s`: processes and device, data, the frozen teachers, the SiT with its
     EMA and AdamW (and REPA-E's networks), resumed exactly from the newest checkpoint with --resume."""
-    import encoders
     rank, world, _ = dist_info()
     device = torch.device(cfg.device)  # with its index: see torch_device
     if cfg.global_batch_size % world:
@@ -1389,7 +1411,6 @@ def save_state(s, step):
 @torch.no_grad()
 def sample_grid(s, path):
     """PREVIEW_IMAGES samples of the EMA model with the recipe's preview sampler, as one PNG."""
-    import encoders, fid
     steps, cfg_scale, size = *PREVIEW[s.cfg.preview], s.model.x_embedder.input_size
     g = torch.Generator().manual_seed(s.cfg.seed)  # the same noise and labels at every grid: grids compare
     noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g)
@@ -1401,7 +1422,7 @@ def sample_grid(s, path):
         s.vae = encoders.load_vae(s.norm.vae, device=s.device)
     with s.autocast:
         z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, eps=eps)
-        fid.save_grid(fid.to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
+        save_grid(to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
 
 def train_step(s, step_fn, step, batch):
     """Everything a step does, without one device-to-host read, so Python runs ahead of the GPU and never waits: the
@@ -1509,7 +1530,6 @@ def hinge_d_loss(logits_real, logits_fake):
 def repae_setup(s, ckpt):
     """REPA-E's networks, into `s`: the trainable VAE (DDP-wrapped for its step), the discriminator, the frozen LPIPS,
     their optimizers and the latent BatchNorm with its EMA. In --demo, missing LPIPS weights become random ones."""
-    import encoders
     cfg, device = s.cfg, s.device
     s.vae = encoders.load_vae(cfg.vae, device=device)
     s.disc = encoders.load_discriminator(cfg.disc_weights, device=device)
@@ -1575,7 +1595,6 @@ def repae_step(s, img, moments, y, targets):
 def export_vae(argv):
     """python irepa.py export-vae CKPT OUT.safetensors: the VAE a REPA-E run trained, as a file --vae reads (diffusers'
     layout, its config and latent statistics in the metadata), for --prepare and a fresh SiT on frozen latents."""
-    import encoders
     p = study_parser('export-vae', export_vae.__doc__)
     p.add_argument('ckpt', type=existing_file, help='a checkpoint of --recipe repa-e or irepa-e')
     p.add_argument('out', help='the VAE file to write (.safetensors)')
@@ -1768,7 +1787,6 @@ def existing_folder(path):
 def teacher_tokens(a, data, idx, grid, device):
     """The teacher's patch tokens (n, T, D) fp16 of the images idx, cached in a.out_dir under a key of everything they
     depend on; and the extraction speed (None when cached)."""
-    import encoders
     name, images = encoders.resolve_teacher(a.encoder), hashlib.sha256(str(idx).encode()).hexdigest()[:16]
     key = f"{name}|{a.encoder_weights}|{dataset_fingerprint(data)}|{images}|{a.resolution}|{grid}|{a.seed}|" \
           f"{a.siglip_norm}"  # the dataset (its size and files too) and which of its images: not just their number
@@ -1794,7 +1812,6 @@ def teacher_tokens(a, data, idx, grid, device):
 
 def measure_teacher(argv):
     """python irepa.py metrics --encoder dinov2 [--data-path DIR --masks DIR]: LDS, CDS, SRSS, RMSC and LP accuracy."""
-    import encoders
     p = study_parser('metrics', measure_teacher.__doc__, ('encoder', 'encoder_weights', 'data_path', 'resolution',
                      'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'), out_dir='out/metrics')
     p.add_argument('--masks', default=None, type=existing_folder,
@@ -1912,7 +1929,6 @@ def colormap(x):
 @torch.no_grad()
 def spnorm_viz(argv):
     """python irepa.py spnorm-viz --encoder dinov2 [--image IMG]: one token's cosine similarity before/after the z-score."""
-    import encoders
     p = study_parser('spnorm-viz', spnorm_viz.__doc__, ('encoder', 'encoder_weights', 'resolution', 'spnorm_gamma'),
                      spnorm_gamma=RECIPES['irepa']['spnorm_gamma'])
     p.add_argument('--image', default=None, type=existing_file,
@@ -2155,6 +2171,32 @@ def validate(cfg):
     errors += check_shapes(cfg) + check_paths(cfg)
     if errors:
         raise UserError('; '.join(errors), errors, everywhere=True)
+
+def rank_zero():
+    """Whether this process speaks for a torchrun job (RANK unset: a plain python process)."""
+    return int(os.environ.get('RANK', 0)) == 0
+
+def cli(main, prog=None):
+    """Run a command line's main(): a UserError or encoders.LoadError becomes 'prog: error: ...' on stderr (one line
+    per error) and exit code 2, without a traceback."""
+    try:
+        return main()
+    except (UserError, encoders.LoadError) as e:
+        for bar in list(tqdm._instances):  # a progress bar in flight ends its line first
+            bar.close()
+        if rank_zero() or not getattr(e, 'everywhere', False):
+            for line in getattr(e, 'errors', [str(e)]):
+                print(f"{prog + ': ' if prog else ''}error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes are one line, `prog: error: ...` (with the valid choices where there are
+    some), not the usage block that pushes the error off the screen; under torchrun rank 0 alone says it."""
+    def error(self, message):
+        if rank_zero():
+            hint = f" (see {self.prog} --help)" if 'unrecognized' in message or 'required' in message else ''
+            print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
 
 COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae,
             'recipes': recipes}

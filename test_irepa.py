@@ -38,6 +38,8 @@ from safetensors.torch import load_file, save_file
 import encoders
 import fid
 import irepa
+
+USER_ERRORS = (irepa.UserError, encoders.LoadError)  # the mistakes the command lines print as one line
 from encoders import TEACHERS, load_teacher
 
 HERE = Path(__file__).resolve().parent
@@ -85,11 +87,11 @@ def tiny_sit(**kw):
 
 
 def user_error(capsys, main, *argv):
-    """Run a command line as its __main__ does (encoders.cli): exit code 2 and one 'error: ...' line on stderr, no
+    """Run a command line as its __main__ does (irepa.cli): exit code 2 and one 'error: ...' line on stderr, no
     traceback. Returns that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        encoders.cli(lambda: main([str(a) for a in argv]))
+        irepa.cli(lambda: main([str(a) for a in argv]))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if re.match(r'([\w.]+ ?)*: error: |error: ', line)]
     assert e.value.code == 2 and len(lines) == 1 and 'Traceback' not in err, (e.value.code, err[-2000:])
@@ -792,7 +794,7 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch)
         irepa.main(['--time-limit', '3 hours'])
     assert e.value.code == 2 and "error: --time-limit: not a duration: '3 hours'" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # not a user error: the traceback stays
-        encoders.cli(lambda: 1 / 0)
+        irepa.cli(lambda: 1 / 0)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
     for cmd, says in (([HERE / 'irepa.py', '--data-path', tmp_path / 'nothing', '--device', 'cpu'], 'error: --data-path'),
                       ([HERE / 'fid.py', 'sample', '--ckpt', tmp_path / 'flat/a.png'], 'not a readable PyTorch'),
@@ -939,14 +941,14 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
     assert [r['step'] for r in log] == [2, 4, 6] and 0 < log[0]['bad_images'] <= log[1]['bad_images'] <= log[2]['bad_images']
     for name in ('broken.png', 'broken2.png'):
         assert err.count(f'warning: unreadable image {root / "dog" / name} (') == 1, err  # drawn more often than that
-    with pytest.raises(encoders.UserError, match=r'images drawn so far were unreadable, more than --max-bad-fraction '
+    with pytest.raises(USER_ERRORS, match=r'images drawn so far were unreadable, more than --max-bad-fraction '
                                                  r'0\.01.*broken'):  # by default: not a silently different dataset
         irepa.main(run_args(tmp_path / 'strict', 6, '--data-path', root))
     (tmp_path / 'empty/cat').mkdir(parents=True)
     (tmp_path / 'empty/cat/notes.txt').write_text('no images here')
-    with pytest.raises(encoders.UserError, match='no images'):
+    with pytest.raises(USER_ERRORS, match='no images'):
         irepa.ImageData(tmp_path / 'empty', 16)
-    with pytest.raises(encoders.UserError, match='not a folder'):
+    with pytest.raises(USER_ERRORS, match='not a folder'):
         irepa.ImageData(tmp_path / 'nothing', 16)
 
 
@@ -1052,10 +1054,10 @@ def test_teacher_cache_refuses_another_teacher_resolution_dataset_or_disk(tmp_pa
     for extra, what in ((['--encoder', 'pe'], 'teacher 0 name dinov2-vit-b .cache. vs pe-vit-b'),
                         (['--encoder-weights', 'random:2'], 'teacher 0 weights [0-9.]+ .cache. vs [0-9.]+ .now.;'),
                         (['--resolution', '32'], 'resolution 16 .cache. vs 32'), (['--synthetic-size', '96'], 'dataset')):
-        with pytest.raises(encoders.UserError, match=rf"--teacher-cache {cache} holds the tokens of another teacher.*: .*{what}"):
+        with pytest.raises(USER_ERRORS, match=rf"--teacher-cache {cache} holds the tokens of another teacher.*: .*{what}"):
             irepa.main(run_args(tmp_path / f'b{len(what)}', 2, '--teacher-cache', cache, *extra))
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(free=10 ** 5, total=10 ** 6, used=0))
-    with pytest.raises(encoders.UserError, match=r'the tokens need 0\.0 GB \(64 x 16 x 768 x 4 B\), the disk has 0\.0 GB free'):
+    with pytest.raises(USER_ERRORS, match=r'the tokens need 0\.0 GB \(64 x 16 x 768 x 4 B\), the disk has 0\.0 GB free'):
         irepa.main(run_args(tmp_path / 'c', 2, '--teacher-cache', tmp_path / 'small'))
     assert not list((tmp_path / 'small').iterdir())  # nothing written
 
@@ -1079,7 +1081,7 @@ def test_teacher_cache_pass_stops_between_shards_and_goes_on(tmp_path, monkeypat
     assert e.value.code == irepa.PREEMPTED and '3 of 4 shards of the teacher cache to do' in capsys.readouterr().err
     assert sorted(p.name for p in (cache / 'shards').iterdir()) == ['000000.done', 'settings.json']
     assert not (cache / 'meta.json').exists() and not (tmp_path / 'run/checkpoints').exists()
-    with pytest.raises(encoders.UserError, match='incomplete'):
+    with pytest.raises(USER_ERRORS, match='incomplete'):
         irepa.open_cache(cache, json.loads((cache / 'shards/settings.json').read_text()))
     monkeypatch.setattr(irepa, 'report_unreadable', real)
     irepa.main(run_args(tmp_path / 'run', 2, '--teacher-cache', cache))  # goes on with shards 1-3, then trains
@@ -1637,7 +1639,7 @@ def test_bad_input():
         load_teacher('dinov2', 'random:1', grid=0, device='meta')
     with pytest.raises(ValueError, match='siglip_norm'):
         load_teacher('siglip', 'random:1', siglip_norm='clip', device='meta')
-    with pytest.raises(encoders.UserError, match='no weights file'):
+    with pytest.raises(USER_ERRORS, match='no weights file'):
         load_teacher('dinov2', '/nonexistent/dinov2.pth')
 
 
@@ -1668,7 +1670,7 @@ def test_load_teachers_and_the_demo_fallback(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))  # and not from a cache this machine might have
-    with pytest.raises(encoders.UserError, match='model.safetensors'):
+    with pytest.raises(USER_ERRORS, match='model.safetensors'):
         encoders.load_teachers('dinov2', 'auto', grid=2)
     teachers = encoders.load_teachers('dinov2,none', 'auto', demo=True, grid=2)
     assert len(teachers) == 1 and teachers[0].name == 'hog' and 'weight-free HOG' in capsys.readouterr().err
@@ -2011,14 +2013,14 @@ def test_hub_cache_and_offline_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path))
-    with pytest.raises(encoders.UserError) as e:
+    with pytest.raises(USER_ERRORS) as e:
         load_teacher('dinov2', device='meta')
     msg = str(e.value)
     assert 'dinov2-vit-b' in msg and 'timm/vit_base_patch14_dinov2.lvd142m' in msg and 'model.safetensors' in msg
     assert '--encoder-weights PATH' in msg
-    with pytest.raises(encoders.UserError, match='pretrained_models/mocov3_vitb.pth'):
+    with pytest.raises(USER_ERRORS, match='pretrained_models/mocov3_vitb.pth'):
         load_teacher('mocov3', device='meta')
-    with pytest.raises(encoders.UserError, match='stabilityai/sd-vae-ft-mse.*diffusion_pytorch_model.safetensors'):
+    with pytest.raises(USER_ERRORS, match='stabilityai/sd-vae-ft-mse.*diffusion_pytorch_model.safetensors'):
         encoders.load_vae('sd-vae-ft-mse')
     # a file already in the cache is used offline
     shrink(monkeypatch, 'dinov2-vit-b')
@@ -2393,10 +2395,10 @@ def test_matches_torch_fidelity(weights, capsys):
 def test_weights_search_and_checks(tmp_path, monkeypatch):
     monkeypatch.delenv('IREPA_INCEPTION', raising=False)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    with pytest.raises(encoders.UserError) as e:
+    with pytest.raises(USER_ERRORS) as e:
         fid.find_inception()
     assert fid.INCEPTION_FILE in str(e.value) and fid.INCEPTION_URL in str(e.value)
-    with pytest.raises(encoders.UserError, match=fid.INCEPTION_FILE):
+    with pytest.raises(USER_ERRORS, match=fid.INCEPTION_FILE):
         fid.find_inception(str(tmp_path / 'nowhere.pth'))
     bogus = tmp_path / 'bogus.pth'
     torch.save({'foo': torch.zeros(3)}, bogus)
@@ -2520,7 +2522,7 @@ def test_sample_writes_exactly_n_and_resumes(tiny_ckpt, tmp_path, monkeypatch):
     assert np.array_equal(np.load(tmp_path / 'b.npz')['arr_0'], a)
     (tmp_path / 'c.shards').mkdir()
     (tmp_path / 'c.shards/settings.json').write_text('{"seed": 5}')
-    with pytest.raises(encoders.UserError, match='other settings'):
+    with pytest.raises(USER_ERRORS, match='other settings'):
         fid.main(sample_args(tiny_ckpt, tmp_path / 'c.npz'))
 
 
@@ -2562,10 +2564,10 @@ def test_sample_ddp_gives_the_same_images(tiny_ckpt, tmp_path):
 @slow
 def test_sample_bad_checkpoints(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(encoders.UserError, match='not a readable PyTorch checkpoint'):
+    with pytest.raises(USER_ERRORS, match='not a readable PyTorch checkpoint'):
         fid.main(sample_args(tmp_path / 'junk.pt', tmp_path / 'x.npz'))
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
-    with pytest.raises(encoders.UserError, match='not a SiT checkpoint'):
+    with pytest.raises(USER_ERRORS, match='not a SiT checkpoint'):
         fid.main(sample_args(tmp_path / 'other.pt', tmp_path / 'x.npz'))
 
 
@@ -2581,7 +2583,7 @@ def test_official_checkpoint_loads(tmp_path):
     assert info['latent'] is None and info['step'] == 400000 and len(model.projectors) == 0
     x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([1, 2])
     torch.testing.assert_close(model(x, t, y)[0], official.eval()(x, t, y)[0])
-    with pytest.raises(encoders.UserError, match='--latent-scale 0.18215'):
+    with pytest.raises(USER_ERRORS, match='--latent-scale 0.18215'):
         fid.main(sample_args(tmp_path / 'official.pt', tmp_path / 'x.npz'))
 
 
@@ -2695,7 +2697,7 @@ def test_repae_lpips_linear_layers_load(tmp_path, monkeypatch):
         assert torch.equal(lpips.lins[k].weight, lins[f'lin{k}.model.1.weight'])
     monkeypatch.setenv('IREPA_LPIPS', str(tmp_path / 'missing.pth'))
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    with pytest.raises(encoders.UserError, match='vgg.pth.*lpips'):
+    with pytest.raises(USER_ERRORS, match='vgg.pth.*lpips'):
         encoders.load_lpips('auto')
 
 
@@ -3347,7 +3349,7 @@ def test_bad_data_accounting_counts_every_unreadable_draw(tmp_path):
         irepa.main(args + ['--out-dir', str(tmp_path / 'ok'), '--max-bad-fraction', '0.125'])
         log = [json.loads(l) for l in open(tmp_path / 'ok/log.jsonl')]
         assert [(r['step'], r['bad_images']) for r in log] == [(1, 1), (2, 2), (3, 3)]
-        with pytest.raises(encoders.UserError, match=r'1 of the 8 images drawn so far were unreadable.*dog/3\.png'):
+        with pytest.raises(USER_ERRORS, match=r'1 of the 8 images drawn so far were unreadable.*dog/3\.png'):
             irepa.main(args + ['--out-dir', str(tmp_path / 'strict'), '--max-bad-fraction', '0.1'])
 
 
@@ -3654,7 +3656,7 @@ def test_teacher_cache_of_a_weight_free_teacher(name, tmp_path):
     assert_same_state(online, load_ckpt(tmp_path / 'again/checkpoints/0000002.pt'))
     other = 'sift' if name == 'hog' else 'hog'
     want = rf"another teacher.*name {name} \(cache\) vs {other} \(now\); teacher 0 weights {name}: .* vs {other}: "
-    with pytest.raises(encoders.UserError, match=want):
+    with pytest.raises(USER_ERRORS, match=want):
         irepa.main(run_args(tmp_path / 'other', 2, '--teacher-cache', cache, '--encoder', other))
     assert irepa.weights_fingerprint(load_teacher('sift', grid=8)) == 'sift: SIFT(grid=8)'  # the grid is SIFT's own
 
@@ -3685,7 +3687,7 @@ def test_demo_fallback_with_teacher_cache_equals_the_run_without(tmp_path, monke
     irepa.main(demo('again', '--teacher-cache', cache))
     assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == stamps
     assert_same_state(plain, load_ckpt(tmp_path / 'again/checkpoints/0000002.pt'))
-    with pytest.raises(encoders.UserError, match=r"teacher 0 name hog \(cache\) vs dinov2-vit-b \(now\)"):
+    with pytest.raises(USER_ERRORS, match=r"teacher 0 name hog \(cache\) vs dinov2-vit-b \(now\)"):
         irepa.main(demo('dinov2', '--teacher-cache', cache, '--encoder-weights', 'random:1'))
 
 
@@ -3694,15 +3696,15 @@ def test_demo_unknown_teacher_is_an_error(tmp_path, monkeypatch, capsys):
     error: one line with the names, exit code 2, no training."""
     offline_hub(monkeypatch, tmp_path)
     with pytest.raises(SystemExit) as e:
-        encoders.cli(lambda: irepa.main(['--demo', '--encoder', 'nosuch', '--out-dir', str(tmp_path / 'run'),
+        irepa.cli(lambda: irepa.main(['--demo', '--encoder', 'nosuch', '--out-dir', str(tmp_path / 'run'),
                                          '--max-steps', '1', '--synthetic-size', '16']))  # fails fast if it trains
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error: unknown teacher 'nosuch'. Teachers: dino-vit-b, " in err
     assert ', hog, sift. Aliases: ' in err and 'HOG teacher instead' not in err
     assert not (tmp_path / 'run/checkpoints').exists()
-    with pytest.raises(encoders.UserError, match="unknown teacher 'dinov2x'"):
+    with pytest.raises(USER_ERRORS, match="unknown teacher 'dinov2x'"):
         encoders.load_teachers('dinov2,dinov2x', 'auto', demo=True, grid=2)
-    with pytest.raises(encoders.UserError, match='teacher siglip-vit-b supports only grid 16'):  # not a missing file
+    with pytest.raises(USER_ERRORS, match='teacher siglip-vit-b supports only grid 16'):  # not a missing file
         encoders.load_teachers('siglip', 'auto', demo=True, grid=2)
     assert [t.name for t in encoders.load_teachers('dinov2,sift', 'auto', demo=True, grid=2)] == ['hog', 'sift']
     assert 'the weights of dinov2-vit-b are not available here' in capsys.readouterr().err  # said loudly
@@ -3737,7 +3739,7 @@ def test_official_checkpoint_decodes_like_the_official_generate(kind, tmp_path, 
     assert len(seen) == 2 and all(torch.equal(x, ref) for (_, _, x), ref in zip(seen, official_images))
     images = np.load(tmp_path / 'x.npz')['arr_0']
     assert images.shape == (8, 32, 32, 3)
-    assert np.array_equal(images, torch.cat([fid.to_uint8(x) for x in official_images]))  # the bytes, as decoded
+    assert np.array_equal(images, torch.cat([irepa.to_uint8(x) for x in official_images]))  # the bytes, as decoded
 
 
 def test_lds_code_and_paper_definitions_known_answers():
@@ -3772,7 +3774,7 @@ def error_of(capsys, main, prog, argv):
     """Run a command line in-process as its __main__ does: (exit code, stderr)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        encoders.cli(lambda: main(argv), prog)
+        irepa.cli(lambda: main(argv), prog)
     return e.value.code, capsys.readouterr().err
 
 
@@ -4177,11 +4179,11 @@ def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkey
 @cuda_build
 def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatch, cuda_present):
     """The SDE sampler with guidance on fake CUDA tensors draws its noise there; the preview grid draws its noise
-    once, up front, and moves it with one non_blocking copy; its picture is the one copy back (fid.save_grid)."""
+    once, up front, and moves it with one non_blocking copy; its picture is the one copy back (irepa.save_grid)."""
     irepa.time_grid('sde', 3)  # host floats, computed once per setting (here before the fake mode)
     irepa.time_grid('sde', irepa.PREVIEW['sde'][0])
     saved = []
-    monkeypatch.setattr(fid, 'save_grid', lambda x, path, cols: saved.append(x))
+    monkeypatch.setattr(irepa, 'save_grid', lambda x, path, cols: saved.append(x))
     vae = encoders.load_vae('random:tiny')  # the decoder of the pictures, as sample_grid loads it
     monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self, *a: self)  # page-locking needs the driver
     with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
