@@ -1,9 +1,12 @@
 """
-iREPA in one file: SiT with REPA / iREPA alignment, flow matching, the samplers, the data and a DDP training loop;
-after the loop REPA-E and MeanFlow (the other objectives), the paper's study commands and the command line. iREPA
-("What matters for Representation Alignment: Global Information or Spatial Structure?", arXiv 2512.10794) changes
-REPA twice: the 3-layer MLP projector becomes one 3x3 convolution on the token grid, and the teacher tokens get a
-spatial z-score over the token axis, y = (f - gamma * mean_T f) / (std_T f + 1e-6).
+iREPA in one file. iREPA ("What matters for Representation Alignment: Global Information or Spatial Structure?",
+arXiv 2512.10794) changes REPA twice: the 3-layer MLP projector becomes one 3x3 convolution on the token grid, and the
+teacher tokens get a spatial z-score over the token axis, y = (f - gamma * mean_T f) / (std_T f + 1e-6).
+
+The file reads in five parts: 1. the method (SiT, both projectors, the spatial norm, the losses, the samplers, the data
+and a complete trainer: reading up to its closing banner gives the whole method); 2. the other objectives (REPA-E,
+MeanFlow); 3. the paper's study commands; 4. running at scale (run folders, exact resume, preemption, DDP, logging,
+the sharded passes of --prepare and the teacher cache), behind one object, `Run`; 5. the command line.
 
     python irepa.py --demo                                                   # offline, CPU, minutes
     python irepa.py --prepare --data-path /data/imagenet/train --out-dir data/in256          # SD-VAE latents, once
@@ -13,11 +16,14 @@ spatial z-score over the token axis, y = (f - gamma * mean_T f) / (std_T f + 1e-
 
 Conventions: time runs data -> noise, x_t = (1 - t) x + t eps, the network predicts the velocity v = eps - x, samplers
 integrate t from 1 to 0; the null label is index `num_classes`; uint8 images -> [-1, 1] (SiT, VAE), [0, 1] (teachers).
+A teacher's output is its `tokens` (B, T, D); after the spatial norm (or raw, for REPA) they are the `targets`.
 """
 import argparse
 import colorsys
 import contextlib
 import copy
+import csv
+import fcntl
 import functools
 import hashlib
 import json
@@ -27,11 +33,11 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,29 +48,28 @@ import torch.utils.checkpoint
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
 from torchvision.utils import make_grid
+from tqdm import tqdm
 
 import encoders
 
 
 class UserError(ValueError):
-    """A mistake of the user, not of the code: a bad value, a missing file, an unknown name, a wrong folder layout, a
-    checkpoint of another model. The command lines (cli) print it, and encoders.LoadError, as one line and exit with
-    code 2, as argparse does; any other exception is a bug and keeps its traceback. errors: several mistakes found at
-    once (validate), one line each. everywhere: every process of a torchrun job meets it alike, so rank 0 alone says it."""
+    """A mistake of the user, not of the code: a bad value, a missing file, an unknown name, a checkpoint of another
+    model. The command lines (cli, Part 5) print it, as they do encoders.LoadError, as one line and exit with code 2;
+    any other exception is a bug and keeps its traceback. errors: several mistakes found at once (validate), a line
+    each. everywhere: every process of a torchrun job meets it alike, so rank 0 alone says it."""
     def __init__(self, message, errors=None, everywhere=False):
         super().__init__(message)
         self.errors, self.everywhere = errors or [message], everywhere
 
-# -----------------------------------------------------------------------------
+# =====================================================================================================================
+# Part 1. The method
+# =====================================================================================================================
 # The recipes: every default of a method is in its row; a flag given on the command line overrides it. `objective`
-# picks the training step (flow matching, REPA-E's end-to-end VAE, MeanFlow); projector, proj_kernel, spnorm,
-# spnorm_gamma and proj_coeff (lambda) are the alignment; preview is the sampler of the grids drawn while training;
-# precision is the autocast of the step.
-FLOW = dict(objective='flow', proj_kernel=3, spnorm_gamma=0.6, adam_beta2=0.999, preview='sde',
-            precision=None)  # None: bf16 autocast on CUDA, fp32 on CPU
+# picks the training unit (Flow below, REPAE or MeanFlow in Part 2); projector, proj_kernel, spnorm, spnorm_gamma and
+# proj_coeff (lambda) are the alignment.
+FLOW = dict(objective='flow', proj_kernel=3, spnorm_gamma=0.6, adam_beta2=0.999)
 REPA_E = FLOW | dict(
     objective='repa-e', proj_coeff=0.5,  # REPA-E's SiT step weighs the alignment 0.5, with either projector
     vae_align_coeff=1.5, vae_lr=1e-4, disc_lr=1e-4,  # the VAE step: regularizer + 1.5 x alignment through the SiT
@@ -87,16 +92,20 @@ RECIPES = {
     'meanflow-repa': MEANFLOW | REPA,
     'meanflow-irepa': MEANFLOW | IREPA,
 }
-
-# The defaults every recipe shares (the command line's help says what each one is: python irepa.py --help)
-DEFAULTS = dict(
-    recipe='irepa', model='SiT-XL/2', encoder='dinov2-vit-b', encoder_weights='auto', encoder_depth=None,
-    projector_dim=2048, siglip_norm='imagenet', qk_norm=False,  # the SiT and its teachers
-    data_path=None, resolution=256, vae='sd-vae-ft-mse', latent_scale=None, num_classes=10, synthetic_size=10_000,
-    max_steps=400_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0,  # REPA's optimizer
-    out_dir='out/run', log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
-    device='auto', compile=None, grad_ckpt=False, teacher_cache=None, resume=False, prepare=False, demo=False,
-    overwrite=False, keep_last=0, time_limit=None, max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)  # on a cluster
+# The defaults every recipe shares (what each one is: python irepa.py --help), in two groups. What the trained model
+# depends on: a resumed run must keep it (the run refuses a checkpoint made otherwise).
+METHOD = dict(
+    recipe='irepa', model='SiT-XL/2', encoder='dinov2-vit-b', encoder_depth=None, projector_dim=2048,
+    siglip_norm='imagenet', qk_norm=False, resolution=256, vae='sd-vae-ft-mse', latent_scale=None, num_classes=10,
+    synthetic_size=10_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0)  # REPA's optimizer
+# How a run goes: any of these may change when it resumes. preview: the sampler of the grids drawn while training;
+# precision: the step's autocast, None: bf16 on CUDA, fp32 on CPU; the last line is for clusters.
+RUN = dict(
+    max_steps=400_000, data_path=None, encoder_weights='auto', out_dir='out/run', log_every=100, ckpt_every=50_000,
+    sample_every=10_000, preview='sde', num_workers=8, device='auto', precision=None, compile=None, grad_ckpt=False,
+    teacher_cache=None, resume=False, prepare=False, demo=False, overwrite=False, keep_last=0, time_limit=None,
+    max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)
+DEFAULTS = METHOD | RUN
 
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
 # cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
@@ -108,10 +117,44 @@ DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to 
 PREVIEW_IMAGES, PREVIEW_COLS = 16, 8
 PREVIEW = {'euler': (50, 4.0), 'heun': (25, 4.0), 'sde': (50, 4.0), 'meanflow': (1, 1.0)}
 
-# A run stopped by SIGTERM/SIGINT (preemption) or --time-limit exits with this code once its checkpoint is written:
-# EX_TEMPFAIL of sysexits.h, "temporary failure, try again": requeue the job with --resume. 2 is a user error.
-PREEMPTED = 75
-GRAD_FLOOR_INTERVALS = 3  # a gradient norm under --grad-floor for this many log intervals in a row is a warning
+# -----------------------------------------------------------------------------
+# iREPA's two changes, beside REPA's: the projector from SiT tokens to a teacher's width, and the spatial norm of the
+# teacher's tokens, which become the alignment targets
+class Projector(nn.Module):
+    """Maps SiT tokens (N, T, D) to one teacher's width (N, T, z_dim). 'mlp' (REPA) acts on each token alone:
+    Linear-SiLU-Linear-SiLU-Linear. 'conv' (iREPA) is a single k x k convolution on the row-major token grid, no
+    activation, so each output token also sees its neighbours."""
+    def __init__(self, kind, hidden_size, z_dim, projector_dim=2048, kernel=3):
+        super().__init__()
+        if kind == 'mlp':
+            self.projection_layer = nn.Sequential(
+                nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                nn.Linear(projector_dim, z_dim))
+        elif kind == 'conv':
+            if kernel % 2 == 0:
+                raise UserError(f"conv projector kernel must be odd to keep the token grid, got {kernel}")
+            self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel, padding=kernel // 2)
+        else:
+            raise ValueError(f"unknown projector {kind!r}; accepted: 'mlp' (REPA), 'conv' (iREPA)")
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == 'mlp':
+            return self.projection_layer(x)
+        N, T, D = x.shape
+        H = math.isqrt(T)
+        if H * H != T:
+            raise ValueError(f"the conv projector needs a square token grid, got T={T} tokens")
+        x = x.view(N, H, H, D).permute(0, 3, 1, 2)  # (N, D, H, W) as a channels-last view: no copy
+        return self.projection_layer(x).permute(0, 2, 3, 1).reshape(N, T, -1)  # (N, T, z_dim)
+
+def spatial_norm(tokens, gamma=0.6, eps=1e-6):
+    """iREPA's spatial z-score of teacher tokens (B, T, D): over the token axis, per image and channel. gamma < 1
+    keeps part of the global (mean) component; the std is unbiased and eps is added to it (official code)."""
+    f = tokens.float()
+    return (f - gamma * f.mean(dim=1, keepdim=True)) / (f.std(dim=1, keepdim=True) + eps)
+
 
 # -----------------------------------------------------------------------------
 # SiT: a DiT-style transformer with adaLN-Zero blocks, predicting the velocity
@@ -214,35 +257,6 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C)
 
-class Projector(nn.Module):
-    """Maps SiT tokens (N, T, D) to one teacher's width (N, T, z_dim). 'mlp' (REPA) acts on each token alone:
-    Linear-SiLU-Linear-SiLU-Linear. 'conv' (iREPA) is a single k x k convolution on the row-major token grid, no
-    activation, so each output token also sees its neighbours."""
-    def __init__(self, kind, hidden_size, z_dim, projector_dim=2048, kernel=3):
-        super().__init__()
-        if kind == 'mlp':
-            self.projection_layer = nn.Sequential(
-                nn.Linear(hidden_size, projector_dim), nn.SiLU(),
-                nn.Linear(projector_dim, projector_dim), nn.SiLU(),
-                nn.Linear(projector_dim, z_dim))
-        elif kind == 'conv':
-            if kernel % 2 == 0:
-                raise UserError(f"conv projector kernel must be odd to keep the token grid, got {kernel}")
-            self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel, padding=kernel // 2)
-        else:
-            raise ValueError(f"unknown projector {kind!r}; accepted: 'mlp' (REPA), 'conv' (iREPA)")
-        self.kind = kind
-
-    def forward(self, x):
-        if self.kind == 'mlp':
-            return self.projection_layer(x)
-        N, T, D = x.shape
-        H = math.isqrt(T)
-        if H * H != T:
-            raise ValueError(f"the conv projector needs a square token grid, got T={T} tokens")
-        x = x.view(N, H, H, D).permute(0, 3, 1, 2)  # (N, D, H, W) as a channels-last view: no copy
-        return self.projection_layer(x).permute(0, 2, 3, 1).reshape(N, T, -1)  # (N, T, z_dim)
-
 class SiT(nn.Module):
     """SiT with one projector per teacher on the output of block `encoder_depth` (1-based, before any norm).
     meanflow=True adds MeanFlow's second time embedder (on h = t - r) and leaves label dropout to its loss."""
@@ -327,28 +341,8 @@ def sit_args(name, **kwargs):
 def build_sit(name, **kwargs):
     return SiT(**sit_args(name, **kwargs))
 
-def load_state(model, state_dict, what='checkpoint'):
-    """load_state_dict(strict=True), but a mismatch says which keys and shapes differ instead of a wall of text."""
-    if not isinstance(model, nn.Module):  # an optimizer
-        return model.load_state_dict(state_dict)
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
-    shapes = sorted(f"{k}: {tuple(state_dict[k].shape)} in the {what}, {tuple(own[k].shape)} in the model"
-                    for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
-    if missing or unexpected or shapes:
-        lines = [f"  {label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for label, keys in
-                 ((f"missing from the {what}", missing), ("not in the model", unexpected)) if keys]
-        raise UserError('\n'.join([f"the {what} was made for another model config:", *lines, *('  ' + s for s in shapes[:6])]))
-    model.load_state_dict(state_dict)
-
 # -----------------------------------------------------------------------------
-# The spatial normalization of the teacher tokens, and the losses
-def spatial_norm(f, gamma=0.6, eps=1e-6):
-    """iREPA's spatial z-score of teacher tokens (B, T, D): over the token axis, per image and channel. gamma < 1
-    keeps part of the global (mean) component; the std is unbiased and eps is added to it (official code)."""
-    f = f.float()
-    return (f - gamma * f.mean(dim=1, keepdim=True)) / (f.std(dim=1, keepdim=True) + eps)
-
+# Flow matching and the alignment loss
 def interpolate(x, noise, t):
     """The linear path: x_t = (1 - t) x + t eps, so t = 0 is data and t = 1 is noise; its velocity is eps - x."""
     t = t.view(-1, *([1] * (x.dim() - 1)))
@@ -497,7 +491,7 @@ class ImageData(torch.utils.data.Dataset):
     """Images (synthetic or from a folder) at one resolution, optionally paired by index with prepared latents."""
     def __init__(self, data_path, resolution, num_classes=10, seed=0, synthetic_size=10_000):
         self.resolution, self.latents, self.meta, self.unreadable = resolution, None, None, []  # see collate_reporting
-        self.tokens, self.images = (), True  # teacher-cache memmaps; images False: none is read (use_teacher_cache)
+        self.tokens, self.images = (), True  # see serving
         data_path = Path(data_path) if data_path else None
         if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
             self.meta = meta = json.loads((data_path / 'meta.json').read_text())
@@ -518,6 +512,13 @@ class ImageData(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def serving(self, tokens, images=True):
+        """A copy that also serves the cached teacher tokens (N, T, D) of each image (bf16 as int16 bits);
+        images=False: it reads no image (the SiT trains on prepared latents)."""
+        data = copy.copy(self)
+        data.tokens, data.images = tokens, images
+        return data
+
     def image(self, i):
         if self.files is None:
             return synthetic_image(i, self.resolution, self.num_classes, self.seed)[0]
@@ -536,23 +537,6 @@ class ImageData(torch.utils.data.Dataset):
         moments = torch.from_numpy(np.array(self.latents[i])) if self.latents is not None else torch.empty(0)
         tokens = tuple(torch.from_numpy(np.array(t[i])) for t in self.tokens)  # (T, D) each; bf16 as int16 bits
         return img, moments, int(self.labels[i]), tokens  # (3, R, R) uint8, (2C, h, w), label, cached tokens
-
-def collate_reporting(data, samples):
-    """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason)
-    that this process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it
-    travels with the batch, and the main process reports each file once (report_unreadable)."""
-    info = torch.utils.data.get_worker_info()
-    data = info.dataset if info else data
-    bad, data.unreadable = data.unreadable, []
-    return (*torch.utils.data.default_collate(samples), bad)
-
-def report_unreadable(seen, bad):
-    """Warn about each unreadable file of `bad` not in `seen` (path -> reason) yet, once; add it there."""
-    for path, why in bad:
-        if path not in seen:
-            seen[path] = why
-            print(f"warning: unreadable image {path} ({why}); the next readable image of its class replaces it "
-                  f"(reported once; the count is in log.jsonl as bad_images)", file=sys.stderr)
 
 def batches(n, global_batch, rank, world, seed, start=0):
     """This rank's share of each global batch, from step `start` on, forever. Epoch e is a permutation seeded with
@@ -603,495 +587,14 @@ class LatentNorm:
     def from_dict(d):
         return None if d is None else LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'), d.get('scale'))
 
-def to_uint8(x):
-    """[-1, 1] floats (B, 3, H, W) -> uint8 (B, H, W, 3), rounding to nearest (REPA truncates; DiT rounds)."""
-    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-def save_grid(images, path, cols=None):
-    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
-    k = max(1, 64 // images.shape[1])
-    images = images.permute(0, 3, 1, 2).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (N, 3, kH, kW)
-    grid = make_grid(images.cpu(), nrow=cols or math.ceil(math.sqrt(len(images))), padding=0)  # (3, rows kH, cols kW)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
 def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; pixel-space runs (norm None) are images already."""
     return z if norm is None else vae.decode(norm.denormalize(z))
 
-def torch_device(name):
-    """--device -> the torch.device of this process, with an index on CUDA: the one place that reads the flag (the
-    rest asks .type). 'auto': CUDA if there is one; 'cuda': cuda:LOCAL_RANK under torchrun, else cuda:0."""
-    name = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
-    if device.type == 'cpu':
-        return torch.device('cpu')
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}, CUDA "
-                        f"{torch.version.cuda or 'none: a CPU build'}); use --device cpu")
-    local, n = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
-    index = local if device.index is None else device.index
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and index != local:  # two ranks on one GPU: NCCL would hang
-        raise UserError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda")
-    if index >= n:
-        raise UserError(f"--device {name}: this machine has {n} CUDA device{'s' * (n != 1)}"
-                        f"{f' (cuda:0 to cuda:{n - 1})' if n else ''}")
-    return torch.device('cuda', index)
-
-def tf32(on, conv=True):
-    """TF32 for fp32 matmuls and (conv=True) cuDNN convolutions: True, False, or a list this returned before (the
-    settings it replaced). Through the fp32_precision API where torch has it (2.9+): it deprecates the allow_tf32
-    flags, and reading one after a mix of the two raises."""
-    b = torch.backends
-    new = hasattr(b.cuda.matmul, 'fp32_precision')
-    flags, attr = ((b.cuda.matmul, b.cudnn.conv), 'fp32_precision') if new else ((b.cuda.matmul, b.cudnn), 'allow_tf32')
-    flags = flags if conv else flags[:1]
-    before = [getattr(f, attr) for f in flags]
-    for f, v in zip(flags, on if isinstance(on, list) else [('tf32' if on else 'ieee') if new else on] * len(flags)):
-        setattr(f, attr, v)
-    return before
-
-def use_device(device):
-    """A process's CUDA settings, before anything runs on the GPU (and before the NCCL process group, which binds to
-    the current device): the device, TF32 for what stays fp32. Nothing on a CPU."""
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        tf32(True)
-
-def dist_info():
-    """(rank, world size, local rank): from torchrun's environment, or a single process without it."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
-    return 0, 1, 0
-
-def moment_sums(mean, std):
-    """Posterior (B, C, h, w) mean and std -> (3, C) float64 sums of mu, mu^2 + sigma^2 and the count."""
-    mean, std = mean.double(), std.double()
-    return torch.stack([mean.sum((0, 2, 3)), (mean ** 2 + std ** 2).sum((0, 2, 3)),
-                        torch.full_like(mean[0, :, 0, 0], mean[:, 0].numel())])
-
-def latent_stats(sums):
-    """Per-channel mean and std of posterior samples z = mu + sigma eps from their moment sums: E[z] = E[mu],
-    Var z = E[mu^2 + sigma^2] - E[mu]^2."""
-    mean = sums[0] / sums[2]
-    return mean, (sums[1] / sums[2] - mean ** 2).sqrt()
-
-def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=None):
-    """(ids, posterior mean, std) of the images `ids`, a batch at a time: (B, C, h, w) each. The loader has a generator
-    of its own: the global RNG (random teachers and networks are drawn from it) stays untouched."""
-    seen = {}
-    chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=num_workers, generator=torch.Generator(),
-                                         collate_fn=functools.partial(collate_reporting, data))
-    for chunk, (img, _, _, _, bad) in zip(chunks, tqdm(loader, desc=desc, disable=desc is None)):
-        report_unreadable(seen, bad)
-        yield chunk, *vae.encode(img.to(device).float() / 127.5 - 1)
-
-PREPARE_SHARD = 4096  # images per unit of --prepare's work: a stopped --prepare redoes at most one per process
-_cpu_groups = []  # [(the default process group, its gloo twin)]: made once per process group
-
-def cpu_group():
-    """A gloo group over all ranks, made once per process group (new_group is a collective: every rank calls this at
-    the same point). Waits and flags go through it, off the GPU: a rank waiting in an NCCL collective for another that
-    still works is killed by NCCL's watchdog after 10 minutes; gloo has no watchdog (its timeout: 30 minutes)."""
-    if not _cpu_groups or _cpu_groups[0][0] is not dist.group.WORLD:
-        _cpu_groups[:] = [(dist.group.WORLD, dist.new_group(backend='gloo'))]
-    return _cpu_groups[0][1]
-
-def sharded_pass(folder, n, work, suffix, save, desc, what):
-    """The resumable pass of --prepare, the teacher cache and fid.py sample: shard k is done once its mark
-    folder/{k:06d}{suffix} exists. The shards not done are split evenly over the ranks (the remaining ones: a resumed
-    pass is as balanced as a fresh one); save(work(k), file) writes shard k's mark, atomically (a temp file, then a
-    rename). Before each round of shards and at the end, the ranks agree on the gloo group whether a stop signal
-    (SIGTERM/SIGINT) reached any of them: so every wait is on the CPU and lasts about one shard (no rank sits in an
-    NCCL collective, whose watchdog kills the job after 10 minutes), and one signalled rank stops them all. Stopped:
-    every rank exits PREEMPTED and rank 0 says how many shards are `what` (e.g. 'shards to do in DIR')."""
-    rank, world, _ = dist_info()
-    mark = lambda k: folder / f'{k:06d}{suffix}'
-    todo = [k for k in range(n) if not mark(k).exists()]  # every rank lists them before the first agreement below
-    stop = SimpleNamespace()
-
-    def stopped():  # a stop signal on any rank, agreed by all: the same answer, at the same round, everywhere
-        flag = torch.tensor([float(stop.signal is not None)])
-        if world > 1:
-            dist.all_reduce(flag, group=cpu_group())
-        return flag.item() > 0
-    catch_stop_signals(stop)
-    try:
-        for i in tqdm(range(rank, -(-len(todo) // world) * world, world), desc, disable=rank != 0):  # equal rounds
-            if stopped():
-                break
-            if i < len(todo):  # the last round may leave a rank without a shard
-                k = todo[i]
-                value, tmp = work(k), mark(k).with_name(f'{k:06d}.tmp{suffix}')
-                try:
-                    with open(tmp, 'wb') as f:
-                        save(value, f)
-                    os.replace(tmp, mark(k))  # a mark exists only once its shard is complete
-                except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
-                    tmp.unlink(missing_ok=True)
-                    why = ' '.join(str(e).split())[:300]
-                    raise UserError(f"could not write {mark(k)} ({type(e).__name__}: {why})") from None
-    finally:
-        release_stop_signals(stop)  # the handlers back, also when a shard fails
-    if stopped():  # also the wait for the other ranks' last shards
-        if rank == 0:
-            left = sum(not mark(k).exists() for k in range(n))
-            print(f"stopped by a signal; {left} of {n} {what}; the same command goes on from there (exit code "
-                  f"{PREEMPTED}: requeue)", file=sys.stderr)
-        raise SystemExit(PREEMPTED)
-
-@torch.no_grad()
-def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classes=10, seed=0, synthetic_size=10_000,
-                    batch_size=64, num_workers=0):
-    """One pass over the images in shards of PREPARE_SHARD, spread over the ranks: VAE posterior mean/std as an fp16
-    memmap, labels, and the per-channel latent statistics (latent_stats). A finished shard leaves its moment sums in
-    out/shards/; SIGTERM/SIGINT stop between shards (exit PREEMPTED) and the same command goes on from there.
-    meta.json is written last and marks completion."""
-    rank, world, _ = dist_info()
-    barrier = (lambda: dist.barrier(group=cpu_group())) if world > 1 else lambda: None  # waits off the GPU
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = ImageData(data_path, resolution, num_classes, seed, synthetic_size)
-    vae = encoders.load_vae(vae_spec, device=device)
-    C, h = vae.latent_channels, resolution // vae.downsample
-    shards, n = out / 'shards', -(-len(data) // PREPARE_SHARD)
-    settings = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
-                    vae=vae_spec, size=len(data), shape=[2 * C, h, h], shard=PREPARE_SHARD)
-    if (shards / 'settings.json').exists() and json.loads((shards / 'settings.json').read_text()) != settings:
-        raise UserError(f"{shards} holds the shards of a --prepare with other settings; delete it or pick another --out-dir")
-    barrier()  # every rank has checked before rank 0 writes
-    if rank == 0 and not (shards / 'settings.json').exists():  # a new pass (else: go on with the shards not done)
-        np.lib.format.open_memmap(out / 'latents.npy', mode='w+', dtype=np.float16, shape=(len(data), 2 * C, h, h)).flush()
-        shards.mkdir(exist_ok=True)
-        (shards / 'settings.json').write_text(json.dumps(settings))
-    barrier()
-    latents = np.load(out / 'latents.npy', mmap_mode='r+')
-
-    def work(k):  # shard k's posterior moments into the memmap; its moment sums are its done mark
-        part = torch.zeros(3, C, dtype=torch.float64, device=device)
-        for ids, mean, std in latent_moments(data, vae, list(range(k * PREPARE_SHARD, min(len(data), (k + 1) *
-                                             PREPARE_SHARD))), device, batch_size, num_workers):
-            latents[ids] = torch.cat([mean, std], 1).half().cpu().numpy()
-            part += moment_sums(mean, std)
-        latents.flush()
-        return part.cpu()
-    sharded_pass(shards, n, work, '.pt', torch.save, 'prepare latents', f'shards to do in {shards}')
-    if rank == 0:  # the shards' sums in shard order: the same statistics whatever the ranks, stops and resumes
-        mu, sd = latent_stats(sum(torch.load(shards / f'{k:06d}.pt', weights_only=True) for k in range(n)))
-        np.save(out / 'labels.npy', data.labels.astype(np.int64))
-        meta = dict(source=str(Path(data_path).resolve()) if data_path else 'synthetic', resolution=resolution,
-                    num_classes=data.num_classes, seed=seed, size=len(data), vae=vae_spec, shape=[2 * C, h, h],
-                    stats=dict(mean=mu.tolist(), std=sd.tolist()))
-        (out / 'meta.json.tmp').write_text(json.dumps(meta, indent=1))
-        os.replace(out / 'meta.json.tmp', out / 'meta.json')
-        shutil.rmtree(shards)
-        print(f"prepared {len(data)} latents {(2 * C, h, h)} in {out}; per-channel mean {np.round(mu.tolist(), 4)}, "
-              f"std {np.round(sd.tolist(), 4)}")
-    barrier()
-
-# The teacher-token cache (--teacher-cache DIR): the frozen teachers run once over the training images and their
-# tokens (before the spatial norm, in the dtype training computes them in) go into one memmap per teacher; training
-# then reads them by image index. iREPA uses no data augmentation (a centre crop, always the same), so an image's
-# tokens never change and the cache is exact: on a CPU the cached run is the online run, bit for bit. A data
-# augmentation added to this file must refuse the cache. For the paper's big teachers this is most of the compute:
-# WebSSL-1B's forward (~600 GFLOP per image) or PE-Core-G's (~970) against ~710 for a whole SiT-XL/2 step.
-CACHE_DTYPES = {torch.float32: 'float32', torch.float16: 'float16', torch.bfloat16: 'int16'}  # bf16: its raw bits
-
-def dataset_fingerprint(data):
-    """A hash of what the teacher sees of a dataset: the files and labels (names only: stat()ing 1.28M files on a
-    network filesystem takes minutes), or the synthetic set's seed, size and classes."""
-    what = ['synthetic', data.seed, len(data), data.num_classes] if data.files is None else \
-        [str(data.root), data.files, data.labels.tolist()]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-
-def cache_meta(cfg, data, teachers, dtypes):
-    """What a cache must match to be used: per teacher its name, weights (fingerprint) and token dtype; the image
-    resolution, token grid, preprocessing and dataset."""
-    return dict(teachers=[dict(name=t.name, weights=weights_fingerprint(t), dim=t.dim, dtype=str(d).split('.')[-1])
-                          for t, d in zip(teachers, dtypes)],
-                resolution=cfg.resolution, grid=teachers[0].grid, siglip_norm=cfg.siglip_norm,
-                dataset=dataset_fingerprint(data), size=len(data))
-
-def open_cache(path, meta):
-    """The cache's token memmaps (N, T, D), one per teacher, read-only; refused unless complete and matching."""
-    done = path / 'meta.json'
-    if not done.exists():
-        raise UserError(f"--teacher-cache {path} is incomplete (no meta.json: its pass was stopped); the same command "
-                        f"goes on with it")
-    flat = lambda m: {f'teacher {i} {k}': v for i, t in enumerate(m['teachers']) for k, v in t.items()} | \
-        {k: v for k, v in m.items() if k not in ('teachers', 'batch')}
-    have, want = flat(json.loads(done.read_text())), flat(meta)
-    if diff := [f"{k} {have.get(k)} (cache) vs {v} (now)" for k, v in want.items() if have.get(k) != v]:
-        raise UserError(f"--teacher-cache {path} holds the tokens of another teacher, weights, resolution or dataset: "
-                        f"{'; '.join(diff)}; pick another folder or delete it")
-    return [np.load(path / f'tokens-{k}.npy', mmap_mode='r') for k in range(len(meta['teachers']))]
-
-def cache_tokens(s, img):
-    """What the teacher cache stores of a batch: each teacher's raw tokens (B, T, D), in bf16 under --precision bf16
-    whatever the teacher returns (CUDA autocast computes LayerNorm in fp32: DINOv2's tokens come out fp32, twice the
-    disk), else as returned. The online path keeps the teacher's own dtype, as the official code does."""
-    return [f.to(torch.bfloat16) if s.cfg.precision == 'bf16' else f for f in teacher_targets(s, img, raw=True)]
-
-@torch.no_grad()
-def cache_shard(s, out, k, batch_size):
-    """Shard k of the cache pass: its images through the teachers in batches of the training's size (so the teacher
-    computes with the shapes it trains with), their tokens into the memmaps `out`, flushed."""
-    ids = list(range(k * PREPARE_SHARD, min(len(s.data), (k + 1) * PREPARE_SHARD)))
-    chunks = [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
-    loader = torch.utils.data.DataLoader(s.data, batch_sampler=chunks, num_workers=s.cfg.num_workers,
-                                         generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
-                                         collate_fn=functools.partial(collate_reporting, s.data))
-    for chunk, (img, _, _, _, bad) in zip(chunks, loader):
-        report_unreadable(s.bad_files, bad)
-        img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's batch shape
-        for mm, f in zip(out, cache_tokens(s, img.to(s.device))):
-            mm[chunk] = f[:len(chunk)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
-    for mm in out:
-        mm.flush()  # before the mark: a marked shard is on disk
-
-@torch.no_grad()
-def build_teacher_cache(s, path, batch_size):
-    """The cache pass, like --prepare: shards of PREPARE_SHARD images (cache_shard) in one sharded_pass over the
-    ranks, each marked done in shards/ when written; a stop signal ends it between shards (exit PREEMPTED) and the
-    same command goes on. The free disk space is checked first; meta.json, written last, marks the cache complete."""
-    barrier = (lambda: dist.barrier(group=cpu_group())) if s.world > 1 else lambda: None  # waits off the GPU
-    probe = torch.zeros(batch_size, 3, s.cfg.resolution, s.cfg.resolution, dtype=torch.uint8, device=s.device)
-    dtypes = [f.dtype for f in cache_tokens(s, probe)]  # bf16 (--precision bf16) or what the teacher returns
-    meta, n = cache_meta(s.cfg, s.data, s.teachers, dtypes), -(-len(s.data) // PREPARE_SHARD)
-    if (path / 'meta.json').exists():
-        return meta
-    shards, T = path / 'shards', s.teachers[0].grid ** 2
-    files = [(path / f'tokens-{k}.npy', (len(s.data), T, t.dim), CACHE_DTYPES[d]) for k, (t, d) in
-             enumerate(zip(s.teachers, dtypes))]
-    if (shards / 'settings.json').exists() and json.loads((shards / 'settings.json').read_text()) != meta:
-        raise UserError(f"--teacher-cache {path} holds the unfinished pass of another teacher, weights, resolution or "
-                        f"dataset; delete it or pick another folder")
-    need = sum(math.prod(shape) * np.dtype(dt).itemsize for _, shape, dt in files)
-    sizes = ' + '.join(' x '.join(map(str, (*shape, f'{np.dtype(dt).itemsize} B'))) for _, shape, dt in files)
-    path.mkdir(parents=True, exist_ok=True)
-    if not shards.exists() and (free := shutil.disk_usage(path).free) < need * 1.02:  # + headers, shard marks
-        raise UserError(f"--teacher-cache {path}: the tokens need {need / 1e9:.1f} GB ({sizes}), the disk has "
-                        f"{free / 1e9:.1f} GB free; pick another folder or free space")
-    barrier()  # every rank has checked before rank 0 writes
-    if s.master and not shards.exists():
-        for f, shape, dt in files:
-            np.lib.format.open_memmap(f, mode='w+', dtype=dt, shape=shape).flush()  # sparse until written
-        shards.mkdir()
-        (shards / 'settings.json').write_text(json.dumps(meta))  # last: the files exist once shards/ does
-        print(f"teacher cache: {len(s.data)} images x {T} tokens of {', '.join(t.name for t in s.teachers)} into {path}")
-    barrier()
-    out = [np.load(f, mmap_mode='r+') for f, _, _ in files]
-    sharded_pass(shards, n, lambda k: cache_shard(s, out, k, batch_size), '.done', lambda _, f: None,
-                 'teacher cache', f'shards of the teacher cache to do in {path}')  # an empty file marks a shard done
-    if s.master:
-        (path / 'meta.json.tmp').write_text(json.dumps(meta | dict(batch=batch_size), indent=1))
-        os.replace(path / 'meta.json.tmp', path / 'meta.json')
-        shutil.rmtree(shards)
-    barrier()
-    return meta
 
 # -----------------------------------------------------------------------------
-# Training: helpers (FLOPs, checkpoints, optimizer, EMA), then setup -> one plain state `s`, the step, the loop
-# dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
-PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
-                   'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12,
-                   'RTX 4090': 165e12}
-RESUME_MAY_CHANGE = {'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'preview', 'resume', 'device', 'compile',
-                     'precision', 'grad_ckpt', 'teacher_cache', 'num_workers', 'out_dir', 'data_path', 'encoder_weights',
-                     'demo', 'prepare', 'overwrite', 'keep_last', 'time_limit', 'max_bad_fraction', 'grad_floor',
-                     'grad_jump', 'trained_teachers'}  # set by the run itself, and checked on its own (record_teachers)
-
-def compiler_missing(device):
-    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++
-    compiler on CPU."""
-    if device == 'cuda':
-        import torch.utils._triton
-        return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    try:
-        get_cpp_compiler()  # looks for $CXX or g++ on the PATH
-    except Exception as e:
-        return f'a C++ compiler for CPU kernels (g++, or one named by $CXX): {e}'.strip()
-    return None
-
-def sit_train_flops(model):
-    """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
-    L, (_, T, D) = len(model.blocks), model.pos_embed.shape
-    return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
-
-def forward_flops(module, *shapes):
-    """FLOPs of one forward of `module` on inputs of these shapes, counted by torch on fake tensors: no compute."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-    device, training = next(module.parameters()).device, module.training
-    module.eval()  # in train mode a BatchNorm would count this pass in its statistics (REPA-E's discriminator)
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
-        module(*(torch.zeros(shape, device=device) for shape in shapes))
-    module.train(training)
-    return counter.get_total_flops()
-
-def step_flops(s):
-    """Training FLOPs per image of one step of the run's objective (for MFU), in forwards: a backward into the
-    weights and the input counts 2 more, into one of them 1 more. Every objective: the SiT's forward and backward
-    (sit_train_flops) and the teachers' forwards (none with a cache). MeanFlow: + the guidance pass (cond and
-    uncond: 2, when guidance is trained in) + the JVP (primal and tangent: 2). REPA-E: + the VAE step (the VAE 3;
-    the frozen LPIPS, discriminator and SiT up to the aligned block 2 each: the gradient passes to their input) + the
-    discriminator's step (real and fake images: 2 each)."""
-    cfg, sit = s.cfg, sit_train_flops(s.model)
-    flops = sit + sum(t.flops() for t in s.teachers if not s.data.tokens)
-    if cfg.objective == 'meanflow':
-        flops += sit / 3 * (2 * (cfg.mf_omega != 1.0 or cfg.mf_kappa != 0.0) + 2)
-    if cfg.objective == 'repa-e':
-        img = (1, 3, cfg.resolution, cfg.resolution)
-        disc = forward_flops(s.disc, img)
-        flops += 3 * forward_flops(s.vae, img) + 2 * (forward_flops(s.lpips, img, img) + 3 * disc +
-                                                      sit / 3 * s.model.encoder_depth / len(s.model.blocks))
-    return flops
-
-def weights_fingerprint(model):
-    """A float that equal weights reproduce bit for bit and different weights almost surely do not. A model without
-    weights (the HOG and SIFT teachers) is its name and configuration: a string, e.g. 'sift: SIFT(grid=16)'."""
-    params = list(model.parameters())
-    if params:
-        return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(params)).item()
-    inner = getattr(model, 'model', model)  # a Teacher wraps its descriptor
-    settings = dict(vars(type(inner))) | vars(inner)  # HOG's class settings, SIFT's grid
-    config = ', '.join(f'{k}={v}' for k, v in sorted(settings.items())
-                       if type(v) in (int, float, str, bool) and not k.startswith('_') and k != 'training')
-    return f"{getattr(model, 'name', '')}: {type(inner).__name__}({config})"
-
-def atomic_save(path, state):
-    """Write to a temp file, then rename: a kill or a failed write (disk full, permissions) during the save never
-    touches the previous checkpoint. A failed write removes its partial file and says why."""
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)  # a partial file only fills the disk further
-        raise UserError(f"could not write {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
-
-def latest_checkpoint(out_dir):
-    files = sorted((Path(out_dir) / 'checkpoints').glob('*.pt'))  # zero-padded step names; *.pt.tmp are unfinished
-    return files[-1] if files else None
-
-def seconds(text):
-    """A duration: '3h55m', '90m', '1h30m20s', '45s' or plain seconds ('600') -> seconds."""
-    m = re.fullmatch(r'(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?', text.strip())
-    if not m or not any(m.groups()):
-        raise ValueError(f"not a duration: {text!r}; write it as 3h55m, 90m, 45s or seconds")
-    return sum(float(v or 0) * k for v, k in zip(m.groups(), (3600, 60, 1)))
-
-def fresh_out_dir(out, overwrite, master):
-    """A fresh run neither continues nor mixes with another run: refused where out/ holds a run's checkpoints, unless
-    --overwrite, which moves that run's files (checkpoints, log, config, grids) into out/replaced-<UTC time>/ and says
-    so. Nothing is deleted; prepared latents (out/latents) stay, they are data."""
-    old = latest_checkpoint(out)
-    if old and not overwrite:
-        raise UserError(f"{out} already holds the checkpoints of a run (the newest: {old}); continue it with --resume, "
-                        f"or start this one in another --out-dir (--overwrite moves the old run aside)")
-    moved = [p for p in (out / n for n in ('checkpoints', 'log.jsonl', 'config.json', 'samples')) if p.exists()]
-    if master and overwrite and moved:
-        aside = out / time.strftime('replaced-%Y%m%d-%H%M%S', time.gmtime())
-        aside.mkdir()
-        for p in moved:
-            os.replace(p, aside / p.name)
-        print(f"--overwrite: moved the earlier run's {', '.join(p.name for p in moved)} into {aside}", file=sys.stderr)
-    elif master and (out / 'log.jsonl').exists():
-        print(f"note: {out} holds the log of an earlier run without checkpoints; this run starts a new log.jsonl",
-              file=sys.stderr)
-
-def open_log(s):
-    """log.jsonl, on rank 0: a fresh run starts it; a resumed run continues its own, from its checkpoint's step on
-    (lines past that step are of steps the interrupted run lost, and they are done again)."""
-    path, resumed = s.out / 'log.jsonl', s.start > 0
-    if resumed and path.exists():
-        keep = [line for line in open(path) if line.strip() and json.loads(line)['step'] <= s.start]
-        path.with_name('log.jsonl.tmp').write_text(''.join(keep))
-        os.replace(path.with_name('log.jsonl.tmp'), path)
-        s.wall0 = json.loads(keep[-1]).get('wall_s', 0.0) if keep else 0.0  # the run's wall time before this process
-    return open(path, 'a' if resumed else 'w')
-
-def prune_checkpoints(out, keep_last):
-    """--keep-last N: remove all but the newest N checkpoints, called once the newest is complete (renamed)."""
-    for old in sorted((out / 'checkpoints').glob('*.pt'))[:-keep_last] if keep_last > 0 else []:
-        old.unlink()
-
-def catch_stop_signals(s):
-    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT only set s.signal: the training
-    loop finishes its step, checkpoints and exits with PREEMPTED (fid.py sample: between shards). DataLoader workers
-    ignore them (ignore_stop_signals). release_stop_signals puts the handlers back."""
-    def handler(signum, frame):
-        s.signal = signum
-    s.signal, s.stop_work, s.stopped = None, None, False
-    s.old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-def release_stop_signals(s):
-    for sig, handler in s.old_handlers.items():
-        signal.signal(sig, handler)
-
-def ignore_stop_signals(worker_id):
-    """A DataLoader worker's init: schedulers signal every process of a job, and a worker that dies of it would crash
-    the step before the checkpoint; the main process stops the workers itself."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-class StartupStop(BaseException):
-    """SIGTERM or SIGINT before the training loop began: nothing to checkpoint, so the start-up (a hub download and
-    its retries, the latents pass) ends at once. A BaseException, as KeyboardInterrupt: `except Exception` in a
-    library's retry loop does not swallow it."""
-
-def catch_startup_signals():
-    def handler(signum, frame):
-        raise StartupStop(signum)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-
-def lock_run(out):
-    """One run per folder: an exclusive flock on <out>/lock, held by rank 0 for the whole run (main closes it). The
-    OS releases it when the process dies, even by kill -9, so it is never stale. A second run (a double launch, a
-    requeued job while the old one is still ending) stops with one line naming the holder. The file stays; a run
-    started again rewrites it. Removes the PREEMPTED marker of the run it continues."""
-    import fcntl, socket
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / 'lock', 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or 'another process'
-        f.close()
-        raise UserError(f"{out} is in use by {holder} (it holds {out / 'lock'}); one run per --out-dir: wait for it "
-                        f"to end, or start this one in another --out-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    (out / 'PREEMPTED').unlink(missing_ok=True)
-    return f
-
-def should_stop(s):
-    """Whether every rank stops after this step: a stop signal arrived or --time-limit is up, on any rank. Under DDP
-    the flags travel in a CPU (gloo) all_reduce started one step earlier, so no rank waits on the device or stops
-    alone (none is left waiting in a collective); one process reads its own flag."""
-    local = s.signal is not None or (s.deadline is not None and time.time() > s.deadline)
-    if s.world == 1:
-        s.stopped = local
-        return local
-    if s.stop_work is not None:
-        s.stop_work.wait()  # started a step ago: long finished, unless a rank is that far behind
-        s.stopped = s.stop_flag.item() > 0
-    s.stop_flag = torch.tensor([float(local)])
-    s.stop_work = dist.all_reduce(s.stop_flag, group=s.cpu_group, async_op=True)
-    return s.stopped
-
+# The trainer: one unit per objective owns its networks, optimizers, step and preview (Flow here: REPA and iREPA;
+# REPAE and MeanFlow in Part 2); `run` (Part 4) owns everything else, and the loop is in `train`
 def adamw(params, lr, beta2):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=0, eps=1e-8,
                              fused=True)  # one kernel for all tensors, on CUDA and CPU alike
@@ -1102,402 +605,110 @@ def ema_update(ema, model, decay):
     with torch.no_grad():
         torch._foreach_lerp_(floats(ema), floats(model), 1 - decay)
 
-def training_data(cfg, device, master):
-    """The dataset and the normalization of the SiT's inputs (None in pixel space and for REPA-E, whose BatchNorm
-    normalizes). Latents are prepared once into <out-dir>/latents when missing; REPA-E trains the VAE on images."""
-    data = ImageData(cfg.data_path, cfg.resolution, cfg.num_classes, cfg.seed, cfg.synthetic_size)
-    if cfg.objective == 'repa-e':
-        if cfg.vae == 'none' or data.latents is not None:
-            raise UserError(f"--recipe {cfg.recipe} trains the VAE end to end, so it needs images and a VAE to start from: "
-                            "an image folder (or none: the synthetic set) and --vae, not prepared latents or --vae none")
-        return data, None
-    if cfg.vae != 'none' and data.latents is None:
-        prepared = Path(cfg.out_dir) / 'latents'
-        if not (prepared / 'meta.json').exists():
-            if master:
-                print(f"no prepared latents: encoding the data once with {cfg.vae} into {prepared}")
-            prepare_latents(cfg.data_path, prepared, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
-                            cfg.synthetic_size, num_workers=cfg.num_workers)
-        data = ImageData(prepared, cfg.resolution)
-    if data.latents is None:
-        return data, None
-    stats, C = data.meta['stats'], data.latents.shape[1] // 2  # iREPA: the data's per-channel statistics
-    mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
-    return data, LatentNorm(data.meta['vae'], mean, std).to(device)
-
-def newest_loadable(out, master):
-    """The newest checkpoint of out/checkpoints that loads, or None; and the ones that did not (truncated by a full
-    disk or a node lost during a copy), which rank 0 renames *.corrupt (never deleted: they may still be rescued)."""
-    bad = []
-    for path in sorted((out / 'checkpoints').glob('*.pt'), reverse=True):
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-            if isinstance(ckpt, dict) and {'step', 'config', 'model'} <= ckpt.keys():
-                return ckpt, path, bad
-            why = 'not a checkpoint of irepa.py'
-        except Exception as e:  # whatever torch.load raises on a broken file
-            why = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
-        bad.append(path.with_name(path.name + '.corrupt'))
-        if master:
-            os.replace(path, bad[-1])
-            print(f"*** WARNING: --resume: {path} does not load ({why}); renamed it {bad[-1].name}, trying the one "
-                  f"before it ***", file=sys.stderr)
-    return None, None, bad
-
-def resume_checkpoint(cfg, out, master):
-    """The newest checkpoint that loads, refused if made with another config (RESUME_MAY_CHANGE aside). None when
-    there is none yet (a job stopped during its start-up, requeued with the same command): the run starts afresh.
-    A run that has reached --max-steps says where its results are and exits 0."""
-    ckpt, path, bad = newest_loadable(out, master)
-    if ckpt is None and (bad := bad or sorted((out / 'checkpoints').glob('*.corrupt'))):
-        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} loads ({', '.join(p.name for p in bad)} "
-                        f"set aside); start afresh with --overwrite, or in another --out-dir")
-    if ckpt is None:
-        if master:
-            print(f"--resume: no checkpoint in {out / 'checkpoints'} yet: starting afresh", file=sys.stderr)
-        return None
-    diff = {k: (ckpt['config'].get(k), v) for k, v in vars(cfg).items() if k not in RESUME_MAY_CHANGE and ckpt['config'].get(k) != v}
-    if diff:
-        raise UserError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
-    if ckpt['step'] >= cfg.max_steps:
-        if master:
-            grids = out / 'samples'
-            print(f"--resume: the run in {out} has finished (step {ckpt['step']} of --max-steps {cfg.max_steps}): "
-                  f"final checkpoint {path}{f', samples in {grids}' if grids.is_dir() else ''}", file=sys.stderr)
-        raise SystemExit(0)
-    if master:
-        print(f"resuming from {path} (step {ckpt['step']})" + (' *** NOT the newest: see the warning above ***' if bad
-                                                                else ''))
-    return ckpt
-
-def setup(cfg):
-    """Everything a run needs, as one namespace `s`: processes and device, data, the frozen teachers, the SiT with its
-    EMA and AdamW (and REPA-E's networks), resumed exactly from the newest checkpoint with --resume."""
-    rank, world, _ = dist_info()
-    device = torch.device(cfg.device)  # with its index: see torch_device
-    if cfg.global_batch_size % world:
-        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {world} processes")
-    use_device(device)  # the only device-specific settings; precision and compilation follow the flags
-    s = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=rank == 0, device=device, out=Path(cfg.out_dir),
-                        vae=None, bn=None, saved={}, sums={}, n_steps=0, first_bad=torch.tensor(-1, device=device),
-                        t0=time.time(), started=time.time(), wall0=0.0, rec=None,  # saved: a checkpoint's, by name
-                        deadline=time.time() + seconds(cfg.time_limit) if cfg.time_limit else None,
-                        drawn=0, bad_draws=0, bad_files={}, grad_prev={}, grad_low={})  # the data and gradient watch
-    ckpt = resume_checkpoint(cfg, s.out, s.master) if cfg.resume else None
-    if ckpt is None:
-        fresh_out_dir(s.out, cfg.overwrite, s.master)
-    s.data, s.norm = training_data(cfg, device, s.master)
-    torch.manual_seed(cfg.seed)  # the same on every rank: random teachers and networks agree
-    s.autocast = torch.autocast(device.type, torch.bfloat16) if cfg.precision == 'bf16' else contextlib.nullcontext()
-    if cfg.objective == 'repa-e':  # the VAE, the discriminator, LPIPS, their optimizers, the latent BatchNorm
-        repae_setup(s, ckpt)
-        in_channels, input_size = s.vae.latent_channels, cfg.resolution // s.vae.downsample
-    elif s.norm is not None:  # prepared latents (N, 2C, h, w)
-        in_channels, input_size = s.data.latents.shape[1] // 2, s.data.latents.shape[2]
-    else:  # pixel space
-        in_channels, input_size = 3, cfg.resolution
-    s.teachers = encoders.load_teachers(  # frozen, bf16 weights with --precision bf16; --demo: HOG if needed
-        cfg.encoder, cfg.encoder_weights, cfg.demo, grid=input_size // int(cfg.model.split('/')[1]), device=device,
-        dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, compile=cfg.compile, siglip_norm=cfg.siglip_norm)
-    record_teachers(s, ckpt)
-    if cfg.teacher_cache and s.teachers:
-        use_teacher_cache(s)
-    s.model_args = sit_args(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=s.data.num_classes,
-                            encoder_depth=cfg.encoder_depth, z_dims=[t.dim for t in s.teachers], projector=cfg.projector,
-                            proj_kernel=cfg.proj_kernel, projector_dim=cfg.projector_dim, qk_norm=cfg.qk_norm,
-                            meanflow=cfg.objective == 'meanflow')
-    s.model = SiT(**s.model_args).to(device)
-    s.model.grad_ckpt = cfg.grad_ckpt
-    s.ema = copy.deepcopy(s.model).requires_grad_(False).eval()
-    s.opt = adamw(s.model.parameters(), cfg.lr, cfg.adam_beta2)
-    s.saved.update(model=s.model, ema=s.ema, opt=s.opt)
-    torch.manual_seed(cfg.seed * world + rank)  # a different stream of t, noise and label dropout per rank
-    s.start = restore(s, ckpt) if ckpt else 0
-    s.train_model = DDP(s.model, device_ids=[device.index] if device.type == 'cuda' else None,  # the gradients are
-                        gradient_as_bucket_view=True) if world > 1 else s.model  # views of the buckets: no copy
-    if cfg.compile:
-        s.train_model = torch.compile(s.train_model)
-    s.loader = iter(torch.utils.data.DataLoader(
-        s.data, batch_sampler=batches(len(s.data), cfg.global_batch_size, rank, world, cfg.seed, s.start),
-        num_workers=cfg.num_workers, pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator(),  # its own generator: leaves the training RNG alone
-        collate_fn=functools.partial(collate_reporting, s.data), worker_init_fn=ignore_stop_signals))
-    s.cpu_group = cpu_group() if world > 1 else None  # should_stop's flags, off the GPU
-    catch_stop_signals(s)
-    s.flops = step_flops(s)  # per image: MFU
-    s.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == 'cuda' else None
-    if s.master:  # the run folder, and one line that says what trains on what
-        s.out.mkdir(parents=True, exist_ok=True)
-        (s.out / 'config.json').write_text(json.dumps(vars(cfg), indent=1))
-        s.log = open_log(s)
-        C, size, T = s.model.in_channels, s.model.x_embedder.input_size, s.model.pos_embed.shape[1]
-        print(f"{cfg.model} ({cfg.recipe}): {sum(p.numel() for p in s.model.parameters()) / 1e6:.2f}M parameters "
-              f"(projectors included), {T} tokens, {'pixels' if C == 3 else f'latents {(C, size, size)}'}, "
-              f"{len(s.data)} images, {s.data.num_classes} classes, teachers: {', '.join(t.name for t in s.teachers) or 'none'}")
-    return s
-
-def record_teachers(s, ckpt):
-    """The teachers that actually train, in the config (config.json, checkpoints) in a field of their own:
-    --encoder names the ones asked for, and --demo may fall back to another. A resumed run must train with the same
-    ones as its checkpoint."""
-    s.cfg.trained_teachers = ','.join(t.name for t in s.teachers) or 'none'
-    before = ckpt and ckpt['config'].get('trained_teachers')
-    if before and before != s.cfg.trained_teachers:
-        raise UserError(f"--resume: the checkpoint's run trained with the teacher(s) {before}, this one would train "
-                        f"with {s.cfg.trained_teachers}; give it the same teacher weights (--encoder-weights)")
-
-def use_teacher_cache(s):
-    """--teacher-cache DIR: build the cache when it is absent or unfinished, check it fits this run, and have the data
-    serve its tokens. Images are then read only where the SiT trains on them (pixel space, REPA-E's VAE), and the
-    teachers leave the GPU."""
-    path = Path(s.cfg.teacher_cache)
-    meta = build_teacher_cache(s, path, s.cfg.global_batch_size // s.world)
-    s.data.tokens = open_cache(path, meta)
-    s.cache_dtypes = [getattr(torch, t['dtype']) for t in meta['teachers']]
-    s.data.images = s.data.latents is None
-    for t in s.teachers:
-        t.to('cpu')
-    if s.master:
-        print(f"teacher tokens from the cache {path} ({len(s.data)} images)")
-
-def restore(s, ckpt):
-    """Resume: every network and optimizer of s.saved, and this rank's random state, as the checkpoint holds them."""
-    for name, obj in s.saved.items():
-        load_state(obj, ckpt[name], f'checkpoint ({name})')
-    if len(ckpt['rng']) != s.world:
-        print(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, now {s.world}: new random "
-              f"streams, the trajectory will differ from an uninterrupted run", file=sys.stderr)
-    else:
-        torch.set_rng_state(ckpt['rng'][s.rank]['cpu'])
-        if s.device.type == 'cuda' and 'cuda' in ckpt['rng'][s.rank]:
-            torch.cuda.set_rng_state(ckpt['rng'][s.rank]['cuda'])
-    return ckpt['step']
-
-@torch.no_grad()
-def teacher_targets(s, img, cached=(), raw=False):
-    """The alignment targets: each frozen teacher's patch tokens (B, T, D), spatially z-scored (iREPA) or raw (REPA,
-    or raw=True); `cached`: the same tokens read from the teacher cache, so the teachers do not run."""
-    if cached:
-        tokens = [c.to(s.device, non_blocking=True).view(d) for c, d in zip(cached, s.cache_dtypes)]
-    else:
-        with s.autocast:
-            tokens = [teacher(img.float() / 255) for teacher in s.teachers]
-    return [spatial_norm(f, s.cfg.spnorm_gamma) for f in tokens] if s.cfg.spnorm == 'zscore' and not raw else tokens
-
-def model_input(s, img, moments):
-    """The clean x the SiT learns: a fresh posterior sample of the latent, normalized (or the image in [-1, 1])."""
-    if s.norm is None:
-        return img.float() / 127.5 - 1
-    mean, std = moments.float().chunk(2, dim=1)  # (B, C, h, w) each
-    return s.norm.normalize(mean + std * torch.randn_like(std))
-
-def clipped_step(params, opt, clip, keep_grads=False):
-    """Clip, step, drop the gradients at once (no gradient outlives its step: REPA-E relies on it; keep_grads: the
-    caller drops them just before its next backward instead); the norm before."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+def clipped_step(loss, module, opt, clip, keep_grads=False):
+    """backward, clip the gradient norm, AdamW step; returns the norm before clipping, on the device. The gradients
+    are dropped after the step, unless keep_grads: then just before the next backward. On a CPU that keeps the heap:
+    glibc gives the top of its heap back to the OS as soon as it is free, and the gradients are the blocks above the
+    step's freed activations, so dropped at the end of the step they let the next forward fault its memory in afresh
+    (SiT-S/2, batch 8: ~150K page faults a step). CUDA's caching allocator keeps its blocks anyway."""
+    opt.zero_grad(set_to_none=True)  # a kept gradient is replaced, not added to: the same numbers
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
     opt.step()
     if not keep_grads:
         opt.zero_grad(set_to_none=True)
     return grad_norm
 
-def optimizer_step(s, losses):
-    """flow + proj_coeff * align -> backward, clipped AdamW, EMA; the losses and gradient norm stay on the device.
-    On a CPU the SiT's gradients live on until the next backward: glibc's malloc gives the top of its heap back to
-    the OS as soon as it is free, and they are the blocks above the step's freed activations, so dropped at the end
-    of the step they let the next forward fault its ~0.5 GB in afresh (SiT-S/2, batch 8: ~150K page faults a step);
-    kept, it reuses that memory. The same numbers: a None gradient is replaced, not added to. CUDA's caching
-    allocator keeps its blocks anyway, so there they go at once (a lower peak at the next forward)."""
-    params = list(s.model.parameters())
-    s.opt.zero_grad(set_to_none=True)  # the previous step's, if kept
-    (losses['flow'] + s.cfg.proj_coeff * losses['align']).backward()
-    grad_norm = clipped_step(params, s.opt, s.cfg.grad_clip, keep_grads=params[0].device.type == 'cpu')
-    ema_update(s.ema, s.model, s.cfg.ema_decay)
-    return dict({k: v.detach() for k, v in losses.items()}, grad_norm=grad_norm)
-
-def flow_step(s, img, moments, y, targets):
-    """One step of REPA / iREPA: flow matching + proj_coeff x alignment, under bf16 autocast on GPUs."""
-    with s.autocast:
-        losses = flow_loss(s.train_model, model_input(s, img, moments), y, targets)
-    return optimizer_step(s, losses)
-
-def log_interval(s, step):
-    """The one host sync of training, every log_every steps and before checkpoints and grids: the interval's means
-    (over the ranks too), the NaN guard, the unreadable images, the gradient watch, speed, memory and MFU; rank 0
-    appends them to log.jsonl."""
-    counts = torch.tensor([s.bad_draws, s.drawn], dtype=torch.float32, device=s.device)
-    names, vec = list(s.sums), torch.stack([*s.sums.values(), *counts, s.first_bad.float()])
-    if s.world > 1:
-        dist.all_reduce(vec[:-1])
-        dist.all_reduce(vec[-1:], op=dist.ReduceOp.MAX)
-    *vec, bad, drawn, first_bad = vec.tolist()
-    if first_bad >= 0:  # every loss and every trained network's gradient norm (REPA-E: the VAE, the discriminator)
-        raise FloatingPointError(f"non-finite {', '.join(k for k, v in zip(names, vec) if not math.isfinite(v))} at "
-                                 f"step {int(first_bad)}; stopping. The last good checkpoint is "
-                                 f"{latest_checkpoint(s.out) or 'none'}; --resume from it (with --qk-norm or a lower --lr?)")
-    if bad > s.cfg.max_bad_fraction * drawn:  # not a silently different dataset
-        files = '; '.join(f'{p} ({why})' for p, why in list(s.bad_files.items())[:20])
-        raise UserError(f"{int(bad)} of the {int(drawn)} images drawn so far were unreadable, more than "
-                        f"--max-bad-fraction {s.cfg.max_bad_fraction:g}; stopping. This process met: {files}")
-    dt, s.t0 = time.time() - s.t0, time.time()
-    rec = dict(step=step, **{k: v / (s.n_steps * s.world) for k, v in zip(names, vec)},
-               img_per_s=s.n_steps * s.cfg.global_batch_size / dt, steps_per_s=s.n_steps / dt, interval_s=dt,
-               wall_s=s.wall0 + time.time() - s.started,  # the run's, start-ups and earlier processes included
-               peak_mem_gb=(torch.cuda.max_memory_allocated(s.device) if s.device.type == 'cuda' else
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
-    rec['mfu'] = rec['img_per_s'] / s.world * s.flops / s.peak if s.peak else None  # unknown on CPUs
-    rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
-    if warnings := grad_watch(s, rec):
-        rec['grad_watch'] = warnings
-    s.sums, s.n_steps, s.rec = {}, 0, rec
-    if s.master:
-        print(json.dumps(rec), file=s.log, flush=True)
-        s.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
-                          img_s=f"{rec['img_per_s']:.1f}")
-
-def grad_watch(s, rec):
-    """The failures a finite loss hides (REPA-E's collapse, REPA-E#30): for each trained network, its mean gradient
-    norm below --grad-floor for GRAD_FLOOR_INTERVALS log intervals in a row, or more than --grad-jump times larger or
-    smaller than in the interval before. Returns this interval's warnings (the log keeps them); rank 0 prints each
-    low stretch once and every jump."""
-    out = []
-    for k in [k for k in rec if k.startswith('grad_norm')]:
-        g, prev = rec[k], s.grad_prev.get(k)
-        s.grad_low[k] = s.grad_low.get(k, 0) + 1 if g < s.cfg.grad_floor else 0
-        if s.grad_low[k] >= GRAD_FLOOR_INTERVALS:
-            out.append(f"{k} {g:.3g} below --grad-floor {s.cfg.grad_floor:g} for {s.grad_low[k]} log intervals: "
-                       f"is it still learning?")
-        if prev and g and max(g / prev, prev / g) > s.cfg.grad_jump:
-            out.append(f"{k} jumped from {prev:.3g} to {g:.3g} (more than --grad-jump {s.cfg.grad_jump:g} times)")
-        s.grad_prev[k] = g
-    for w in out:
-        if s.master and ('jumped' in w or f'for {GRAD_FLOOR_INTERVALS} log' in w):
-            print(f"warning: step {rec['step']}: {w}", file=sys.stderr)
-    return out
-
-def latent_norm(s):
-    """SiT latents -> VAE latents: fixed for prepared latents; REPA-E: its BatchNorm's EMA statistics, without eps."""
-    return s.norm if s.bn is None else LatentNorm('checkpoint', s.ema_bn.running_mean, s.ema_bn.running_var.sqrt(),
-                                                  s.vae.args)
-
-def save_state(s, step):
-    """Checkpoint `step` atomically on rank 0: everything in s.saved, the step, the config, every rank's RNG state and
-    the latent normalization fid.py decodes with. Under DDP the ranks' weights are compared first."""
-    rng = dict(cpu=torch.get_rng_state()) | (dict(cuda=torch.cuda.get_rng_state(s.device)) if s.device.type == 'cuda' else {})
-    rngs, prints = [rng], [weights_fingerprint(s.model)]
-    if s.world > 1:  # DDP keeps replicas equal; check it before saving rank 0's copy as everyone's
-        rngs, prints = [None] * s.world, [None] * s.world
-        dist.all_gather_object(rngs, rng)
-        dist.all_gather_object(prints, weights_fingerprint(s.model))
-        if len(set(prints)) > 1:
-            raise RuntimeError(f"step {step}: the {s.world} ranks hold different weights {prints}")
-    error = None
-    if s.master:
-        try:
-            atomic_save(s.out / 'checkpoints' / f'{step:07d}.pt', {k: v.state_dict() for k, v in s.saved.items()} | dict(
-                step=step, config=vars(s.cfg), model_args=s.model_args, rng=rngs, latent=(n := latent_norm(s)) and n.to_dict()))
-        except UserError as e:
-            error = f"{e}; stopping. The previous checkpoint, {latest_checkpoint(s.out) or 'none'}, is intact: free " \
-                    f"space or fix the permissions, then --resume"
-    if s.world > 1:  # every rank stops when rank 0 could not write
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise UserError(error)
-    if s.master:
-        prune_checkpoints(s.out, s.cfg.keep_last)
-
 @torch.no_grad()
-def sample_grid(s, path):
-    """PREVIEW_IMAGES samples of the EMA model with the recipe's preview sampler, as one PNG."""
-    steps, cfg_scale, size = *PREVIEW[s.cfg.preview], s.model.x_embedder.input_size
-    g = torch.Generator().manual_seed(s.cfg.seed)  # the same noise and labels at every grid: grids compare
-    noise = torch.randn(PREVIEW_IMAGES, s.model.in_channels, size, size, generator=g)
-    eps = torch.randn(steps - 1, *noise.shape, dtype=torch.float64, generator=g) if s.cfg.preview == 'sde' else None
-    pin = (lambda v: v.pin_memory()) if s.device.type == 'cuda' else (lambda v: v)  # drawn once, up front: one
-    noise, eps = (None if v is None else pin(v).to(s.device, non_blocking=True) for v in (noise, eps))  # copy each
-    y = torch.arange(PREVIEW_IMAGES, device=s.device) % s.data.num_classes
-    if s.norm is not None and s.vae is None:  # prepared latents: the VAE is needed for the pictures only
-        s.vae = encoders.load_vae(s.norm.vae, device=s.device)
-    with s.autocast:
-        z = sample(s.ema, noise, y, s.cfg.preview, steps, cfg_scale, eps=eps)
-        save_grid(to_uint8(to_pixels(z.float(), s.vae, latent_norm(s))), path, cols=PREVIEW_COLS)
+def teacher_targets(run, img, tokens=()):
+    """The alignment targets of a batch of uint8 images: each frozen teacher's tokens (B, T, D), spatially z-scored
+    (iREPA) or raw (REPA). `tokens`: the same tokens read from the teacher cache, so the teachers do not run."""
+    if not tokens:
+        with run.autocast:
+            tokens = [teacher(img.float() / 255) for teacher in run.teachers]
+    return [spatial_norm(t, run.cfg.spnorm_gamma) for t in tokens] if run.cfg.spnorm == 'zscore' else tokens
 
-def train_step(s, step_fn, step, batch):
-    """Everything a step does, without one device-to-host read, so Python runs ahead of the GPU and never waits: the
-    batch to the device, its teacher targets, the recipe's step, the sums for the log and the NaN guard; the
-    unreadable images the loader met on the way are reported (each once) and counted (log_interval's guard)."""
-    img, moments, y, cached, bad = batch  # see ImageData; bad: [(path, reason)] from collate_reporting
-    s.drawn, s.bad_draws = s.drawn + len(y), s.bad_draws + len(bad)
-    report_unreadable(s.bad_files, bad)
-    img, moments, y = (v.to(s.device, non_blocking=True) for v in (img, moments, y))
-    stats = step_fn(s, img, moments, y, teacher_targets(s, img, cached))
-    s.sums = {k: s.sums.get(k, 0) + v.float() for k, v in stats.items()}
-    s.n_steps += 1
-    loss = sum(stats.values())  # every loss and gradient norm: a NaN in any of them stops the run (log_interval)
-    s.first_bad = torch.where((s.first_bad < 0) & ~torch.isfinite(loss), step + 1, s.first_bad)  # the NaN guard
+def model_input(img, moments, norm):
+    """The clean x the SiT learns: a fresh posterior sample of the latent, normalized (or the image in [-1, 1])."""
+    if norm is None:
+        return img.float() / 127.5 - 1
+    mean, std = moments.float().chunk(2, dim=1)  # (B, C, h, w) each
+    return norm.normalize(mean + std * torch.randn_like(std))
 
-def end_of_run(s):
-    """The stop signals' handlers back as they were; a stopped run says why and where it stands, then exits with
-    PREEMPTED (every rank, once its checkpoint is written)."""
-    if s.stop_work is not None:
-        s.stop_work.wait()  # the last flag reduction: no rank leaves one in flight
-    release_stop_signals(s)
-    if s.stopped and s.rec['step'] < s.cfg.max_steps:
-        why = (signal.Signals(s.signal).name if s.signal else f'--time-limit {s.cfg.time_limit}'
-               if s.deadline and time.time() > s.deadline else "another rank's stop signal")
-        if s.master:
-            print(f"stopped by {why} after step {s.rec['step']}: checkpoint {latest_checkpoint(s.out)}; continue "
-                  f"with --resume (exit code {PREEMPTED}: requeue)", file=sys.stderr)
-        raise SystemExit(PREEMPTED)
+class Flow:
+    """REPA and iREPA: flow matching + proj_coeff x alignment, under bf16 autocast on GPUs. The unit owns the SiT, its
+    EMA and AdamW; `saved` is what a checkpoint holds. shape: the SiT's input (channels, side), by default the data's."""
+    sit_kw, vae = {}, None  # MeanFlow: a second time embedder; REPA-E: the VAE it trains
 
-def run_summary(s):
-    """The closing line, over the whole run as log.jsonl holds it (every process of a resumed run): steps, wall time
-    (start-ups included), img/s while training, the loss from the first log to the last, where the results are."""
-    log = [json.loads(line) for line in open(s.out / 'log.jsonl') if line.strip()]
-    key = 'mse' if 'mse' in s.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
-    steps, prev, train_s = log[-1]['step'], 0, 0.0
-    for r in log:  # older logs lack interval_s: the interval's steps at its steps/s
-        train_s, prev = train_s + r.get('interval_s', (r['step'] - prev) / r['steps_per_s']), r['step']
-    wall = log[-1].get('wall_s', train_s)
-    grids = f", samples in {s.out / 'samples'}" if s.cfg.sample_every > 0 else ''
-    return (f"done: {steps} steps in {wall / 60:.1f} min wall time ({steps * s.cfg.global_batch_size / train_s:.1f} "
-            f"img/s while training); {key} loss {log[0][key]:.4f} (first log) -> {log[-1][key]:.4f} (last), "
-            f"alignment {log[-1]['align']:.4f}; checkpoint {latest_checkpoint(s.out)}{grids}"
-            + (f"; the {s.world} ranks hold identical weights" if s.world > 1 else ''))
+    def __init__(self, cfg, run, shape=None):
+        self.cfg, self.norm, self.autocast = cfg, run.norm, run.autocast
+        C, size = shape or run.shape
+        teachers = run.load_teachers(grid=size // int(cfg.model.split('/')[1]))  # frozen
+        self.model_args = sit_args(cfg.model, input_size=size, in_channels=C, num_classes=run.data.num_classes,
+                                   encoder_depth=cfg.encoder_depth, z_dims=[t.dim for t in teachers],
+                                   projector=cfg.projector, proj_kernel=cfg.proj_kernel,
+                                   projector_dim=cfg.projector_dim, qk_norm=cfg.qk_norm, **self.sit_kw)
+        self.model = SiT(**self.model_args).to(run.device)
+        self.model.grad_ckpt = cfg.grad_ckpt
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = adamw(self.model.parameters(), cfg.lr, cfg.adam_beta2)
+        self.train_model = run.wrap(self.model)  # DDP under torchrun, then torch.compile with --compile
+        self.saved = dict(model=self.model, ema=self.ema, opt=self.opt)
+
+    def loss(self, x, y, targets):
+        with self.autocast:
+            return flow_loss(self.train_model, x, y, targets)
+
+    def step(self, img, moments, y, targets):
+        """One training step on a batch: uint8 images (B, 3, R, R) (or VAE moments (B, 2C, h, w)), labels and the
+        teacher targets. Returns the losses and gradient norm, on the device: reading them would stall the GPU."""
+        losses = self.loss(model_input(img, moments, self.norm), y, targets)
+        loss = losses['flow'] + self.cfg.proj_coeff * losses['align']
+        grad_norm = clipped_step(loss, self.model, self.opt, self.cfg.grad_clip, keep_grads=y.device.type == 'cpu')
+        ema_update(self.ema, self.model, self.cfg.ema_decay)
+        return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm)
+
+    def latent_norm(self):
+        """SiT outputs -> VAE latents (None: pixel space); checkpoints keep it for fid.py."""
+        return self.norm
+
+    @torch.no_grad()
+    def preview(self, noise, y, eps=None):
+        """Images in [-1, 1] of the EMA model from `noise`, with the recipe's preview sampler (SDE: its noise `eps`)."""
+        if self.norm is not None and self.vae is None:  # prepared latents: the VAE is needed for the pictures only
+            self.vae = encoders.load_vae(self.norm.vae, device=noise.device)
+        steps, cfg_scale = PREVIEW[self.cfg.preview]
+        with self.autocast:
+            z = sample(self.ema, noise, y, self.cfg.preview, steps, cfg_scale, eps=eps)
+            return to_pixels(z.float(), self.vae, self.latent_norm())
+
+    def flops(self):
+        """Training FLOPs per image of a step, for MFU: the SiT's forward and backward."""
+        return sit_train_flops(self.model)
 
 def train(cfg):
-    """The loop: a batch, its teacher targets, the recipe's step, device-side sums; at intervals a log line, a
-    checkpoint, a sample grid. Returns the run's state `s`."""
-    s = setup(cfg)
-    step_fn = OBJECTIVES[cfg.objective]  # flow_step, repae_step or meanflow_step (defined after this section)
-    s.bar = tqdm(total=cfg.max_steps, initial=s.start, disable=not s.master, desc='train', dynamic_ncols=True)
-    s.t0 = time.time()  # the first interval's img/s counts the steps, not the start-up
-    for step in range(s.start, cfg.max_steps):
-        train_step(s, step_fn, step, next(s.loader))
-        s.bar.update(1)
-        done = step + 1
-        stop = should_stop(s)  # SIGTERM, SIGINT or --time-limit, agreed by every rank: checkpoint, exit PREEMPTED
-        ckpt = done % cfg.ckpt_every == 0 or done == cfg.max_steps or stop
-        grid = cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.max_steps)
-        if done % cfg.log_every == 0 or ckpt or grid:
-            log_interval(s, done)
-        if ckpt:
-            save_state(s, done)
-        if grid and s.master:
-            sample_grid(s, s.out / 'samples' / f'{done:07d}.png')
-        if stop:
+    """The loop: a batch, its teacher targets, the objective's step; `run` keeps the sums for the log and, at
+    intervals, writes a log line, a checkpoint, a sample grid, and says when a stop signal or the time limit ends the
+    run. No line here reads a number from the GPU: Python runs ahead of it. Returns the run (its unit: run.unit)."""
+    run = Run(cfg)  # processes and device, run folder, data, --resume's checkpoint
+    unit = OBJECTIVES[cfg.objective](cfg, run)  # Flow above; REPAE, MeanFlow in Part 2
+    for step in range(run.start(unit), cfg.max_steps):  # run.start: restored from the checkpoint, or 0
+        img, moments, y, tokens = run.batch()  # on the device; tokens: from the teacher cache, if any
+        stats = unit.step(img, moments, y, teacher_targets(run, img, tokens))
+        if run.end_step(step + 1, stats):
             break
-    s.bar.close()
-    if s.master:
-        s.log.close()
-    end_of_run(s)
-    if s.master and s.rec:
-        print(run_summary(s))
-    return s
+    run.finish()
+    return run
 
-# -----------------------------------------------------------------------------
+# =====================================================================================================================
+# A reader may stop here: the rest is the other objectives (REPA-E, MeanFlow), the paper's study commands, what a
+# cluster needs (the Run object: run folders, checkpoints and exact resume, preemption, DDP, the teacher cache, logs)
+# and the command line.
+# =====================================================================================================================
+
+# =====================================================================================================================
+# Part 2. The other objectives: each a unit like Flow, with its own networks, optimizers, step and preview
+# =====================================================================================================================
 # REPA-E (--recipe repa-e, irepa-e): the VAE trains end to end through the alignment loss. Each step (1) updates the
 # VAE on its regularizer + vae_align_coeff x alignment through the frozen SiT, (2) the PatchGAN discriminator, (3) the
 # SiT on the detached latent, with the same t and noise. Latents pass a BatchNorm without affine (an affine could
@@ -1511,7 +722,7 @@ def normalize_latents(bn, z):
         return bn(z)
     with torch.no_grad():
         s = torch.stack([z.sum((0, 2, 3)), z.square().sum((0, 2, 3)), torch.full_like(z[0, :, 0, 0], z[:, 0].numel())])
-        if dist_info()[1] > 1:
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(s)
         mean, n = s[0] / s[2], s[2]
         var = s[1] / n - mean ** 2  # biased, to normalize; the running variance is unbiased, as BatchNorm's
@@ -1527,70 +738,86 @@ def kl_loss(mean, std):
 def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
-def repae_setup(s, ckpt):
-    """REPA-E's networks, into `s`: the trainable VAE (DDP-wrapped for its step), the discriminator, the frozen LPIPS,
-    their optimizers and the latent BatchNorm with its EMA. In --demo, missing LPIPS weights become random ones."""
-    cfg, device = s.cfg, s.device
-    s.vae = encoders.load_vae(cfg.vae, device=device)
-    s.disc = encoders.load_discriminator(cfg.disc_weights, device=device)
-    s.lpips = encoders.load_lpips(cfg.lpips_weights, device, cfg.demo)  # frozen; --demo: random if missing
-    s.bn = nn.BatchNorm2d(s.vae.latent_channels, eps=1e-4, momentum=0.1, affine=False).to(device)
-    if ckpt is None:  # start from the initial VAE's latent statistics (REPA-E's stats file), over all ranks
-        ids = list(range(s.rank, min(len(s.data), cfg.repae_stats_images), s.world))
-        sums = torch.zeros(3, s.vae.latent_channels, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for _, mean, std in latent_moments(s.data, s.vae, ids, device):
-                sums += moment_sums(mean, std)
-        if s.world > 1:
-            dist.all_reduce(sums)  # all ranks' images
-        mean, std = latent_stats(sums)
-        s.bn.running_mean.copy_(mean)
-        s.bn.running_var.copy_(std ** 2)
-    s.ema_bn = copy.deepcopy(s.bn).eval()
-    s.opt_vae, s.opt_disc = (adamw(m.parameters(), lr, cfg.adam_beta2) for m, lr in ((s.vae, cfg.vae_lr), (s.disc, cfg.disc_lr)))
-    s.saved.update(vae=s.vae, disc=s.disc, opt_vae=s.opt_vae, opt_disc=s.opt_disc, bn=s.bn, ema_bn=s.ema_bn)
-    s.train_vae = DDP(s.vae, device_ids=[device.index] if device.type == 'cuda' else None,
-                      gradient_as_bucket_view=True) if s.world > 1 else s.vae
+class REPAE(Flow):
+    """REPA-E's unit: the SiT of Flow on the latents of a VAE it trains, a PatchGAN discriminator and a frozen LPIPS,
+    three optimizers, the latent BatchNorm and its EMA. In --demo, missing LPIPS weights become random ones."""
+    def __init__(self, cfg, run):
+        self.vae = encoders.load_vae(cfg.vae, device=run.device)
+        self.disc = encoders.load_discriminator(cfg.disc_weights, device=run.device)
+        self.lpips = encoders.load_lpips(cfg.lpips_weights, run.device, cfg.demo)  # frozen
+        self.bn = nn.BatchNorm2d(self.vae.latent_channels, eps=1e-4, momentum=0.1, affine=False).to(run.device)
+        if run.fresh:  # start from the initial VAE's latent statistics (REPA-E's stats file), over all ranks
+            ids = list(range(run.rank, min(len(run.data), cfg.repae_stats_images), run.world))
+            sums = torch.zeros(3, self.vae.latent_channels, dtype=torch.float64, device=run.device)
+            with torch.no_grad():
+                for _, mean, std in latent_moments(run.data, self.vae, ids, run.device):
+                    sums += moment_sums(mean, std)
+            if run.world > 1:
+                dist.all_reduce(sums)  # all ranks' images
+            mean, std = latent_stats(sums)
+            self.bn.running_mean.copy_(mean)
+            self.bn.running_var.copy_(std ** 2)
+        self.ema_bn = copy.deepcopy(self.bn).eval()
+        super().__init__(cfg, run, (self.vae.latent_channels, cfg.resolution // self.vae.downsample))
+        self.opt_vae, self.opt_disc = (adamw(m.parameters(), lr, cfg.adam_beta2)
+                                       for m, lr in ((self.vae, cfg.vae_lr), (self.disc, cfg.disc_lr)))
+        self.saved |= dict(vae=self.vae, disc=self.disc, opt_vae=self.opt_vae, opt_disc=self.opt_disc, bn=self.bn,
+                           ema_bn=self.ema_bn)
+        self.train_vae, self.world = run.wrap(self.vae, compile=False), run.world
 
-def repae_step(s, img, moments, y, targets):
-    """One REPA-E iteration, three clipped optimizers. (1) The VAE: regularizer + vae_align_coeff x alignment through
-    the frozen SiT (eval mode: no label dropout, BatchNorm on running statistics; the gradient reaches z through trunk
-    and projector). (2) The discriminator, hinge loss. (3) The SiT on the detached latent, same t and noise."""
-    cfg = s.cfg
-    x = img.float() / 127.5 - 1
-    with s.autocast:
-        mean, std, z, recon = s.train_vae(x)  # (B, C, h, w) x 3 and (B, 3, R, R)
-    t, noise = torch.rand(x.shape[0], device=x.device), torch.randn_like(z)
-    s.model.requires_grad_(False).eval()  # (1) only the VAE learns
-    s.bn.eval()
-    s.disc.requires_grad_(False)
-    lpips_in = (lambda v: v) if cfg.lpips_quirk else (lambda v: (v + 1) / 2)  # upstream feeds [-1, 1] to a [0, 1] LPIPS
-    with s.autocast:
-        projected = s.model(interpolate(normalize_latents(s.bn, z), noise, t), t, y, align_only=True)[1]
-        vae_align = alignment_loss(projected, targets, x.device)
-        terms = dict(l1=(x - recon.float()).abs().mean(), lpips=s.lpips(lpips_in(x), lpips_in(recon.float())).mean(),
-                     kl=kl_loss(mean.float(), std.float()), gan=-s.disc(recon).float().mean())
-    vae_loss = sum(getattr(cfg, f'{k}_coeff') * v for k, v in terms.items()) + cfg.vae_align_coeff * vae_align
-    vae_loss.backward()
-    grad_norm_vae = clipped_step(s.vae.parameters(), s.opt_vae, cfg.grad_clip)
-    s.model.requires_grad_(True).train()  # (2) the discriminator, (3) the SiT
-    s.bn.train()
-    s.disc.requires_grad_(True)
-    with s.autocast:
-        d_loss = hinge_d_loss(s.disc(x), s.disc(recon.detach()).float())  # two forwards: BN statistics per batch, as taming
-    d_loss.backward()
-    if s.world > 1:  # by hand: DDP allows one forward per backward, the discriminator runs twice
-        for p in s.disc.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= s.world
-    grad_norm_disc = clipped_step(s.disc.parameters(), s.opt_disc, cfg.grad_clip)
-    with s.autocast:
-        losses = flow_loss(s.train_model, normalize_latents(s.bn, z.detach()), y, targets, t, noise)
-    sit = optimizer_step(s, losses)
-    s.opt.zero_grad(set_to_none=True)  # no SiT gradient lives on into the next VAE step (optimizer_step keeps them)
-    ema_update(s.ema_bn, s.bn, cfg.ema_decay)  # the EMA model samples in the space of the EMA statistics
-    return dict(sit, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(), d_loss=d_loss.detach(),
-                grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc, **{k: v.detach() for k, v in terms.items()})
+    def step(self, img, moments, y, targets):
+        """(1) The VAE: regularizer + vae_align_coeff x alignment through the frozen SiT (eval mode: no label dropout,
+        BatchNorm on running statistics; the gradient reaches z through trunk and projector). (2) The discriminator,
+        hinge loss. (3) The SiT on the detached latent, same t and noise."""
+        cfg = self.cfg
+        x = img.float() / 127.5 - 1
+        with self.autocast:
+            mean, std, z, recon = self.train_vae(x)  # (B, C, h, w) x 3 and (B, 3, R, R)
+        t, noise = torch.rand(x.shape[0], device=x.device), torch.randn_like(z)
+        self.model.requires_grad_(False).eval()  # (1) only the VAE learns
+        self.bn.eval()
+        self.disc.requires_grad_(False)
+        lpips_in = (lambda v: v) if cfg.lpips_quirk else (lambda v: (v + 1) / 2)  # upstream: [-1, 1] into LPIPS
+        with self.autocast:
+            projected = self.model(interpolate(normalize_latents(self.bn, z), noise, t), t, y, align_only=True)[1]
+            vae_align = alignment_loss(projected, targets, x.device)
+            terms = dict(l1=(x - recon.float()).abs().mean(), lpips=self.lpips(lpips_in(x), lpips_in(recon.float())).mean(),
+                         kl=kl_loss(mean.float(), std.float()), gan=-self.disc(recon).float().mean())
+        vae_loss = sum(getattr(cfg, f'{k}_coeff') * v for k, v in terms.items()) + cfg.vae_align_coeff * vae_align
+        grad_norm_vae = clipped_step(vae_loss, self.vae, self.opt_vae, cfg.grad_clip)
+        self.model.requires_grad_(True).train()  # (2) the discriminator, (3) the SiT
+        self.bn.train()
+        self.disc.requires_grad_(True)
+        with self.autocast:  # two forwards: BatchNorm statistics per batch, as taming's
+            d_loss = hinge_d_loss(self.disc(x), self.disc(recon.detach()).float())
+        d_loss.backward()
+        if self.world > 1:  # by hand: DDP allows one forward per backward, the discriminator runs twice
+            for p in self.disc.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        grad_norm_disc = nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip)
+        self.opt_disc.step()
+        self.opt_disc.zero_grad(set_to_none=True)
+        with self.autocast:
+            losses = flow_loss(self.train_model, normalize_latents(self.bn, z.detach()), y, targets, t, noise)
+        grad_norm = clipped_step(losses['flow'] + cfg.proj_coeff * losses['align'], self.model, self.opt, cfg.grad_clip)
+        ema_update(self.ema, self.model, cfg.ema_decay)  # (no SiT gradient is kept into the next VAE step)
+        ema_update(self.ema_bn, self.bn, cfg.ema_decay)  # the EMA model samples in the space of the EMA statistics
+        return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(), d_loss=d_loss.detach(),
+                          grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc,
+                          **{k: v.detach() for k, v in terms.items()})
+
+    def latent_norm(self):
+        """SiT latents -> VAE latents by the BatchNorm's EMA statistics (without eps), and the trained VAE."""
+        return LatentNorm('checkpoint', self.ema_bn.running_mean, self.ema_bn.running_var.sqrt(), self.vae.args)
+
+    def flops(self):
+        """+ the VAE step (the VAE 3 forwards; the frozen LPIPS, discriminator and SiT up to the aligned block 2 each:
+        the gradient passes to their input) + the discriminator's step (real and fake images: 2 each)."""
+        img, sit = (1, 3, self.cfg.resolution, self.cfg.resolution), super().flops()
+        disc = forward_flops(self.disc, img)
+        return sit + 3 * forward_flops(self.vae, img) + 2 * (
+            forward_flops(self.lpips, img, img) + 3 * disc + sit / 3 * self.model.encoder_depth / len(self.model.blocks))
 
 def export_vae(argv):
     """python irepa.py export-vae CKPT OUT.safetensors: the VAE a REPA-E run trained, as a file --vae reads (diffusers'
@@ -1647,17 +874,25 @@ def meanflow_loss(model, raw, x, y, targets, cfg, autocast=contextlib.nullcontex
     loss = (err / (err.detach() + cfg.mf_norm_c) ** cfg.mf_norm_p).mean()  # adaptive weight 1 / sg(L + c)^p
     return dict(flow=loss, align=alignment_loss(projected, targets, x.device), mse=err.detach().mean() / u[0].numel())
 
-def meanflow_step(s, img, moments, y, targets):
-    """One step of MeanFlow + alignment: fp32 as MeanFlow (the rows' precision); --precision bf16 autocasts the
-    gradient-carrying pass, never the JVP target."""
-    return optimizer_step(s, meanflow_loss(s.train_model, s.model, model_input(s, img, moments), y, targets, s.cfg,
-                                           s.autocast))
+class MeanFlow(Flow):
+    """MeanFlow + alignment: Flow's unit with a second time embedder and MeanFlow's loss, fp32 as MeanFlow (the
+    rows' precision); --precision bf16 autocasts the gradient-carrying pass, never the JVP target. Its preview
+    sampler, 'meanflow', takes one average-velocity jump."""
+    sit_kw = dict(meanflow=True)
 
-# The training step of each objective (a recipe row's `objective`); all take (s, img, moments, y, targets)
-OBJECTIVES = {'flow': flow_step, 'repa-e': repae_step, 'meanflow': meanflow_step}
+    def loss(self, x, y, targets):
+        return meanflow_loss(self.train_model, self.model, x, y, targets, self.cfg, self.autocast)
 
-# -----------------------------------------------------------------------------
-# The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
+    def flops(self):
+        """+ the guidance pass (cond and uncond: 2 forwards, when guidance is trained in) + the JVP (primal and
+        tangent: 2)."""
+        sit = super().flops()
+        return sit + sit / 3 * (2 * (self.cfg.mf_omega != 1.0 or self.cfg.mf_kappa != 0.0) + 2)
+
+# The training unit of each objective (a recipe row's `objective`)
+OBJECTIVES = {'flow': Flow, 'repa-e': REPAE, 'meanflow': MeanFlow}
+# =====================================================================================================================
+# Part 3. The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
 @functools.lru_cache(maxsize=8)
 def pair_sets(H, device, far_dist, dmax, d_pos, d_neg, lds='code'):
     """The fixed sets of token pairs (i, j) on an H x H row-major grid that the metrics average K over, by Manhattan
@@ -1785,30 +1020,20 @@ def existing_folder(path):
     return path
 
 def teacher_tokens(a, data, idx, grid, device):
-    """The teacher's patch tokens (n, T, D) fp16 of the images idx, cached in a.out_dir under a key of everything they
-    depend on; and the extraction speed (None when cached)."""
-    name, images = encoders.resolve_teacher(a.encoder), hashlib.sha256(str(idx).encode()).hexdigest()[:16]
-    key = f"{name}|{a.encoder_weights}|{dataset_fingerprint(data)}|{images}|{a.resolution}|{grid}|{a.seed}|" \
-          f"{a.siglip_norm}"  # the dataset (its size and files too) and which of its images: not just their number
-    cache = Path(a.out_dir) / f"{name}-{int.from_bytes(key.encode(), 'little') % 10 ** 10:010d}.pt"
-    if cache.exists():
-        print(f"features from the cache {cache}")
-        return torch.load(cache, map_location='cpu', weights_only=True)['tokens'], None
-    t0 = time.time()
+    """The teacher's tokens (n, T, D) of the images idx, through a teacher cache in a.out_dir (one per teacher, weights,
+    images and settings; any other difference is refused by name); and the extraction speed (None when cached)."""
+    name, t0 = encoders.resolve_teacher(a.encoder), time.time()
+    key = f"{name}|{a.encoder_weights}|{dataset_fingerprint(data, idx)}|{a.resolution}|{grid}|{a.seed}|{a.siglip_norm}"
+    path = Path(a.out_dir) / f"{name}-{int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 ** 10:010d}"
+    cached = (path / 'meta.json').exists()
     torch.manual_seed(a.seed)  # a random teacher (tests) is then the same one every run
     teacher = encoders.load_teacher(name, a.encoder_weights, grid, device,
                                     torch.bfloat16 if device.type == 'cuda' else None, siglip_norm=a.siglip_norm)
-    chunks = [idx[i: i + a.batch_size] for i in range(0, len(idx), a.batch_size)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=chunks, num_workers=min(4, os.cpu_count() or 1),
-                                         collate_fn=functools.partial(collate_reporting, data))
-    seen, tokens = {}, []
-    with torch.no_grad():
-        for img, _, _, _, bad in tqdm(loader, name):
-            report_unreadable(seen, bad)
-            tokens.append(teacher(img.to(device).float() / 255).half().cpu())
-    tokens = torch.cat(tokens)  # (n, T, D)
-    atomic_save(cache, dict(tokens=tokens, key=key))
-    return tokens, len(idx) / (time.time() - t0)
+    settings = argparse.Namespace(precision='bf16' if device.type == 'cuda' else 'fp32', resolution=a.resolution,
+                                  num_workers=min(4, os.cpu_count() or 1), siglip_norm=a.siglip_norm)
+    (tokens,), (dtype,) = teacher_cache(path, settings, data, [teacher], a.batch_size, device, idx)
+    print(f"features from the cache {path}" if cached else f"features cached in {path}")
+    return torch.from_numpy(np.array(tokens)).view(dtype), None if cached else len(idx) / (time.time() - t0)
 
 def measure_teacher(argv):
     """python irepa.py metrics --encoder dinov2 [--data-path DIR --masks DIR]: LDS, CDS, SRSS, RMSC and LP accuracy."""
@@ -1861,7 +1086,6 @@ def measure_teacher(argv):
 
 def correlate(argv):
     """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID, and the panel."""
-    import csv
     p = study_parser('correlate', correlate.__doc__)
     p.add_argument('csv', type=existing_file,
                    help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
@@ -1963,8 +1187,857 @@ def spnorm_viz(argv):
     print(f"token ({row}, {col}); LDS of this image {lds[0]:+.4f} before, {lds[1]:+.4f} after the z-score; picture: {a.out}")
     return lds
 
+
+# =====================================================================================================================
+# Part 4. Running at scale: what a one-GPU, never-preempted run on clean data does not need, behind one object, `Run`
+# =====================================================================================================================
+# A run stopped by SIGTERM/SIGINT (preemption) or --time-limit exits with this code once its checkpoint is written:
+# EX_TEMPFAIL of sysexits.h, "temporary failure, try again": requeue the job with --resume. 2 is a user error.
+PREEMPTED = 75
+GRAD_FLOOR_INTERVALS = 3  # a gradient norm under --grad-floor for this many log intervals in a row is a warning
+PREPARE_SHARD = 4096  # images per unit of a sharded pass: a stopped pass redoes at most one per process
+# dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
+PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
+                   'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12,
+                   'RTX 4090': 165e12}
+
 # -----------------------------------------------------------------------------
-# Command line: every training flag, its help; the defaults are DEFAULTS and the recipe rows at the top of the file
+# Devices and processes
+def torch_device(name):
+    """--device -> the torch.device of this process, with an index on CUDA: the one place that reads the flag (the
+    rest asks .type). 'auto': CUDA if there is one; 'cuda': cuda:LOCAL_RANK under torchrun, else cuda:0."""
+    name = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if device.type == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}, CUDA "
+                        f"{torch.version.cuda or 'none: a CPU build'}); use --device cpu")
+    local, n = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+    index = local if device.index is None else device.index
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and index != local:  # two ranks on one GPU: NCCL would hang
+        raise UserError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda")
+    if index >= n:
+        raise UserError(f"--device {name}: this machine has {n} CUDA device{'s' * (n != 1)}"
+                        f"{f' (cuda:0 to cuda:{n - 1})' if n else ''}")
+    return torch.device('cuda', index)
+
+def tf32(on, conv=True):
+    """TF32 for fp32 matmuls and (conv=True) cuDNN convolutions: True, False, or a list this returned before (the
+    settings it replaced). Through the fp32_precision API where torch has it (2.9+): it deprecates the allow_tf32
+    flags, and reading one after a mix of the two raises."""
+    b = torch.backends
+    new = hasattr(b.cuda.matmul, 'fp32_precision')
+    flags, attr = ((b.cuda.matmul, b.cudnn.conv), 'fp32_precision') if new else ((b.cuda.matmul, b.cudnn), 'allow_tf32')
+    flags = flags if conv else flags[:1]
+    before = [getattr(f, attr) for f in flags]
+    for f, v in zip(flags, on if isinstance(on, list) else [('tf32' if on else 'ieee') if new else on] * len(flags)):
+        setattr(f, attr, v)
+    return before
+
+def use_device(device):
+    """A process's CUDA settings, before anything runs on the GPU (and before the NCCL process group, which binds to
+    the current device): the device, TF32 for what stays fp32. Nothing on a CPU."""
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        tf32(True)
+
+def dist_info():
+    """(rank, world size, local rank): from torchrun's environment, or a single process without it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+    return 0, 1, 0
+
+_cpu_groups = []  # [(the default process group, its gloo twin)]: made once per process group
+
+def cpu_group():
+    """A gloo group over all ranks, made once per process group (new_group is a collective: every rank calls this at
+    the same point). Waits and flags go through it, off the GPU: a rank waiting in an NCCL collective for another that
+    still works is killed by NCCL's watchdog after 10 minutes; gloo has no watchdog (its timeout: 30 minutes)."""
+    if not _cpu_groups or _cpu_groups[0][0] is not dist.group.WORLD:
+        _cpu_groups[:] = [(dist.group.WORLD, dist.new_group(backend='gloo'))]
+    return _cpu_groups[0][1]
+
+def barrier():
+    """Every rank waits here for all the others, on the gloo group (off the GPU); nothing in one process."""
+    if dist_info()[1] > 1:
+        dist.barrier(group=cpu_group())
+
+def compiler_missing(device):
+    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++
+    compiler on CPU."""
+    if device == 'cuda':
+        import torch.utils._triton
+        return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()  # looks for $CXX or g++ on the PATH
+    except Exception as e:
+        return f'a C++ compiler for CPU kernels (g++, or one named by $CXX): {e}'.strip()
+    return None
+
+def sit_train_flops(model):
+    """Training FLOPs per image, 6 (12 L D^2 T + 2 L T^2 D): the token-wise matmuls and attention, x3 for backward."""
+    L, (_, T, D) = len(model.blocks), model.pos_embed.shape
+    return 6 * (12 * L * D * D * T + 2 * L * T * T * D)
+
+def forward_flops(module, *shapes):
+    """FLOPs of one forward of `module` on inputs of these shapes, counted by torch on fake tensors: no compute."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    device, training = next(module.parameters()).device, module.training
+    module.eval()  # in train mode a BatchNorm would count this pass in its statistics (REPA-E's discriminator)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
+        module(*(torch.zeros(shape, device=device) for shape in shapes))
+    module.train(training)
+    return counter.get_total_flops()
+
+# -----------------------------------------------------------------------------
+# Files: one atomic write, checkpoints, the grids
+def atomic_write(path, write):
+    """write(file) into a temp file, then rename it to `path`: a kill or a failed write (disk full, permissions)
+    never leaves a partial `path` nor touches the one before. A failed write removes its temp file and says why."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)  # a partial file only fills the disk further
+        raise UserError(f"could not write {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+
+def atomic_save(path, state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+def atomic_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+def latest_checkpoint(out_dir):
+    files = sorted((Path(out_dir) / 'checkpoints').glob('*.pt'))  # zero-padded step names; *.pt.tmp are unfinished
+    return files[-1] if files else None
+
+def load_state(model, state_dict, what='checkpoint'):
+    """load_state_dict(strict=True), but a mismatch says which keys and shapes differ instead of a wall of text."""
+    if not isinstance(model, nn.Module):  # an optimizer
+        return model.load_state_dict(state_dict)
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    shapes = sorted(f"{k}: {tuple(state_dict[k].shape)} in the {what}, {tuple(own[k].shape)} in the model"
+                    for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"  {label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for label, keys in
+                 ((f"missing from the {what}", missing), ("not in the model", unexpected)) if keys]
+        raise UserError('\n'.join([f"the {what} was made for another model config:", *lines,
+                                   *('  ' + s for s in shapes[:6])]))
+    model.load_state_dict(state_dict)
+
+def weights_fingerprint(model):
+    """A float that equal weights reproduce bit for bit and different weights almost surely do not. A model without
+    weights (the HOG and SIFT teachers) is its name and configuration: a string, e.g. 'sift: SIFT(grid=16)'."""
+    params = list(model.parameters())
+    if params:
+        return sum(((i + 1) * p.double().sum() + p.double().square().sum()) for i, p in enumerate(params)).item()
+    inner = getattr(model, 'model', model)  # a Teacher wraps its descriptor
+    settings = dict(vars(type(inner))) | vars(inner)  # HOG's class settings, SIFT's grid
+    config = ', '.join(f'{k}={v}' for k, v in sorted(settings.items())
+                       if type(v) in (int, float, str, bool) and not k.startswith('_') and k != 'training')
+    return f"{getattr(model, 'name', '')}: {type(inner).__name__}({config})"
+
+def to_uint8(x):
+    """[-1, 1] floats (B, 3, H, W) -> uint8 (B, H, W, 3), rounding to nearest (REPA truncates; DiT rounds)."""
+    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+def save_grid(images, path, cols=None):
+    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
+    k = max(1, 64 // images.shape[1])
+    images = images.permute(0, 3, 1, 2).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (N, 3, kH, kW)
+    grid = make_grid(images.cpu(), nrow=cols or math.ceil(math.sqrt(len(images))), padding=0)  # (3, rows kH, cols kW)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+# -----------------------------------------------------------------------------
+# Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and
+# counted; the run stops when more than --max-bad-fraction of what it drew was unreadable
+def collate_reporting(data, samples):
+    """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason)
+    that this process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it
+    travels with the batch, and the main process reports each file once (report_unreadable)."""
+    info = torch.utils.data.get_worker_info()
+    data = info.dataset if info else data
+    bad, data.unreadable = data.unreadable, []
+    return (*torch.utils.data.default_collate(samples), bad)
+
+def report_unreadable(seen, bad):
+    """Warn about each unreadable file of `bad` not in `seen` (path -> reason) yet, once; add it there."""
+    for path, why in bad:
+        if path not in seen:
+            seen[path] = why
+            print(f"warning: unreadable image {path} ({why}); the next readable image of its class replaces it "
+                  f"(reported once; the count is in log.jsonl as bad_images)", file=sys.stderr)
+
+def chunks(data, ids, batch_size, num_workers=0, desc=None):
+    """The samples `ids` of `data`, batch_size at a time: (ids of the chunk, images, moments, labels), the unreadable
+    images reported once each. The loader has a generator of its own: the global RNG stays untouched; its workers
+    ignore stop signals (the caller stops between chunks)."""
+    seen, parts = {}, [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=parts, num_workers=num_workers,
+                                         generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+                                         collate_fn=functools.partial(collate_reporting, data))
+    for part, (img, moments, y, _, bad) in zip(parts, tqdm(loader, desc=desc, disable=desc is None)):
+        report_unreadable(seen, bad)
+        yield part, img, moments, y
+
+# -----------------------------------------------------------------------------
+# One sharded, resumable pass over the data, for --prepare (VAE latents), the teacher cache and fid.py sample
+def sharded_pass(folder, n, work, suffix, save, desc, what):
+    """Shard k is done once its mark folder/{k:06d}{suffix} exists. The shards not done are split evenly over the
+    ranks (a resumed pass is as balanced as a fresh one); save(work(k), file) writes shard k's mark, atomically.
+    Before each round of shards and at the end, the ranks agree on the gloo group whether a stop signal
+    (SIGTERM/SIGINT) reached any of them: every wait is on the CPU and lasts about one shard (no rank sits in an NCCL
+    collective, whose watchdog kills the job after 10 minutes), and one signalled rank stops them all. Stopped: every
+    rank exits PREEMPTED and rank 0 says how many shards are `what` (e.g. 'shards to do in DIR')."""
+    rank, world, _ = dist_info()
+    mark = lambda k: folder / f'{k:06d}{suffix}'
+    todo = [k for k in range(n) if not mark(k).exists()]  # every rank lists them before the first agreement below
+    stop = Stop()
+
+    def stopped():  # a stop signal on any rank, agreed by all: the same answer, at the same round, everywhere
+        flag = torch.tensor([float(stop.signal is not None)])
+        if world > 1:
+            dist.all_reduce(flag, group=cpu_group())
+        return flag.item() > 0
+    try:
+        for i in tqdm(range(rank, -(-len(todo) // world) * world, world), desc, disable=rank != 0):  # equal rounds
+            if stopped():
+                break
+            if i < len(todo):  # the last round may leave a rank without a shard
+                value = work(todo[i])
+                atomic_write(mark(todo[i]), lambda f: save(value, f))  # a mark exists once its shard is complete
+    finally:
+        stop.release()  # the handlers back, also when a shard fails
+    if stopped():  # also the wait for the other ranks' last shards
+        if rank == 0:
+            left = sum(not mark(k).exists() for k in range(n))
+            print(f"stopped by a signal; {left} of {n} {what}; the same command goes on from there (exit code "
+                  f"{PREEMPTED}: requeue)", file=sys.stderr)
+        raise SystemExit(PREEMPTED)
+
+def dataset_pass(out, arrays, settings, n_items, work, desc):
+    """The pass of --prepare and of the teacher cache: memmaps out/<name> of n_items rows (arrays: name -> (shape,
+    dtype)) that shard k fills (work(k, memmaps) -> what its mark keeps), in one sharded_pass. settings: what the pass
+    is of; unfinished shards of other settings are refused. Returns the marks' values in shard order; the caller then
+    writes meta.json, which marks completion, and removes out/shards."""
+    shards, n = out / 'shards', -(-n_items // PREPARE_SHARD)
+    if (shards / 'settings.json').exists() and json.loads((shards / 'settings.json').read_text()) != settings:
+        raise UserError(f"{shards} holds the unfinished pass of other settings (another teacher, weights, VAE, "
+                        f"resolution or dataset); delete it or pick another folder")
+    barrier()  # every rank has checked before rank 0 writes
+    if dist_info()[0] == 0 and not shards.exists():  # a new pass (else: go on with the shards not done)
+        for name, (shape, dtype) in arrays.items():
+            np.lib.format.open_memmap(out / name, mode='w+', dtype=dtype, shape=shape).flush()  # sparse until written
+        shards.mkdir(parents=True)
+        (shards / 'settings.json').write_text(json.dumps(settings))  # last: the files exist once it does
+    barrier()
+    memmaps = {name: np.load(out / name, mmap_mode='r+') for name in arrays}
+    sharded_pass(shards, n, lambda k: work(k, memmaps), '.pt', torch.save, desc, f'shards to do in {shards}')
+    return [torch.load(shards / f'{k:06d}.pt', weights_only=True) for k in range(n)]
+
+def shard_rows(k, n):
+    return range(k * PREPARE_SHARD, min(n, (k + 1) * PREPARE_SHARD))
+
+def moment_sums(mean, std):
+    """Posterior (B, C, h, w) mean and std -> (3, C) float64 sums of mu, mu^2 + sigma^2 and the count."""
+    mean, std = mean.double(), std.double()
+    return torch.stack([mean.sum((0, 2, 3)), (mean ** 2 + std ** 2).sum((0, 2, 3)),
+                        torch.full_like(mean[0, :, 0, 0], mean[:, 0].numel())])
+
+def latent_stats(sums):
+    """Per-channel mean and std of posterior samples z = mu + sigma eps from their moment sums: E[z] = E[mu],
+    Var z = E[mu^2 + sigma^2] - E[mu]^2."""
+    mean = sums[0] / sums[2]
+    return mean, (sums[1] / sums[2] - mean ** 2).sqrt()
+
+def latent_moments(data, vae, ids, device, batch_size=64, num_workers=0, desc=None):
+    """(ids, posterior mean, std) of the images `ids`, a batch at a time: (B, C, h, w) each."""
+    for part, img, _, _ in chunks(data, ids, batch_size, num_workers, desc):
+        yield part, *vae.encode(img.to(device).float() / 127.5 - 1)
+
+@torch.no_grad()
+def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classes=10, seed=0, synthetic_size=10_000,
+                    batch_size=64, num_workers=0):
+    """--prepare: VAE posterior mean/std of every image as an fp16 memmap, the labels, and the per-channel latent
+    statistics (latent_stats), in one dataset_pass; a stop signal ends it between shards (exit PREEMPTED) and the
+    same command goes on from there. meta.json is written last and marks completion."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = ImageData(data_path, resolution, num_classes, seed, synthetic_size)
+    vae = encoders.load_vae(vae_spec, device=device)
+    C, h = vae.latent_channels, resolution // vae.downsample
+    source = str(Path(data_path).resolve()) if data_path else 'synthetic'
+    settings = dict(source=source, resolution=resolution, vae=vae_spec, size=len(data), shape=[2 * C, h, h],
+                    shard=PREPARE_SHARD)
+
+    def work(k, memmaps):  # shard k's posterior moments into the memmap; their sums are its mark
+        part = torch.zeros(3, C, dtype=torch.float64, device=device)
+        for ids, mean, std in latent_moments(data, vae, list(shard_rows(k, len(data))), device, batch_size,
+                                             num_workers):
+            memmaps['latents.npy'][ids] = torch.cat([mean, std], 1).half().cpu().numpy()
+            part += moment_sums(mean, std)
+        memmaps['latents.npy'].flush()
+        return part.cpu()
+    sums = dataset_pass(out, {'latents.npy': ((len(data), 2 * C, h, h), np.float16)}, settings, len(data), work,
+                        'prepare latents')
+    if dist_info()[0] == 0:  # the shards' sums in shard order: the same statistics whatever the ranks and restarts
+        mu, sd = latent_stats(sum(sums))
+        np.save(out / 'labels.npy', data.labels.astype(np.int64))
+        atomic_text(out / 'meta.json', json.dumps(dict(
+            source=source, resolution=resolution, num_classes=data.num_classes, seed=seed, size=len(data),
+            vae=vae_spec, shape=[2 * C, h, h], stats=dict(mean=mu.tolist(), std=sd.tolist())), indent=1))
+        shutil.rmtree(out / 'shards')
+        print(f"prepared {len(data)} latents {(2 * C, h, h)} in {out}; per-channel mean {np.round(mu.tolist(), 4)}, "
+              f"std {np.round(sd.tolist(), 4)}")
+    barrier()
+
+# The teacher-token cache (--teacher-cache DIR, and the study's metrics): the frozen teachers run once over the images
+# and their tokens (before the spatial norm, in the dtype training computes them in) go into one memmap per teacher;
+# training then reads them by image index. iREPA uses no data augmentation (a centre crop, always the same), so an
+# image's tokens never change and the cache is exact: on a CPU the cached run is the online run, bit for bit. A data
+# augmentation added to this file must refuse the cache. For the paper's big teachers this is most of the compute:
+# WebSSL-1B's forward (~600 GFLOP per image) or PE-Core-G's (~970) against ~710 for a whole SiT-XL/2 step.
+CACHE_DTYPES = {torch.float32: 'float32', torch.float16: 'float16', torch.bfloat16: 'int16'}  # bf16: its raw bits
+
+def dataset_fingerprint(data, ids=None):
+    """A hash of what the teacher sees of a dataset (or of its images `ids`): the files and labels (names only:
+    stat()ing 1.28M files on a network filesystem takes minutes), or the synthetic set's seed, size and classes."""
+    what = ['synthetic', data.seed, len(data), data.num_classes] if data.files is None else \
+        [str(data.root), data.files, data.labels.tolist()]
+    return hashlib.sha256(json.dumps(what + ([] if ids is None else [list(ids)])).encode()).hexdigest()[:16]
+
+def cache_meta(cfg, data, teachers, dtypes, ids=None):
+    """What a cache must match to be used: per teacher its name, weights (fingerprint) and token dtype; the image
+    resolution, token grid, preprocessing and dataset (or the images `ids` of it)."""
+    return dict(teachers=[dict(name=t.name, weights=weights_fingerprint(t), dim=t.dim, dtype=str(d).split('.')[-1])
+                          for t, d in zip(teachers, dtypes)],
+                resolution=cfg.resolution, grid=teachers[0].grid, siglip_norm=cfg.siglip_norm,
+                dataset=dataset_fingerprint(data, ids), size=len(data) if ids is None else len(ids))
+
+def open_cache(path, meta):
+    """The cache's token memmaps (N, T, D), one per teacher, read-only; refused unless complete and matching."""
+    done = path / 'meta.json'
+    if not done.exists():
+        raise UserError(f"--teacher-cache {path} is incomplete (no meta.json: its pass was stopped); the same command "
+                        f"goes on with it")
+    flat = lambda m: {f'teacher {i} {k}': v for i, t in enumerate(m['teachers']) for k, v in t.items()} | \
+        {k: v for k, v in m.items() if k not in ('teachers', 'batch')}
+    have, want = flat(json.loads(done.read_text())), flat(meta)
+    if diff := [f"{k} {have.get(k)} (cache) vs {v} (now)" for k, v in want.items() if have.get(k) != v]:
+        raise UserError(f"--teacher-cache {path} holds the tokens of another teacher, weights, resolution or dataset: "
+                        f"{'; '.join(diff)}; pick another folder or delete it")
+    return [np.load(path / f'tokens-{k}.npy', mmap_mode='r') for k in range(len(meta['teachers']))]
+
+def cache_tokens(teachers, img, precision):
+    """What the cache stores of uint8 images: each teacher's raw tokens (B, T, D), in bf16 under --precision bf16
+    whatever the teacher returns (CUDA autocast computes LayerNorm in fp32: DINOv2's tokens come out fp32, twice the
+    disk), else as returned. The online path keeps the teacher's own dtype, as the official code does."""
+    with torch.autocast(img.device.type, torch.bfloat16) if precision == 'bf16' else contextlib.nullcontext():
+        tokens = [teacher(img.float() / 255) for teacher in teachers]
+    return [t.to(torch.bfloat16) for t in tokens] if precision == 'bf16' else tokens
+
+@torch.no_grad()
+def teacher_cache(path, cfg, data, teachers, batch_size, device, ids=None):
+    """The cache of `teachers` on the images `ids` of `data` (default all), built when absent or unfinished (in one
+    dataset_pass, in batches of the training's shape: the teacher computes as it does in training), then opened:
+    (memmaps, token dtypes). The free disk space is checked on every rank before anything is written. cfg: the
+    run's precision, num_workers, resolution and siglip_norm."""
+    ids, R = list(range(len(data))) if ids is None else list(ids), cfg.resolution
+    probe = torch.zeros(batch_size, 3, R, R, dtype=torch.uint8, device=device)
+    dtypes = [t.dtype for t in cache_tokens(teachers, probe, cfg.precision)]  # bf16 or what the teacher returns
+    meta, T = cache_meta(cfg, data, teachers, dtypes, None if len(ids) == len(data) else ids), teachers[0].grid ** 2
+    arrays = {f'tokens-{k}.npy': ((len(ids), T, t.dim), CACHE_DTYPES[d]) for k, (t, d) in enumerate(zip(teachers, dtypes))}
+    if not (path / 'meta.json').exists():
+        need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in arrays.values())
+        sizes = ' + '.join(' x '.join(map(str, (*shape, f'{np.dtype(dt).itemsize} B'))) for shape, dt in arrays.values())
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / 'shards').exists() and (free := shutil.disk_usage(path).free) < need * 1.02:  # + headers
+            raise UserError(f"--teacher-cache {path}: the tokens need {need / 1e9:.1f} GB ({sizes}), the disk has "
+                            f"{free / 1e9:.1f} GB free; pick another folder or free space")
+
+        def work(k, memmaps):  # shard k's images through the teachers, their tokens into the memmaps
+            row = k * PREPARE_SHARD
+            for part, img, _, _ in chunks(data, ids[row: row + PREPARE_SHARD], batch_size, cfg.num_workers):
+                img = torch.cat([img, img[-1:].expand(batch_size - len(img), -1, -1, -1)])  # the training's shape
+                for mm, t in zip(memmaps.values(), cache_tokens(teachers, img.to(device), cfg.precision)):
+                    mm[row: row + len(part)] = t[:len(part)].cpu().view(getattr(torch, mm.dtype.name)).numpy()
+                row += len(part)
+            for mm in memmaps.values():
+                mm.flush()  # before the mark: a marked shard is on disk
+        if dist_info()[0] == 0 and not (path / 'shards').exists():
+            print(f"teacher cache: {len(ids)} images x {T} tokens of {', '.join(t.name for t in teachers)} "
+                  f"into {path}")
+        dataset_pass(path, arrays, meta, len(ids), work, 'teacher cache')
+        if dist_info()[0] == 0:
+            atomic_text(path / 'meta.json', json.dumps(meta | dict(batch=batch_size), indent=1))
+            shutil.rmtree(path / 'shards')
+        barrier()
+    return open_cache(path, meta), dtypes
+
+# -----------------------------------------------------------------------------
+# Stop signals, the time limit, one run per folder
+class Stop:
+    """While it holds them, SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT only set
+    .signal: the loop finishes its step, checkpoints and exits PREEMPTED; a sharded pass stops between shards.
+    DataLoader workers ignore them (ignore_stop_signals). release() puts the handlers back."""
+    def __init__(self):
+        self.signal = None
+        self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(self, signum, frame):
+        self.signal = signum
+
+    def release(self):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+def ignore_stop_signals(worker_id):
+    """A DataLoader worker's init: schedulers signal every process of a job, and a worker that dies of it would crash
+    the step before the checkpoint; the main process stops the workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+class StartupStop(BaseException):
+    """SIGTERM or SIGINT before the training loop began: nothing to checkpoint, so the start-up (a hub download and
+    its retries, the latents pass) ends at once. A BaseException, as KeyboardInterrupt: `except Exception` in a
+    library's retry loop does not swallow it."""
+
+def catch_startup_signals():
+    def handler(signum, frame):
+        raise StartupStop(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+def seconds(text):
+    """A duration: '3h55m', '90m', '1h30m20s', '45s' or plain seconds ('600') -> seconds."""
+    m = re.fullmatch(r'(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?', text.strip())
+    if not m or not any(m.groups()):
+        raise ValueError(f"not a duration: {text!r}; write it as 3h55m, 90m, 45s or seconds")
+    return sum(float(v or 0) * k for v, k in zip(m.groups(), (3600, 60, 1)))
+
+def lock_run(out):
+    """One run per folder: an exclusive flock on <out>/lock, held by rank 0 for the whole run (main closes it). The
+    OS releases it when the process dies, even by kill -9, so it is never stale. A second run (a double launch, a
+    requeued job while the old one is still ending) stops with one line naming the holder. Removes the PREEMPTED
+    marker of the run it continues."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / 'lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise UserError(f"{out} is in use by {holder} (it holds {out / 'lock'}); one run per --out-dir: wait for it "
+                        f"to end, or start this one in another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    (out / 'PREEMPTED').unlink(missing_ok=True)
+    return f
+
+# -----------------------------------------------------------------------------
+# The run folder: a fresh run, or the checkpoint --resume continues
+def fresh_out_dir(out, overwrite, master):
+    """A fresh run neither continues nor mixes with another run: refused where out/ holds a run's checkpoints, unless
+    --overwrite, which moves that run's files (checkpoints, log, config, grids) into out/replaced-<UTC time>/ and says
+    so. Nothing is deleted; prepared latents (out/latents) stay, they are data."""
+    old = latest_checkpoint(out)
+    if old and not overwrite:
+        raise UserError(f"{out} already holds the checkpoints of a run (the newest: {old}); continue it with --resume, "
+                        f"or start this one in another --out-dir (--overwrite moves the old run aside)")
+    moved = [p for p in (out / n for n in ('checkpoints', 'log.jsonl', 'config.json', 'samples')) if p.exists()]
+    if master and overwrite and moved:
+        aside = out / time.strftime('replaced-%Y%m%d-%H%M%S', time.gmtime())
+        aside.mkdir()
+        for p in moved:
+            os.replace(p, aside / p.name)
+        print(f"--overwrite: moved the earlier run's {', '.join(p.name for p in moved)} into {aside}", file=sys.stderr)
+    elif master and (out / 'log.jsonl').exists():
+        print(f"note: {out} holds the log of an earlier run without checkpoints; this run starts a new log.jsonl",
+              file=sys.stderr)
+
+def newest_loadable(out, master):
+    """The newest checkpoint of out/checkpoints that loads, or None; and the ones that did not (truncated by a full
+    disk or a node lost during a copy), which rank 0 renames *.corrupt (never deleted: they may still be rescued)."""
+    bad = []
+    for path in sorted((out / 'checkpoints').glob('*.pt'), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(ckpt, dict) and {'step', 'config', 'model'} <= ckpt.keys():
+                return ckpt, path, bad
+            why = 'not a checkpoint of irepa.py'
+        except Exception as e:  # whatever torch.load raises on a broken file
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        bad.append(path.with_name(path.name + '.corrupt'))
+        if master:
+            os.replace(path, bad[-1])
+            print(f"*** WARNING: --resume: {path} does not load ({why}); renamed it {bad[-1].name}, trying the one "
+                  f"before it ***", file=sys.stderr)
+    return None, None, bad
+
+def resume_checkpoint(cfg, out, master):
+    """The newest checkpoint that loads, refused if made with other METHOD settings (the RUN ones may change). None
+    when there is none yet (a job stopped during its start-up, requeued with the same command): the run starts
+    afresh. A run that has reached --max-steps says where its results are and exits 0."""
+    ckpt, path, bad = newest_loadable(out, master)
+    if ckpt is None and (bad := bad or sorted((out / 'checkpoints').glob('*.corrupt'))):
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} loads ({', '.join(p.name for p in bad)} "
+                        f"set aside); start afresh with --overwrite, or in another --out-dir")
+    if ckpt is None:
+        if master:
+            print(f"--resume: no checkpoint in {out / 'checkpoints'} yet: starting afresh", file=sys.stderr)
+        return None
+    may_change = RUN.keys() | {'trained_teachers'}  # trained_teachers: checked on its own (Run.load_teachers)
+    if diff := {k: (ckpt['config'].get(k), v) for k, v in vars(cfg).items()
+                if k not in may_change and ckpt['config'].get(k) != v}:
+        raise UserError(f"--resume: {path} was made with another config; differing settings (checkpoint, now): {diff}")
+    if ckpt['step'] >= cfg.max_steps:
+        if master:
+            grids = out / 'samples'
+            print(f"--resume: the run in {out} has finished (step {ckpt['step']} of --max-steps {cfg.max_steps}): "
+                  f"final checkpoint {path}{f', samples in {grids}' if grids.is_dir() else ''}", file=sys.stderr)
+        raise SystemExit(0)
+    if master:
+        print(f"resuming from {path} (step {ckpt['step']})" + (' *** NOT the newest: see the warning above ***'
+                                                                if bad else ''))
+    return ckpt
+
+def training_data(cfg, device, master):
+    """The dataset and the normalization of the SiT's inputs (None in pixel space and for REPA-E, whose BatchNorm
+    normalizes). Latents are prepared once into <out-dir>/latents when missing; REPA-E trains the VAE on images."""
+    data = ImageData(cfg.data_path, cfg.resolution, cfg.num_classes, cfg.seed, cfg.synthetic_size)
+    if cfg.objective == 'repa-e':
+        if cfg.vae == 'none' or data.latents is not None:
+            raise UserError(f"--recipe {cfg.recipe} trains the VAE end to end, so it needs images and a VAE to start "
+                            "from: an image folder (or none: the synthetic set) and --vae, not prepared latents or "
+                            "--vae none")
+        return data, None
+    if cfg.vae != 'none' and data.latents is None:
+        prepared = Path(cfg.out_dir) / 'latents'
+        if not (prepared / 'meta.json').exists():
+            if master:
+                print(f"no prepared latents: encoding the data once with {cfg.vae} into {prepared}")
+            prepare_latents(cfg.data_path, prepared, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
+                            cfg.synthetic_size, num_workers=cfg.num_workers)
+        data = ImageData(prepared, cfg.resolution)
+    if data.latents is None:
+        return data, None
+    stats, C = data.meta['stats'], data.latents.shape[1] // 2  # iREPA: the data's per-channel statistics
+    mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
+    return data, LatentNorm(data.meta['vae'], mean, std).to(device)
+
+# -----------------------------------------------------------------------------
+# The seam: everything around the loop of `train`, and the trainer units' view of it
+class Run:
+    """Run(cfg): processes and device, the run folder, the data and the checkpoint --resume continues. For the unit:
+    load_teachers(grid), wrap(module), and shape, data, norm, autocast, fresh. For the loop: start(unit) restores
+    the checkpoint and starts the loader, the log and the stop signals; batch(); end_step(step, stats) keeps the
+    sums on the device and, at intervals, logs, checkpoints and draws grids; it says when every rank stops."""
+    def __init__(self, cfg):
+        (self.rank, self.world, _), self.cfg, self.started = dist_info(), cfg, time.time()
+        self.master, self.device, self.out = self.rank == 0, torch.device(cfg.device), Path(cfg.out_dir)
+        if cfg.global_batch_size % self.world:
+            raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by the {self.world} "
+                            f"processes")
+        use_device(self.device)  # the only device-specific settings; precision and compilation follow the flags
+        self.ckpt = resume_checkpoint(cfg, self.out, self.master) if cfg.resume else None
+        self.fresh = self.ckpt is None
+        if self.fresh:
+            fresh_out_dir(self.out, cfg.overwrite, self.master)
+        self.data, self.norm = training_data(cfg, self.device, self.master)
+        latents = self.data.latents is not None
+        self.shape = (self.data.latents.shape[1] // 2, self.data.latents.shape[2]) if latents else (3, cfg.resolution)
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16) if cfg.precision == 'bf16' else \
+            contextlib.nullcontext()
+        self.teachers, self.cache_dtypes = [], []
+        torch.manual_seed(cfg.seed)  # the same on every rank: random teachers and networks agree
+
+    def load_teachers(self, grid):
+        """The frozen teachers (bf16 weights with --precision bf16; --demo: HOG if needed), in the config as
+        trained_teachers (a resumed run must train with the same ones); --teacher-cache DIR: the cache, built when
+        absent, and the data serves its tokens. Images are then read only where the SiT trains on them (pixel
+        space, REPA-E's VAE), and the teachers leave the GPU."""
+        cfg = self.cfg
+        self.teachers = encoders.load_teachers(
+            cfg.encoder, cfg.encoder_weights, cfg.demo, grid=grid, device=self.device, compile=cfg.compile,
+            dtype=torch.bfloat16 if cfg.precision == 'bf16' else None, siglip_norm=cfg.siglip_norm)
+        cfg.trained_teachers = ','.join(t.name for t in self.teachers) or 'none'  # --demo may fall back to another
+        before = self.ckpt and self.ckpt['config'].get('trained_teachers')
+        if before and before != cfg.trained_teachers:
+            raise UserError(f"--resume: the checkpoint's run trained with the teacher(s) {before}, this one would "
+                            f"train with {cfg.trained_teachers}; give it the same teacher weights (--encoder-weights)")
+        if cfg.teacher_cache and self.teachers:
+            tokens, self.cache_dtypes = teacher_cache(Path(cfg.teacher_cache), cfg, self.data, self.teachers,
+                                                      cfg.global_batch_size // self.world, self.device)
+            self.data = self.data.serving(tokens, images=self.data.latents is None)
+            for t in self.teachers:
+                t.to('cpu')
+            if self.master:
+                print(f"teacher tokens from the cache {cfg.teacher_cache} ({len(self.data)} images)")
+        return self.teachers
+
+    def wrap(self, module, compile=True):
+        """The module as the step calls it: DDP under torchrun (its gradients are views of the buckets: no copy),
+        then torch.compile with --compile."""
+        if self.world > 1:
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                         gradient_as_bucket_view=True)
+        return torch.compile(module) if compile and self.cfg.compile else module
+
+    def start(self, unit):
+        """Everything of `unit` in unit.saved and every rank's random state as the checkpoint holds them (--resume),
+        then the loader from that step on, the stop signals, the log; returns the first step."""
+        cfg, self.unit = self.cfg, unit
+        torch.manual_seed(cfg.seed * self.world + self.rank)  # a different stream of t, noise and label dropout per rank
+        step = self.restore(self.ckpt) if self.ckpt else 0
+        self.loader = iter(torch.utils.data.DataLoader(
+            self.data, batch_sampler=batches(len(self.data), cfg.global_batch_size, self.rank, self.world, cfg.seed,
+                                             step),
+            num_workers=cfg.num_workers, pin_memory=self.device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
+            generator=torch.Generator(),  # its own generator: leaves the training RNG alone
+            collate_fn=functools.partial(collate_reporting, self.data), worker_init_fn=ignore_stop_signals))
+        self.cpu_group = cpu_group() if self.world > 1 else None  # should_stop's flags, off the GPU
+        self.stop, self.stop_work, self.stopped = Stop(), None, False
+        self.deadline = time.time() + seconds(cfg.time_limit) if cfg.time_limit else None
+        self.flops = unit.flops() + sum(t.flops() for t in self.teachers if not self.data.tokens)  # per image: MFU
+        self.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(self.device)),
+                         None) if self.device.type == 'cuda' else None
+        self.sums, self.n_steps, self.first_bad = {}, 0, torch.tensor(-1, device=self.device)
+        self.drawn, self.bad_draws, self.bad_files, self.grad_prev, self.grad_low = 0, 0, {}, {}, {}
+        self.rec, self.wall0 = None, 0.0
+        if self.master:  # the run folder, and one line that says what trains on what
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / 'config.json').write_text(json.dumps(vars(cfg), indent=1))
+            self.log = self.open_log(step)
+            m, T = unit.model, unit.model.pos_embed.shape[1]
+            what = 'pixels' if m.in_channels == 3 else f'latents {(m.in_channels, *[m.x_embedder.input_size] * 2)}'
+            print(f"{cfg.model} ({cfg.recipe}): {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
+                  f"(projectors included), {T} tokens, {what}, {len(self.data)} images, {self.data.num_classes} "
+                  f"classes, teachers: {', '.join(t.name for t in self.teachers) or 'none'}")
+        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.master, desc='train', dynamic_ncols=True)
+        self.t0 = time.time()  # the first interval's img/s counts the steps, not the start-up
+        return step
+
+    def restore(self, ckpt):
+        for name, obj in self.unit.saved.items():
+            load_state(obj, ckpt[name], f'checkpoint ({name})')
+        if len(ckpt['rng']) != self.world:
+            print(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, now {self.world}: new random "
+                  f"streams, the trajectory will differ from an uninterrupted run", file=sys.stderr)
+        else:
+            torch.set_rng_state(ckpt['rng'][self.rank]['cpu'])
+            if self.device.type == 'cuda' and 'cuda' in ckpt['rng'][self.rank]:
+                torch.cuda.set_rng_state(ckpt['rng'][self.rank]['cuda'])
+        self.ckpt = dict(config=ckpt['config'])  # the weights are the unit's now
+        return ckpt['step']
+
+    def open_log(self, step):
+        """log.jsonl: a fresh run starts it; a resumed run continues its own, from its checkpoint's step on (lines
+        past that step are of steps the interrupted run lost, and they are done again)."""
+        path = self.out / 'log.jsonl'
+        if step > 0 and path.exists():
+            keep = [line for line in open(path) if line.strip() and json.loads(line)['step'] <= step]
+            atomic_text(path, ''.join(keep))
+            self.wall0 = json.loads(keep[-1]).get('wall_s', 0.0) if keep else 0.0  # the run's time before this process
+        return open(path, 'a' if step > 0 else 'w')
+
+    def batch(self):
+        """The next batch on the device, without one device-to-host read (Python runs ahead of the GPU): uint8
+        images, VAE moments, labels, cached tokens; the unreadable images the loader met are reported and counted."""
+        img, moments, y, tokens, bad = next(self.loader)  # see ImageData; bad: [(path, reason)] (collate_reporting)
+        self.drawn, self.bad_draws = self.drawn + len(y), self.bad_draws + len(bad)
+        report_unreadable(self.bad_files, bad)
+        img, moments, y = (v.to(self.device, non_blocking=True) for v in (img, moments, y))
+        return img, moments, y, [t.to(self.device, non_blocking=True).view(d) for t, d in zip(tokens, self.cache_dtypes)]
+
+    def end_step(self, step, stats):
+        """After step `step` (1-based): the sums for the log and the NaN guard, on the device; at intervals the log
+        line (the one host sync), a checkpoint, a grid. Whether every rank stops now: a stop signal or the time
+        limit, agreed by all (then a checkpoint was just written)."""
+        cfg = self.cfg
+        self.sums = {k: self.sums.get(k, 0) + v.float() for k, v in stats.items()}
+        self.n_steps += 1
+        loss = sum(stats.values())  # every loss and gradient norm: a NaN in any of them stops the run (log_interval)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.bar.update(1)
+        stop = self.should_stop()
+        ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
+        grid = cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps)
+        if step % cfg.log_every == 0 or ckpt or grid:
+            self.log_interval(step)
+        if ckpt:
+            self.save(step)
+        if grid and self.master:
+            self.grid(self.out / 'samples' / f'{step:07d}.png')
+        return stop
+
+    def should_stop(self):
+        """Whether every rank stops after this step: a stop signal arrived or --time-limit is up, on any rank. Under
+        DDP the flags travel in a CPU (gloo) all_reduce started one step earlier, so no rank waits on the device or
+        stops alone (none is left waiting in a collective); one process reads its own flag."""
+        local = self.stop.signal is not None or (self.deadline is not None and time.time() > self.deadline)
+        if self.world == 1:
+            self.stopped = local
+            return local
+        if self.stop_work is not None:
+            self.stop_work.wait()  # started a step ago: long finished, unless a rank is that far behind
+            self.stopped = self.stop_flag.item() > 0
+        self.stop_flag = torch.tensor([float(local)])
+        self.stop_work = dist.all_reduce(self.stop_flag, group=self.cpu_group, async_op=True)
+        return self.stopped
+
+    def log_interval(self, step):
+        """The one host sync of training, every log_every steps and before checkpoints and grids: the interval's
+        means (over the ranks too), the NaN guard, the unreadable images, the gradient watch, speed, memory and MFU;
+        rank 0 appends them to log.jsonl."""
+        cfg, counts = self.cfg, torch.tensor([self.bad_draws, self.drawn], dtype=torch.float32, device=self.device)
+        names, vec = list(self.sums), torch.stack([*self.sums.values(), *counts, self.first_bad.float()])
+        if self.world > 1:
+            dist.all_reduce(vec[:-1])
+            dist.all_reduce(vec[-1:], op=dist.ReduceOp.MAX)
+        *vec, bad, drawn, first_bad = vec.tolist()
+        if first_bad >= 0:  # every loss and every trained network's gradient norm (REPA-E: the VAE, the discriminator)
+            raise FloatingPointError(f"non-finite {', '.join(k for k, v in zip(names, vec) if not math.isfinite(v))} "
+                                     f"at step {int(first_bad)}; stopping. The last good checkpoint is "
+                                     f"{latest_checkpoint(self.out) or 'none'}; --resume from it (with --qk-norm or a "
+                                     f"lower --lr?)")
+        if bad > cfg.max_bad_fraction * drawn:  # not a silently different dataset
+            files = '; '.join(f'{p} ({why})' for p, why in list(self.bad_files.items())[:20])
+            raise UserError(f"{int(bad)} of the {int(drawn)} images drawn so far were unreadable, more than "
+                            f"--max-bad-fraction {cfg.max_bad_fraction:g}; stopping. This process met: {files}")
+        dt, self.t0 = time.time() - self.t0, time.time()
+        n, cuda = self.n_steps, self.device.type == 'cuda'
+        rec = dict(step=step, **{k: v / (n * self.world) for k, v in zip(names, vec)},
+                   img_per_s=n * cfg.global_batch_size / dt, steps_per_s=n / dt, interval_s=dt,
+                   wall_s=self.wall0 + time.time() - self.started,  # the run's, start-ups and earlier processes too
+                   peak_mem_gb=(torch.cuda.max_memory_allocated(self.device) if cuda else
+                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
+        rec['mfu'] = rec['img_per_s'] / self.world * self.flops / self.peak if self.peak else None  # unknown on CPUs
+        rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
+        if warnings := self.grad_watch(rec):
+            rec['grad_watch'] = warnings
+        self.sums, self.n_steps, self.rec = {}, 0, rec
+        if self.master:
+            print(json.dumps(rec), file=self.log, flush=True)
+            self.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
+                                 img_s=f"{rec['img_per_s']:.1f}")
+
+    def grad_watch(self, rec):
+        """The failures a finite loss hides (REPA-E's collapse, REPA-E#30): for each trained network, its mean
+        gradient norm below --grad-floor for GRAD_FLOOR_INTERVALS log intervals in a row, or more than --grad-jump
+        times larger or smaller than in the interval before. Returns this interval's warnings (the log keeps them);
+        rank 0 prints each low stretch once and every jump."""
+        out, cfg = [], self.cfg
+        for k in [k for k in rec if k.startswith('grad_norm')]:
+            g, prev = rec[k], self.grad_prev.get(k)
+            self.grad_low[k] = self.grad_low.get(k, 0) + 1 if g < cfg.grad_floor else 0
+            if self.grad_low[k] >= GRAD_FLOOR_INTERVALS:
+                out.append(f"{k} {g:.3g} below --grad-floor {cfg.grad_floor:g} for {self.grad_low[k]} log intervals: "
+                           f"is it still learning?")
+            if prev and g and max(g / prev, prev / g) > cfg.grad_jump:
+                out.append(f"{k} jumped from {prev:.3g} to {g:.3g} (more than --grad-jump {cfg.grad_jump:g} times)")
+            self.grad_prev[k] = g
+        for w in out:
+            if self.master and ('jumped' in w or f'for {GRAD_FLOOR_INTERVALS} log' in w):
+                print(f"warning: step {rec['step']}: {w}", file=sys.stderr)
+        return out
+
+    def save(self, step):
+        """Checkpoint `step` atomically on rank 0: everything in unit.saved, the step, the config, every rank's RNG
+        state and the latent normalization fid.py decodes with. Under DDP the ranks' weights are compared first."""
+        unit, cuda = self.unit, self.device.type == 'cuda'
+        rng = dict(cpu=torch.get_rng_state()) | (dict(cuda=torch.cuda.get_rng_state(self.device)) if cuda else {})
+        rngs, prints = [rng], [weights_fingerprint(unit.model)]
+        if self.world > 1:  # DDP keeps replicas equal; check it before saving rank 0's copy as everyone's
+            rngs, prints = [None] * self.world, [None] * self.world
+            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(prints, weights_fingerprint(unit.model))
+            if len(set(prints)) > 1:
+                raise RuntimeError(f"step {step}: the {self.world} ranks hold different weights {prints}")
+        error, latent = None, unit.latent_norm()
+        if self.master:
+            try:
+                atomic_save(self.out / 'checkpoints' / f'{step:07d}.pt', {k: v.state_dict() for k, v in unit.saved.items()}
+                            | dict(step=step, config=vars(self.cfg), model_args=unit.model_args, rng=rngs,
+                                   latent=latent and latent.to_dict()))
+            except UserError as e:
+                error = f"{e}; stopping. The previous checkpoint, {latest_checkpoint(self.out) or 'none'}, is " \
+                        f"intact: free space or fix the permissions, then --resume"
+        if self.world > 1:  # every rank stops when rank 0 could not write
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise UserError(error)
+        for old in sorted((self.out / 'checkpoints').glob('*.pt'))[:-self.cfg.keep_last] \
+                if self.master and self.cfg.keep_last > 0 else []:  # --keep-last N: the newest N stay
+            old.unlink()
+
+    @torch.no_grad()
+    def grid(self, path):
+        """PREVIEW_IMAGES samples of the EMA model (unit.preview) as one PNG, from the same noise and labels at every
+        grid, so grids compare. The noise is drawn once, up front, and moved with one copy each."""
+        cfg, model = self.cfg, self.unit.ema
+        steps, size = PREVIEW[cfg.preview][0], model.x_embedder.input_size
+        g = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn(PREVIEW_IMAGES, model.in_channels, size, size, generator=g)
+        eps = torch.randn(steps - 1, *noise.shape, dtype=torch.float64, generator=g) if cfg.preview == 'sde' else None
+        pin = (lambda v: v.pin_memory()) if self.device.type == 'cuda' else (lambda v: v)
+        noise, eps = (None if v is None else pin(v).to(self.device, non_blocking=True) for v in (noise, eps))
+        y = torch.arange(PREVIEW_IMAGES, device=self.device) % self.data.num_classes
+        save_grid(to_uint8(self.unit.preview(noise, y, eps)), path, cols=PREVIEW_COLS)
+
+    def finish(self):
+        """The stop signals' handlers back as they were; a stopped run says why and where it stands, then exits with
+        PREEMPTED (every rank, once its checkpoint is written); a finished one says what it did."""
+        self.bar.close()
+        if self.stop_work is not None:
+            self.stop_work.wait()  # the last flag reduction: no rank leaves one in flight
+        self.stop.release()
+        if self.master:
+            self.log.close()
+        if self.stopped and self.rec['step'] < self.cfg.max_steps:
+            why = (signal.Signals(self.stop.signal).name if self.stop.signal else f'--time-limit {self.cfg.time_limit}'
+                   if self.deadline and time.time() > self.deadline else "another rank's stop signal")
+            if self.master:
+                print(f"stopped by {why} after step {self.rec['step']}: checkpoint {latest_checkpoint(self.out)}; "
+                      f"continue with --resume (exit code {PREEMPTED}: requeue)", file=sys.stderr)
+            raise SystemExit(PREEMPTED)
+        if self.master and self.rec:
+            print(self.summary())
+
+    def summary(self):
+        """The closing line, over the whole run as log.jsonl holds it (every process of a resumed run): steps, wall
+        time (start-ups included), img/s while training, the loss from the first log to the last, the results."""
+        log = [json.loads(line) for line in open(self.out / 'log.jsonl') if line.strip()]
+        key = 'mse' if 'mse' in self.rec else 'flow'  # MeanFlow's weighted loss stays near 1; its plain error tells
+        steps, prev, train_s = log[-1]['step'], 0, 0.0
+        for r in log:  # older logs lack interval_s: the interval's steps at its steps/s
+            train_s, prev = train_s + r.get('interval_s', (r['step'] - prev) / r['steps_per_s']), r['step']
+        grids = f", samples in {self.out / 'samples'}" if self.cfg.sample_every > 0 else ''
+        return (f"done: {steps} steps in {log[-1].get('wall_s', train_s) / 60:.1f} min wall time "
+                f"({steps * self.cfg.global_batch_size / train_s:.1f} img/s while training); {key} loss "
+                f"{log[0][key]:.4f} (first log) -> {log[-1][key]:.4f} (last), alignment {log[-1]['align']:.4f}; "
+                f"checkpoint {latest_checkpoint(self.out)}{grids}"
+                + (f"; the {self.world} ranks hold identical weights" if self.world > 1 else ''))
+# =====================================================================================================================
+# Part 5. The command line: every training flag, its help; the defaults are DEFAULTS and the recipe rows at the top of the file
 HELP = dict(  # the flags whose name and default do not say it all; RECIPES' comments explain the rest
     recipe=f"the method, a row of RECIPES: {', '.join(RECIPES)}", model='SiT-{T (tiny, ours),S,B,L,XL}/{2,4,8}',
     encoder="teacher(s), comma-separated (python encoders.py --list); 'none': a plain SiT", proj_coeff='lambda',
@@ -2076,7 +2149,7 @@ def resolve_config(argv=None):
             seconds(cfg['time_limit'])
         except ValueError as e:
             p.error(f"--time-limit: {e}")
-    return SimpleNamespace(**cfg)
+    return argparse.Namespace(**cfg)
 
 # -----------------------------------------------------------------------------
 # Validation: the whole configuration is checked in one pass before anything is printed or written, so a bad value is
@@ -2218,7 +2291,10 @@ def main(argv=None):
         lock = lock_run(Path(cfg.out_dir)) if dist_info()[0] == 0 else None  # one run per folder
         if dist_info()[0] == 0:
             print(json.dumps(vars(cfg), indent=1))
-        return run(cfg)
+        if not cfg.prepare:
+            return train(cfg)
+        prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, device, cfg.num_classes, cfg.seed,
+                        cfg.synthetic_size, num_workers=cfg.num_workers)
     except StartupStop as e:
         if dist_info()[0] == 0:
             print(f"stopped by {signal.Signals(e.args[0]).name} before {'the pass' if cfg.prepare else 'training'} "
@@ -2235,13 +2311,6 @@ def main(argv=None):
             lock.close()  # releases the flock
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
-
-def run(cfg):
-    """Train, or with --prepare encode the data into latents and exit."""
-    if not cfg.prepare:
-        return train(cfg)
-    prepare_latents(cfg.data_path, cfg.out_dir, cfg.resolution, cfg.vae, torch.device(cfg.device), cfg.num_classes, cfg.seed,
-                    cfg.synthetic_size, num_workers=cfg.num_workers)
 
 if __name__ == '__main__':
     cli(main, 'irepa.py')

@@ -528,7 +528,7 @@ def test_state_dict_from_another_config():
 def on_this_machine(row):
     """What the device-dependent settings ('auto', None) of a row become here: device, compile, precision."""
     device = irepa.torch_device('auto')
-    return dict(device=str(device), compile=device.type == 'cuda', precision=row['precision'] or
+    return dict(device=str(device), compile=device.type == 'cuda', precision=row.get('precision') or
                 ('bf16' if device.type == 'cuda' else 'fp32'))
 
 
@@ -565,8 +565,11 @@ def test_every_setting_is_one_flag():
     for objective in ('flow', 'repa-e', 'meanflow'):
         keys = {frozenset(r) for r in rows if r['objective'] == objective}
         assert len(keys) == 1, objective
-    assert not set(irepa.DEFAULTS) & {k for r in rows for k in r}  # each default lives in one place
-    assert set(irepa.OBJECTIVES) == {r['objective'] for r in rows} and set(irepa.PREVIEW) >= {r['preview'] for r in rows}
+    assert irepa.DEFAULTS == irepa.METHOD | irepa.RUN and not irepa.METHOD.keys() & irepa.RUN.keys()
+    assert not set(irepa.METHOD) & {k for r in rows for k in r}  # each setting of the method lives in one place
+    assert {k for r in rows for k in r} & irepa.RUN.keys() == {'preview', 'precision'}  # MeanFlow's own, for a run
+    assert set(irepa.OBJECTIVES) == {r['objective'] for r in rows}
+    assert set(irepa.PREVIEW) >= {r.get('preview', irepa.RUN['preview']) for r in rows}
 
 
 @slow
@@ -972,7 +975,7 @@ def test_prepared_latents_and_latent_training(tmp_path):
     args = run_args(tmp_path / 'run', 2, '--data-path', str(out))
     args[args.index('--vae') + 1] = 'random:tiny'
     s = irepa.main(args)
-    assert s.model.in_channels == C and s.norm.vae == 'random:tiny'
+    assert s.unit.model.in_channels == C and s.norm.vae == 'random:tiny'
     torch.testing.assert_close(s.norm.mean.flatten(), torch.tensor(meta['stats']['mean']))  # iREPA: the data's stats
     with pytest.raises(ValueError, match='--resolution 16'):
         irepa.ImageData(out, 32)
@@ -1017,7 +1020,7 @@ def test_teacher_cache_is_the_online_teacher_bit_for_bit_and_resumes(tmp_path):
     s = irepa.main(run_args(tmp_path / 'cached', 4, '--teacher-cache', tmp_path / 'cache'))
     assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000004.pt'))
     tokens = cached_tokens(tmp_path / 'cache')
-    assert tokens.shape == (64, 16, 768) and tokens.dtype == torch.float32 and s.flops == irepa.sit_train_flops(s.model)
+    assert tokens.shape == (64, 16, 768) and tokens.dtype == torch.float32 and s.flops == irepa.sit_train_flops(s.unit.model)
     img = torch.stack([torch.from_numpy(s.data.image(i)).permute(2, 0, 1) for i in (5, 6, 7, 8)])  # the training's batch size
     assert torch.equal(s.teachers[0](img.float() / 255), tokens[5:9])
     irepa.main(run_args(tmp_path / 'split', 2, '--teacher-cache', tmp_path / 'cache'))
@@ -1044,7 +1047,7 @@ def test_teacher_cache_bf16_tokens_and_latent_training_without_images(tmp_path, 
     irepa.main(args('build', 0))  # builds the cache, trains nothing
     monkeypatch.setattr(irepa, 'synthetic_image', lambda *a, **k: pytest.fail('an image was read'))
     s = irepa.main(args('latent', 2))
-    assert not s.data.images and s.model.in_channels == 4 and (tmp_path / 'latent/checkpoints/0000002.pt').exists()
+    assert not s.data.images and s.unit.model.in_channels == 4 and (tmp_path / 'latent/checkpoints/0000002.pt').exists()
 
 
 @slow
@@ -1120,6 +1123,39 @@ def gpu_path_args(recipe, out, device, *extra):
                 ['--repae-stats-images', '8'] if recipe == 'irepa-e' else []) + list(extra)
 
 
+def start(argv):
+    """What irepa.train builds before its loop: the run, its unit, the first step."""
+    cfg = irepa.resolve_config(argv)
+    run = irepa.Run(cfg)
+    unit = irepa.OBJECTIVES[cfg.objective](cfg, run)
+    return run, unit, run.start(unit)
+
+
+def loop_step(run, unit, step, batch=None):
+    """The body of irepa.train's loop, as written there; `batch`: instead of the loader's next one."""
+    loader = run.loader
+    run.loader = loader if batch is None else iter([batch])
+    try:
+        img, moments, y, tokens = run.batch()
+        stats = unit.step(img, moments, y, irepa.teacher_targets(run, img, tokens))
+        return run.end_step(step + 1, stats)
+    finally:
+        run.loader = loader
+
+
+class Started:
+    """A run and its unit as irepa.train starts them (from a command line); an attribute is the run's, else the
+    unit's. step(k, batch): the loop's body for step k."""
+    def __init__(self, argv):
+        self.run, self.unit, _ = start(argv)
+
+    def __getattr__(self, k):
+        return getattr(self.run, k) if hasattr(self.run, k) else getattr(self.unit, k)
+
+    def step(self, k, batch):
+        return loop_step(self.run, self.unit, k, batch)
+
+
 @contextlib.contextmanager
 def one_block_sizes():
     with pytest.MonkeyPatch.context() as m:
@@ -1135,23 +1171,21 @@ def compiled_first_steps(objective, out, device='cpu'):
     recipe, out = GPU_PATH_RECIPES[objective], Path(out)
     extra = ['--grad-ckpt'] if objective == 'meanflow' else []
     with one_block_sizes():
-        ref = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'ref', device, '--precision', 'fp32',
-                                                             '--no-compile')))
-        fast = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, out / 'fast', device, '--precision', 'bf16',
-                                                              '--compile', *extra)))
+        ref = Started(gpu_path_args(recipe, out / 'ref', device, '--precision', 'fp32', '--no-compile'))
+        fast = Started(gpu_path_args(recipe, out / 'fast', device, '--precision', 'bf16', '--compile', *extra))
     torch._dynamo.reset()
     counters.clear()
-    step_fn, batch = irepa.OBJECTIVES[objective], next(ref.loader)
+    batch = next(ref.loader)
     assert all(torch.equal(a, b) for a, b in zip(batch[:3], next(fast.loader)[:3]))  # the same data order
     for s in (ref, fast):
         torch.manual_seed(1)  # the same t, noise and label dropout in both
         t0 = time.perf_counter()
-        irepa.train_step(s, step_fn, 0, batch)
+        s.step(0, batch)
         s.first_losses = dict(s.sums)
         s.first_step_s = time.perf_counter() - t0
     first = {k: dict(v) for k, v in counters.items()}
     for step in (1, 2):
-        irepa.train_step(fast, step_fn, step, next(fast.loader))
+        fast.step(step, next(fast.loader))
     names = sorted(ref.first_losses)
     losses = [torch.stack([s.first_losses[k] for k in names]).double().cpu() for s in (ref, fast)]
     return SimpleNamespace(ref=ref, fast=fast, batch=batch, after_first=first, names=names, losses=losses,
@@ -1245,19 +1279,18 @@ def test_the_step_never_waits_for_the_device(objective, tmp_path, monkeypatch):
     its optimizers and EMA, the log sums, the NaN guard) under no_host_sync; a control with one .item() is caught."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
     monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
-    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], tmp_path, 'cpu', '--precision',
-                                                       'bf16')))
-    step_fn, batches, guard = irepa.OBJECTIVES[objective], [next(s.loader) for _ in range(3)], no_host_sync()
+    s = Started(gpu_path_args(GPU_PATH_RECIPES[objective], tmp_path, 'cpu', '--precision', 'bf16'))
+    batches, guard = [next(s.loader) for _ in range(3)], no_host_sync()
     for teacher in s.teachers:  # their input-range check reads the first batch on the host, once per run: done
         teacher.checked = True
     with guard:  # the first step (the optimizers make their state) and one with the state there
         for step in (0, 1):
-            irepa.train_step(s, step_fn, step, batches[step])
+            s.step(step, batches[step])
     assert type(s.sums['flow']).__name__ == 'FakeTensor' and s.n_steps == 2  # it really ran in the guard
     real = irepa.alignment_loss
     monkeypatch.setattr(irepa, 'alignment_loss', lambda *a: (lambda v: (v.item(), v)[1])(real(*a)))  # one .item()
     with pytest.raises(DataDependentOutputException), guard:
-        irepa.train_step(s, step_fn, 2, batches[2])
+        s.step(2, batches[2])
 
 
 def sampler_device_error(device):
@@ -2603,16 +2636,24 @@ def test_eval_random_inception_and_json(tmp_path, capsys):
 # irepa.py, REPA-E: gradient routing, the latent BatchNorm, the regularizer, runs and resumes
 
 
+def make_unit(cls, **attrs):
+    """A trainer unit of `cls` (irepa.Flow, REPAE, MeanFlow) holding the given networks and settings, made without
+    the Run its __init__ needs."""
+    unit = cls.__new__(cls)
+    vars(unit).update(attrs)
+    return unit
+
+
 def repae_state(quirk=True):
-    """The state irepa.setup builds for --recipe irepa-e, tiny (VAE f2d4: 32-px images -> (4, 16, 16) latents, 8 x 8
+    """The unit irepa.REPAE builds for --recipe irepa-e, tiny (VAE f2d4: 32-px images -> (4, 16, 16) latents, 8 x 8
     tokens), and a batch: (s, images, labels, targets)."""
     torch.manual_seed(0)
     vae = encoders.AutoencoderKL(**encoders.TINY_VAE)
     model, bn = tiny_sit(input_size=16), nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
     cfg = SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa-e'] | dict(lpips_quirk=quirk, ema_decay=0.99))
-    s = SimpleNamespace(cfg=cfg, world=1, model=model, train_model=model, ema=copy.deepcopy(model).requires_grad_(False),
-                        vae=vae, train_vae=vae, disc=encoders.load_discriminator('random'), bn=bn,
-                        ema_bn=copy.deepcopy(bn).eval(), lpips=encoders.load_lpips('random'), autocast=contextlib.nullcontext())
+    s = make_unit(irepa.REPAE, cfg=cfg, world=1, model=model, train_model=model, vae=vae, train_vae=vae, bn=bn,
+                  ema=copy.deepcopy(model).requires_grad_(False), disc=encoders.load_discriminator('random'),
+                  ema_bn=copy.deepcopy(bn).eval(), lpips=encoders.load_lpips('random'), autocast=contextlib.nullcontext())
     s.opt, s.opt_vae, s.opt_disc = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, vae, s.disc))
     g = torch.Generator().manual_seed(1)
     img = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -2631,7 +2672,7 @@ def test_repae_gradient_routing():
     before = [copy.deepcopy(m.state_dict()) for m in (model, vae, disc)]
     bn_before = s.ema_bn.running_mean.clone()
     for _ in range(2):  # the second iteration checks that no gradient outlives its step
-        irepa.repae_step(s, img, torch.empty(0), y, targets)
+        s.step(img, torch.empty(0), y, targets)
     assert not torch.equal(s.ema_bn.running_mean, bn_before)  # the sampling statistics follow the BatchNorm's
     assert [s[0] for s in seen] == ['vae', 'disc', 'sit'] * 2
     for name, sit, proj, v, d in seen:
@@ -2679,7 +2720,7 @@ def test_repae_loss_algebra():
         img[0, 0, 0, 0] = 0
         seen, lp = [], s.lpips
         s.lpips = lambda a, b: (seen.append(a.min().item()), lp(a, b))[1]
-        irepa.repae_step(s, img, torch.empty(0), y, targets)
+        s.step(img, torch.empty(0), y, targets)
         assert seen[0] == low
 
 
@@ -3167,16 +3208,16 @@ MECH_RUN = ['--model', 'SiT-T/8', '--resolution', '16', '--vae', 'none', '--enco
 def tiny_trainer(seen=None):
     """SiT-T as a 2-block, 32-wide model; with `seen` (a list), the flow step appends the batch and the CPU (and CUDA)
     RNG state it starts from."""
-    real = irepa.OBJECTIVES['flow']
+    real = irepa.Flow.step
 
-    def spy(s, img, moments, y, targets):
+    def spy(unit, img, moments, y, targets):
         seen.append(dict(img=img.clone(), y=y.clone(), rng=torch.get_rng_state(),
                          cuda=torch.cuda.get_rng_state(img.device) if img.device.type == 'cuda' else None))
-        return real(s, img, moments, y, targets)
+        return real(unit, img, moments, y, targets)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(irepa.SIZES, 'T', (2, 32, 2, 1))
         if seen is not None:
-            mp.setitem(irepa.OBJECTIVES, 'flow', spy)
+            mp.setattr(irepa.Flow, 'step', spy)
         yield
 
 
@@ -3239,12 +3280,15 @@ def test_ema_in_a_run_follows_the_model(mech_runs):
 def test_clipped_step_moves_by_the_clipped_norm():
     """A gradient of norm 1e6 clipped at 0.5: plain SGD (lr 1) moves the weights by exactly 0.5 along it; the norm
     before clipping is returned; no gradient outlives the step."""
-    p = nn.Parameter(torch.arange(6, dtype=torch.float64))
+    m = nn.Module()
+    p = m.p = nn.Parameter(torch.arange(6, dtype=torch.float64))
     g = torch.tensor([3.0, -4.0, 0.0, 12.0, 0.0, 0.0], dtype=torch.float64) * 1e6 / 13  # norm 1e6
-    p.grad = g.clone()
-    norm = irepa.clipped_step([p], torch.optim.SGD([p], lr=1.0), 0.5)
+    p.grad = torch.full_like(p, 7.0)  # a kept gradient of the step before: replaced, not added to
+    norm = irepa.clipped_step((p * g).sum(), m, torch.optim.SGD([p], lr=1.0), 0.5)
     assert norm.item() == pytest.approx(1e6, rel=1e-12) and p.grad is None
     torch.testing.assert_close(p.detach(), torch.arange(6, dtype=torch.float64) - 0.5 * g / 1e6, rtol=0, atol=1e-9)
+    irepa.clipped_step((p * g).sum(), m, torch.optim.SGD([p], lr=0.0), 0.5, keep_grads=True)
+    torch.testing.assert_close(p.grad, 0.5 * g / 1e6, rtol=1e-9, atol=0)  # kept, clipped (clip adds 1e-6 to the norm)
 
 
 def test_clipping_in_a_run_caps_the_gradient_at_grad_clip(mech_runs):
@@ -3544,9 +3588,9 @@ def test_repae_stop_gradients():
     model, vae, disc = randomize(tiny_sit(input_size=16)), VAE(), nn.Conv2d(3, 1, 4, 2, 1)
     cfg = SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa-e'] | dict(ema_decay=0.99))
     bn = nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
-    s = SimpleNamespace(cfg=cfg, world=1, model=model, train_model=model, vae=vae, train_vae=vae, disc=disc, bn=bn,
-                        ema=copy.deepcopy(model).requires_grad_(False), ema_bn=copy.deepcopy(bn).eval(),
-                        lpips=lambda a, b: (a - b).abs().mean((1, 2, 3)), autocast=contextlib.nullcontext())
+    s = make_unit(irepa.REPAE, cfg=cfg, world=1, model=model, train_model=model, vae=vae, train_vae=vae, disc=disc,
+                  bn=bn, ema=copy.deepcopy(model).requires_grad_(False), ema_bn=copy.deepcopy(bn).eval(),
+                  lpips=lambda a, b: (a - b).abs().mean((1, 2, 3)), autocast=contextlib.nullcontext())
     s.opt, s.opt_vae, s.opt_disc = (torch.optim.SGD(n.parameters(), lr=1e-3) for n in (model, vae, disc))
     grads = lambda n: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in n.parameters()]
     img, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
@@ -3557,14 +3601,14 @@ def test_repae_stop_gradients():
         c = copy.deepcopy(s)
         c.cfg, got = SimpleNamespace(**vars(cfg) | dict(vae_align_coeff=coeff)), []
         c.opt_vae.register_step_pre_hook(lambda o, a, k: got.append([p.grad.clone() for p in c.vae.parameters()]))
-        irepa.repae_step(c, img, torch.empty(0), y, targets)
+        c.step(img, torch.empty(0), y, targets)
         return got[0]
     assert any(not torch.allclose(a, b) for a, b in zip(vae_grads(1.5), vae_grads(0.0)))  # alignment reaches the VAE
     seen = []
     for name, opt in zip(('sit', 'vae', 'disc'), (s.opt, s.opt_vae, s.opt_disc)):
         opt.register_step_pre_hook(lambda o, a, k, name=name: seen.append((name, *map(grads, (model, vae, disc)))))
     for _ in range(2):  # the second iteration: no gradient outlives its step
-        irepa.repae_step(s, img, torch.empty(0), y, targets)
+        s.step(img, torch.empty(0), y, targets)
     assert [n for n, *_ in seen] == ['vae', 'disc', 'sit'] * 2
     for name, sit, v, d in seen:
         own = dict(sit=sit, vae=v, disc=d)
@@ -3612,21 +3656,28 @@ def test_kl_term_equals_torch_distributions():
 def test_metrics_token_cache_key_changes_with_every_input(tmp_path, monkeypatch):
     """`irepa.py metrics` caches a teacher's tokens in its out dir; changing anything they depend on (teacher, weights,
     the dataset's size, classes or seed, which images, resolution, grid, SigLIP normalization) computes them again."""
-    loads = []
+    calls = []
 
-    def load_teacher(name, weights, grid, *args, **kw):  # a stand-in teacher: the image's first grid^2 pixels
-        loads.append(name)
-        return lambda img: img.flatten(2).transpose(1, 2)[:, :grid * grid]  # (B, T, 3)
-    monkeypatch.setattr(encoders, 'load_teacher', load_teacher)
+    class Teacher(nn.Module):  # a stand-in teacher: the image's first grid^2 pixels, its weights from its name
+        def __init__(self, name, weights, grid, *args, **kw):
+            super().__init__()
+            self.name, self.dim, self.grid = name, 3, grid
+            self.w = nn.Parameter(torch.tensor(float(len(name + weights))))
+
+        def forward(self, img):
+            calls.append(self.name)
+            return img.flatten(2).transpose(1, 2)[:, :self.grid ** 2] * self.w  # (B, T, 3)
+    monkeypatch.setattr(encoders, 'load_teacher', Teacher)
     base = dict(encoder='dinov2-vit-b', encoder_weights='random:1', data_path=None, num_classes=10, synthetic_size=12,
                 resolution=16, seed=0, siglip_norm='imagenet', out_dir=str(tmp_path), batch_size=4)
 
     def computes(grid=2, idx=(0, 1, 2, 3), **kw):
         a = SimpleNamespace(**base | kw)
-        before = len(loads)
-        irepa.teacher_tokens(a, irepa.ImageData(None, a.resolution, a.num_classes, a.seed, a.synthetic_size),
-                             list(idx), grid, torch.device('cpu'))
-        return len(loads) > before
+        before = len(calls)
+        tokens, _ = irepa.teacher_tokens(a, irepa.ImageData(None, a.resolution, a.num_classes, a.seed,
+                                                            a.synthetic_size), list(idx), grid, torch.device('cpu'))
+        assert tokens.shape == (len(idx), grid * grid, 3)
+        return len(calls) > before + 1  # more than the probe of the dtype
     assert computes() and not computes()  # computed, then read from the cache
     for what, kw in (('teacher', dict(encoder='siglip-vit-b')), ('weights', dict(encoder_weights='random:2')),
                      ('dataset size', dict(synthetic_size=13)), ('classes', dict(num_classes=5)),
@@ -4110,19 +4161,18 @@ class NoBlockingCopy(torch.utils._python_dispatch.TorchDispatchMode):
 
 @contextlib.contextmanager
 def on_fake_cuda(objective, out, monkeypatch, cuda_present, *extra):
-    """irepa.setup's state for the objective's GPU-path recipe (bf16, SiT-T with one block, the tiny VAE, a random
-    DINOv2 with one block), built on the CPU, then moved to fake CUDA as setup would build it there: networks, the
-    latent normalization (training_data on cuda:0), the NaN guard's step, the optimizers, bf16 CUDA autocast. Yields
-    (s, batches of fake CPU tensors, the FakeTensorMode)."""
+    """irepa.train's run and unit for the objective's GPU-path recipe (bf16, SiT-T with one block, the tiny VAE, a
+    random DINOv2 with one block), built on the CPU, then moved to fake CUDA as they would be built there: networks,
+    the latent normalization (training_data on cuda:0), the NaN guard's step, the optimizers, bf16 CUDA autocast.
+    Yields (run, unit, the FakeTensorMode); run.batch() serves two batches of fake CPU tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
-    s = irepa.setup(irepa.resolve_config(gpu_path_args(GPU_PATH_RECIPES[objective], out, 'cpu', '--precision', 'bf16',
-                                                       *extra)))
-    batches, mode = [next(s.loader) for _ in range(2)], FakeTensorMode(allow_non_fake_inputs=True)
+    run, s, _ = start(gpu_path_args(GPU_PATH_RECIPES[objective], out, 'cpu', '--precision', 'bf16', *extra))
+    batches, mode = [next(run.loader) for _ in range(2)], FakeTensorMode(allow_non_fake_inputs=True)
     nets = [s.model] + ([s.vae, s.disc] if objective == 'repa-e' else [])
-    for m in [*nets, s.ema, *s.teachers] + ([s.lpips, s.bn, s.ema_bn] if objective == 'repa-e' else []):
+    for m in [*nets, s.ema, *run.teachers] + ([s.lpips, s.bn, s.ema_bn] if objective == 'repa-e' else []):
         fake_cuda(mode, m)
-    for t in s.teachers:  # their input-range check reads the first batch on the host, once per run: done
+    for t in run.teachers:  # their input-range check reads the first batch on the host, once per run: done
         t.checked = True
     cuda_present()
 
@@ -4131,49 +4181,54 @@ def on_fake_cuda(objective, out, monkeypatch, cuda_present, *extra):
             p.grad = torch.zeros_like(p)
     monkeypatch.setattr(torch.Tensor, 'backward', backward)
     with mode:
-        s.device, s.autocast, s.first_bad = CUDA0, torch.autocast('cuda', torch.bfloat16), fake_cuda(mode, s.first_bad)
-        s.norm = irepa.training_data(s.cfg, CUDA0, True)[1]
+        run.device, run.first_bad = CUDA0, fake_cuda(mode, run.first_bad)
+        run.autocast = s.autocast = torch.autocast('cuda', torch.bfloat16)
+        run.norm = s.norm = irepa.training_data(s.cfg, CUDA0, True)[1]
         s.opt = irepa.adamw(s.model.parameters(), s.cfg.lr, s.cfg.adam_beta2)
         if objective == 'repa-e':
             s.opt_vae, s.opt_disc = (irepa.adamw(m.parameters(), 1e-4, 0.999) for m in (s.vae, s.disc))
-        yield s, [[mode.from_tensor(v) for v in b[:3]] + list(b[3:]) for b in batches], mode
+        run.loader = iter([[mode.from_tensor(v) for v in b[:3]] + list(b[3:]) for b in batches])
+        yield run, s, mode
 
 
 @cuda_build
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
 def test_the_cuda_step_makes_no_blocking_copy(objective, tmp_path, monkeypatch, cuda_present):
-    """train_step on fake CUDA tensors under NoBlockingCopy, twice (the optimizers make their state, then use it):
-    the batch's non_blocking copy, teacher -> targets -> losses -> (fake) gradients -> clipped AdamW -> EMA. The
+    """The loop's step on fake CUDA tensors under NoBlockingCopy, twice (the optimizers make their state, then use
+    it): the batch's non_blocking copy, teacher -> targets -> losses -> (fake) gradients -> clipped AdamW -> EMA. The
     teacher's tokens reach the loss in fp32 (CUDA autocast: its last LayerNorm), the losses are fp32 on cuda:0; the
     teacher cache stores bf16. A control with the latent normalization left on the CPU fails."""
     seen = []
     real = irepa.alignment_loss
     monkeypatch.setattr(irepa, 'alignment_loss', lambda p, t, *a: seen.append([v.dtype for v in t]) or real(p, t, *a))
-    with on_fake_cuda(objective, tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
+    with on_fake_cuda(objective, tmp_path, monkeypatch, cuda_present) as (run, s, mode):
         with NoBlockingCopy():
             for step in (0, 1):
-                irepa.train_step(s, irepa.OBJECTIVES[objective], step, batches[step])
-        assert s.n_steps == 2 and all(type(v).__name__ == 'FakeTensor' and (v.device, v.dtype) == (CUDA0, torch.float32)
-                                      for v in s.sums.values()), {k: (v.device, v.dtype) for k, v in s.sums.items()}
+                loop_step(run, s, step)
+        assert run.n_steps == 2 and all(type(v).__name__ == 'FakeTensor' and (v.device, v.dtype) == (CUDA0, torch.float32)
+                                        for v in run.sums.values()), {k: (v.device, v.dtype) for k, v in run.sums.items()}
         assert seen and all(d == [torch.float32] for d in seen), seen  # the online targets: the teacher's own dtype
-        img = batches[0][0].to(CUDA0)
-        assert [f.dtype for f in irepa.teacher_targets(s, img, raw=True)] == [torch.float32]  # the issue's premise
+        img = torch.zeros(4, 3, 32, 32, dtype=torch.uint8, device=CUDA0)
+        assert [f.dtype for f in irepa.teacher_targets(run, img)] == [torch.float32]  # the issue's premise
         with NoBlockingCopy():
-            assert [f.dtype for f in irepa.cache_tokens(s, img)] == [torch.bfloat16]  # what the cache writes
+            assert [f.dtype for f in irepa.cache_tokens(run.teachers, img, 'bf16')] == [torch.bfloat16]  # the cache's
         if s.norm is not None:  # the control: a CPU tensor in the step (the normalization's constants) is caught
             s.norm = irepa.LatentNorm('x', s.norm.mean, s.norm.std)
             s.norm.mean, s.norm.std = torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1)
+            x = [mode.from_tensor(v) for v in (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, 8, 16, 16),
+                                               torch.zeros(4, dtype=torch.long))]
+            run.loader = iter([x + [[], []]])
             with pytest.raises(AssertionError, match='a blocking copy cpu -> cuda:0'), NoBlockingCopy():
-                irepa.train_step(s, irepa.OBJECTIVES[objective], 2, batches[1])
+                loop_step(run, s, 2)
 
 
 @cuda_build
 def test_the_cuda_step_without_a_teacher_makes_no_blocking_copy(tmp_path, monkeypatch, cuda_present):
     """--encoder none: the alignment loss is a zero made on the device, not a CPU zero copied there every step."""
-    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present, '--encoder', 'none') as (s, batches, mode), \
+    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present, '--encoder', 'none') as (run, s, mode), \
             NoBlockingCopy():
-        irepa.train_step(s, irepa.flow_step, 0, batches[0])
-        assert not s.teachers and s.sums['align'].device == CUDA0
+        loop_step(run, s, 0)
+        assert not run.teachers and run.sums['align'].device == CUDA0
 
 
 @cuda_build
@@ -4184,15 +4239,15 @@ def test_the_cuda_sampler_and_preview_make_no_blocking_copy(tmp_path, monkeypatc
     irepa.time_grid('sde', irepa.PREVIEW['sde'][0])
     saved = []
     monkeypatch.setattr(irepa, 'save_grid', lambda x, path, cols: saved.append(x))
-    vae = encoders.load_vae('random:tiny')  # the decoder of the pictures, as sample_grid loads it
+    vae = encoders.load_vae('random:tiny')  # the decoder of the pictures, as Flow.preview loads it
     monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda self, *a: self)  # page-locking needs the driver
-    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present) as (s, batches, mode):
+    with on_fake_cuda('flow', tmp_path, monkeypatch, cuda_present) as (run, s, mode):
         s.vae = fake_cuda(mode, vae)
         with NoBlockingCopy():
             z = irepa.sample(s.ema, torch.randn(4, 4, 16, 16, device=CUDA0), torch.arange(4, device=CUDA0), 'sde', 3,
                              cfg_scale=1.5)
             assert z.device == CUDA0 and z.shape == (4, 4, 16, 16)
-            irepa.sample_grid(s, tmp_path / 'grid.png')
+            run.grid(tmp_path / 'grid.png')
         assert saved and saved[0].device == CUDA0 and saved[0].dtype == torch.uint8
 
 
@@ -4235,16 +4290,16 @@ def test_set_device_gets_an_index_before_the_process_group(argv, env, want, tmp_
 
 def test_demo_on_cuda_gets_past_setups_device_part(tmp_path, monkeypatch, cuda_present):
     """`python irepa.py --demo --device cuda` with CUDA patched: past set_device (which the index-less device made
-    raise) to setup's first tensor on the GPU (torch.cuda._lazy_init, where a real driver is needed: the end here);
+    raise) to the run's first tensor on the GPU (torch.cuda._lazy_init, where a real driver is needed: the end here);
     the run's device, precision and compilation are CUDA's."""
     calls, setups = [], []
     cuda_present(calls=calls)
     stop_at(monkeypatch, torch.cuda, '_lazy_init', calls)
-    real = irepa.setup
-    monkeypatch.setattr(irepa, 'setup', lambda cfg: setups.append(cfg) or real(cfg))
+    real = irepa.Run.__init__
+    monkeypatch.setattr(irepa.Run, '__init__', lambda self, cfg: setups.append(cfg) or real(self, cfg))
     with pytest.raises(Stop):
         irepa.main(['--demo', '--device', 'cuda', '--out-dir', str(tmp_path)])
-    assert calls == [('set_device', CUDA0), ('set_device', CUDA0), ('_lazy_init',)], calls  # main's, setup's
+    assert calls == [('set_device', CUDA0), ('set_device', CUDA0), ('_lazy_init',)], calls  # main's, Run's
     assert (setups[0].device, setups[0].precision, setups[0].compile) == ('cuda:0', 'bf16', True)
 
 
@@ -4300,10 +4355,10 @@ def test_mfu_counts_every_pass_of_each_objective(tmp_path, monkeypatch):
     monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))
     ours, counted = {}, {}
     for objective, recipe in GPU_PATH_RECIPES.items():
-        s = irepa.setup(irepa.resolve_config(gpu_path_args(recipe, tmp_path / objective, 'cpu', '--no-compile')))
+        s = Started(gpu_path_args(recipe, tmp_path / objective, 'cpu', '--no-compile'))
         batch = next(s.loader)
         with FlopCounterMode(display=False) as c:
-            irepa.train_step(s, irepa.OBJECTIVES[objective], 0, batch)
+            s.step(0, batch)
         ours[objective], counted[objective] = s.flops, c.get_total_flops() / len(batch[2])
     for objective in ('meanflow', 'repa-e'):
         extra = (counted[objective] - counted['flow']) / (ours[objective] - ours['flow'])
@@ -4359,25 +4414,26 @@ def test_teacher_cache_stores_bf16_whatever_the_teacher_returns(tmp_path):
     that returns fp32 under autocast (HOG on a CPU here; on CUDA every teacher ending in a LayerNorm), and the run
     reads them back as bf16."""
     args = lambda out, *a: [x.replace('dinov2', 'hog') for x in run_args(tmp_path / out, 0, '--precision', 'bf16', *a)]
-    s = irepa.setup(irepa.resolve_config(args('online')))
+    s = Started(args('online'))
     probe = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    assert [f.dtype for f in irepa.teacher_targets(s, probe, raw=True)] == [torch.float32]  # online: its own dtype
+    with s.autocast:  # online: the teacher's own dtype
+        assert [t(probe.float() / 255).dtype for t in s.teachers] == [torch.float32]
     s = irepa.main(args('cached', '--teacher-cache', tmp_path / 'cache'))
     meta = json.loads((tmp_path / 'cache/meta.json').read_text())
     assert meta['teachers'][0]['dtype'] == 'bfloat16' and s.cache_dtypes == [torch.bfloat16]
     assert np.load(tmp_path / 'cache/tokens-0.npy', mmap_mode='r').dtype == np.int16  # bf16's bits
-    online = torch.cat([irepa.teacher_targets(s, torch.stack([s.data[i][0] for i in range(k, k + 4)]), raw=True)[0]
+    online = torch.cat([irepa.cache_tokens(s.teachers, torch.stack([s.data[i][0] for i in range(k, k + 4)]), 'fp32')[0]
                         for k in range(0, 64, 4)])
     assert torch.equal(cached_tokens(tmp_path / 'cache'), online.to(torch.bfloat16))  # the online ones, rounded
 
 # --- issue 23: the CPU step's memory, the official comparison in separate processes ---
 
 def cpu_flow_state(model):
-    """The state irepa.setup builds for --recipe irepa on a CPU, around `model`, fp32 and eager (as bench.py's)."""
-    return SimpleNamespace(cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model,
-                           ema=copy.deepcopy(model).requires_grad_(False).eval(), autocast=contextlib.nullcontext(),
-                           opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=model, teachers=[],
-                           norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4), device=torch.device('cpu'))
+    """The unit irepa.Flow builds for --recipe irepa on a CPU, around `model`, fp32 and eager (as bench.py's)."""
+    return make_unit(irepa.Flow, cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model,
+                     ema=copy.deepcopy(model).requires_grad_(False).eval(), autocast=contextlib.nullcontext(),
+                     opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=model,
+                     norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4))
 
 
 def test_kept_gradients_change_no_number():
@@ -4392,9 +4448,9 @@ def test_kept_gradients_change_no_number():
     moments = torch.cat([x, torch.zeros_like(x)], 1)
     for step in range(3):
         torch.manual_seed(step)  # the same t, noise and label dropout in both
-        irepa.flow_step(s, None, moments, y, targets)
+        s.step(None, moments, y, targets)
         torch.manual_seed(step)
-        losses = irepa.flow_loss(ref.model, irepa.model_input(ref, None, moments), y, targets)
+        losses = irepa.flow_loss(ref.model, irepa.model_input(None, moments, ref.norm), y, targets)
         (losses['flow'] + ref.cfg.proj_coeff * losses['align']).backward()
         torch.nn.utils.clip_grad_norm_(ref.model.parameters(), ref.cfg.grad_clip)
         ref.opt.step()
@@ -4421,7 +4477,7 @@ def test_cpu_step_reuses_its_memory():
     moments, faults = torch.cat([x, torch.zeros_like(x)], 1), []
     for _ in range(6):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        irepa.flow_step(s, None, moments, y, targets)
+        s.step(None, moments, y, targets)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     assert faults[0] > 20_000 and sorted(faults[3:])[1] < 1_000, faults  # the first step's ~0.5 GB; then a few
 
