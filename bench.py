@@ -2,8 +2,10 @@
 Speed and memory of irepa's pieces on synthetic tensors already on the device: one JSON line per workload on stdout
 (img/s, median ms per step, peak memory, MFU), a header line on stderr. Training never imports this file.
 
-    python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px, random 2-block DINOv2-B teacher
-    python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step, per-GPU batch
+    python bench.py                  # CPU quick run (~20 s, 1 thread): SiT-T/2 at 128 px,
+                                     # random 2-block DINOv2-B teacher
+    python bench.py --suite memory   # CPU, fake tensors (~1 min): estimated peak memory of a training step,
+                                     # per-GPU batch
     python bench.py --suite gpu      # one CUDA device, <= 5 min (--budget): CUDA correctness, throughput; one table
     python bench.py --suite official --official ../iREPA  # CPU, ~10 min: against the official code, each in its own
                                                           # process, alternating rounds (--rounds)
@@ -16,7 +18,8 @@ The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens
     python bench.py --device cuda --model SiT-XL/2 --batch-size 256 --workloads train --teacher none  # goal mfu >= 0.40
     python bench.py --device cuda --model SiT-XL/2 --batch-size 256 --workloads sample --sample-steps 50
     python bench.py --device cuda --batch-size 256 --workloads metrics,fid
-    python bench.py --device cuda --model SiT-B/2 --batch-size 256 --workloads train,train-naive  # (fp32 XL/2 at 256 OOMs)
+    python bench.py --device cuda --model SiT-B/2 --batch-size 256 --workloads train,train-naive
+                                                    # (fp32 XL/2 at 256 OOMs)
 
 train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or on random targets: --teacher none).
 train-naive: the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item()
@@ -99,9 +102,11 @@ cuda = device.type == 'cuda'
 # image, so the CPU defaults shrink the work; the shapes that matter on a GPU are the CUDA ones. One CPU thread: on a
 # shared machine, OpenMP threads beyond the free cores spin at every barrier (measured here: 10-25x slower steps).
 DEFAULTS = dict(model='SiT-XL/2', batch_size=256, steps=20, warmup=3, compile=True, precision='bf16', resolution=256,
-                teacher_depth=None, sample_steps=50, sample_repeats=3, workloads='train,sample,metrics,fid') if cuda else \
-    dict(model='SiT-T/2', batch_size=4, steps=3, warmup=1, compile=False, precision='fp32', resolution=128, teacher_depth=2,
-         sample_steps=10, sample_repeats=2, workloads='train-naive,train,sample,metrics,fid', fid_batch_size=2, threads=1)
+                teacher_depth=None, sample_steps=50, sample_repeats=3,
+                workloads='train,sample,metrics,fid') if cuda else \
+    dict(model='SiT-T/2', batch_size=4, steps=3, warmup=1, compile=False, precision='fp32', resolution=128,
+         teacher_depth=2, sample_steps=10, sample_repeats=2, workloads='train-naive,train,sample,metrics,fid',
+         fid_batch_size=2, threads=1)
 for k, v in DEFAULTS.items():
     if getattr(args, k) is None:
         setattr(args, k, v)
@@ -138,7 +143,8 @@ def sync():  # the bench syncs around each timed call to read the clock; the tim
 
 
 def peak_mem():
-    return torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (torch.cuda.max_memory_allocated(device) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def timed(steps, warmup, n):
@@ -171,7 +177,8 @@ def autocast(c):
 def record(c, workload, seconds, mem, faults, images, flops_per_img=None, **extra):
     """One JSON line for `images` per step; flops_per_img (useful FLOPs) gives the MFU against the bf16 peak."""
     rec = dict(workload=workload, model=c.model, device=name, precision=c.precision, compile=c.compile,
-               grad_ckpt=c.grad_ckpt, batch_size=images, resolution=c.resolution, img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
+               grad_ckpt=c.grad_ckpt, batch_size=images, resolution=c.resolution,
+               img_per_s=round(images / seconds, 3), ms_per_step=round(seconds * 1e3, 2),
                peak_mem_gb=round(mem / 2 ** 30, 3), page_faults=int(faults),
                mem_kind='torch.cuda.max_memory_allocated' if cuda else 'ru_maxrss (process high-water mark)',
                threads=torch.get_num_threads(), pid=os.getpid())
@@ -416,7 +423,8 @@ def run_jobs(c, workloads):
             recs = {w: dict(workload=w, model=c.model, device=name, batch_size=c.batch_size, error='out of memory')
                     for w in job}
         for ours, other, key in (('train', 'train-naive', 'speedup'), ('train', 'train-official', 'vs_official'),
-                                 ('metrics', 'metrics-official', 'vs_official'), ('train-cached', 'train', 'vs_online')):
+                                 ('metrics', 'metrics-official', 'vs_official'),
+                                 ('train-cached', 'train', 'vs_online')):
             if 'img_per_s' in recs.get(ours, {}) and 'img_per_s' in recs.get(other, {}):
                 recs[ours][key] = round(recs[ours]['img_per_s'] / recs[other]['img_per_s'], 3)
         for rec in recs.values():

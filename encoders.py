@@ -766,7 +766,8 @@ def load_teachers(names, weights='auto', demo=False, **kw):
     names = [check_teacher(n, **kw) for n in names.split(',') if n and n != 'none']  # before any weights are fetched
     weights = weights.split(',')
     if len(weights) not in (1, len(names)):
-        raise LoadError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; give one or one per teacher")
+        raise LoadError(f"--encoder-weights has {len(weights)} entries for {len(names)} teachers; "
+                        "give one or one per teacher")
     teachers = []
     for name, w in zip(names, weights * len(names) if len(weights) == 1 else weights):
         try:
@@ -905,7 +906,8 @@ class AutoencoderKL(nn.Module):
                            layers_per_block=layers_per_block, act_fn='silu', latent_channels=latent_channels,
                            norm_num_groups=norm_num_groups)
         self.args = dict(in_channels=in_channels, out_channels=out_channels, block_out_channels=list(chs),
-                         layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups)
+                         layers_per_block=layers_per_block, latent_channels=latent_channels,
+                         norm_num_groups=norm_num_groups)
         self.latent_channels, self.downsample = latent_channels, 2 ** (len(chs) - 1)
         self.encoder = Encoder(in_channels, 2 * latent_channels, chs, layers_per_block, norm_num_groups)
         self.decoder = Decoder(latent_channels, out_channels, chs, layers_per_block, norm_num_groups)
@@ -962,7 +964,8 @@ def export_vae(ckpt_path, out):
     EMA statistics of its latent BatchNorm) in the metadata, which load_vae reads back."""
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     if not isinstance(ckpt, dict) or 'vae' not in ckpt:
-        raise LoadError(f"{ckpt_path} holds no trained VAE: export-vae needs a checkpoint of --recipe repa-e or irepa-e")
+        raise LoadError(f"{ckpt_path} holds no trained VAE: "
+                        "export-vae needs a checkpoint of --recipe repa-e or irepa-e")
     norm = ckpt['latent']  # irepa.LatentNorm.to_dict()
     safetensors.torch.save_file({k: v.contiguous() for k, v in ckpt['vae'].items()}, out, metadata=dict(
         config=json.dumps(norm['vae_args']), latent_mean=json.dumps(norm['mean']), latent_std=json.dumps(norm['std'])))
@@ -1073,7 +1076,8 @@ def load_discriminator(spec='random', device='cpu'):
         try:
             disc.load_state_dict(sd)
         except RuntimeError as e:
-            raise LoadError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): {' '.join(str(e).split())[:400]}") from e
+            raise LoadError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): "
+                            f"{' '.join(str(e).split())[:400]}") from e
     return disc.to(device)
 
 

@@ -4,7 +4,8 @@
 #   bash run.sh              prepare latents once; per teacher and recipe: train, sample 50K, evaluate;
 #                            per teacher: spatial metrics + linear probe; then results.{csv,md} and correlation.png
 #   bash run.sh --dry-run    print every command and its estimated GPU-hours; run nothing
-#   bash run.sh smoke        the whole sweep offline on the CPU in minutes, with RANDOM weights (exercises the code only)
+#   bash run.sh smoke        the whole sweep offline on the CPU in minutes, with RANDOM weights
+#                            (exercises the code only)
 #
 # Every setting below can be overridden from the environment, e.g.
 #   MODEL=SiT-B/2 TEACHERS="dinov2 dinov3" DATA=/data/imagenet/train REF=VIRTUAL_imagenet256_labeled.npz bash run.sh
@@ -20,10 +21,13 @@ export PYTHONUNBUFFERED=1  # the stages' output reaches the terminal and their l
 # -----------------------------------------------------------------------------
 # Settings
 
-TEACHERS=${TEACHERS:-"dinov2 dinov3 webssl-vit-dino1b pe-vit-g"}  # the paper's Table 3: DINOv2-B, DINOv3-B, WebSSL-1B, PE-Core-G
+TEACHERS=${TEACHERS:-"dinov2 dinov3 webssl-vit-dino1b pe-vit-g"}  # the paper's Table 3: DINOv2-B, DINOv3-B,
+                                                                   # WebSSL-1B, PE-Core-G
 EXTRA_TEACHERS=${EXTRA_TEACHERS:-}            # more teachers (python encoders.py --list), e.g. "siglip2 mae"
-RECIPES=${RECIPES:-"repa irepa"}              # rows of irepa.RECIPES: also conv-only spnorm-mlp (Table 3), repa-e irepa-e, meanflow-repa meanflow-irepa
-ENCODER_WEIGHTS=${ENCODER_WEIGHTS:-auto}      # auto: Hugging Face hub or its cache; WEIGHTS_DIR/<teacher>.* wins if present
+RECIPES=${RECIPES:-"repa irepa"}              # rows of irepa.RECIPES: also conv-only spnorm-mlp (Table 3),
+                                              # repa-e irepa-e, meanflow-repa meanflow-irepa
+ENCODER_WEIGHTS=${ENCODER_WEIGHTS:-auto}      # auto: Hugging Face hub or its cache; WEIGHTS_DIR/<teacher>.* wins if
+                                              # present
 TEACHER_CACHE=${TEACHER_CACHE:-}              # a folder: each teacher's tokens computed once (--teacher-cache), in
                                               # TEACHER_CACHE/<teacher>-<RES>px, shared by its recipes; empty: online
 WEIGHTS_DIR=${WEIGHTS_DIR:-}                  # offline: one file per teacher, named by its canonical name (see README)
@@ -43,12 +47,14 @@ SAMPLE_BATCH=${SAMPLE_BATCH:-256}             # per GPU, as the official generat
 SAMPLE_PRECISION=${SAMPLE_PRECISION:-fp32}    # fp32 (+TF32) as the official generate.py; bf16 is faster
 REF=${REF:-VIRTUAL_imagenet256_labeled.npz}   # ADM's ImageNet 256 reference batch
 INCEPTION=${INCEPTION:-${IREPA_INCEPTION:-}}  # pt_inception-2015-12-05-6726825d.pth (empty: the torch hub cache)
-PROBE_DATA=${PROBE_DATA:-/data/imagenet/val}  # images with labels for the spatial metrics and the linear probe (<class>/*)
+PROBE_DATA=${PROBE_DATA:-/data/imagenet/val}  # images with labels for the spatial metrics and the linear probe
+                                              # (<class>/*)
 PROBE_IMAGES=${PROBE_IMAGES:-10000}           # tokens are held in memory: 10K x 256 x D fp16 (3.9 GB at D = 768)
 MASKS=${MASKS:-}                              # foreground masks for SRSS (same relative paths, .png); empty: no SRSS
 OUT=${OUT:-out/sweep}
 LAT=${LAT:-$OUT/latents}                      # prepared once; share it between sweeps with LAT=...
-TRAIN_ARGS=${TRAIN_ARGS:-}                    # extra flags, e.g. "--lpips-weights vgg.pth --disc-weights disc.pt" for REPA-E
+TRAIN_ARGS=${TRAIN_ARGS:-}                    # extra flags, e.g. "--lpips-weights vgg.pth --disc-weights disc.pt" for
+                                              # REPA-E
 PREPARE_ARGS=${PREPARE_ARGS:-}
 SAMPLE_ARGS=${SAMPLE_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
@@ -67,7 +73,7 @@ for arg in "$@"; do
     case $arg in
         --dry-run) DRY=1 ;;
         smoke) SMOKE=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument '$arg' (accepted: smoke, --dry-run, --help)" >&2; exit 2 ;;
     esac
 done
@@ -104,14 +110,16 @@ fi
 WORLD=$(( NPROC * NNODES ))
 if [[ -z $LAUNCH ]]; then
     if (( NNODES > 1 )); then
-        LAUNCH="torchrun --nnodes=$NNODES --node_rank=$NODE_RANK --nproc_per_node=$NPROC --master_addr=$MASTER_ADDR --master_port=$MASTER_PORT"
+        LAUNCH="torchrun --nnodes=$NNODES --node_rank=$NODE_RANK --nproc_per_node=$NPROC"
+        LAUNCH+=" --master_addr=$MASTER_ADDR --master_port=$MASTER_PORT"
     else
         LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"
     fi
 fi
 read -ra LAUNCH <<< "$LAUNCH"
-read -ra TRAIN_EXTRA <<< "$TRAIN_ARGS"; read -ra PREPARE_EXTRA <<< "$PREPARE_ARGS"; read -ra SAMPLE_EXTRA <<< "$SAMPLE_ARGS"
-read -ra EVAL_EXTRA <<< "$EVAL_ARGS"; read -ra METRICS_EXTRA <<< "$METRICS_ARGS"
+read -ra TRAIN_EXTRA <<< "$TRAIN_ARGS"; read -ra PREPARE_EXTRA <<< "$PREPARE_ARGS"
+read -ra SAMPLE_EXTRA <<< "$SAMPLE_ARGS"; read -ra EVAL_EXTRA <<< "$EVAL_ARGS"
+read -ra METRICS_EXTRA <<< "$METRICS_ARGS"
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -151,8 +159,12 @@ stage() {
     local h; h=$(gpu_hours "$flops")
     TOTAL=$(add "$TOTAL" "$h")
     echo
-    if [[ $flops == 0 ]]; then echo "== $name"
-    else echo "== $name: ~$h GPU-h ($(awk -v h="$h" -v g="$gpus" 'BEGIN { printf "%.3g", h / g }') h on $gpus GPU(s))"; fi
+    if [[ $flops == 0 ]]; then
+        echo "== $name"
+    else
+        echo "== $name: ~$h GPU-h ($(awk -v h="$h" -v g="$gpus" 'BEGIN { printf "%.3g", h / g }') h on" \
+            "$gpus GPU(s))"
+    fi
     if [[ -e $out ]]; then
         echo "skip $name: $out exists"
         return 0
@@ -162,7 +174,8 @@ stage() {
     [[ $DRY ]] && return 0
     local t0=$SECONDS rc=0 log=$OUT/logs/${name//[^A-Za-z0-9._-]/_}.log
     mkdir -p "$OUT/logs"
-    # tee ignores the stop signals: it outlives the stage's own stop (checkpoint, last words), so no write hits a closed pipe
+    # tee ignores the stop signals: it outlives the stage's own stop (checkpoint, last words), so no write hits a closed
+    # pipe
     "$@" > >(trap '' INT TERM; exec tee "$log") 2>&1 || rc=$?
     if (( rc )); then
         echo "run.sh: stage '$name' failed with exit code $rc; its log: $log" >&2
@@ -174,7 +187,8 @@ stage() {
 # -----------------------------------------------------------------------------
 # FLOP counts (meta device: no weights, no GPU), canonical teacher names and each recipe's objective, from the code
 
-info=$(CUDA_VISIBLE_DEVICES= SWEEP_RECIPES="$RECIPES" "$PYTHON" - "$MODEL" "$RES" "$VAE" $TEACHERS $EXTRA_TEACHERS <<'EOF'
+info=$(CUDA_VISIBLE_DEVICES= SWEEP_RECIPES="$RECIPES" "$PYTHON" - "$MODEL" "$RES" "$VAE" \
+    $TEACHERS $EXTRA_TEACHERS <<'EOF'
 import contextlib, io, os, sys, torch
 import encoders, irepa
 model, res, vae, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
@@ -226,9 +240,11 @@ echo "GPUs: $NPROC per node x $NNODES node(s) ($LAUNCH); costs: FLOPs / ($MFU x 
 [[ $DRY ]] && echo "dry run: printing the commands, running none of them"
 
 if [[ ! $DRY && ! $SMOKE ]]; then  # fail before days of training, not after
-    [[ -e $LAT/meta.json && ! $images || -d $DATA ]] || { echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
+    [[ -e $LAT/meta.json && ! $images || -d $DATA ]] || {
+        echo "run.sh: DATA=$DATA is not a folder (ImageNet train, <class>/*.JPEG)" >&2; exit 1; }
     [[ -e $REF ]] || echo "warning: REF=$REF does not exist yet; the evaluations need it (see README)" >&2
-    [[ -z $PROBE_DATA || -d $PROBE_DATA ]] || echo "warning: PROBE_DATA=$PROBE_DATA is not a folder; the metrics need it" >&2
+    [[ -z $PROBE_DATA || -d $PROBE_DATA ]] ||
+        echo "warning: PROBE_DATA=$PROBE_DATA is not a folder; the metrics need it" >&2
 fi
 
 weights() {  # the --encoder-weights of teacher $1
@@ -250,7 +266,8 @@ elif [[ $SMOKE ]]; then
 else
     # the VAE's convolutions run on TF32 (cuDNN's default): half bf16's rate; JPEG decoding may well be the real limit
     stage "prepare $DATA" "$LAT/meta.json" "$(awk "BEGIN { print $IMAGENET * $VAE_ENC * 2 }")" "$WORLD" \
-        "${LAUNCH[@]}" irepa.py --prepare --data-path "$DATA" --vae "$VAE" --resolution "$RES" --out-dir "$LAT" "${PREPARE_EXTRA[@]}"
+        "${LAUNCH[@]}" irepa.py --prepare --data-path "$DATA" --vae "$VAE" --resolution "$RES" --out-dir "$LAT" \
+        "${PREPARE_EXTRA[@]}"
 fi
 
 # -----------------------------------------------------------------------------
@@ -265,13 +282,15 @@ sample_file() {  # run directory -> its sample batch
 n_recipes=$(wc -w <<< "$RECIPES")
 if [[ $DRY || $TEACHER_CACHE ]]; then
     echo
-    echo "teacher tokens, online (every step of the $n_recipes recipes) or cached (one pass, TEACHER_CACHE=${TEACHER_CACHE:-unset}):"
+    echo "teacher tokens, online (every step of the $n_recipes recipes) or cached" \
+        "(one pass, TEACHER_CACHE=${TEACHER_CACHE:-unset}):"
     for t in "${ALL[@]}"; do
         read -r dim tokens <<< "${TSHAPE[$t]}"
         awk -v t="$t" -v n="$N_TRAIN" -v d="$dim" -v k="$tokens" -v f="${TFLOPS[$t]}" -v s="$STEPS" -v bs="$BATCH" \
             -v r="$n_recipes" -v sit="$SIT_TRAIN" -v p="$PEAK_TFLOPS" -v m="$MFU" 'BEGIN {
             h = 1 / (p * 1e12 * m) / 3600; on = r * s * bs * f * h; once = n * f * h; all = r * s * bs * sit * h
-            printf "  %s: cache %d x %d x %d x 2 B (bf16) = %.1f GB; the teacher %.3g GPU-h online vs %.3g cached;", t, n, k, d, n * k * d * 2 / 1e9, on, once
+            printf "  %s: cache %d x %d x %d x 2 B (bf16) = %.1f GB; the teacher %.3g GPU-h online vs %.3g cached;",
+                t, n, k, d, n * k * d * 2 / 1e9, on, once
             printf " its %d trainings %.3g vs %.3g GPU-h\n", r, all + on, all + once }'
     done
 fi
@@ -285,11 +304,14 @@ for t in "${ALL[@]}"; do
         teacher=$(awk "BEGIN { print $STEPS * $BATCH * ${TFLOPS[$t]} }")  # the teacher's forward in every step
         if [[ $TEACHER_CACHE ]]; then  # or once: the teacher's first run builds its cache, unless it is complete
             teacher=0
-            [[ $r == "${RECIPES%% *}" && ! -e $TEACHER_CACHE/$t-${RES}px/meta.json ]] && teacher=$(awk "BEGIN { print $N_TRAIN * ${TFLOPS[$t]} }")
+            [[ $r == "${RECIPES%% *}" && ! -e $TEACHER_CACHE/$t-${RES}px/meta.json ]] &&
+                teacher=$(awk "BEGIN { print $N_TRAIN * ${TFLOPS[$t]} }")
         fi
         flops=$(awk "BEGIN { print $STEPS * $BATCH * $SIT_TRAIN + $teacher }")  # student fwd+bwd, teacher fwd
-        [[ ${OBJECTIVE[$r]} == repa-e ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
-        [[ ${OBJECTIVE[$r]} == meanflow ]] && flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
+        [[ ${OBJECTIVE[$r]} == repa-e ]] &&
+            flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
+        [[ ${OBJECTIVE[$r]} == meanflow ]] &&
+            flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
         stage "train $TAG $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
             "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$VAE" --resolution "$RES" --model "$MODEL" \
             --encoder "$t" --encoder-weights "$(weights "$t")" --recipe "$r" --max-steps "$STEPS" \
@@ -305,8 +327,9 @@ for t in "${ALL[@]}"; do
         slow=$([[ $SAMPLE_PRECISION == fp32 ]] && echo 2 || echo 1)  # fp32 sampling runs on TF32: half bf16's rate
         stage "sample $TAG $t $r" "$(sample_file "$run" "$r")" \
             "$(awk "BEGIN { print $NUM_SAMPLES * $nfe * $SIT_FWD * $slow }")" "$WORLD" \
-            "${LAUNCH[@]}" fid.py sample --ckpt "$run/checkpoints/$STEP.pt" --num-samples "$NUM_SAMPLES" "${sampler[@]}" \
-            --batch-size "$SAMPLE_BATCH" --precision "$SAMPLE_PRECISION" --out "$(sample_file "$run" "$r")" "${SAMPLE_EXTRA[@]}"
+            "${LAUNCH[@]}" fid.py sample --ckpt "$run/checkpoints/$STEP.pt" --num-samples "$NUM_SAMPLES" \
+            "${sampler[@]}" --batch-size "$SAMPLE_BATCH" --precision "$SAMPLE_PRECISION" \
+            --out "$(sample_file "$run" "$r")" "${SAMPLE_EXTRA[@]}"
     done
 done
 
@@ -353,12 +376,14 @@ results_table() {
 import csv, json, math, os, sys
 out, rows = sys.argv[1], [sys.argv[i:i + 4] for i in range(2, len(sys.argv), 4)]
 cols = ['teacher', 'recipe', 'FID', 'sFID', 'IS', 'Precision', 'Recall', 'LDS', 'CDS', 'SRSS', 'RMSC', 'LP']
-fmt = dict(FID='.2f', sFID='.2f', IS='.1f', Precision='.3f', Recall='.3f', LDS='.4f', CDS='.4f', SRSS='.4f', RMSC='.4f', LP='.3f')
+fmt = dict(FID='.2f', sFID='.2f', IS='.1f', Precision='.3f', Recall='.3f', LDS='.4f', CDS='.4f', SRSS='.4f',
+           RMSC='.4f', LP='.3f')
 table = []
 for teacher, recipe, result, metrics in rows:
     e, m = json.load(open(result)), json.load(open(metrics))
-    table.append(dict(teacher=teacher, recipe=recipe, FID=e['FID'], sFID=e['sFID'], IS=e['IS'], Precision=e['precision'],
-                      Recall=e['recall'], LDS=m['lds'], CDS=m['cds'], SRSS=m['srss'], RMSC=m['rmsc'], LP=m['lp']))
+    table.append(dict(teacher=teacher, recipe=recipe, FID=e['FID'], sFID=e['sFID'], IS=e['IS'],
+                      Precision=e['precision'], Recall=e['recall'], LDS=m['lds'], CDS=m['cds'], SRSS=m['srss'],
+                      RMSC=m['rmsc'], LP=m['lp']))
 teachers = sorted({r['teacher'] for r in table})
 base = 'repa' if any(r['recipe'] == 'repa' for r in table) else table[0]['recipe']  # the paper correlates REPA's FIDs
 corr = [r for r in table if r['recipe'] == base] if len(teachers) >= 3 else table
@@ -368,12 +393,15 @@ for path, rs in ((os.path.join(out, 'correlation-input.csv'), corr), (os.path.jo
         w.writeheader()
         w.writerows(rs)
     os.replace(path + '.tmp', path)
-cell = lambda r, c: r[c] if c in ('teacher', 'recipe') else 'n/a' if r[c] is None or not math.isfinite(r[c]) else format(r[c], fmt[c])
-md = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)] + ['| ' + ' | '.join(cell(r, c) for c in cols) + ' |' for r in table]
+cell = lambda r, c: (r[c] if c in ('teacher', 'recipe') else 'n/a' if r[c] is None or not math.isfinite(r[c])
+                     else format(r[c], fmt[c]))
+md = (['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+      + ['| ' + ' | '.join(cell(r, c) for c in cols) + ' |' for r in table])
 with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
 print('\n'.join(md))
-print(f"correlation input: {f'the {base} rows' if len(teachers) >= 3 else f'all {len(corr)} rows (fewer than 3 teachers: a code check, not the study)'}")
+print('correlation input: ' + (f'the {base} rows' if len(teachers) >= 3
+                               else f'all {len(corr)} rows (fewer than 3 teachers: a code check, not the study)'))
 EOF
 }
 
@@ -391,7 +419,9 @@ else
 fi
 
 echo
-awk -v a="$TOTAL" -v t="$TODO" -v g="$WORLD" 'BEGIN { printf "estimated cost: %.1f GPU-h for the whole sweep, %.1f GPU-h still to run (~%.1f h on %d GPUs)\n", a, t, t / g, g }'
+awk -v a="$TOTAL" -v t="$TODO" -v g="$WORLD" 'BEGIN {
+    printf "estimated cost: %.1f GPU-h for the whole sweep, %.1f GPU-h still to run (~%.1f h on %d GPUs)\n",
+        a, t, t / g, g }'
 if [[ ! $DRY ]]; then
     echo "results: $OUT/results.md, $OUT/results.csv; correlation panel: $OUT/correlation.png"
     [[ $SMOKE ]] && echo "(smoke run: RANDOM weights everywhere, the numbers are meaningless)"

@@ -155,7 +155,8 @@ def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
     assert rc == 0, log[-3000:]
     assert not [l for l in log.splitlines() if l.startswith('+ ')], 'a finished sweep reruns nothing'
-    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2  # prepare, train+sample, reference, eval, metrics, table+panel
+    # prepare, train+sample, reference, eval, metrics, table+panel
+    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2
 
     evals[0].unlink()
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
@@ -213,7 +214,8 @@ def check_parity(path, tol=1e-5, device='cpu'):
     for k in spnorm_keys:
         close(irepa.spatial_norm(dev('spnorm.in'), float(k[len('spnorm.gamma'):])), V[k], k)
     for run, s in cfg['sampler'].items():
-        x = irepa.sample(models['conv'], dev('sampler.latents'), dev('sampler.y'), mode='heun' if s['heun'] else 'euler',
+        x = irepa.sample(models['conv'], dev('sampler.latents'), dev('sampler.y'),
+                         mode='heun' if s['heun'] else 'euler',
                          num_steps=s['num_steps'], cfg_scale=s['cfg_scale'], guidance_low=s.get('guidance_low', 0.0),
                          guidance_high=s.get('guidance_high', 1.0))
         close(x, V[f'sampler.{run}'], run)
@@ -472,8 +474,8 @@ def test_one_step_euler_exact_for_point_mass():
 
         def forward(self, x, t, y, align=True):
             return (x - x0) / t.view(-1, 1, 1, 1), []
-    out = irepa.sample(PointMass().eval(), torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.zeros(3, dtype=torch.long),
-                       'euler', 1)
+    out = irepa.sample(PointMass().eval(), torch.randn(3, 4, 8, 8, dtype=torch.float64),
+                       torch.zeros(3, dtype=torch.long), 'euler', 1)
     torch.testing.assert_close(out, x0.expand(3, -1, -1, -1))
 
 
@@ -576,14 +578,16 @@ def test_every_setting_is_one_flag():
 @pytest.mark.parametrize('recipe', list(irepa.RECIPES))
 def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
     """--demo --recipe NAME --max-steps 2 offline: finite losses of the row's objective, the row's networks in the
-    checkpoint, a sample grid, and config.json = the defaults, the row, --demo's values and the flags given, in order."""
+    checkpoint, a sample grid, and config.json = the defaults, the row, --demo's values and the flags given, in
+    order."""
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     row = irepa.RECIPES[recipe]
     given = dict(encoder_weights='random:1', max_steps=2, log_every=1, ckpt_every=1, synthetic_size=16,
                  global_batch_size=4, out_dir=str(tmp_path)) | (
         dict(repae_stats_images=8) if 'repae_stats_images' in row else {})
-    irepa.main(['--demo', '--recipe', recipe] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+    irepa.main(['--demo', '--recipe', recipe]
+               + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg.pop('trained_teachers') == cfg['encoder']  # random weights: the named teacher trains, no fallback
     assert cfg == irepa.DEFAULTS | row | irepa.DEMO | irepa.DEMO_OBJECTIVE.get(row['objective'], {}) | given | dict(
@@ -644,8 +648,8 @@ def test_latent_norm_round_trip():
 # Training: exact resume, DDP, atomic checkpoints, NaN guard, data sources, bad input
 
 TINY_RUN = ['--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--encoder', 'dinov2', '--encoder-weights',
-            'random:1', '--global-batch-size', '4', '--synthetic-size', '64', '--log-every', '2', '--sample-every', '1000',
-            '--num-workers', '0', '--device', 'cpu', '--ema-decay', '0.9']
+            'random:1', '--global-batch-size', '4', '--synthetic-size', '64', '--log-every', '2', '--sample-every',
+            '1000', '--num-workers', '0', '--device', 'cpu', '--ema-decay', '0.9']
 
 
 def run_args(out, steps, *extra):
@@ -732,9 +736,11 @@ def test_nan_guard_stops_with_the_step(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r'step 5.*0000004\.pt'):
         irepa.main(run_args(tmp_path, 8, '--ckpt-every', '2'))
     assert irepa.latest_checkpoint(tmp_path).name == '0000004.pt'  # written before the NaN; nothing after it
-    assert torch.isfinite(torch.stack([v.float().sum() for v in load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
+    assert torch.isfinite(torch.stack([v.float().sum() for v in
+                                       load_ckpt(tmp_path / 'checkpoints/0000004.pt')['model'].values()])).all()
     real_step = irepa.clipped_step  # a non-finite gradient norm with a finite loss (REPA-E: its VAE, discriminator)
-    monkeypatch.setattr(irepa, 'clipped_step', lambda *a, **k: real_step(*a, **k) * (float('nan') if len(calls) == 3 else 1))
+    monkeypatch.setattr(irepa, 'clipped_step',
+                        lambda *a, **k: real_step(*a, **k) * (float('nan') if len(calls) == 3 else 1))
     calls.clear()
     with pytest.raises(FloatingPointError, match=r'non-finite grad_norm at step 3'):
         irepa.main(run_args(tmp_path / 'grad', 4, '--log-every', '4'))
@@ -766,7 +772,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops(tmp_path, mo
         real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', disk_full)
     said = user_error(capsys, irepa.main, *run_args(tmp_path, 6, '--ckpt-every', '2', '--keep-last', '1'))
-    assert 'No space left on device' in said and f"The previous checkpoint, {tmp_path / 'checkpoints/0000002.pt'}, is intact" in said
+    assert 'No space left on device' in said and (
+        f"The previous checkpoint, {tmp_path / 'checkpoints/0000002.pt'}, is intact" in said)
     assert [p.name for p in (tmp_path / 'checkpoints').iterdir()] == ['0000002.pt'] and load_ckpt(
         tmp_path / 'checkpoints/0000002.pt')['step'] == 2  # the partial file is gone; the previous one kept
     monkeypatch.undo()
@@ -799,10 +806,12 @@ def test_user_errors_are_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch)
     with pytest.raises(ZeroDivisionError):  # not a user error: the traceback stays
         irepa.cli(lambda: 1 / 0)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
-    for cmd, says in (([HERE / 'irepa.py', '--data-path', tmp_path / 'nothing', '--device', 'cpu'], 'error: --data-path'),
+    for cmd, says in (([HERE / 'irepa.py', '--data-path', tmp_path / 'nothing', '--device', 'cpu'],
+                       'error: --data-path'),
                       ([HERE / 'fid.py', 'sample', '--ckpt', tmp_path / 'flat/a.png'], 'not a readable PyTorch'),
                       ([HERE / 'bench.py', '--teacher', 'dinov9'], "error: unknown teacher 'dinov9'"),
-                      ([HERE / 'bench.py', '--suite', 'official', '--official', tmp_path], 'need --official DIR, a checkout')):
+                      ([HERE / 'bench.py', '--suite', 'official', '--official', tmp_path],
+                       'need --official DIR, a checkout')):
         r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
         errors = [line for line in r.stderr.splitlines() if 'error: ' in line]
@@ -861,7 +870,8 @@ def test_sigterm_checkpoints_the_step_and_resume_is_exact(tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())}  # as this process: the same float arithmetic
     cmd = [sys.executable, str(HERE / 'irepa.py')] + run_args(tmp_path / 'stop', 1000, '--num-workers', '1')
     code, err, k = stop_when_logged(cmd, tmp_path / 'stop', 2, env)
-    assert code == irepa.PREEMPTED and f'stopped by SIGTERM after step {k}' in err and 'Traceback' not in err, err[-3000:]
+    assert (code == irepa.PREEMPTED and f'stopped by SIGTERM after step {k}' in err
+            and 'Traceback' not in err), err[-3000:]
     assert k >= 2 and steps_logged(tmp_path / 'stop')[-1] == k
     irepa.main(run_args(tmp_path / 'stop', k + 2, '--resume'))
     irepa.main(run_args(tmp_path / 'full', k + 2))
@@ -870,21 +880,24 @@ def test_sigterm_checkpoints_the_step_and_resume_is_exact(tmp_path):
 
 
 def torchrun(nproc, args, tmp_path):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1',
+           'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-                           str(HERE / 'irepa.py')] + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           str(HERE / 'irepa.py')] + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 @slow
 def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     """Two gloo processes; SIGTERM to one rank only: both agree on the step to stop at (no rank left in a collective),
     rank 0 checkpoints it, both exit PREEMPTED, and the resumed run equals the uninterrupted one bit for bit."""
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1',
+           'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')])}
     rank1 = lambda p: [int(c) for c in subprocess.run(['ps', '-o', 'pid=', '--ppid', str(p.pid)], capture_output=True,
                        text=True).stdout.split() if b'LOCAL_RANK=1\0' in open(f'/proc/{c}/environ', 'rb').read()]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(HERE / 'irepa.py')]
-    code, err, k = stop_when_logged(cmd + run_args(tmp_path / 'stop', 1000, '--sample-every', '0'), tmp_path / 'stop', 2,
-                                    env, rank1)
+    code, err, k = stop_when_logged(cmd + run_args(tmp_path / 'stop', 1000, '--sample-every', '0'), tmp_path / 'stop',
+                                    2, env, rank1)
     assert f'stopped by another rank\'s stop signal after step {k}' in err and 'exitcode  : 75' in err, err[-3000:]
     assert (tmp_path / 'stop/PREEMPTED').exists()  # torchrun loses the 75: the job script tests this file
     n = k + 2 + k % 2  # even: the uninterrupted run below checkpoints every 2 steps
@@ -894,9 +907,11 @@ def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the 2 ranks hold identical weights' in r.stdout
     assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'lock', 'log.jsonl']
-    assert sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir()) == [f'{i:07d}.pt' for i in range(2, n + 1, 2)]
+    assert (sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir())
+            == [f'{i:07d}.pt' for i in range(2, n + 1, 2)])
     assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == n // 2  # one writer
-    assert_same_state(load_ckpt(tmp_path / f'stop/checkpoints/{n:07d}.pt'), load_ckpt(tmp_path / f'ddp/checkpoints/{n:07d}.pt'))
+    assert_same_state(load_ckpt(tmp_path / f'stop/checkpoints/{n:07d}.pt'),
+                      load_ckpt(tmp_path / f'ddp/checkpoints/{n:07d}.pt'))
     r = torchrun(2, run_args(tmp_path / 'odd', 2, '--global-batch-size', '3'), tmp_path)
     assert r.returncode != 0 and 'must be a positive multiple of the number of processes, 2' in r.stderr
 
@@ -908,13 +923,15 @@ def test_teacher_cache_pass_is_sharded_over_ranks(tmp_path):
     shard = ['--synthetic-size', str(irepa.PREPARE_SHARD + 4)]  # two shards: one per rank
     r = torchrun(2, run_args(tmp_path / 'online', 2, '--sample-every', '0', *shard), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, run_args(tmp_path / 'cached', 2, '--sample-every', '0', '--teacher-cache', tmp_path / 'cache', *shard),
-                 tmp_path)
+    r = torchrun(2, run_args(tmp_path / 'cached', 2, '--sample-every', '0', '--teacher-cache', tmp_path / 'cache',
+                             *shard), tmp_path)
     assert r.returncode == 0 and 'teacher tokens from the cache' in r.stdout, r.stderr[-3000:]
-    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000002.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000002.pt'),
+                      load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
     assert json.loads((tmp_path / 'cache/meta.json').read_text())['batch'] == 2  # the per-rank batch of 4 / 2
     irepa.main(run_args(tmp_path / 'one', 0, '--teacher-cache', tmp_path / 'one-cache', *shard))
-    torch.testing.assert_close(cached_tokens(tmp_path / 'cache'), cached_tokens(tmp_path / 'one-cache'), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached_tokens(tmp_path / 'cache'), cached_tokens(tmp_path / 'one-cache'), rtol=1e-5,
+                               atol=1e-5)
 
 
 def make_folder(root, n_per_class=3, size=40):
@@ -941,7 +958,8 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
     capsys.readouterr()
     irepa.main(run_args(tmp_path / 'run', 6, '--data-path', root, '--max-bad-fraction', '0.5', '--num-workers', '2'))
     err, log = capsys.readouterr().err, [json.loads(l) for l in open(tmp_path / 'run/log.jsonl')]
-    assert [r['step'] for r in log] == [2, 4, 6] and 0 < log[0]['bad_images'] <= log[1]['bad_images'] <= log[2]['bad_images']
+    assert [r['step'] for r in log] == [2, 4, 6] and (
+        0 < log[0]['bad_images'] <= log[1]['bad_images'] <= log[2]['bad_images'])
     for name in ('broken.png', 'broken2.png'):
         assert err.count(f'warning: unreadable image {root / "dog" / name} (') == 1, err  # drawn more often than that
     with pytest.raises(USER_ERRORS, match=r'images drawn so far were unreadable, more than --max-bad-fraction '
@@ -958,8 +976,8 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
 @slow
 def test_prepared_latents_and_latent_training(tmp_path):
     out = tmp_path / 'latents'
-    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size', '24', '--out-dir', str(out),
-                '--num-workers', '0', '--device', 'cpu'])
+    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size', '24', '--out-dir',
+                str(out), '--num-workers', '0', '--device', 'cpu'])
     meta = json.loads((out / 'meta.json').read_text())
     lat = np.load(out / 'latents.npy', mmap_mode='r')
     assert lat.shape[0] == 24 and lat.dtype == np.float16 and tuple(lat.shape[1:]) == tuple(meta['shape'])
@@ -971,7 +989,8 @@ def test_prepared_latents_and_latent_training(tmp_path):
     np.testing.assert_allclose(meta['stats']['std'], want_std, rtol=1e-2)
     data = irepa.ImageData(out, 16)
     img, moments, label, tokens = data[5]
-    assert moments.shape == tuple(meta['shape']) and torch.equal(img.permute(1, 2, 0), torch.from_numpy(irepa.synthetic_image(5, 16, 10)[0]))
+    assert moments.shape == tuple(meta['shape']) and torch.equal(img.permute(1, 2, 0),
+                                                                 torch.from_numpy(irepa.synthetic_image(5, 16, 10)[0]))
     args = run_args(tmp_path / 'run', 2, '--data-path', str(out))
     args[args.index('--vae') + 1] = 'random:tiny'
     s = irepa.main(args)
@@ -1018,14 +1037,18 @@ def test_teacher_cache_is_the_online_teacher_bit_for_bit_and_resumes(tmp_path):
     online run bit for bit, also when resumed; REPA and iREPA share one cache (tokens before the spatial norm)."""
     irepa.main(run_args(tmp_path / 'online', 4))
     s = irepa.main(run_args(tmp_path / 'cached', 4, '--teacher-cache', tmp_path / 'cache'))
-    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000004.pt'))
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'),
+                      load_ckpt(tmp_path / 'cached/checkpoints/0000004.pt'))
     tokens = cached_tokens(tmp_path / 'cache')
-    assert tokens.shape == (64, 16, 768) and tokens.dtype == torch.float32 and s.flops == irepa.sit_train_flops(s.unit.model)
-    img = torch.stack([torch.from_numpy(s.data.image(i)).permute(2, 0, 1) for i in (5, 6, 7, 8)])  # the training's batch size
+    assert tokens.shape == (64, 16, 768) and tokens.dtype == torch.float32
+    assert s.flops == irepa.sit_train_flops(s.unit.model)
+    # the training's batch size
+    img = torch.stack([torch.from_numpy(s.data.image(i)).permute(2, 0, 1) for i in (5, 6, 7, 8)])
     assert torch.equal(s.teachers[0](img.float() / 255), tokens[5:9])
     irepa.main(run_args(tmp_path / 'split', 2, '--teacher-cache', tmp_path / 'cache'))
     irepa.main(run_args(tmp_path / 'split', 4, '--resume', '--teacher-cache', tmp_path / 'cache'))
-    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'), load_ckpt(tmp_path / 'split/checkpoints/0000004.pt'))
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000004.pt'),
+                      load_ckpt(tmp_path / 'split/checkpoints/0000004.pt'))
     irepa.main(run_args(tmp_path / 'repa', 2, '--recipe', 'repa', '--teacher-cache', tmp_path / 'cache'))  # no new pass
     assert torch.equal(cached_tokens(tmp_path / 'cache'), tokens)
 
@@ -1038,10 +1061,11 @@ def test_teacher_cache_bf16_tokens_and_latent_training_without_images(tmp_path, 
     irepa.main(args)
     s = irepa.main(run_args(tmp_path / 'cached', 2, '--precision', 'bf16', '--teacher-cache', tmp_path / 'cache'))
     assert cached_tokens(tmp_path / 'cache').dtype == torch.bfloat16 and s.cache_dtypes == [torch.bfloat16]
-    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000002.pt'), load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
+    assert_same_state(load_ckpt(tmp_path / 'online/checkpoints/0000002.pt'),
+                      load_ckpt(tmp_path / 'cached/checkpoints/0000002.pt'))
     lat = tmp_path / 'latents'
-    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size', '64', '--out-dir', str(lat),
-                '--num-workers', '0', '--device', 'cpu'])
+    irepa.main(['--prepare', '--vae', 'random:tiny', '--resolution', '16', '--synthetic-size', '64', '--out-dir',
+                str(lat), '--num-workers', '0', '--device', 'cpu'])
     args = lambda out, steps: ['random:tiny' if a == 'none' else a for a in run_args(  # --vae random:tiny
         tmp_path / out, steps, '--data-path', lat, '--teacher-cache', tmp_path / 'lat-cache')]
     irepa.main(args('build', 0))  # builds the cache, trains nothing
@@ -1056,11 +1080,14 @@ def test_teacher_cache_refuses_another_teacher_resolution_dataset_or_disk(tmp_pa
     irepa.main(run_args(tmp_path / 'a', 2, '--teacher-cache', cache))
     for extra, what in ((['--encoder', 'pe'], 'teacher 0 name dinov2-vit-b .cache. vs pe-vit-b'),
                         (['--encoder-weights', 'random:2'], 'teacher 0 weights [0-9.]+ .cache. vs [0-9.]+ .now.;'),
-                        (['--resolution', '32'], 'resolution 16 .cache. vs 32'), (['--synthetic-size', '96'], 'dataset')):
-        with pytest.raises(USER_ERRORS, match=rf"--teacher-cache {cache} holds the tokens of another teacher.*: .*{what}"):
+                        (['--resolution', '32'], 'resolution 16 .cache. vs 32'),
+                        (['--synthetic-size', '96'], 'dataset')):
+        with pytest.raises(USER_ERRORS,
+                           match=rf"--teacher-cache {cache} holds the tokens of another teacher.*: .*{what}"):
             irepa.main(run_args(tmp_path / f'b{len(what)}', 2, '--teacher-cache', cache, *extra))
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(free=10 ** 5, total=10 ** 6, used=0))
-    with pytest.raises(USER_ERRORS, match=r'the tokens need 0\.0 GB \(64 x 16 x 768 x 4 B\), the disk has 0\.0 GB free'):
+    with pytest.raises(USER_ERRORS,
+                       match=r'the tokens need 0\.0 GB \(64 x 16 x 768 x 4 B\), the disk has 0\.0 GB free'):
         irepa.main(run_args(tmp_path / 'c', 2, '--teacher-cache', tmp_path / 'small'))
     assert not list((tmp_path / 'small').iterdir())  # nothing written
 
@@ -1119,8 +1146,8 @@ STEP_TOL = 3e-2  # bf16 keeps 8 bits of mantissa: losses agree to ~1e-3 relative
 
 def gpu_path_args(recipe, out, device, *extra):
     return ['--demo', '--recipe', recipe, '--encoder-weights', 'random:1', '--global-batch-size', '4', '--device',
-            str(device), '--synthetic-size', '16', '--out-dir', str(out), '--vae', 'random:tiny', '--resolution', '32'] + (
-                ['--repae-stats-images', '8'] if recipe == 'irepa-e' else []) + list(extra)
+            str(device), '--synthetic-size', '16', '--out-dir', str(out), '--vae', 'random:tiny', '--resolution',
+            '32'] + (['--repae-stats-images', '8'] if recipe == 'irepa-e' else []) + list(extra)
 
 
 def start(argv):
@@ -1258,9 +1285,9 @@ def test_compiled_sampler_builds_two_graphs(compiled_runs, tmp_path):
     torch._dynamo.reset()
     counters.clear()
     out = tmp_path / 'samples.npz'
-    fid.main(['sample', '--ckpt', str(ckpt), '--out', str(out), '--num-samples', '4', '--batch-size', '4', '--mode', 'sde',
-              '--num-steps', '10', '--cfg-scale', '1.5', '--guidance-high', '0.7', '--device', 'cpu', '--compile',
-              '--precision', 'bf16'])
+    fid.main(['sample', '--ckpt', str(ckpt), '--out', str(out), '--num-samples', '4', '--batch-size', '4',
+              '--mode', 'sde', '--num-steps', '10', '--cfg-scale', '1.5', '--guidance-high', '0.7',
+              '--device', 'cpu', '--compile', '--precision', 'bf16'])
     assert counters['stats']['unique_graphs'] == 2 and not counters.get('graph_break'), dict(counters['stats'])
     assert np.load(out)['arr_0'].shape == (4, 32, 32, 3)
 
@@ -2454,8 +2481,8 @@ def test_weights_search_and_checks(tmp_path, monkeypatch):
 @slow
 def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
     """The CLI on tiny files prints ADM's five lines; stored statistics are honoured on both sides (diagonal ones, so a
-    mocked exact sqrtm keeps scipy's off 2048 x 2048 matrices, minutes on this CPU); IS and P/R are those of the extracted features; the
-    reference features are cached."""
+    mocked exact sqrtm keeps scipy's off 2048 x 2048 matrices, minutes on this CPU); IS and P/R are those of the
+    extracted features; the reference features are cached."""
     rng = np.random.default_rng(0)
     ref_stats = dict(mu=rng.normal(size=2048), sigma=np.diag(rng.uniform(0.5, 2, 2048)),
                      mu_s=rng.normal(size=2023), sigma_s=np.diag(rng.uniform(0.5, 2, 2023)))
@@ -2587,7 +2614,8 @@ def test_sample_ddp_gives_the_same_images(tiny_ckpt, tmp_path):
     fid.main(sample_args(tiny_ckpt, tmp_path / 'one.npz', n=11) + ['--class-balanced'])
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(HERE / 'fid.py')] + sample_args(tiny_ckpt, tmp_path / 'two.npz', n=11) + ['--class-balanced'],
+                        str(HERE / 'fid.py')] + sample_args(tiny_ckpt, tmp_path / 'two.npz', n=11)
+                       + ['--class-balanced'],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = np.load(tmp_path / 'one.npz')['arr_0'], np.load(tmp_path / 'two.npz')['arr_0']
@@ -2676,7 +2704,8 @@ def test_repae_gradient_routing():
     assert not torch.equal(s.ema_bn.running_mean, bn_before)  # the sampling statistics follow the BatchNorm's
     assert [s[0] for s in seen] == ['vae', 'disc', 'sit'] * 2
     for name, sit, proj, v, d in seen:
-        if name == 'vae':  # the VAE step: gradients reach the VAE only, none the SiT, its projector or the discriminator
+        # the VAE step: gradients reach the VAE only, none the SiT, its projector or the discriminator
+        if name == 'vae':
             assert not any(sit) and not any(proj) and all(v) and not any(d)
         if name == 'disc':
             assert not any(sit) and not any(v) and all(d)
@@ -2742,16 +2771,17 @@ def test_repae_lpips_linear_layers_load(tmp_path, monkeypatch):
         encoders.load_lpips('auto')
 
 
-REPAE_RUN = ['--recipe', 'irepa-e', '--model', 'SiT-T/2', '--resolution', '32', '--vae', 'random:tiny', '--encoder', 'dinov2',
-             '--encoder-weights', 'random:1', '--lpips-weights', 'random', '--global-batch-size', '4', '--synthetic-size',
-             '16', '--repae-stats-images', '8', '--log-every', '1', '--sample-every', '1000', '--num-workers', '0',
-             '--device', 'cpu']
+REPAE_RUN = ['--recipe', 'irepa-e', '--model', 'SiT-T/2', '--resolution', '32', '--vae', 'random:tiny', '--encoder',
+             'dinov2', '--encoder-weights', 'random:1', '--lpips-weights', 'random', '--global-batch-size', '4',
+             '--synthetic-size', '16', '--repae-stats-images', '8', '--log-every', '1', '--sample-every', '1000',
+             '--num-workers', '0', '--device', 'cpu']
 
 
 @slow
 def test_repae_run_resume_export_and_sample(tmp_path):
     def run(out, steps, *extra):
-        return irepa.main(REPAE_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)] + list(extra))
+        return irepa.main(REPAE_RUN + ['--out-dir', str(out), '--max-steps', str(steps), '--ckpt-every', str(steps)]
+                          + list(extra))
     run(tmp_path / 'full', 4)
     run(tmp_path / 'split', 2)
     run(tmp_path / 'split', 4, '--resume')
@@ -2804,8 +2834,8 @@ def test_repae_bad_input(tmp_path):
 
 @slow
 def test_repae_demo_runs_offline(tmp_path, capsys, monkeypatch):
-    """python irepa.py --demo --recipe irepa-e: a tiny random VAE, random LPIPS and teacher where the real ones are missing,
-    all said loudly; finite losses, a checkpoint and a sample grid."""
+    """python irepa.py --demo --recipe irepa-e: a tiny random VAE, random LPIPS and teacher where the real ones are
+    missing, all said loudly; finite losses, a checkpoint and a sample grid."""
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)  # fail at once instead of waiting on an unreachable hub
     irepa.main(['--demo', '--recipe', 'irepa-e', '--max-steps', '2', '--log-every', '1', '--synthetic-size', '32',
@@ -2850,8 +2880,10 @@ def meanflow_sit():
 def test_meanflow_model_jvp_equals_finite_difference():
     m = meanflow_sit()
     g = torch.Generator().manual_seed(1)
-    z, v = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
-    t, r, y = torch.tensor([0.7, 0.4], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64), torch.tensor([1, 2])
+    z, v = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
+            torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64))
+    t, r, y = (torch.tensor([0.7, 0.4], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64),
+               torch.tensor([1, 2]))
     u = lambda z_, t_, r_: m(z_, t_, y, align=False, r=r_)[0]
     with pytest.raises(NotImplementedError):  # the fused attention kernels have no forward-mode AD...
         torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
@@ -2889,7 +2921,8 @@ def test_meanflow_time_sampler_and_guidance():
     assert abs((r != t).double().mean().item() - 0.25) < 0.01
     assert abs(torch.logit(t).mean().item() - (-0.4 + 1 / math.sqrt(math.pi))) < 0.01  # E max of two N(-0.4, 1)
     m = meanflow_sit()
-    z, v, tt = torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
+    z, v, tt = (torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.randn(4, 4, 8, 8, dtype=torch.float64),
+                torch.full((4,), 0.5, dtype=torch.float64))
     y = torch.tensor([1, 2, 3, m.num_classes])  # the last row had its label dropped
     assert irepa.guided_velocity(m, z, tt, y, v, 1.0, 0.0) is v  # omega 1, kappa 0: no guidance, no network call
     g = irepa.guided_velocity(m, z, tt, y, v, 2.0, 0.0)
@@ -2900,9 +2933,9 @@ def test_meanflow_time_sampler_and_guidance():
     assert torch.equal(irepa.guided_velocity(m, z, tt, y, v, 2.0, 0.5, interval=(0.6, 1.0)), v)  # outside the interval
 
 
-MF_RUN = ['--recipe', 'meanflow-irepa', '--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--encoder', 'dinov2',
-          '--encoder-weights', 'random:1', '--global-batch-size', '4', '--synthetic-size', '64', '--log-every', '2',
-          '--sample-every', '1000', '--num-workers', '0', '--device', 'cpu']
+MF_RUN = ['--recipe', 'meanflow-irepa', '--model', 'SiT-T/4', '--resolution', '16', '--vae', 'none', '--encoder',
+          'dinov2', '--encoder-weights', 'random:1', '--global-batch-size', '4', '--synthetic-size', '64',
+          '--log-every', '2', '--sample-every', '1000', '--num-workers', '0', '--device', 'cpu']
 
 
 @slow
@@ -2914,8 +2947,8 @@ def test_meanflow_ddp_syncs(tmp_path):
 
 @slow
 def test_meanflow_demo_writes_one_step_samples(tmp_path):
-    irepa.main(['--demo', '--recipe', 'meanflow-irepa', '--encoder-weights', 'random:1', '--max-steps', '4', '--log-every', '2',
-                '--out-dir', str(tmp_path)])
+    irepa.main(['--demo', '--recipe', 'meanflow-irepa', '--encoder-weights', 'random:1', '--max-steps', '4',
+                '--log-every', '2', '--out-dir', str(tmp_path)])
     ckpt = load_ckpt(tmp_path / 'checkpoints/0000004.pt')
     cfg = ckpt['config']
     assert (cfg['objective'], cfg['preview'], cfg['adam_beta2'], cfg['mf_kappa']) == ('meanflow', 'meanflow', 0.95, 0.5)
@@ -2991,8 +3024,9 @@ def test_patch_masks_and_linear_probe():
 
 @slow
 def test_metrics_command_end_to_end(tmp_path, capsys):
-    args = ['metrics', '--encoder', 'dinov2', '--encoder-weights', 'random:1', '--num-images', '24', '--resolution', '64',
-            '--out-dir', str(tmp_path), '--lp-steps', '20', '--batch-size', '8', '--device', 'cpu']
+    args = ['metrics', '--encoder', 'dinov2', '--encoder-weights', 'random:1', '--num-images', '24',
+            '--resolution', '64', '--out-dir', str(tmp_path), '--lp-steps', '20', '--batch-size', '8',
+            '--device', 'cpu']
     s = irepa.main(args)
     for k in ('lds', 'cds', 'srss', 'rmsc', 'lp'):
         assert math.isfinite(s[k]), k
@@ -3088,12 +3122,15 @@ def test_run_sh_dry_run_lists_every_stage_with_costs_and_runs_nothing(tmp_path):
     assert costs['train SiT-XL-2 sam2-vit-s irepa'] > costs['train SiT-XL-2 sift irepa']  # a network vs descriptors
     total = [l for l in log.splitlines() if l.startswith('estimated cost:')]
     assert len(total) == 1 and math.isclose(float(total[0].split()[2]), sum(costs.values()), rel_tol=0.02), total
-    assert '  dinov2-vit-b: cache 1281167 x 256 x 768 x 2 B (bf16) = 503.8 GB; the teacher ' in log  # the issue's 503 GB
+    # the issue's 503 GB
+    assert '  dinov2-vit-b: cache 1281167 x 256 x 768 x 2 B (bf16) = 503.8 GB; the teacher ' in log
     assert not any('--teacher-cache' in l for l in cmds)  # TEACHER_CACHE unset: the teachers run online
     rc, log = run_sh('--dry-run', env=dict(OUT=str(out), NPROC='8', TEACHER_CACHE=str(tmp_path / 'tc')), timeout=300)
     assert rc == 0 and not (tmp_path / 'tc').exists(), log[-3000:]
-    cached = {l.split(':')[0][3:]: float(l.split('~')[1].split()[0]) for l in log.splitlines() if l.startswith('== ') and '~' in l}
-    assert sum(f'--teacher-cache {tmp_path}/tc/pe-vit-g-256px' in l for l in log.splitlines()) == 2  # one cache, 2 recipes
+    cached = {l.split(':')[0][3:]: float(l.split('~')[1].split()[0])
+              for l in log.splitlines() if l.startswith('== ') and '~' in l}
+    # one cache, 2 recipes
+    assert sum(f'--teacher-cache {tmp_path}/tc/pe-vit-g-256px' in l for l in log.splitlines()) == 2
     sit_only = cached['train SiT-XL-2 pe-vit-g irepa']  # the second recipe: the cache is built by then
     assert sit_only < cached['train SiT-XL-2 pe-vit-g repa'] < costs['train SiT-XL-2 pe-vit-g repa']  # + one pass
     assert math.isclose(sit_only, cached['train SiT-XL-2 dinov2-vit-b irepa'], rel_tol=0.01)  # the teacher is gone
@@ -3226,9 +3263,11 @@ def mech_runs_at(root, device='cpu'):
     seen = dict(full=[], split=[], resumed=[])
     for run, steps, extra in (('full', 3, []), ('split', 2, []), ('resumed', 3, ['--resume'])):
         with tiny_trainer(seen[run]):
-            irepa.main(MECH_RUN + ['--device', device, '--no-compile', '--out-dir', str(root / ('full' if run == 'full' else 'split')),
+            irepa.main(MECH_RUN + ['--device', device, '--no-compile', '--out-dir',
+                                   str(root / ('full' if run == 'full' else 'split')),
                                    '--max-steps', str(steps)] + extra)
-    return SimpleNamespace(seen=seen, root=root, ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
+    return SimpleNamespace(seen=seen, root=root,
+                           ckpt=lambda run, step: load_ckpt(root / run / f'checkpoints/{step:07d}.pt'),
                            log=lambda run: [json.loads(l) for l in open(root / run / 'log.jsonl')])
 
 
