@@ -532,71 +532,89 @@ def sample_shard(a, k, model, net, vae, norm, device, autocast):
     return irepa.to_uint8(x).cpu().numpy()  # (n, H, W, 3)
 
 
+def latent_decoder(a, model, info, device):
+    """(norm, vae) that turn the SiT's latents into images: the checkpoint's, or for an official checkpoint those that
+    --latent-stats or --latent-scale and --vae name; (None, None) for a pixel-space model."""
+    norm = irepa.LatentNorm.from_dict(info['latent'])
+    if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
+        if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale, decoded as z / scale + bias
+            st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
+            scale, bias = st['latents_scale'].float().flatten(), st['latents_bias'].float().flatten()
+        else:  # REPA: z = latent * 0.18215, decoded as z / 0.18215
+            scale, bias = torch.full((model.in_channels,), a.latent_scale), torch.zeros(model.in_channels)
+        norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale)
+    elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
+        raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
+                        "--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
+    if norm is None:
+        return None, None
+    if norm.vae == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
+        vae = encoders.AutoencoderKL(**norm.vae_args)
+        vae.load_state_dict(info['vae_state'])
+    else:
+        vae = encoders.load_vae(a.vae or norm.vae, device=device)
+    norm.to(device)  # its constants on the device once: no copy when each shard is decoded
+    return norm, vae.to(device).eval().requires_grad_(False)
+
+
+def shard_folder(a, norm, stem):
+    """STEM.shards/, holding the settings its shards are drawn with: a run goes on only from shards of its own."""
+    rank, world, _ = irepa.dist_info()
+    barrier = (lambda: dist.barrier(group=irepa.cpu_group())) if world > 1 else lambda: None  # a wait off the GPU
+    shards, guidance = Path(stem + '.shards'), [a.guidance_low, a.guidance_high]
+    settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
+                    mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=guidance,
+                    class_balanced=a.class_balanced, precision=a.precision, latent=norm and norm.to_dict())
+    meta = shards / 'settings.json'
+    if meta.exists() and json.loads(meta.read_text()) != json.loads(json.dumps(settings)):
+        raise UserError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
+    barrier()  # every rank has checked before rank 0 writes
+    if rank == 0:
+        shards.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(settings, indent=1))
+    barrier()
+    return shards
+
+
+def assemble(out, stem, shards, n_shards, num_samples):
+    """The finished shards -> OUT (ADM's .npz) and STEM.png (the first 64 images); then the shards go."""
+    files = [shards / f'{k:06d}.npy' for k in range(n_shards)]
+    first = np.load(files[0])
+    write_npz(out, files, (num_samples, *first.shape[1:]))
+    irepa.save_grid(torch.from_numpy(first[:64]), stem + '.png')
+    for f in files + [shards / 'settings.json']:
+        f.unlink()
+    shards.rmdir()
+    print(f"wrote {num_samples} images {tuple(first.shape[1:])} to {out} (preview: {stem}.png)", file=sys.stderr)
+
+
 def sample_main(a):
+    """`fid.py sample`: a.num_samples images of the checkpoint's EMA model into a.out, in shards over the ranks. A stop
+    signal ends the run between shards (sharded_pass: exit PREEMPTED) and the same command goes on from there."""
     ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, a.device  # a torch.device with its index (main)
     irepa.use_device(device)  # before the process group; TF32 on, as the official generate.py
     if ddp:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     try:
+        rank, world, _ = irepa.dist_info()
         model, info = model_from_checkpoint(a.ckpt, device=device)
-        norm = irepa.LatentNorm.from_dict(info['latent'])
-        if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
-            if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale, decoded as z / scale + bias
-                st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
-                scale, bias = st['latents_scale'].float().flatten(), st['latents_bias'].float().flatten()
-            else:  # REPA: z = latent * 0.18215, decoded as z / 0.18215
-                scale, bias = torch.full((model.in_channels,), a.latent_scale), torch.zeros(model.in_channels)
-            norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale)
-        elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
-            raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
-                            f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
-        vae = None
-        if norm is not None:
-            if norm.vae == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
-                vae = encoders.AutoencoderKL(**norm.vae_args)
-                vae.load_state_dict(info['vae_state'])
-            else:
-                vae = encoders.load_vae(a.vae or norm.vae, device=device)
-            vae = vae.to(device).eval().requires_grad_(False)
-            norm.to(device)  # its constants on the device once: no copy when each shard is decoded
+        norm, vae = latent_decoder(a, model, info, device)
         out = os.path.abspath(a.out)
-        shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
-        settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
-                        mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=[a.guidance_low,
-                        a.guidance_high], class_balanced=a.class_balanced, precision=a.precision,
-                        latent=norm and norm.to_dict())
-        meta = os.path.join(shards, 'settings.json')
-        if os.path.exists(meta) and json.load(open(meta)) != json.loads(json.dumps(settings)):
-            raise UserError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
-        if ddp:
-            dist.barrier(group=irepa.cpu_group())  # every rank has checked before rank 0 writes (a wait off the GPU)
+        stem = out[:-4] if out.endswith('.npz') else out
+        shards, n_shards = shard_folder(a, norm, stem), -(-a.num_samples // a.batch_size)
         if rank == 0:
-            os.makedirs(shards, exist_ok=True)
-            json.dump(settings, open(meta, 'w'), indent=1)
-        if ddp:
-            dist.barrier(group=irepa.cpu_group())
-        n_shards = -(-a.num_samples // a.batch_size)
-        missing = sum(not os.path.exists(os.path.join(shards, f'{k:06d}.npy')) for k in range(n_shards))
-        if rank == 0:
+            missing = sum(not (shards / f'{k:06d}.npy').exists() for k in range(n_shards))
             print(f"sampling {a.num_samples} images: {missing} of {n_shards} shards of {a.batch_size} to do, "
                   f"{a.mode} {a.num_steps} steps, cfg {a.cfg_scale} on [{a.guidance_low}, {a.guidance_high}], "
                   f"{world} process(es)", file=sys.stderr)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == 'bf16' else contextlib.nullcontext()
+        bf16 = a.precision == 'bf16'
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
-        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # a signal: exit PREEMPTED
-        irepa.sharded_pass(Path(shards), n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
-                           f'shards to do in {shards}')  # shard k: images k * batch_size ... of the run
+        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # images k * batch_size ...
+        irepa.sharded_pass(shards, n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
+                           f'shards to do in {shards}')
         if rank == 0:
-            files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
-            first = np.load(files[0])
-            write_npz(out, files, (a.num_samples, *first.shape[1:]))
-            irepa.save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
-            for f in files + [os.path.join(shards, 'settings.json')]:
-                os.remove(f)
-            os.rmdir(shards)
-            print(f"wrote {a.num_samples} images {tuple(first.shape[1:])} to {out} (preview: {out[:-4]}.png)",
-                  file=sys.stderr)
+            assemble(out, stem, shards, n_shards, a.num_samples)
     finally:
         if ddp:
             dist.destroy_process_group()
