@@ -623,24 +623,14 @@ def sample_main(a):
 # Command line
 
 
-def check_args(parser, a):
-    """The counts positive and the input files present, as one error line before any work."""
-    for k in ('num_samples', 'batch_size', 'num_steps', 'is_split', 'pr_block'):
-        if getattr(a, k, 1) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(a, k)})")
-    for k in ('latent_stats',):
-        if getattr(a, k, None) and not os.path.isfile(getattr(a, k)):
-            parser.error(f"--{k.replace('_', '-')}: no such file: {getattr(a, k)}")
-
-
-def main(argv=None):
+def get_parser():
     parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
     ev.add_argument('samples', help='sample batch .npz (arr_0: N x H x W x 3 uint8)')
-    ev.add_argument('--inception', default=None,
-                    help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the torch hub cache); 'random' for smoke runs")
+    ev.add_argument('--inception', default=None, help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the "
+                    "torch hub cache); 'random' for smoke runs")
     ev.add_argument('--json', default=None, help='also write the five numbers to this JSON file')
     ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
     ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
@@ -673,37 +663,59 @@ def main(argv=None):
     sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
     sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
     sa.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    return parser
+
+
+def check_args(parser, a):
+    """The counts positive and the input files present, as one error line before any work."""
+    for k in ('num_samples', 'batch_size', 'num_steps', 'is_split', 'pr_block'):
+        if getattr(a, k, 1) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(a, k)})")
+    if getattr(a, 'latent_stats', None) and not os.path.isfile(a.latent_stats):
+        parser.error(f"--latent-stats: no such file: {a.latent_stats}")
+
+
+def sample_defaults(parser, a):
+    """--compile: on CUDA, if the compiler is there; --out: ../samples/ beside the checkpoint, named by the settings."""
+    a.compile = a.device.type == 'cuda' if a.compile is None else a.compile
+    if a.compile and (missing := irepa.compiler_missing(a.device.type)):
+        parser.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
+    if a.out is None:
+        stem = os.path.splitext(os.path.basename(a.ckpt))[0]
+        a.out = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), '..', 'samples', (
+            f'{stem}-{a.mode}{a.num_steps}-cfg{a.cfg_scale}-{a.guidance_low}-{a.guidance_high}'
+            f'-seed{a.seed}-n{a.num_samples}.npz'))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+
+
+def eval_main(a):
+    """`fid.py eval`: ADM's five lines on stdout, and with --json the numbers in a file."""
+    irepa.use_device(a.device)
+    r = evaluate(a.ref, a.samples, a.inception, a.any_weights, a.batch_size, a.device,
+                 None if a.no_cache else a.cache_dir, a.is_split, pr_block=a.pr_block, pr_dtype=a.pr_dtype,
+                 fd_method=a.fd_method)
+    print('Inception Score:', r['IS'])
+    print('FID:', r['FID'])
+    print('sFID:', r['sFID'])
+    print('Precision:', r['precision'])
+    print('Recall:', r['recall'])
+    if a.json:
+        tmp = a.json + '.tmp'
+        with open(tmp, 'w') as fh:
+            json.dump(dict(r, ref=a.ref, samples=a.samples), fh, indent=1)
+        os.replace(tmp, a.json)  # complete or absent: run.sh skips an evaluation whose file exists
+
+
+def main(argv=None):
+    parser = get_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     args.device = irepa.torch_device(args.device)  # 'cuda' -> cuda:LOCAL_RANK; a missing device: one line, exit 2
-
     if args.cmd == 'sample':
-        args.compile = args.device.type == 'cuda' if args.compile is None else args.compile
-        if args.compile and (missing := irepa.compiler_missing(args.device.type)):
-            parser.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
-        if args.out is None:
-            stem = os.path.splitext(os.path.basename(args.ckpt))[0]
-            args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), '..', 'samples', (
-                f'{stem}-{args.mode}{args.num_steps}-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}'
-                f'-seed{args.seed}-n{args.num_samples}.npz'))
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        sample_defaults(parser, args)
         sample_main(args)
-
-    if args.cmd == 'eval':
-        irepa.use_device(args.device)
-        r = evaluate(args.ref, args.samples, args.inception, args.any_weights, args.batch_size, args.device,
-                     None if args.no_cache else args.cache_dir, args.is_split, pr_block=args.pr_block,
-                     pr_dtype=args.pr_dtype, fd_method=args.fd_method)
-        print('Inception Score:', r['IS'])
-        print('FID:', r['FID'])
-        print('sFID:', r['sFID'])
-        print('Precision:', r['precision'])
-        print('Recall:', r['recall'])
-        if args.json:
-            tmp = args.json + '.tmp'
-            with open(tmp, 'w') as fh:
-                json.dump(dict(r, ref=args.ref, samples=args.samples), fh, indent=1)
-            os.replace(tmp, args.json)  # complete or absent: run.sh skips an evaluation whose file exists
+    else:
+        eval_main(args)
 
 
 if __name__ == '__main__':
