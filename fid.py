@@ -364,8 +364,8 @@ def load_inception(path=None, any_weights=False, device='cpu'):
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
     if missing or unexpected:
-        raise UserError(f'{path}: not an FID Inception state dict '
-                        f'(missing {missing[:5]}, unexpected {unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
+        raise UserError(f'{path}: not an FID Inception state dict (missing {missing[:5]}, unexpected '
+                        f'{unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
     net.weights_sha256 = digest  # keys the reference-feature cache
     return net.eval().requires_grad_(False).to(device)
 
@@ -460,9 +460,9 @@ def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_siz
         ref_stats = ref_stored or (ref['mu'], ref['sigma'], ref['mu_s'], ref['sigma_s'])
         sample_stats = sample_stored or (*compute_stats(pool, device), *compute_stats(spatial, device))
         precision, recall = precision_recall(ref['pool'], pool, k, pr_block, pr_dtype == 'adm16', device)
-    return {
+    return {  # ADM computes sample.frechet_distance(ref): the sample statistics first
         'IS': inception_score(logits, is_split),
-        'FID': frechet_distance(*sample_stats[:2], *ref_stats[:2], method=fd_method),  # ADM: sample.frechet_distance(ref)
+        'FID': frechet_distance(*sample_stats[:2], *ref_stats[:2], method=fd_method),
         'sFID': frechet_distance(*sample_stats[2:], *ref_stats[2:], method=fd_method),
         'precision': precision,
         'recall': recall,
