@@ -364,8 +364,8 @@ def load_inception(path=None, any_weights=False, device='cpu'):
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
     if missing or unexpected:
-        raise UserError(f'{path}: not an FID Inception state dict '
-                        f'(missing {missing[:5]}, unexpected {unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
+        raise UserError(f'{path}: not an FID Inception state dict (missing {missing[:5]}, unexpected '
+                        f'{unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
     net.weights_sha256 = digest  # keys the reference-feature cache
     return net.eval().requires_grad_(False).to(device)
 
@@ -460,9 +460,9 @@ def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_siz
         ref_stats = ref_stored or (ref['mu'], ref['sigma'], ref['mu_s'], ref['sigma_s'])
         sample_stats = sample_stored or (*compute_stats(pool, device), *compute_stats(spatial, device))
         precision, recall = precision_recall(ref['pool'], pool, k, pr_block, pr_dtype == 'adm16', device)
-    return {
+    return {  # ADM computes sample.frechet_distance(ref): the sample statistics first
         'IS': inception_score(logits, is_split),
-        'FID': frechet_distance(*sample_stats[:2], *ref_stats[:2], method=fd_method),  # ADM: sample.frechet_distance(ref)
+        'FID': frechet_distance(*sample_stats[:2], *ref_stats[:2], method=fd_method),
         'sFID': frechet_distance(*sample_stats[2:], *ref_stats[2:], method=fd_method),
         'precision': precision,
         'recall': recall,
@@ -532,71 +532,89 @@ def sample_shard(a, k, model, net, vae, norm, device, autocast):
     return irepa.to_uint8(x).cpu().numpy()  # (n, H, W, 3)
 
 
+def latent_decoder(a, model, info, device):
+    """(norm, vae) that turn the SiT's latents into images: the checkpoint's, or for an official checkpoint those that
+    --latent-stats or --latent-scale and --vae name; (None, None) for a pixel-space model."""
+    norm = irepa.LatentNorm.from_dict(info['latent'])
+    if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
+        if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale, decoded as z / scale + bias
+            st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
+            scale, bias = st['latents_scale'].float().flatten(), st['latents_bias'].float().flatten()
+        else:  # REPA: z = latent * 0.18215, decoded as z / 0.18215
+            scale, bias = torch.full((model.in_channels,), a.latent_scale), torch.zeros(model.in_channels)
+        norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale)
+    elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
+        raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
+                        "--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
+    if norm is None:
+        return None, None
+    if norm.vae == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
+        vae = encoders.AutoencoderKL(**norm.vae_args)
+        vae.load_state_dict(info['vae_state'])
+    else:
+        vae = encoders.load_vae(a.vae or norm.vae, device=device)
+    norm.to(device)  # its constants on the device once: no copy when each shard is decoded
+    return norm, vae.to(device).eval().requires_grad_(False)
+
+
+def shard_folder(a, norm, stem):
+    """STEM.shards/, holding the settings its shards are drawn with: a run goes on only from shards of its own."""
+    rank, world, _ = irepa.dist_info()
+    barrier = (lambda: dist.barrier(group=irepa.cpu_group())) if world > 1 else lambda: None  # a wait off the GPU
+    shards, guidance = Path(stem + '.shards'), [a.guidance_low, a.guidance_high]
+    settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
+                    mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=guidance,
+                    class_balanced=a.class_balanced, precision=a.precision, latent=norm and norm.to_dict())
+    meta = shards / 'settings.json'
+    if meta.exists() and json.loads(meta.read_text()) != json.loads(json.dumps(settings)):
+        raise UserError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
+    barrier()  # every rank has checked before rank 0 writes
+    if rank == 0:
+        shards.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(settings, indent=1))
+    barrier()
+    return shards
+
+
+def assemble(out, stem, shards, n_shards, num_samples):
+    """The finished shards -> OUT (ADM's .npz) and STEM.png (the first 64 images); then the shards go."""
+    files = [shards / f'{k:06d}.npy' for k in range(n_shards)]
+    first = np.load(files[0])
+    write_npz(out, files, (num_samples, *first.shape[1:]))
+    irepa.save_grid(torch.from_numpy(first[:64]), stem + '.png')
+    for f in files + [shards / 'settings.json']:
+        f.unlink()
+    shards.rmdir()
+    print(f"wrote {num_samples} images {tuple(first.shape[1:])} to {out} (preview: {stem}.png)", file=sys.stderr)
+
+
 def sample_main(a):
+    """`fid.py sample`: a.num_samples images of the checkpoint's EMA model into a.out, in shards over the ranks. A stop
+    signal ends the run between shards (sharded_pass: exit PREEMPTED) and the same command goes on from there."""
     ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, a.device  # a torch.device with its index (main)
     irepa.use_device(device)  # before the process group; TF32 on, as the official generate.py
     if ddp:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     try:
+        rank, world, _ = irepa.dist_info()
         model, info = model_from_checkpoint(a.ckpt, device=device)
-        norm = irepa.LatentNorm.from_dict(info['latent'])
-        if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
-            if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale, decoded as z / scale + bias
-                st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
-                scale, bias = st['latents_scale'].float().flatten(), st['latents_bias'].float().flatten()
-            else:  # REPA: z = latent * 0.18215, decoded as z / 0.18215
-                scale, bias = torch.full((model.in_channels,), a.latent_scale), torch.zeros(model.in_channels)
-            norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale)
-        elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
-            raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
-                            f"--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
-        vae = None
-        if norm is not None:
-            if norm.vae == 'checkpoint' and not a.vae:  # REPA-E: the VAE trained with the SiT
-                vae = encoders.AutoencoderKL(**norm.vae_args)
-                vae.load_state_dict(info['vae_state'])
-            else:
-                vae = encoders.load_vae(a.vae or norm.vae, device=device)
-            vae = vae.to(device).eval().requires_grad_(False)
-            norm.to(device)  # its constants on the device once: no copy when each shard is decoded
+        norm, vae = latent_decoder(a, model, info, device)
         out = os.path.abspath(a.out)
-        shards = out[:-4] + '.shards' if out.endswith('.npz') else out + '.shards'
-        settings = dict(ckpt=os.path.abspath(a.ckpt), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
-                        mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance=[a.guidance_low,
-                        a.guidance_high], class_balanced=a.class_balanced, precision=a.precision,
-                        latent=norm and norm.to_dict())
-        meta = os.path.join(shards, 'settings.json')
-        if os.path.exists(meta) and json.load(open(meta)) != json.loads(json.dumps(settings)):
-            raise UserError(f"{shards} holds shards made with other settings ({meta}); delete it or pick another --out")
-        if ddp:
-            dist.barrier(group=irepa.cpu_group())  # every rank has checked before rank 0 writes (a wait off the GPU)
+        stem = out[:-4] if out.endswith('.npz') else out
+        shards, n_shards = shard_folder(a, norm, stem), -(-a.num_samples // a.batch_size)
         if rank == 0:
-            os.makedirs(shards, exist_ok=True)
-            json.dump(settings, open(meta, 'w'), indent=1)
-        if ddp:
-            dist.barrier(group=irepa.cpu_group())
-        n_shards = -(-a.num_samples // a.batch_size)
-        missing = sum(not os.path.exists(os.path.join(shards, f'{k:06d}.npy')) for k in range(n_shards))
-        if rank == 0:
+            missing = sum(not (shards / f'{k:06d}.npy').exists() for k in range(n_shards))
             print(f"sampling {a.num_samples} images: {missing} of {n_shards} shards of {a.batch_size} to do, "
                   f"{a.mode} {a.num_steps} steps, cfg {a.cfg_scale} on [{a.guidance_low}, {a.guidance_high}], "
                   f"{world} process(es)", file=sys.stderr)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == 'bf16' else contextlib.nullcontext()
+        bf16 = a.precision == 'bf16'
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
-        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # a signal: exit PREEMPTED
-        irepa.sharded_pass(Path(shards), n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
-                           f'shards to do in {shards}')  # shard k: images k * batch_size ... of the run
+        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # images k * batch_size ...
+        irepa.sharded_pass(shards, n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
+                           f'shards to do in {shards}')
         if rank == 0:
-            files = [os.path.join(shards, f'{k:06d}.npy') for k in range(n_shards)]
-            first = np.load(files[0])
-            write_npz(out, files, (a.num_samples, *first.shape[1:]))
-            irepa.save_grid(torch.from_numpy(first[:64]), out[:-4] + '.png' if out.endswith('.npz') else out + '.png')
-            for f in files + [os.path.join(shards, 'settings.json')]:
-                os.remove(f)
-            os.rmdir(shards)
-            print(f"wrote {a.num_samples} images {tuple(first.shape[1:])} to {out} (preview: {out[:-4]}.png)",
-                  file=sys.stderr)
+            assemble(out, stem, shards, n_shards, a.num_samples)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -605,24 +623,14 @@ def sample_main(a):
 # Command line
 
 
-def check_args(parser, a):
-    """The counts positive and the input files present, as one error line before any work."""
-    for k in ('num_samples', 'batch_size', 'num_steps', 'is_split', 'pr_block'):
-        if getattr(a, k, 1) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(a, k)})")
-    for k in ('latent_stats',):
-        if getattr(a, k, None) and not os.path.isfile(getattr(a, k)):
-            parser.error(f"--{k.replace('_', '-')}: no such file: {getattr(a, k)}")
-
-
-def main(argv=None):
+def get_parser():
     parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
     ev.add_argument('samples', help='sample batch .npz (arr_0: N x H x W x 3 uint8)')
-    ev.add_argument('--inception', default=None,
-                    help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the torch hub cache); 'random' for smoke runs")
+    ev.add_argument('--inception', default=None, help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the "
+                    "torch hub cache); 'random' for smoke runs")
     ev.add_argument('--json', default=None, help='also write the five numbers to this JSON file')
     ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
     ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
@@ -655,37 +663,59 @@ def main(argv=None):
     sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
     sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
     sa.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    return parser
+
+
+def check_args(parser, a):
+    """The counts positive and the input files present, as one error line before any work."""
+    for k in ('num_samples', 'batch_size', 'num_steps', 'is_split', 'pr_block'):
+        if getattr(a, k, 1) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(a, k)})")
+    if getattr(a, 'latent_stats', None) and not os.path.isfile(a.latent_stats):
+        parser.error(f"--latent-stats: no such file: {a.latent_stats}")
+
+
+def sample_defaults(parser, a):
+    """--compile: on CUDA, if the compiler is there; --out: ../samples/ beside the checkpoint, named by the settings."""
+    a.compile = a.device.type == 'cuda' if a.compile is None else a.compile
+    if a.compile and (missing := irepa.compiler_missing(a.device.type)):
+        parser.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
+    if a.out is None:
+        stem = os.path.splitext(os.path.basename(a.ckpt))[0]
+        a.out = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), '..', 'samples', (
+            f'{stem}-{a.mode}{a.num_steps}-cfg{a.cfg_scale}-{a.guidance_low}-{a.guidance_high}'
+            f'-seed{a.seed}-n{a.num_samples}.npz'))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+
+
+def eval_main(a):
+    """`fid.py eval`: ADM's five lines on stdout, and with --json the numbers in a file."""
+    irepa.use_device(a.device)
+    r = evaluate(a.ref, a.samples, a.inception, a.any_weights, a.batch_size, a.device,
+                 None if a.no_cache else a.cache_dir, a.is_split, pr_block=a.pr_block, pr_dtype=a.pr_dtype,
+                 fd_method=a.fd_method)
+    print('Inception Score:', r['IS'])
+    print('FID:', r['FID'])
+    print('sFID:', r['sFID'])
+    print('Precision:', r['precision'])
+    print('Recall:', r['recall'])
+    if a.json:
+        tmp = a.json + '.tmp'
+        with open(tmp, 'w') as fh:
+            json.dump(dict(r, ref=a.ref, samples=a.samples), fh, indent=1)
+        os.replace(tmp, a.json)  # complete or absent: run.sh skips an evaluation whose file exists
+
+
+def main(argv=None):
+    parser = get_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     args.device = irepa.torch_device(args.device)  # 'cuda' -> cuda:LOCAL_RANK; a missing device: one line, exit 2
-
     if args.cmd == 'sample':
-        args.compile = args.device.type == 'cuda' if args.compile is None else args.compile
-        if args.compile and (missing := irepa.compiler_missing(args.device.type)):
-            parser.error(f"--compile: torch.compile's inductor backend needs {missing}; install it or pass --no-compile")
-        if args.out is None:
-            stem = os.path.splitext(os.path.basename(args.ckpt))[0]
-            args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), '..', 'samples', (
-                f'{stem}-{args.mode}{args.num_steps}-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}'
-                f'-seed{args.seed}-n{args.num_samples}.npz'))
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        sample_defaults(parser, args)
         sample_main(args)
-
-    if args.cmd == 'eval':
-        irepa.use_device(args.device)
-        r = evaluate(args.ref, args.samples, args.inception, args.any_weights, args.batch_size, args.device,
-                     None if args.no_cache else args.cache_dir, args.is_split, pr_block=args.pr_block,
-                     pr_dtype=args.pr_dtype, fd_method=args.fd_method)
-        print('Inception Score:', r['IS'])
-        print('FID:', r['FID'])
-        print('sFID:', r['sFID'])
-        print('Precision:', r['precision'])
-        print('Recall:', r['recall'])
-        if args.json:
-            tmp = args.json + '.tmp'
-            with open(tmp, 'w') as fh:
-                json.dump(dict(r, ref=args.ref, samples=args.samples), fh, indent=1)
-            os.replace(tmp, args.json)  # complete or absent: run.sh skips an evaluation whose file exists
+    else:
+        eval_main(args)
 
 
 if __name__ == '__main__':
