@@ -428,10 +428,7 @@ def reference_features(path, net, batch_size=64, device='cpu', cache_dir=None):
     (mu, sigma), (mu_s, sigma_s) = compute_stats(pool, device), compute_stats(spatial, device)
     ref = dict(pool=pool, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     if cache:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f'{cache}.{os.getpid()}.tmp.npz'
-        np.savez(tmp, **ref)
-        os.replace(tmp, cache)  # atomic: a concurrent or interrupted run never sees half a file
+        irepa.atomic_write(cache, lambda f: np.savez(f, **ref))  # no run ever sees half a file
     return ref
 
 # -----------------------------------------------------------------------------
@@ -480,13 +477,13 @@ def shard_generator(seed, k, device='cpu'):
 
 def write_npz(path, shard_files, shape):
     """Stream the shards into `path` as arr_0 (N, H, W, 3) uint8, never holding all images in memory."""
-    tmp = f'{path}.tmp'
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=tuple(shape)))
-            for s in shard_files:
-                f.write(np.ascontiguousarray(np.load(s)).tobytes())
-    os.replace(tmp, path)
+    def write(file):
+        with zipfile.ZipFile(file, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=tuple(shape)))
+                for s in shard_files:
+                    f.write(np.ascontiguousarray(np.load(s)).tobytes())
+    irepa.atomic_write(path, write)
 
 
 def model_from_checkpoint(path, ema=True, device='cpu'):
@@ -700,10 +697,8 @@ def eval_main(a):
     print('Precision:', r['precision'])
     print('Recall:', r['recall'])
     if a.json:
-        tmp = a.json + '.tmp'
-        with open(tmp, 'w') as fh:
-            json.dump(dict(r, ref=a.ref, samples=a.samples), fh, indent=1)
-        os.replace(tmp, a.json)  # complete or absent: run.sh skips an evaluation whose file exists
+        # complete or absent: run.sh skips an evaluation whose file exists
+        irepa.atomic_text(a.json, json.dumps(dict(r, ref=a.ref, samples=a.samples), indent=1))
 
 
 def main(argv=None):

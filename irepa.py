@@ -1303,7 +1303,7 @@ def atomic_write(path, write):
     """write(file) into a temp file, then rename it to `path`: a kill or a failed write (disk full, permissions)
     never leaves a partial `path` nor touches the one before. A failed write removes its temp file and says why."""
     path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # two processes writing one file do not share a temp
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, 'wb') as f:
@@ -1429,11 +1429,12 @@ def sharded_pass(folder, n, work, suffix, save, desc, what):
                   f"{PREEMPTED}: requeue)", file=sys.stderr)
         raise SystemExit(PREEMPTED)
 
-def dataset_pass(out, arrays, settings, n_items, work, desc):
+def dataset_pass(out, arrays, settings, n_items, work, desc, what):
     """The pass of --prepare and of the teacher cache: memmaps out/<name> of n_items rows (arrays: name -> (shape,
     dtype)) that shard k fills (work(k, memmaps) -> what its mark keeps), in one sharded_pass. settings: what the pass
-    is of; unfinished shards of other settings are refused. Returns the marks' values in shard order; the caller then
-    writes meta.json, which marks completion, and removes out/shards."""
+    is of; unfinished shards of other settings are refused. what: the shards' name when it stops. Returns the marks'
+    values in shard order on rank 0 (None elsewhere), which then writes meta.json (it marks completion) and removes
+    out/shards."""
     shards, n = out / 'shards', -(-n_items // PREPARE_SHARD)
     if (shards / 'settings.json').exists() and json.loads((shards / 'settings.json').read_text()) != settings:
         raise UserError(f"{shards} holds the unfinished pass of other settings (another teacher, weights, VAE, "
@@ -1446,8 +1447,8 @@ def dataset_pass(out, arrays, settings, n_items, work, desc):
         (shards / 'settings.json').write_text(json.dumps(settings))  # last: the files exist once it does
     barrier()
     memmaps = {name: np.load(out / name, mmap_mode='r+') for name in arrays}
-    sharded_pass(shards, n, lambda k: work(k, memmaps), '.pt', torch.save, desc, f'shards to do in {shards}')
-    return [torch.load(shards / f'{k:06d}.pt', weights_only=True) for k in range(n)]
+    sharded_pass(shards, n, lambda k: work(k, memmaps), '.pt', torch.save, desc, what)
+    return [torch.load(shards / f'{k:06d}.pt', weights_only=True) for k in range(n)] if dist_info()[0] == 0 else None
 
 def shard_rows(k, n):
     return range(k * PREPARE_SHARD, min(n, (k + 1) * PREPARE_SHARD))
@@ -1493,7 +1494,7 @@ def prepare_latents(data_path, out_dir, resolution, vae_spec, device, num_classe
         memmaps['latents.npy'].flush()
         return part.cpu()
     sums = dataset_pass(out, {'latents.npy': ((len(data), 2 * C, h, h), np.float16)}, settings, len(data), work,
-                        'prepare latents')
+                        'prepare latents', f"shards to do in {out / 'shards'}")
     if dist_info()[0] == 0:  # the shards' sums in shard order: the same statistics whatever the ranks and restarts
         mu, sd = latent_stats(sum(sums))
         np.save(out / 'labels.npy', data.labels.astype(np.int64))
@@ -1581,7 +1582,7 @@ def teacher_cache(path, cfg, data, teachers, batch_size, device, ids=None):
         if dist_info()[0] == 0 and not (path / 'shards').exists():
             print(f"teacher cache: {len(ids)} images x {T} tokens of {', '.join(t.name for t in teachers)} "
                   f"into {path}")
-        dataset_pass(path, arrays, meta, len(ids), work, 'teacher cache')
+        dataset_pass(path, arrays, meta, len(ids), work, 'teacher cache', f'shards of the teacher cache to do in {path}')
         if dist_info()[0] == 0:
             atomic_text(path / 'meta.json', json.dumps(meta | dict(batch=batch_size), indent=1))
             shutil.rmtree(path / 'shards')
