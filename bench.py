@@ -286,7 +286,7 @@ def make_train(c, variant):
             cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
             opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if c.compile else model,
             teachers=[teacher] if teacher else [], device=device,
-            norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4).to(device))
+            norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4, device=device))
         moments = torch.cat([x, torch.zeros_like(x)], 1)  # posterior mean x and std 0: the step trains on x
         if variant != 'cached':
             cached = tuple

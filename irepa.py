@@ -78,7 +78,7 @@ REPA_E = FLOW | dict(
 MEANFLOW = FLOW | dict(
     objective='meanflow', adam_beta2=0.95, preview='meanflow', precision='fp32',  # MeanFlow's ImageNet config
     mf_p_mean=-0.4, mf_p_std=1.0, mf_ratio=0.25,  # t, r logit-normal(-0.4, 1); a quarter of the rows keep r != t
-    mf_norm_c=0.01, mf_norm_p=1.0, mf_label_drop=0.1,  # adaptive loss weight 1 / sg(L + c)^p; labels dropped in the loss
+    mf_norm_c=0.01, mf_norm_p=1.0, mf_label_drop=0.1,  # loss weight 1 / sg(L + c)^p; labels dropped in the loss
     mf_omega=1.0, mf_kappa=0.5, mf_t_start=0.0, mf_t_end=1.0)  # guidance trained in: scale omega / (1 - kappa) = 2
 REPA = dict(projector='mlp', spnorm='none', proj_coeff=0.5)  # 3-layer MLP, raw teacher tokens, lambda 0.5
 IREPA = dict(projector='conv', spnorm='zscore', proj_coeff=1.0)  # 3x3 conv, spatial z-score, lambda 1.0 (LDM config)
@@ -98,28 +98,18 @@ METHOD = dict(
     recipe='irepa', model='SiT-XL/2', encoder='dinov2-vit-b', encoder_depth=None, projector_dim=2048,
     siglip_norm='imagenet', qk_norm=False, resolution=256, vae='sd-vae-ft-mse', latent_scale=None, num_classes=10,
     synthetic_size=10_000, global_batch_size=256, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, seed=0)  # REPA's optimizer
-# How a run goes: any of these may change when it resumes. preview: the sampler of the grids drawn while training;
-# precision: the step's autocast, None: bf16 on CUDA, fp32 on CPU; the last line is for clusters.
+# How a run goes: these may change when it resumes. precision: the step's autocast (None: bf16 on CUDA, else fp32)
 RUN = dict(
     max_steps=400_000, data_path=None, encoder_weights='auto', out_dir='out/run', log_every=100, ckpt_every=50_000,
     sample_every=10_000, preview='sde', num_workers=8, device='auto', precision=None, compile=None, grad_ckpt=False,
     teacher_cache=None, resume=False, prepare=False, demo=False, overwrite=False, keep_last=0, time_limit=None,
     max_bad_fraction=0.01, grad_floor=1e-4, grad_jump=100.0)
 DEFAULTS = METHOD | RUN
-
-# --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
-# cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
-DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
-            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
-DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to train; the PatchGAN needs >= 24 px
-
-# The EMA model's grids every --sample-every steps, per preview sampler: (steps, guidance scale); MeanFlow: trained in
-PREVIEW_IMAGES, PREVIEW_COLS = 16, 8
+# The preview samplers of the grids drawn while training: (steps, guidance scale); MeanFlow's guidance is trained in
 PREVIEW = {'euler': (50, 4.0), 'heun': (25, 4.0), 'sde': (50, 4.0), 'meanflow': (1, 1.0)}
 
 # -----------------------------------------------------------------------------
-# iREPA's two changes, beside REPA's: the projector from SiT tokens to a teacher's width, and the spatial norm of the
-# teacher's tokens, which become the alignment targets
+# iREPA's two changes, beside REPA's: the projector (SiT tokens -> a teacher's width), the teachers' spatial norm
 class Projector(nn.Module):
     """Maps SiT tokens (N, T, D) to one teacher's width (N, T, z_dim). 'mlp' (REPA) acts on each token alone:
     Linear-SiLU-Linear-SiLU-Linear. 'conv' (iREPA) is a single k x k convolution on the row-major token grid, no
@@ -127,10 +117,9 @@ class Projector(nn.Module):
     def __init__(self, kind, hidden_size, z_dim, projector_dim=2048, kernel=3):
         super().__init__()
         if kind == 'mlp':
-            self.projection_layer = nn.Sequential(
-                nn.Linear(hidden_size, projector_dim), nn.SiLU(),
-                nn.Linear(projector_dim, projector_dim), nn.SiLU(),
-                nn.Linear(projector_dim, z_dim))
+            self.projection_layer = nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                                                  nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                                                  nn.Linear(projector_dim, z_dim))
         elif kind == 'conv':
             if kernel % 2 == 0:
                 raise UserError(f"conv projector kernel must be odd to keep the token grid, got {kernel}")
@@ -154,7 +143,6 @@ def spatial_norm(tokens, gamma=0.6, eps=1e-6):
     keeps part of the global (mean) component; the std is unbiased and eps is added to it (official code)."""
     f = tokens.float()
     return (f - gamma * f.mean(dim=1, keepdim=True)) / (f.std(dim=1, keepdim=True) + eps)
-
 
 # -----------------------------------------------------------------------------
 # SiT: a DiT-style transformer with adaLN-Zero blocks, predicting the velocity
@@ -237,8 +225,9 @@ class SiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, int(dim * mlp_ratio)), act=nn.GELU(approximate='tanh'),
-                                             fc2=nn.Linear(int(dim * mlp_ratio), dim)))  # the official keys mlp.fc1, fc2
+        hidden = int(dim * mlp_ratio)  # the official keys: mlp.fc1, mlp.fc2
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU('tanh'),
+                                             fc2=nn.Linear(hidden, dim)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
@@ -265,7 +254,7 @@ class SiT(nn.Module):
                  encoder_depth=8, z_dims=(768,), projector='conv', proj_kernel=3, projector_dim=2048, meanflow=False):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
-            raise UserError(f"encoder_depth must be in 1..{depth} (the block whose output is aligned), got {encoder_depth}")
+            raise UserError(f"encoder_depth must be in 1..{depth} (the aligned block), got {encoder_depth}")
         if input_size % patch_size:
             raise UserError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
@@ -278,13 +267,14 @@ class SiT(nn.Module):
             self.y_embedder.dropout_prob = 0.0  # the table keeps its null row for guidance
         self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, input_size // patch_size))  # fixed, (1, T, D)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
-        self.projectors = nn.ModuleList([Projector(projector, hidden_size, z, projector_dim, proj_kernel) for z in z_dims])
+        self.projectors = nn.ModuleList(Projector(projector, hidden_size, z, projector_dim, proj_kernel)
+                                        for z in z_dims)  # one per teacher
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.grad_ckpt = False  # --grad-ckpt: recompute each block in the backward instead of keeping its activations
         self.initialize_weights()
 
     def initialize_weights(self):
-        for m in self.modules():  # xavier for every Linear, projector MLP included; the conv projector keeps torch's init
+        for m in self.modules():  # xavier for every Linear, projector MLP included; the conv projector: torch's init
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -301,10 +291,9 @@ class SiT(nn.Module):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    def unpatchify(self, x):
+    def unpatchify(self, x):  # (N, T, p*p*C) -> (N, C, h, p, w, p) -> (N, C, h p, w p)
         h, p, C = math.isqrt(x.shape[1]), self.patch_size, self.in_channels
-        x = x.view(-1, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, T, p*p*C) -> (N, C, h, p, w, p)
-        return x.reshape(-1, C, h * p, h * p)
+        return x.view(-1, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, h * p, h * p)
 
     def forward(self, x, t, y, align=True, align_only=False, r=None):
         """x (N, C, H, W) at times t (N,) with labels y (N,) -> velocity (N, C, H, W) and the projected tokens, one
@@ -327,7 +316,7 @@ class SiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c)), projected
 
 # depth, width, heads, aligned block. S/B/L/XL are the paper's; T (tiny) is ours, for the CPU demo and tests.
-SIZES = {'T': (6, 192, 3, 2), 'S': (12, 384, 6, 4), 'B': (12, 768, 12, 4), 'L': (24, 1024, 16, 8), 'XL': (28, 1152, 16, 8)}
+SIZES = dict(T=(6, 192, 3, 2), S=(12, 384, 6, 4), B=(12, 768, 12, 4), L=(24, 1024, 16, 8), XL=(28, 1152, 16, 8))
 MODELS = [f'SiT-{s}/{p}' for s in SIZES for p in (2, 4, 8)]
 
 def sit_args(name, **kwargs):
@@ -368,12 +357,12 @@ def flow_loss(model, x, y, targets, t=None, noise=None):
 # Samplers: Euler / Heun ODE and Euler-Maruyama SDE, t from 1 to 0, state in float64 (as the official code)
 @functools.cache
 def time_grid(mode, num_steps):
-    """The sampler's times, float64 as Python floats, from 1 to 0: a uniform grid (ODE, MeanFlow), or the SDE's
-    linspace(1, 0.04, num_steps) and 0. Host numbers, computed once per setting."""
-    if mode != 'sde':
-        return tuple(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist())
-    return tuple(torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64),
-                            torch.zeros(1, dtype=torch.float64)]).tolist())
+    """The sampler's times from 1 to 0 as host floats (float64), once per setting: uniform (ODE, MeanFlow), or the
+    SDE's linspace(1, 0.04, num_steps) and 0."""
+    f64 = dict(dtype=torch.float64)
+    ts = torch.linspace(1, 0, num_steps + 1, **f64) if mode != 'sde' else \
+        torch.cat([torch.linspace(1.0, 0.04, num_steps, **f64), torch.zeros(1, **f64)])
+    return tuple(ts.tolist())
 
 @torch.no_grad()
 def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
@@ -427,8 +416,7 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
     return (x + drift(x, t) * (t_next - t)).to(dtype)  # last step: the mean, no noise
 
 # -----------------------------------------------------------------------------
-# Data: the built-in synthetic set, an ImageNet-style folder, prepared VAE latents
-# Every source yields (image uint8 (3, R, R) for the teacher, VAE moments (2C, h, w) or an empty tensor, label).
+# Data: the built-in synthetic set, an ImageNet-style folder, prepared VAE latents, cached teacher tokens
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 
 def synthetic_image(index, resolution, num_classes, seed=0):
@@ -477,7 +465,7 @@ def list_image_folder(root):
     if (root / 'train').is_dir():
         root = root / 'train'
     if not root.is_dir():
-        raise UserError(f"--data-path {root} is not a folder; expected <root>/<class>/*.JPEG or a prepared latents folder")
+        raise UserError(f"--data-path {root} is not a folder; expected <root>/<class>/*.JPEG or prepared latents")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     found = [(str(f.relative_to(root)), label) for label, c in enumerate(classes) for f in sorted((root / c).rglob('*'))
              if f.suffix.lower() in IMAGE_EXTS]
@@ -496,7 +484,8 @@ class ImageData(torch.utils.data.Dataset):
         if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
             self.meta = meta = json.loads((data_path / 'meta.json').read_text())
             if meta['resolution'] != resolution:
-                raise UserError(f"{data_path} holds latents of {meta['resolution']} px images; pass --resolution {meta['resolution']}")
+                raise UserError(f"{data_path} holds latents of {meta['resolution']} px images; pass --resolution "
+                                f"{meta['resolution']}")
             self.latents = np.load(data_path / 'latents.npy', mmap_mode='r')  # (N, 2C, h, w) fp16: posterior mean, std
             data_path = Path(meta['source']) if meta['source'] != 'synthetic' else None
             num_classes, seed, synthetic_size = meta['num_classes'], meta['seed'], meta['size']
@@ -507,7 +496,8 @@ class ImageData(torch.utils.data.Dataset):
             self.root, self.files, labels, classes = list_image_folder(data_path)
             self.labels, self.num_classes = np.array(labels), len(classes)
         if self.latents is not None and len(self.latents) != len(self.labels):
-            raise UserError(f"prepared latents hold {len(self.latents)} images but the source has {len(self.labels)}; run --prepare again")
+            raise UserError(f"prepared latents hold {len(self.latents)} images but the source has {len(self.labels)}; "
+                            f"run --prepare again")
 
     def __len__(self):
         return len(self.labels)
@@ -519,18 +509,10 @@ class ImageData(torch.utils.data.Dataset):
         data.tokens, data.images = tokens, images
         return data
 
-    def image(self, i):
+    def image(self, i):  # (R, R, 3) uint8
         if self.files is None:
             return synthetic_image(i, self.resolution, self.num_classes, self.seed)[0]
-        for j in range(len(self.files)):  # a corrupt file is replaced by the next readable one of its class
-            if self.labels[(i + j) % len(self.files)] != self.labels[i]:
-                continue
-            path = self.root / self.files[(i + j) % len(self.files)]
-            try:
-                return center_crop(path, self.resolution)
-            except (OSError, ValueError, SyntaxError) as e:
-                self.unreadable.append((str(path), f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
-        raise UserError(f"no readable image of class {self.labels[i]} under {self.root}")
+        return readable_image(self, i)  # center_crop(self.root / self.files[i]), or the next readable one (Part 4)
 
     def __getitem__(self, i):
         img = torch.from_numpy(np.ascontiguousarray(self.image(i))).permute(2, 0, 1) if self.images else torch.empty(0)
@@ -538,37 +520,17 @@ class ImageData(torch.utils.data.Dataset):
         tokens = tuple(torch.from_numpy(np.array(t[i])) for t in self.tokens)  # (T, D) each; bf16 as int16 bits
         return img, moments, int(self.labels[i]), tokens  # (3, R, R) uint8, (2C, h, w), label, cached tokens
 
-def batches(n, global_batch, rank, world, seed, start=0):
-    """This rank's share of each global batch, from step `start` on, forever. Epoch e is a permutation seeded with
-    seed + e and drops its last partial batch, so the data position is just the step number: resuming at step k
-    reproduces the same batches on any number of workers."""
-    if n < global_batch:
-        raise UserError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
-    def shares(step, local=global_batch // world):
-        while True:
-            epoch, k = divmod(step, n // global_batch)
-            if k == 0 or step == start:
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            yield perm[k * global_batch + rank * local: k * global_batch + (rank + 1) * local].tolist()
-            step += 1
-    return shares(start)
-
 class LatentNorm:
     """VAE latents <-> the SiT's space, per channel: z = (latent - mean) / std and back. iREPA: the data's statistics
     (from --prepare); REPA: mean 0, std 1 / 0.18215; REPA-E: its BatchNorm's EMA statistics. `vae` decodes
-    ('checkpoint': the VAE REPA-E trained, from vae_args). Checkpoints hold it as a plain dict: all fid.py needs.
-    scale: the official checkpoints' factor (std = 1 / scale), which their samplers divide by: z / scale + mean, whose
-    float32 result can differ from z * (1 / scale) + mean in the last bit, and then the decoded images."""
-    def __init__(self, vae, mean, std, vae_args=None, scale=None):
+    ('checkpoint': the VAE REPA-E trained, from vae_args); checkpoints hold it as a dict (to_dict), all fid.py needs.
+    The constants live on `device`: a CPU tensor moved to the GPU in every step would be a blocking copy. scale: the
+    official checkpoints' factor, which their samplers divide by (z / scale + mean: its float32 last bit)."""
+    def __init__(self, vae, mean, std, vae_args=None, scale=None, device='cpu'):
         self.vae, self.vae_args = vae, vae_args
-        self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1) for v in (mean, std))
+        self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1).to(device)
+                               for v in (mean, std))
         self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).flatten().view(1, -1, 1, 1)
-
-    def to(self, device):
-        """The constants on the training's device, once: a CPU tensor's .to(cuda) in every step would be a blocking
-        host-to-device copy (normalize's .to(latent) is then free)."""
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
-        return self
 
     def normalize(self, latent):
         return (latent - self.mean.to(latent)) / self.std.to(latent)
@@ -579,22 +541,21 @@ class LatentNorm:
         return z * self.std.to(z) + self.mean.to(z)
 
     def to_dict(self):
-        scale = {} if self.scale is None else dict(scale=self.scale.flatten().tolist())
         return dict(vae=self.vae, mean=self.mean.flatten().tolist(), std=self.std.flatten().tolist(),
-                    vae_args=self.vae_args) | scale
+                    vae_args=self.vae_args) | ({} if self.scale is None else dict(scale=self.scale.flatten().tolist()))
 
     @staticmethod
     def from_dict(d):
         return None if d is None else LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'), d.get('scale'))
 
 def to_pixels(z, vae, norm):
-    """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; pixel-space runs (norm None) are images already."""
+    """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; in pixel space (norm None) they are."""
     return z if norm is None else vae.decode(norm.denormalize(z))
 
 
 # -----------------------------------------------------------------------------
-# The trainer: one unit per objective owns its networks, optimizers, step and preview (Flow here: REPA and iREPA;
-# REPAE and MeanFlow in Part 2); `run` (Part 4) owns everything else, and the loop is in `train`
+# The trainer: a unit per objective owns its networks, optimizers, step and preview (Flow here: REPA and iREPA; REPAE
+# and MeanFlow in Part 2); `run` (Part 4) owns the rest; the loop is `train`
 def adamw(params, lr, beta2):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=0, eps=1e-8,
                              fused=True)  # one kernel for all tensors, on CUDA and CPU alike
@@ -607,10 +568,9 @@ def ema_update(ema, model, decay):
 
 def clipped_step(loss, module, opt, clip, keep_grads=False):
     """backward, clip the gradient norm, AdamW step; returns the norm before clipping, on the device. The gradients
-    are dropped after the step, unless keep_grads: then just before the next backward. On a CPU that keeps the heap:
-    glibc gives the top of its heap back to the OS as soon as it is free, and the gradients are the blocks above the
-    step's freed activations, so dropped at the end of the step they let the next forward fault its memory in afresh
-    (SiT-S/2, batch 8: ~150K page faults a step). CUDA's caching allocator keeps its blocks anyway."""
+    are dropped after the step, or with keep_grads just before the next backward: on a CPU glibc returns the freed top
+    of its heap to the OS at once, and the next forward would fault it in afresh (SiT-S/2, batch 8: ~150K page faults
+    a step); CUDA's caching allocator keeps its blocks anyway."""
     opt.zero_grad(set_to_none=True)  # a kept gradient is replaced, not added to: the same numbers
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
@@ -636,8 +596,8 @@ def model_input(img, moments, norm):
     return norm.normalize(mean + std * torch.randn_like(std))
 
 class Flow:
-    """REPA and iREPA: flow matching + proj_coeff x alignment, under bf16 autocast on GPUs. The unit owns the SiT, its
-    EMA and AdamW; `saved` is what a checkpoint holds. shape: the SiT's input (channels, side), by default the data's."""
+    """REPA and iREPA: flow matching + proj_coeff x alignment. The unit owns the SiT, its EMA and AdamW (`saved`: what
+    a checkpoint holds); shape: the SiT's input (channels, side), by default the data's."""
     sit_kw, vae = {}, None  # MeanFlow: a second time embedder; REPA-E: the VAE it trains
 
     def __init__(self, cfg, run, shape=None):
@@ -668,8 +628,7 @@ class Flow:
         ema_update(self.ema, self.model, self.cfg.ema_decay)
         return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm)
 
-    def latent_norm(self):
-        """SiT outputs -> VAE latents (None: pixel space); checkpoints keep it for fid.py."""
+    def latent_norm(self):  # SiT outputs -> VAE latents (None: pixel space); checkpoints keep it for fid.py
         return self.norm
 
     @torch.no_grad()
@@ -682,8 +641,7 @@ class Flow:
             z = sample(self.ema, noise, y, self.cfg.preview, steps, cfg_scale, eps=eps)
             return to_pixels(z.float(), self.vae, self.latent_norm())
 
-    def flops(self):
-        """Training FLOPs per image of a step, for MFU: the SiT's forward and backward."""
+    def flops(self):  # training FLOPs per image of a step, for MFU
         return sit_train_flops(self.model)
 
 def train(cfg):
@@ -701,11 +659,8 @@ def train(cfg):
     return run
 
 # =====================================================================================================================
-# A reader may stop here: the rest is the other objectives (REPA-E, MeanFlow), the paper's study commands, what a
-# cluster needs (the Run object: run folders, checkpoints and exact resume, preemption, DDP, the teacher cache, logs)
-# and the command line.
-# =====================================================================================================================
-
+# A reader may stop here: Part 1 is the whole method and a trainer. Part 2 is REPA-E and MeanFlow, 3 the paper's
+# study, 4 what a cluster needs (Run: run folders, exact resume, preemption, DDP, the teacher cache, logs), 5 the CLI.
 # =====================================================================================================================
 # Part 2. The other objectives: each a unit like Flow, with its own networks, optimizers, step and preview
 # =====================================================================================================================
@@ -781,7 +736,8 @@ class REPAE(Flow):
         with self.autocast:
             projected = self.model(interpolate(normalize_latents(self.bn, z), noise, t), t, y, align_only=True)[1]
             vae_align = alignment_loss(projected, targets, x.device)
-            terms = dict(l1=(x - recon.float()).abs().mean(), lpips=self.lpips(lpips_in(x), lpips_in(recon.float())).mean(),
+            terms = dict(l1=(x - recon.float()).abs().mean(),
+                         lpips=self.lpips(lpips_in(x), lpips_in(recon.float())).mean(),
                          kl=kl_loss(mean.float(), std.float()), gan=-self.disc(recon).float().mean())
         vae_loss = sum(getattr(cfg, f'{k}_coeff') * v for k, v in terms.items()) + cfg.vae_align_coeff * vae_align
         grad_norm_vae = clipped_step(vae_loss, self.vae, self.opt_vae, cfg.grad_clip)
@@ -803,9 +759,9 @@ class REPAE(Flow):
         grad_norm = clipped_step(losses['flow'] + cfg.proj_coeff * losses['align'], self.model, self.opt, cfg.grad_clip)
         ema_update(self.ema, self.model, cfg.ema_decay)  # (no SiT gradient is kept into the next VAE step)
         ema_update(self.ema_bn, self.bn, cfg.ema_decay)  # the EMA model samples in the space of the EMA statistics
-        return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(), d_loss=d_loss.detach(),
-                          grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc,
-                          **{k: v.detach() for k, v in terms.items()})
+        return {k: v.detach() for k, v in losses.items()} | dict(
+            grad_norm=grad_norm, vae_loss=vae_loss.detach(), vae_align=vae_align.detach(), d_loss=d_loss.detach(),
+            grad_norm_vae=grad_norm_vae, grad_norm_disc=grad_norm_disc, **{k: v.detach() for k, v in terms.items()})
 
     def latent_norm(self):
         """SiT latents -> VAE latents by the BatchNorm's EMA statistics (without eps), and the trained VAE."""
@@ -816,8 +772,8 @@ class REPAE(Flow):
         the gradient passes to their input) + the discriminator's step (real and fake images: 2 each)."""
         img, sit = (1, 3, self.cfg.resolution, self.cfg.resolution), super().flops()
         disc = forward_flops(self.disc, img)
-        return sit + 3 * forward_flops(self.vae, img) + 2 * (
-            forward_flops(self.lpips, img, img) + 3 * disc + sit / 3 * self.model.encoder_depth / len(self.model.blocks))
+        trunk = sit / 3 * self.model.encoder_depth / len(self.model.blocks)  # the SiT up to the aligned block
+        return sit + 3 * forward_flops(self.vae, img) + 2 * (forward_flops(self.lpips, img, img) + 3 * disc + trunk)
 
 def export_vae(argv):
     """python irepa.py export-vae CKPT OUT.safetensors: the VAE a REPA-E run trained, as a file --vae reads (diffusers'
@@ -892,7 +848,7 @@ class MeanFlow(Flow):
 # The training unit of each objective (a recipe row's `objective`)
 OBJECTIVES = {'flow': Flow, 'repa-e': REPAE, 'meanflow': MeanFlow}
 # =====================================================================================================================
-# Part 3. The paper's study: spatial metrics and linear probe of a teacher, their correlation with FID, the spatial-norm picture
+# Part 3. The paper's study: a teacher's spatial metrics and linear probe, their correlation with FID, the spatial norm
 @functools.lru_cache(maxsize=8)
 def pair_sets(H, device, far_dist, dmax, d_pos, d_neg, lds='code'):
     """The fixed sets of token pairs (i, j) on an H x H row-major grid that the metrics average K over, by Manhattan
@@ -911,7 +867,7 @@ def pair_sets(H, device, far_dist, dmax, d_pos, d_neg, lds='code'):
 
 @torch.no_grad()
 def spatial_metrics(tokens, masks=None, far_dist=6, dmax=8, d_pos=1, d_neg=6, chunk=None, lds='code'):
-    """Per-image LDS, CDS, SRSS and RMSC of tokens (B, T, D) on a square, row-major grid; returns a dict of (B,) tensors.
+    """Per-image LDS, CDS, SRSS and RMSC of tokens (B, T, D) on a square, row-major grid: a dict of (B,) tensors.
     K is the cosine similarity of two tokens, d their Manhattan distance on the grid.
     LDS  = mean K over 4-neighbours - mean K over pairs with d >= far_dist (lds='code', the official code's, which
            gave the paper's correlations); lds='paper': the paper's text, near 1 <= d < H/2, far d >= H/2.
@@ -963,7 +919,7 @@ def patch_masks(masks, grid):
     return F.max_pool2d(masks[:, None].float(), masks.shape[-1] // grid).flatten(1).bool()  # row-major
 
 def image_mask(data, i, masks_dir):
-    """Foreground mask (R, R) of image i: the synthetic set knows its shapes; a folder needs masks_dir/<same path>.png."""
+    """Foreground mask (R, R) of image i: the synthetic set knows its shapes; a folder needs masks_dir/<path>.png."""
     if data.files is None:
         return synthetic_image(i, data.resolution, data.num_classes, data.seed)[2]
     rel = Path(data.files[i]).with_suffix('.png')
@@ -974,7 +930,8 @@ def image_mask(data, i, masks_dir):
 
 def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
     """Held-out accuracy of a logistic regression (standardized features, L-BFGS, L2 1e-4) on (N, D) features."""
-    perm, k = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed)), max(1, int(len(feats) * val_frac))
+    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(len(feats) * val_frac))
     val, tr = perm[:k], perm[k:]
     x = feats.double()
     x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
@@ -1038,10 +995,12 @@ def teacher_tokens(a, data, idx, grid, device):
 def measure_teacher(argv):
     """python irepa.py metrics --encoder dinov2 [--data-path DIR --masks DIR]: LDS, CDS, SRSS, RMSC and LP accuracy."""
     p = study_parser('metrics', measure_teacher.__doc__, ('encoder', 'encoder_weights', 'data_path', 'resolution',
-                     'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'), out_dir='out/metrics')
+                     'num_classes', 'synthetic_size', 'siglip_norm', 'seed', 'device', 'out_dir'),
+                     out_dir='out/metrics')
     p.add_argument('--masks', default=None, type=existing_folder,
                    help='folder of foreground masks, same relative paths as the images (.png)')
-    p.add_argument('--grid', type=int, default=None, help='token grid of the teacher; default resolution / 16 (the SiT grid)')
+    p.add_argument('--grid', type=int, default=None,
+                   help='token grid of the teacher; default resolution / 16 (the SiT grid)')
     p.add_argument('--num-images', type=int, default=1000, help='images measured, at most the dataset (default 1000)')
     p.add_argument('--batch-size', type=int, default=32, help='images per teacher forward (default 32)')
     p.add_argument('--lp-steps', type=int, default=200,
@@ -1060,7 +1019,7 @@ def measure_teacher(argv):
     if a.masks or data.files is None:
         masks = patch_masks(torch.from_numpy(np.stack([image_mask(data, i, a.masks) for i in idx])), grid)
         few = (masks.sum(1) < grid * grid // 4) | ((~masks).sum(1) < grid * grid // 4)
-        masks[few] = False  # SRSS only where a quarter of the patches are foreground and a quarter background (64/64 at 16x16)
+        masks[few] = False  # SRSS where a quarter of the patches are foreground and a quarter background (16x16: 64)
     t0 = time.time()
     per = {k: torch.cat(v) for k, v in zip(('lds', 'cds', 'srss', 'rmsc'), zip(*[
         spatial_metrics(tokens[i: i + 64].to(device), None if masks is None else masks[i: i + 64].to(device),
@@ -1085,7 +1044,7 @@ def measure_teacher(argv):
     return summary
 
 def correlate(argv):
-    """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID, and the panel."""
+    """python irepa.py correlate results.csv: Pearson and Spearman r of LP, LDS, CDS, SRSS, RMSC with FID; a panel."""
     p = study_parser('correlate', correlate.__doc__)
     p.add_argument('csv', type=existing_file,
                    help='columns teacher, fid, lp, lds, cds, srss, rmsc (any case, any order, more allowed)')
@@ -1127,7 +1086,8 @@ def scatter_panel(columns, fid, result, out, W=320, H=300, pad=46):
         d.text((ox + W // 2 - 10, H - 20), m.upper(), fill='black', font=f12)
         if ok.sum() < 2:
             continue
-        (x0, x1), (y0, y1) = [(v.min() - 0.06 * np.ptp(v) - 1e-9, v.max() + 0.06 * np.ptp(v) + 1e-9) for v in (x[ok], fid[ok])]
+        (x0, x1), (y0, y1) = [(v.min() - 0.06 * np.ptp(v) - 1e-9, v.max() + 0.06 * np.ptp(v) + 1e-9)
+                              for v in (x[ok], fid[ok])]  # the axes' ends
         px = lambda v: ox + pad + (v - x0) / (x1 - x0) * (W - 12 - pad)
         py = lambda v: H - pad - (v - y0) / (y1 - y0) * (H - pad - 30)
         for xy, v in (((px(x0), H - pad + 4), x0), ((px(x1) - 40, H - pad + 4), x1), ((ox + 2, py(y0) - 7), y0),
@@ -1144,7 +1104,7 @@ def scatter_panel(columns, fid, result, out, W=320, H=300, pad=46):
 
 def colormap(x):
     """Values in [0, 1] (any shape) -> uint8 RGB through viridis' anchor colours."""
-    anchors = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=torch.float)
+    anchors = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]).float()
     x = x.clamp(0, 1) * (len(anchors) - 1)
     lo = x.floor().long().clamp(max=len(anchors) - 2)
     w = (x - lo)[..., None]
@@ -1152,7 +1112,7 @@ def colormap(x):
 
 @torch.no_grad()
 def spnorm_viz(argv):
-    """python irepa.py spnorm-viz --encoder dinov2 [--image IMG]: one token's cosine similarity before/after the z-score."""
+    """python irepa.py spnorm-viz --encoder dinov2 [--image IMG]: a token's cosine similarity, before and after."""
     p = study_parser('spnorm-viz', spnorm_viz.__doc__, ('encoder', 'encoder_weights', 'resolution', 'spnorm_gamma'),
                      spnorm_gamma=RECIPES['irepa']['spnorm_gamma'])
     p.add_argument('--image', default=None, type=existing_file,
@@ -1184,17 +1144,19 @@ def spnorm_viz(argv):
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(a.out)
     lds = [spatial_metrics(t)['lds'].item() for t in (f, spatial_norm(f, a.spnorm_gamma))]
-    print(f"token ({row}, {col}); LDS of this image {lds[0]:+.4f} before, {lds[1]:+.4f} after the z-score; picture: {a.out}")
+    print(f"token ({row}, {col}); LDS of this image {lds[0]:+.4f} before, {lds[1]:+.4f} after the z-score; "
+          f"picture: {a.out}")
     return lds
 
 
 # =====================================================================================================================
-# Part 4. Running at scale: what a one-GPU, never-preempted run on clean data does not need, behind one object, `Run`
+# Part 4. Running at scale: what a one-GPU, never-preempted run on clean data does not need, behind `Run`
 # =====================================================================================================================
 # A run stopped by SIGTERM/SIGINT (preemption) or --time-limit exits with this code once its checkpoint is written:
 # EX_TEMPFAIL of sysexits.h, "temporary failure, try again": requeue the job with --resume. 2 is a user error.
 PREEMPTED = 75
 GRAD_FLOOR_INTERVALS = 3  # a gradient norm under --grad-floor for this many log intervals in a row is a warning
+PREVIEW_IMAGES, PREVIEW_COLS = 16, 8  # the grids drawn while training
 PREPARE_SHARD = 4096  # images per unit of a sharded pass: a stopped pass redoes at most one per process
 # dense bf16 FLOP/s per GPU, matched in order against torch.cuda.get_device_name(): specific names first
 PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
@@ -1229,15 +1191,11 @@ def torch_device(name):
 
 def tf32(on, conv=True):
     """TF32 for fp32 matmuls and (conv=True) cuDNN convolutions: True, False, or a list this returned before (the
-    settings it replaced). Through the fp32_precision API where torch has it (2.9+): it deprecates the allow_tf32
-    flags, and reading one after a mix of the two raises."""
-    b = torch.backends
-    new = hasattr(b.cuda.matmul, 'fp32_precision')
-    flags, attr = ((b.cuda.matmul, b.cudnn.conv), 'fp32_precision') if new else ((b.cuda.matmul, b.cudnn), 'allow_tf32')
-    flags = flags if conv else flags[:1]
-    before = [getattr(f, attr) for f in flags]
-    for f, v in zip(flags, on if isinstance(on, list) else [('tf32' if on else 'ieee') if new else on] * len(flags)):
-        setattr(f, attr, v)
+    settings it replaced)."""
+    flags = [torch.backends.cuda.matmul, torch.backends.cudnn.conv][:2 if conv else 1]
+    before = [f.fp32_precision for f in flags]
+    for f, v in zip(flags, on if isinstance(on, list) else ['tf32' if on else 'ieee'] * len(flags)):
+        f.fp32_precision = v
     return before
 
 def use_device(device):
@@ -1365,6 +1323,19 @@ def save_grid(images, path, cols=None):
 # -----------------------------------------------------------------------------
 # Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and
 # counted; the run stops when more than --max-bad-fraction of what it drew was unreadable
+def readable_image(data, i):
+    """Image i of a folder, center-cropped; a corrupt file is replaced by the next readable one of its class, and
+    noted in data.unreadable."""
+    for j in range(len(data.files)):
+        if data.labels[(i + j) % len(data.files)] != data.labels[i]:
+            continue
+        path = data.root / data.files[(i + j) % len(data.files)]
+        try:
+            return center_crop(path, data.resolution)
+        except (OSError, ValueError, SyntaxError) as e:
+            data.unreadable.append((str(path), f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+    raise UserError(f"no readable image of class {data.labels[i]} under {data.root}")
+
 def collate_reporting(data, samples):
     """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason)
     that this process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it
@@ -1561,10 +1532,12 @@ def teacher_cache(path, cfg, data, teachers, batch_size, device, ids=None):
     probe = torch.zeros(batch_size, 3, R, R, dtype=torch.uint8, device=device)
     dtypes = [t.dtype for t in cache_tokens(teachers, probe, cfg.precision)]  # bf16 or what the teacher returns
     meta, T = cache_meta(cfg, data, teachers, dtypes, None if len(ids) == len(data) else ids), teachers[0].grid ** 2
-    arrays = {f'tokens-{k}.npy': ((len(ids), T, t.dim), CACHE_DTYPES[d]) for k, (t, d) in enumerate(zip(teachers, dtypes))}
+    arrays = {f'tokens-{k}.npy': ((len(ids), T, t.dim), CACHE_DTYPES[d])
+              for k, (t, d) in enumerate(zip(teachers, dtypes))}
     if not (path / 'meta.json').exists():
         need = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in arrays.values())
-        sizes = ' + '.join(' x '.join(map(str, (*shape, f'{np.dtype(dt).itemsize} B'))) for shape, dt in arrays.values())
+        sizes = ' + '.join(' x '.join(map(str, (*shape, f'{np.dtype(dt).itemsize} B')))
+                           for shape, dt in arrays.values())
         path.mkdir(parents=True, exist_ok=True)
         if not (path / 'shards').exists() and (free := shutil.disk_usage(path).free) < need * 1.02:  # + headers
             raise UserError(f"--teacher-cache {path}: the tokens need {need / 1e9:.1f} GB ({sizes}), the disk has "
@@ -1582,7 +1555,8 @@ def teacher_cache(path, cfg, data, teachers, batch_size, device, ids=None):
         if dist_info()[0] == 0 and not (path / 'shards').exists():
             print(f"teacher cache: {len(ids)} images x {T} tokens of {', '.join(t.name for t in teachers)} "
                   f"into {path}")
-        dataset_pass(path, arrays, meta, len(ids), work, 'teacher cache', f'shards of the teacher cache to do in {path}')
+        dataset_pass(path, arrays, meta, len(ids), work, 'teacher cache',
+                     f'shards of the teacher cache to do in {path}')
         if dist_info()[0] == 0:
             atomic_text(path / 'meta.json', json.dumps(meta | dict(batch=batch_size), indent=1))
             shutil.rmtree(path / 'shards')
@@ -1741,7 +1715,24 @@ def training_data(cfg, device, master):
         return data, None
     stats, C = data.meta['stats'], data.latents.shape[1] // 2  # iREPA: the data's per-channel statistics
     mean, std = ([0.0] * C, [1 / cfg.latent_scale] * C) if cfg.latent_scale else (stats['mean'], stats['std'])  # REPA
-    return data, LatentNorm(data.meta['vae'], mean, std).to(device)
+    return data, LatentNorm(data.meta['vae'], mean, std, device=device)
+
+# -----------------------------------------------------------------------------
+# The data order: exact resume on any number of ranks
+def batches(n, global_batch, rank, world, seed, start=0):
+    """This rank's share of each global batch, from step `start` on, forever. Epoch e is a permutation seeded with
+    seed + e and drops its last partial batch, so the data position is just the step number: resuming at step k
+    reproduces the same batches on any number of workers."""
+    if n < global_batch:
+        raise UserError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
+    def shares(step, local=global_batch // world):
+        while True:
+            epoch, k = divmod(step, n // global_batch)
+            if k == 0 or step == start:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+            yield perm[k * global_batch + rank * local: k * global_batch + (rank + 1) * local].tolist()
+            step += 1
+    return shares(start)
 
 # -----------------------------------------------------------------------------
 # The seam: everything around the loop of `train`, and the trainer units' view of it
@@ -1805,7 +1796,7 @@ class Run:
         """Everything of `unit` in unit.saved and every rank's random state as the checkpoint holds them (--resume),
         then the loader from that step on, the stop signals, the log; returns the first step."""
         cfg, self.unit = self.cfg, unit
-        torch.manual_seed(cfg.seed * self.world + self.rank)  # a different stream of t, noise and label dropout per rank
+        torch.manual_seed(cfg.seed * self.world + self.rank)  # per rank a stream of t, noise and label dropout
         step = self.restore(self.ckpt) if self.ckpt else 0
         self.loader = iter(torch.utils.data.DataLoader(
             self.data, batch_sampler=batches(len(self.data), cfg.global_batch_size, self.rank, self.world, cfg.seed,
@@ -1865,7 +1856,8 @@ class Run:
         self.drawn, self.bad_draws = self.drawn + len(y), self.bad_draws + len(bad)
         report_unreadable(self.bad_files, bad)
         img, moments, y = (v.to(self.device, non_blocking=True) for v in (img, moments, y))
-        return img, moments, y, [t.to(self.device, non_blocking=True).view(d) for t, d in zip(tokens, self.cache_dtypes)]
+        tokens = [t.to(self.device, non_blocking=True).view(d) for t, d in zip(tokens, self.cache_dtypes)]
+        return img, moments, y, tokens
 
     def end_step(self, step, stats):
         """After step `step` (1-based): the sums for the log and the NaN guard, on the device; at intervals the log
@@ -1974,9 +1966,10 @@ class Run:
         error, latent = None, unit.latent_norm()
         if self.master:
             try:
-                atomic_save(self.out / 'checkpoints' / f'{step:07d}.pt', {k: v.state_dict() for k, v in unit.saved.items()}
-                            | dict(step=step, config=vars(self.cfg), model_args=unit.model_args, rng=rngs,
-                                   latent=latent and latent.to_dict()))
+                atomic_save(self.out / 'checkpoints' / f'{step:07d}.pt',
+                            {k: v.state_dict() for k, v in unit.saved.items()} | dict(
+                                step=step, config=vars(self.cfg), model_args=unit.model_args, rng=rngs,
+                                latent=latent and latent.to_dict()))
             except UserError as e:
                 error = f"{e}; stopping. The previous checkpoint, {latest_checkpoint(self.out) or 'none'}, is " \
                         f"intact: free space or fix the permissions, then --resume"
@@ -2038,11 +2031,16 @@ class Run:
                 f"checkpoint {latest_checkpoint(self.out)}{grids}"
                 + (f"; the {self.world} ranks hold identical weights" if self.world > 1 else ''))
 # =====================================================================================================================
-# Part 5. The command line: every training flag, its help; the defaults are DEFAULTS and the recipe rows at the top of the file
+# Part 5. The command line: every training flag and its help (the defaults: DEFAULTS and the recipe rows, Part 1)
+# --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
+# cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
+DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
+            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
+DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to train; the PatchGAN needs >= 24 px
 HELP = dict(  # the flags whose name and default do not say it all; RECIPES' comments explain the rest
     recipe=f"the method, a row of RECIPES: {', '.join(RECIPES)}", model='SiT-{T (tiny, ours),S,B,L,XL}/{2,4,8}',
     encoder="teacher(s), comma-separated (python encoders.py --list); 'none': a plain SiT", proj_coeff='lambda',
-    encoder_weights="'auto' (Hugging Face hub and its cache), local files (one per teacher) or 'random[:BLOCKS]' (tests)",
+    encoder_weights="'auto' (Hugging Face hub and its cache), local files (one per teacher), 'random[:BLOCKS]' (tests)",
     encoder_depth='aligned SiT block (1-based); default 4 (S, B), 8 (L, XL)', preview='grid sampler',
     spnorm_gamma='share of the token mean the z-score removes (paper: 1, LDM code: 0.6)', sample_every='0: no grids',
     siglip_norm="SigLIP's input stats: the paper's ImageNet ones or SigLIP's 0.5/0.5", num_classes='synthetic set',
