@@ -214,8 +214,9 @@ def official_module(c, path):
 
 
 def make_train(c, variant):
-    """(step function, finish(seconds, mem) -> JSON record) of a training step: variant 'irepa' (irepa.flow_step),
-    'naive', 'official' (the official code's loop body) or 'cached' (irepa.flow_step on tokens from a memmap)."""
+    """(step function, finish(seconds, mem) -> JSON record) of a training step: variant 'irepa' (irepa.train's own
+    unit, irepa.Flow, and its step), 'naive', 'official' (the official code's loop body) or 'cached' (Flow's step on
+    tokens from a memmap)."""
     naive = variant in ('naive', 'official')  # fp32 eager teacher: as those loops would run it
     latent = c.resolution // 8  # SD-VAE f8: (B, 4, 32, 32) latents at 256 px
     grid = latent // int(c.model.split('/')[1])
@@ -226,9 +227,19 @@ def make_train(c, variant):
         teacher = encoders.load_teacher(c.teacher, weights, grid, device, compile=c.compile and not naive,
                                         dtype=torch.bfloat16 if c.precision == 'bf16' and not naive else None)
     z_dim = teacher.dim if teacher else 768
-    model = irepa.build_sit(c.model, input_size=latent, z_dims=[z_dim], projector='conv').to(device)
-    model.grad_ckpt = c.grad_ckpt and not naive
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if naive:
+        model = irepa.build_sit(c.model, input_size=latent, z_dims=[z_dim], projector='conv').to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+    else:  # what irepa.train's Run gives the unit, on these tensors: prepared latents, this device and precision
+        cfg = SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa'] | dict(model=c.model, grad_ckpt=c.grad_ckpt,
+                                                                                compile=c.compile))
+        run = SimpleNamespace(cfg=cfg, device=device, autocast=autocast(c), shape=(4, latent), cache_dtypes=[],
+                              norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4, device=device),
+                              data=SimpleNamespace(num_classes=1000), teachers=[teacher] if teacher else [],
+                              wrap=lambda m, compile=True: torch.compile(m) if c.compile and compile else m)
+        run.load_teachers = lambda grid: run.teachers or [SimpleNamespace(dim=z_dim)]  # random targets: their width
+        unit = irepa.Flow(cfg, run)  # the SiT (seeded as above), its EMA, AdamW, compiled with --compile
+        model = unit.model
     x = torch.randn(c.batch_size, 4, latent, latent, device=device)
     y = torch.randint(0, 1000, (c.batch_size,), device=device)
     images = torch.randint(0, 256, (c.batch_size, 3, c.resolution, c.resolution), dtype=torch.uint8, device=device)
@@ -282,31 +293,26 @@ def make_train(c, variant):
             update_ema(ema, model)
             out[:] = [loss_mean.item() + proj_loss_mean.item()]  # its log line's .item()s
     else:
-        s = SimpleNamespace(  # the state irepa.setup builds for --recipe irepa, on these tensors
-            cfg=SimpleNamespace(**irepa.DEFAULTS | irepa.RECIPES['irepa']), model=model, ema=ema, autocast=autocast(c),
-            opt=irepa.adamw(model.parameters(), 1e-4, 0.999), train_model=torch.compile(model) if c.compile else model,
-            teachers=[teacher] if teacher else [], device=device,
-            norm=irepa.LatentNorm('none', [0.0] * 4, [1.0] * 4, device=device))
         moments = torch.cat([x, torch.zeros_like(x)], 1)  # posterior mean x and std 0: the step trains on x
         if variant != 'cached':
             cached = tuple
         else:  # 8 batches of the teacher's tokens in a memmap, read batch by batch as the loader does
-            tokens = irepa.teacher_targets(s, images, raw=True)[0]
-            s.cache_dtypes = [tokens.dtype]
+            tokens = irepa.cache_tokens(run.teachers, images, c.precision)[0]
+            run.cache_dtypes = [tokens.dtype]
             tmp = tempfile.TemporaryDirectory()
             mm = np.lib.format.open_memmap(Path(tmp.name) / 'tokens-0.npy', mode='w+', dtype=irepa.CACHE_DTYPES[
                 tokens.dtype], shape=(8 * c.batch_size, *tokens.shape[1:]))
             mm[:] = tokens.cpu().view(getattr(torch, mm.dtype.name)).repeat(8, 1, 1).numpy()
             rows = iter(range(10 ** 9))
 
-            def cached():
+            def cached():  # as Run.batch serves them: the int16 bits to the device, viewed as the cache's dtype
                 i = next(rows) % 8 * c.batch_size
-                return [torch.from_numpy(np.array(mm[i: i + c.batch_size])).pin_memory() if cuda else
-                        torch.from_numpy(np.array(mm[i: i + c.batch_size]))]
+                part = torch.from_numpy(np.array(mm[i: i + c.batch_size]))
+                return [(part.pin_memory() if cuda else part).to(device, non_blocking=True).view(tokens.dtype)]
 
         def step():
-            r = irepa.flow_step(s, images, moments, y, irepa.teacher_targets(s, images, cached()) if teacher else
-                                random_targets)
+            r = unit.step(images, moments, y, irepa.teacher_targets(run, images, cached()) if teacher else
+                          random_targets)
             out[:] = [r['flow'], r['align']]
 
     def finish(sec, mem, faults):
@@ -321,7 +327,7 @@ def make_train(c, variant):
             extra.update(code=f'official iREPA ({c.official})', precision=c.precision, compile=c.compile,
                          tf32='as irepa.train' if cuda else None)
         if variant == 'cached':
-            extra.update(tokens=f'cached ({s.cache_dtypes[0]}, read from a memmap)')
+            extra.update(tokens=f'cached ({run.cache_dtypes[0]}, read from a memmap)')
         if teacher is not None and variant != 'cached':
             tf = teacher.flops()
             extra.update(teacher_gflop_per_img=round(tf / 1e9, 2),
