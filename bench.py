@@ -21,7 +21,8 @@ The H200 command set (CUDA defaults: bf16 autocast, torch.compile, which happens
     python bench.py --device cuda --model SiT-B/2 --batch-size 256 --workloads train,train-naive
                                                     # (fp32 XL/2 at 256 OOMs)
 
-train: irepa.flow_step (iREPA's row) after the frozen teacher + spatial norm (or on random targets: --teacher none).
+train: irepa.Flow's step (iREPA's row, the unit irepa.train runs) after the frozen teacher + spatial norm (or on random
+targets: --teacher none).
 train-naive: the same model, data and loss code written the straightforward way (fp32, eager, plain AdamW, .item()
 every step, DiT's per-parameter EMA loop); the two take turns step by step, so a busy neighbour slows both alike, and
 the train line carries `speedup`. train-official and metrics-official (--official DIR, a checkout of
