@@ -550,7 +550,7 @@ def latent_decoder(a, model, info, device):
         vae.load_state_dict(info['vae_state'])
     else:
         vae = encoders.load_vae(a.vae or norm.vae, device=device)
-    norm.to(device)  # its constants on the device once: no copy when each shard is decoded
+    norm.mean, norm.std = norm.mean.to(device), norm.std.to(device)  # on the device once: no copy per shard
     return norm, vae.to(device).eval().requires_grad_(False)
 
 
