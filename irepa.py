@@ -1166,8 +1166,8 @@ PEAK_BF16_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H20
 # -----------------------------------------------------------------------------
 # Devices and processes
 def torch_device(name):
-    """--device -> the torch.device of this process, with an index on CUDA: the one place that reads the flag (the
-    rest asks .type). 'auto': CUDA if there is one; 'cuda': cuda:LOCAL_RANK under torchrun, else cuda:0."""
+    """--device -> this process's torch.device, indexed on CUDA ('cuda': cuda:LOCAL_RANK under torchrun, else cuda:0;
+    'auto': CUDA if there is one): the one place that reads the flag, the rest asks .type."""
     name = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
     try:
         device = torch.device(name)
@@ -1199,8 +1199,7 @@ def tf32(on, conv=True):
     return before
 
 def use_device(device):
-    """A process's CUDA settings, before anything runs on the GPU (and before the NCCL process group, which binds to
-    the current device): the device, TF32 for what stays fp32. Nothing on a CPU."""
+    """A process's CUDA device and TF32, before anything runs there (and before NCCL, which binds to it)."""
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         tf32(True)
@@ -1214,9 +1213,8 @@ def dist_info():
 _cpu_groups = []  # [(the default process group, its gloo twin)]: made once per process group
 
 def cpu_group():
-    """A gloo group over all ranks, made once per process group (new_group is a collective: every rank calls this at
-    the same point). Waits and flags go through it, off the GPU: a rank waiting in an NCCL collective for another that
-    still works is killed by NCCL's watchdog after 10 minutes; gloo has no watchdog (its timeout: 30 minutes)."""
+    """A gloo group over all ranks, made once per process group (a collective: every rank calls it at the same point).
+    Waits and flags go through it: a rank waiting in an NCCL collective is killed by its watchdog after 10 minutes."""
     if not _cpu_groups or _cpu_groups[0][0] is not dist.group.WORLD:
         _cpu_groups[:] = [(dist.group.WORLD, dist.new_group(backend='gloo'))]
     return _cpu_groups[0][1]
@@ -1227,8 +1225,7 @@ def barrier():
         dist.barrier(group=cpu_group())
 
 def compiler_missing(device):
-    """What torch.compile (inductor) lacks on this device type ('cuda' or 'cpu'), or None: Triton on CUDA, a C++
-    compiler on CPU."""
+    """What torch.compile's inductor lacks on this device type, or None: Triton on CUDA, a C++ compiler on CPU."""
     if device == 'cuda':
         import torch.utils._triton
         return None if torch.utils._triton.has_triton() else 'Triton (pip install triton) for CUDA kernels'
@@ -1258,8 +1255,8 @@ def forward_flops(module, *shapes):
 # -----------------------------------------------------------------------------
 # Files: one atomic write, checkpoints, the grids
 def atomic_write(path, write):
-    """write(file) into a temp file, then rename it to `path`: a kill or a failed write (disk full, permissions)
-    never leaves a partial `path` nor touches the one before. A failed write removes its temp file and says why."""
+    """write(file) into a temp file, renamed to `path` once complete: a kill or a failed write (disk full,
+    permissions) never leaves a partial `path`. A failed write removes its temp file and says why."""
     path = Path(path)
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # two processes writing one file do not share a temp
     try:
@@ -1337,9 +1334,8 @@ def readable_image(data, i):
     raise UserError(f"no readable image of class {data.labels[i]} under {data.root}")
 
 def collate_reporting(data, samples):
-    """default_collate of (image, moments, label, tokens) samples, plus the list of unreadable files (path, reason)
-    that this process's copy of the dataset met since the last batch: a worker's copy is not the main process's, so it
-    travels with the batch, and the main process reports each file once (report_unreadable)."""
+    """default_collate of (image, moments, label, tokens) samples, and the unreadable files (path, reason) this
+    process's copy of the dataset met since: a worker's list travels with its batch to the main process."""
     info = torch.utils.data.get_worker_info()
     data = info.dataset if info else data
     bad, data.unreadable = data.unreadable, []
@@ -1354,9 +1350,8 @@ def report_unreadable(seen, bad):
                   f"(reported once; the count is in log.jsonl as bad_images)", file=sys.stderr)
 
 def chunks(data, ids, batch_size, num_workers=0, desc=None):
-    """The samples `ids` of `data`, batch_size at a time: (ids of the chunk, images, moments, labels), the unreadable
-    images reported once each. The loader has a generator of its own: the global RNG stays untouched; its workers
-    ignore stop signals (the caller stops between chunks)."""
+    """(ids, images, moments, labels) of the samples `ids`, batch_size at a time, each unreadable image reported once.
+    The loader's generator is its own: the global RNG stays untouched."""
     seen, parts = {}, [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=parts, num_workers=num_workers,
                                          generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
@@ -1368,12 +1363,11 @@ def chunks(data, ids, batch_size, num_workers=0, desc=None):
 # -----------------------------------------------------------------------------
 # One sharded, resumable pass over the data, for --prepare (VAE latents), the teacher cache and fid.py sample
 def sharded_pass(folder, n, work, suffix, save, desc, what):
-    """Shard k is done once its mark folder/{k:06d}{suffix} exists. The shards not done are split evenly over the
-    ranks (a resumed pass is as balanced as a fresh one); save(work(k), file) writes shard k's mark, atomically.
-    Before each round of shards and at the end, the ranks agree on the gloo group whether a stop signal
-    (SIGTERM/SIGINT) reached any of them: every wait is on the CPU and lasts about one shard (no rank sits in an NCCL
-    collective, whose watchdog kills the job after 10 minutes), and one signalled rank stops them all. Stopped: every
-    rank exits PREEMPTED and rank 0 says how many shards are `what` (e.g. 'shards to do in DIR')."""
+    """Shard k is done once its mark folder/{k:06d}{suffix} exists; save(work(k), file) writes it, atomically. The
+    shards not done are split evenly over the ranks. Before each round and at the end the ranks agree, on the gloo
+    group, whether a stop signal reached any of them: waits are on the CPU and last about a shard (an NCCL collective's
+    watchdog kills a job after 10 minutes), and one signalled rank stops all: they exit PREEMPTED, rank 0 saying how
+    many shards are `what` (e.g. 'shards to do in DIR')."""
     rank, world, _ = dist_info()
     mark = lambda k: folder / f'{k:06d}{suffix}'
     todo = [k for k in range(n) if not mark(k).exists()]  # every rank lists them before the first agreement below
@@ -1566,9 +1560,8 @@ def teacher_cache(path, cfg, data, teachers, batch_size, device, ids=None):
 # -----------------------------------------------------------------------------
 # Stop signals, the time limit, one run per folder
 class Stop:
-    """While it holds them, SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT only set
-    .signal: the loop finishes its step, checkpoints and exits PREEMPTED; a sharded pass stops between shards.
-    DataLoader workers ignore them (ignore_stop_signals). release() puts the handlers back."""
+    """SIGTERM (what SLURM and Kubernetes send before a kill) and SIGINT only set .signal until release(): the loop
+    checkpoints and exits PREEMPTED after its step; a sharded pass stops between shards."""
     def __init__(self):
         self.signal = None
         self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -1581,15 +1574,13 @@ class Stop:
             signal.signal(sig, handler)
 
 def ignore_stop_signals(worker_id):
-    """A DataLoader worker's init: schedulers signal every process of a job, and a worker that dies of it would crash
-    the step before the checkpoint; the main process stops the workers itself."""
+    """A DataLoader worker's init: schedulers signal every process of a job; the main process stops its workers."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 class StartupStop(BaseException):
-    """SIGTERM or SIGINT before the training loop began: nothing to checkpoint, so the start-up (a hub download and
-    its retries, the latents pass) ends at once. A BaseException, as KeyboardInterrupt: `except Exception` in a
-    library's retry loop does not swallow it."""
+    """A stop signal before the loop began: nothing to checkpoint, the start-up ends at once. A BaseException: a
+    library's `except Exception` (a hub download's retries) does not swallow it."""
 
 def catch_startup_signals():
     def handler(signum, frame):
@@ -1605,9 +1596,8 @@ def seconds(text):
     return sum(float(v or 0) * k for v, k in zip(m.groups(), (3600, 60, 1)))
 
 def lock_run(out):
-    """One run per folder: an exclusive flock on <out>/lock, held by rank 0 for the whole run (main closes it). The
-    OS releases it when the process dies, even by kill -9, so it is never stale. A second run (a double launch, a
-    requeued job while the old one is still ending) stops with one line naming the holder. Removes the PREEMPTED
+    """One run per folder: rank 0 holds an exclusive flock on <out>/lock for the whole run; the OS releases it when
+    the process dies, even by kill -9. A second run stops with one line naming the holder. Removes the PREEMPTED
     marker of the run it continues."""
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / 'lock', 'a+')
@@ -1629,9 +1619,8 @@ def lock_run(out):
 # -----------------------------------------------------------------------------
 # The run folder: a fresh run, or the checkpoint --resume continues
 def fresh_out_dir(out, overwrite, master):
-    """A fresh run neither continues nor mixes with another run: refused where out/ holds a run's checkpoints, unless
-    --overwrite, which moves that run's files (checkpoints, log, config, grids) into out/replaced-<UTC time>/ and says
-    so. Nothing is deleted; prepared latents (out/latents) stay, they are data."""
+    """A fresh run does not mix with another: refused where out/ holds checkpoints, unless --overwrite, which moves
+    that run's files into out/replaced-<UTC time>/. Nothing is deleted; prepared latents (out/latents) stay."""
     old = latest_checkpoint(out)
     if old and not overwrite:
         raise UserError(f"{out} already holds the checkpoints of a run (the newest: {old}); continue it with --resume, "
@@ -1648,8 +1637,7 @@ def fresh_out_dir(out, overwrite, master):
               file=sys.stderr)
 
 def newest_loadable(out, master):
-    """The newest checkpoint of out/checkpoints that loads, or None; and the ones that did not (truncated by a full
-    disk or a node lost during a copy), which rank 0 renames *.corrupt (never deleted: they may still be rescued)."""
+    """The newest checkpoint that loads (or None), and those that did not, which rank 0 renames *.corrupt."""
     bad = []
     for path in sorted((out / 'checkpoints').glob('*.pt'), reverse=True):
         try:
@@ -1667,9 +1655,8 @@ def newest_loadable(out, master):
     return None, None, bad
 
 def resume_checkpoint(cfg, out, master):
-    """The newest checkpoint that loads, refused if made with other METHOD settings (the RUN ones may change). None
-    when there is none yet (a job stopped during its start-up, requeued with the same command): the run starts
-    afresh. A run that has reached --max-steps says where its results are and exits 0."""
+    """The newest checkpoint that loads, refused if made with other METHOD settings (RUN ones may change); None when
+    there is none yet (a job stopped in its start-up). A finished run says where its results are and exits 0."""
     ckpt, path, bad = newest_loadable(out, master)
     if ckpt is None and (bad := bad or sorted((out / 'checkpoints').glob('*.corrupt'))):
         raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'} loads ({', '.join(p.name for p in bad)} "
@@ -1695,7 +1682,7 @@ def resume_checkpoint(cfg, out, master):
 
 def training_data(cfg, device, master):
     """The dataset and the normalization of the SiT's inputs (None in pixel space and for REPA-E, whose BatchNorm
-    normalizes). Latents are prepared once into <out-dir>/latents when missing; REPA-E trains the VAE on images."""
+    normalizes); latents are prepared into <out-dir>/latents when missing."""
     data = ImageData(cfg.data_path, cfg.resolution, cfg.num_classes, cfg.seed, cfg.synthetic_size)
     if cfg.objective == 'repa-e':
         if cfg.vae == 'none' or data.latents is not None:
