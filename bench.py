@@ -369,13 +369,13 @@ def make_metrics(c, official=False):
     """LDS, CDS, SRSS and RMSC of --metrics-images random token grids; official: the official spatial_metrics.py."""
     n = c.metrics_images or c.batch_size
     torch.manual_seed(0)
-    feats = torch.randn(n, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
+    tokens = torch.randn(n, 256, 768, device=device)  # a 16 x 16 grid of base-size teacher tokens
     masks = torch.rand(n, 256, device=device) > 0.5
     if official:
         sm = official_module(c, 'metrics/spatial_metrics.py')
-        run, what = lambda: sm.compute_spatial_metrics(feats, masks, ['lds', 'cds', 'srss', 'rmsc']), 'official'
+        run, what = lambda: sm.compute_spatial_metrics(tokens, masks, ['lds', 'cds', 'srss', 'rmsc']), 'official'
     else:
-        run, what = lambda: irepa.spatial_metrics(feats, masks), 'irepa'
+        run, what = lambda: irepa.spatial_metrics(tokens, masks), 'irepa'
     return run, lambda sec, mem, faults: record(c, 'metrics-official' if official else 'metrics', sec, mem, faults, n,
                                                 precision='fp32', model=f'{what} spatial metrics on (B, 256, 768)',
                                                 compile=False)

@@ -342,8 +342,8 @@ def alignment_loss(projected, targets, device='cpu'):
     Without teachers: 0, made on `device` (a CPU zero moved there every step would be a blocking copy)."""
     if not projected:
         return torch.zeros((), device=device)
-    cos = [(F.normalize(p.float(), dim=-1) * F.normalize(y.float(), dim=-1)).sum(-1).mean()
-           for p, y in zip(projected, targets)]
+    cos = [(F.normalize(p.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(-1).mean()
+           for p, t in zip(projected, targets)]
     return -torch.stack(cos).mean()
 
 def flow_loss(model, x, y, targets, t=None, noise=None):
@@ -928,12 +928,12 @@ def image_mask(data, i, masks_dir):
             return center_crop(p, data.resolution, 'L') > 0
     raise UserError(f"no mask for {data.files[i]}: expected {Path(masks_dir) / rel} (any mode, > 0 = foreground)")
 
-def linear_probe(feats, labels, steps=200, val_frac=0.2, seed=0):
+def linear_probe(pooled, labels, steps=200, val_frac=0.2, seed=0):
     """Held-out accuracy of a logistic regression (standardized features, L-BFGS, L2 1e-4) on (N, D) features."""
-    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
-    k = max(1, int(len(feats) * val_frac))
+    perm = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(len(pooled) * val_frac))
     val, tr = perm[:k], perm[k:]
-    x = feats.double()
+    x = pooled.double()
     x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
     lin = nn.Linear(x.shape[1], int(labels.max()) + 1).double()
     opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, history_size=10, line_search_fn='strong_wolfe')
@@ -1127,11 +1127,11 @@ def spnorm_viz(argv):
     if not (0 <= row < grid and 0 <= col < grid):
         raise UserError(f"--token {row},{col} is outside the {grid}x{grid} grid")
     teacher = encoders.load_teacher(a.encoder, a.encoder_weights, grid)
-    f = teacher(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255).float()  # (1, T, D)
+    tokens = teacher(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255).float()  # (1, T, D)
     R, cell = a.resolution, a.resolution // grid
     panels = [torch.from_numpy(img)]
-    for tokens in (f, spatial_norm(f, a.spnorm_gamma)):
-        u = F.normalize(tokens[0], dim=-1)
+    for t in (tokens, spatial_norm(tokens, a.spnorm_gamma)):
+        u = F.normalize(t[0], dim=-1)
         sim = (u @ u[row * grid + col]).view(grid, grid)  # cosine similarity to the query token
         panels.append(colormap((sim + 1) / 2).repeat_interleave(cell, 0).repeat_interleave(cell, 1))  # (R, R, 3)
     canvas = Image.new('RGB', (3 * R, R + 24), 'white')
@@ -1143,7 +1143,7 @@ def spnorm_viz(argv):
                     outline='red', width=2)  # the query token
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(a.out)
-    lds = [spatial_metrics(t)['lds'].item() for t in (f, spatial_norm(f, a.spnorm_gamma))]
+    lds = [spatial_metrics(t)['lds'].item() for t in (tokens, spatial_norm(tokens, a.spnorm_gamma))]
     print(f"token ({row}, {col}); LDS of this image {lds[0]:+.4f} before, {lds[1]:+.4f} after the z-score; "
           f"picture: {a.out}")
     return lds
