@@ -552,7 +552,6 @@ def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; in pixel space (norm None) they are."""
     return z if norm is None else vae.decode(norm.denormalize(z))
 
-
 # -----------------------------------------------------------------------------
 # The trainer: a unit per objective owns its networks, optimizers, step and preview (Flow here: REPA and iREPA; REPAE
 # and MeanFlow in Part 2); `run` (Part 4) owns the rest; the loop is `train`
@@ -569,8 +568,7 @@ def ema_update(ema, model, decay):
 def clipped_step(loss, module, opt, clip, keep_grads=False):
     """backward, clip the gradient norm, AdamW step; returns the norm before clipping, on the device. The gradients
     are dropped after the step, or with keep_grads just before the next backward: on a CPU glibc returns the freed top
-    of its heap to the OS at once, and the next forward would fault it in afresh (SiT-S/2, batch 8: ~150K page faults
-    a step); CUDA's caching allocator keeps its blocks anyway."""
+    of its heap to the OS, which the next forward would fault in afresh (SiT-S/2, batch 8: ~150K page faults a step)."""
     opt.zero_grad(set_to_none=True)  # a kept gradient is replaced, not added to: the same numbers
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
@@ -598,7 +596,7 @@ def model_input(img, moments, norm):
 class Flow:
     """REPA and iREPA: flow matching + proj_coeff x alignment. The unit owns the SiT, its EMA and AdamW (`saved`: what
     a checkpoint holds); shape: the SiT's input (channels, side), by default the data's."""
-    sit_kw, vae = {}, None  # MeanFlow: a second time embedder; REPA-E: the VAE it trains
+    sit_kw, vae, latents = {}, None, True  # MeanFlow: a second time embedder; REPA-E: its VAE, trained on images
 
     def __init__(self, cfg, run, shape=None):
         self.cfg, self.norm, self.autocast = cfg, run.norm, run.autocast
@@ -627,6 +625,9 @@ class Flow:
         grad_norm = clipped_step(loss, self.model, self.opt, self.cfg.grad_clip, keep_grads=y.device.type == 'cpu')
         ema_update(self.ema, self.model, self.cfg.ema_decay)
         return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm)
+
+    def transform(self, img):  # the recipe's data augmentation of a batch: none (the teacher cache relies on it)
+        return img
 
     def latent_norm(self):  # SiT outputs -> VAE latents (None: pixel space); checkpoints keep it for fid.py
         return self.norm
@@ -696,6 +697,7 @@ def hinge_d_loss(logits_real, logits_fake):
 class REPAE(Flow):
     """REPA-E's unit: the SiT of Flow on the latents of a VAE it trains, a PatchGAN discriminator and a frozen LPIPS,
     three optimizers, the latent BatchNorm and its EMA. In --demo, missing LPIPS weights become random ones."""
+    latents = False  # it trains on images
     def __init__(self, cfg, run):
         self.vae = encoders.load_vae(cfg.vae, device=run.device)
         self.disc = encoders.load_discriminator(cfg.disc_weights, device=run.device)
@@ -1680,11 +1682,11 @@ def resume_checkpoint(cfg, out, master):
                                                                 if bad else ''))
     return ckpt
 
-def training_data(cfg, device, master):
-    """The dataset and the normalization of the SiT's inputs (None in pixel space and for REPA-E, whose BatchNorm
-    normalizes); latents are prepared into <out-dir>/latents when missing."""
+def training_data(cfg, device, master, latents=True):
+    """The dataset and the normalization of the SiT's inputs (None in pixel space and for a unit that trains on
+    images: latents=False, REPA-E, whose BatchNorm normalizes); latents are prepared into <out-dir>/latents."""
     data = ImageData(cfg.data_path, cfg.resolution, cfg.num_classes, cfg.seed, cfg.synthetic_size)
-    if cfg.objective == 'repa-e':
+    if not latents:
         if cfg.vae == 'none' or data.latents is not None:
             raise UserError(f"--recipe {cfg.recipe} trains the VAE end to end, so it needs images and a VAE to start "
                             "from: an image folder (or none: the synthetic set) and --vae, not prepared latents or "
@@ -1739,7 +1741,7 @@ class Run:
         self.fresh = self.ckpt is None
         if self.fresh:
             fresh_out_dir(self.out, cfg.overwrite, self.master)
-        self.data, self.norm = training_data(cfg, self.device, self.master)
+        self.data, self.norm = training_data(cfg, self.device, self.master, OBJECTIVES[cfg.objective].latents)
         latents = self.data.latents is not None
         self.shape = (self.data.latents.shape[1] // 2, self.data.latents.shape[2]) if latents else (3, cfg.resolution)
         self.autocast = torch.autocast(self.device.type, torch.bfloat16) if cfg.precision == 'bf16' else \
@@ -1843,6 +1845,7 @@ class Run:
         self.drawn, self.bad_draws = self.drawn + len(y), self.bad_draws + len(bad)
         report_unreadable(self.bad_files, bad)
         img, moments, y = (v.to(self.device, non_blocking=True) for v in (img, moments, y))
+        img = self.unit.transform(img)
         tokens = [t.to(self.device, non_blocking=True).view(d) for t, d in zip(tokens, self.cache_dtypes)]
         return img, moments, y, tokens
 

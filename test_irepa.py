@@ -4223,7 +4223,7 @@ def on_fake_cuda(objective, out, monkeypatch, cuda_present, *extra):
     with mode:
         run.device, run.first_bad = CUDA0, fake_cuda(mode, run.first_bad)
         run.autocast = s.autocast = torch.autocast('cuda', torch.bfloat16)
-        run.norm = s.norm = irepa.training_data(s.cfg, CUDA0, True)[1]
+        run.norm = s.norm = irepa.training_data(s.cfg, CUDA0, True, s.latents)[1]
         s.opt = irepa.adamw(s.model.parameters(), s.cfg.lr, s.cfg.adam_beta2)
         if objective == 'repa-e':
             s.opt_vae, s.opt_disc = (irepa.adamw(m.parameters(), 1e-4, 0.999) for m in (s.vae, s.disc))
@@ -4645,3 +4645,25 @@ def test_settings_that_may_change_on_resume_are_the_run_group():
 
 def argparse_copy(cfg, **changes):
     return type(cfg)(**vars(cfg) | changes)
+
+
+def test_a_unit_brings_its_own_data_transform(tmp_path, monkeypatch):
+    """A trainer unit's transform of the batch (JiT's flip, next) reaches the teacher's targets and the unit's step,
+    and nothing outside the unit changes for it: the seam the next objective plugs into."""
+    seen = []
+
+    class Flipped(irepa.Flow):
+        def transform(self, img):
+            return img.flip(-1)
+
+        def step(self, img, moments, y, targets):
+            seen.append((img.clone(), targets[0].clone()))
+            return super().step(img, moments, y, targets)
+    monkeypatch.setitem(irepa.OBJECTIVES, 'flow', Flipped)
+    s = Started(run_args(tmp_path, 1))
+    batch = next(s.loader)
+    s.step(0, batch)
+    (img, targets), = seen
+    assert torch.equal(img, batch[0].flip(-1)) and not torch.equal(img, batch[0])
+    with torch.no_grad():
+        assert torch.equal(targets, irepa.spatial_norm(s.teachers[0](batch[0].flip(-1).float() / 255), 0.6))
