@@ -48,7 +48,6 @@ import torch.utils.checkpoint
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import encoders
@@ -1312,12 +1311,15 @@ def to_uint8(x):
     return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 def save_grid(images, path, cols=None):
-    """uint8 (N, H, W, 3) -> one PNG grid; cells smaller than 64 px are enlarged (nearest) so people can see them."""
-    k = max(1, 64 // images.shape[1])
-    images = images.permute(0, 3, 1, 2).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)  # (N, 3, kH, kW)
-    grid = make_grid(images.cpu(), nrow=cols or math.ceil(math.sqrt(len(images))), padding=0)  # (3, rows kH, cols kW)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    """uint8 (N, H, W, 3) -> one PNG, `cols` images a row (missing cells black); cells smaller than 64 px are enlarged
+    (nearest) so people can see them."""
+    n, h, w, _ = images.shape
+    cols = min(cols or math.ceil(math.sqrt(n)), n)
+    rows, k = -(-n // cols), max(1, 64 // h)
+    images = torch.cat([images.cpu(), torch.zeros(rows * cols - n, h, w, 3, dtype=torch.uint8)])
+    grid = images.view(rows, cols, h, w, 3).transpose(1, 2).reshape(rows * h, cols * w, 3)  # (rows h, cols w, 3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.repeat_interleave(k, 0).repeat_interleave(k, 1).numpy()).save(path)
 
 # -----------------------------------------------------------------------------
 # Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and

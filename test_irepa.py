@@ -4667,3 +4667,16 @@ def test_a_unit_brings_its_own_data_transform(tmp_path, monkeypatch):
     assert torch.equal(img, batch[0].flip(-1)) and not torch.equal(img, batch[0])
     with torch.no_grad():
         assert torch.equal(targets, irepa.spatial_norm(s.teachers[0](batch[0].flip(-1).float() / 255), 0.6))
+
+
+def test_save_grid_tiles_as_torchvisions_make_grid(tmp_path):
+    """irepa.save_grid (no torchvision import: 1.6 s at every start of irepa.py) lays out the same PNG as
+    make_grid(padding=0) of the enlarged images: full and partial rows, fewer images than columns, non-square cells."""
+    from torchvision.utils import make_grid
+    for n, h, w, cols in ((16, 16, 16, 8), (5, 32, 35, 0), (4, 16, 16, 8), (7, 8, 11, 3), (10, 100, 100, 4)):
+        images = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8)
+        irepa.save_grid(images, tmp_path / 'g.png', cols or None)
+        k = max(1, 64 // h)
+        big = images.permute(0, 3, 1, 2).repeat_interleave(k, 2).repeat_interleave(k, 3)
+        want = make_grid(big, nrow=cols or math.ceil(math.sqrt(n)), padding=0).permute(1, 2, 0).numpy()
+        assert np.array_equal(np.asarray(Image.open(tmp_path / 'g.png')), want), (n, h, w, cols)
