@@ -568,7 +568,7 @@ def shard_folder(a, norm, stem):
     barrier()  # every rank has checked before rank 0 writes
     if rank == 0:
         shards.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(settings, indent=1))
+        irepa.atomic_text(meta, json.dumps(settings, indent=1))
     barrier()
     return shards
 

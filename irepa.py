@@ -1037,8 +1037,7 @@ def measure_teacher(argv):
                     k + '_std': ok.std().item() if len(ok) > 1 else float('nan')}
         print(f"  {k.upper():5s} {summary[k]:+.4f} +- {summary[k + '_std']:.4f}  ({len(ok)} images)")
     out = Path(a.out_dir) / f'{name}.json'
-    out.with_suffix('.json.tmp').write_text(json.dumps(summary, indent=1))
-    os.replace(out.with_suffix('.json.tmp'), out)  # complete or absent: run.sh skips a measured teacher
+    atomic_text(out, json.dumps(summary, indent=1))  # complete or absent: run.sh skips a measured teacher
     print(f"  LP    {'n/a (one class)' if summary['lp'] is None else round(summary['lp'], 4)}\n  speed: tokens "
           f"{'cached' if extract_rate is None else f'{extract_rate:.1f} img/s'}, metrics "
           f"{summary['metrics_img_per_s']:.1f} img/s; summary in {out}")
@@ -1276,7 +1275,7 @@ def atomic_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 def latest_checkpoint(out_dir):
-    files = sorted((Path(out_dir) / 'checkpoints').glob('*.pt'))  # zero-padded step names; *.pt.tmp are unfinished
+    files = sorted((Path(out_dir) / 'checkpoints').glob('*.pt'))  # zero-padded step names; *.pt.<pid>.tmp: unfinished
     return files[-1] if files else None
 
 def load_state(model, state_dict, what='checkpoint'):
@@ -1413,7 +1412,7 @@ def dataset_pass(out, arrays, settings, n_items, work, desc, what):
         for name, (shape, dtype) in arrays.items():
             np.lib.format.open_memmap(out / name, mode='w+', dtype=dtype, shape=shape).flush()  # sparse until written
         shards.mkdir(parents=True)
-        (shards / 'settings.json').write_text(json.dumps(settings))  # last: the files exist once it does
+        atomic_text(shards / 'settings.json', json.dumps(settings))  # last: the files exist once it does
     barrier()
     memmaps = {name: np.load(out / name, mmap_mode='r+') for name in arrays}
     sharded_pass(shards, n, lambda k: work(k, memmaps), '.pt', torch.save, desc, what)
@@ -1806,7 +1805,7 @@ class Run:
         self.rec, self.wall0 = None, 0.0
         if self.master:  # the run folder, and one line that says what trains on what
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / 'config.json').write_text(json.dumps(vars(cfg), indent=1))
+            atomic_text(self.out / 'config.json', json.dumps(vars(cfg), indent=1))
             self.log = self.open_log(step)
             m, T = unit.model, unit.model.pos_embed.shape[1]
             what = 'pixels' if m.in_channels == 3 else f'latents {(m.in_channels, *[m.x_embedder.input_size] * 2)}'
