@@ -2271,7 +2271,7 @@ def main(argv=None):
     cfg = resolve_config(argv)
     validate(cfg)  # every mistake at once, before anything is printed or written
     ddp, device = int(os.environ.get('WORLD_SIZE', 1)) > 1, torch.device(cfg.device)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see catch_stop_signals
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # see Stop
     lock = None
     try:
         catch_startup_signals()  # until the loop takes over: a signal stops the start-up with PREEMPTED
