@@ -2107,7 +2107,7 @@ def recipes(argv):
     p.parse_args(argv)
     print(f"{'setting':20s}" + ''.join(f"{r:>15s}" for r in RECIPES))
     for k in dict.fromkeys(k for row in RECIPES.values() for k in row):  # each setting once, in the rows' order
-        print(f"{k:20s}" + ''.join(f"{str(row.get(k, '-')):>15s}" for row in RECIPES.values()))
+        print(f"{k:20s}" + ''.join(f"{str(row.get(k, DEFAULTS.get(k, '-'))):>15s}" for row in RECIPES.values()))
 
 def resolve_config(argv=None):
     """The command line -> the run's config: DEFAULTS, the recipe's row, --demo's values, then every flag given, each
