@@ -61,7 +61,7 @@ def cheap_grids():
 
 @pytest.fixture(autouse=True)
 def stop_handlers_back():
-    """A test that calls irepa.setup itself (not main) leaves the run's stop handlers installed; put this process's
+    """A test that starts a run itself (irepa.Run, not main) leaves the run's stop handlers installed; put this process's
     back after every test, so a later test sees the handlers it started with."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     yield
@@ -1302,7 +1302,7 @@ def no_host_sync():
 @slow
 @pytest.mark.parametrize('objective', list(GPU_PATH_RECIPES))
 def test_the_step_never_waits_for_the_device(objective, tmp_path, monkeypatch):
-    """The loop's whole per-step code (train_step: batch to the device, teacher targets, the objective's step with
+    """The loop's whole per-step code (its body: batch to the device, teacher targets, the objective's step with
     its optimizers and EMA, the log sums, the NaN guard) under no_host_sync; a control with one .item() is caught."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
     monkeypatch.setitem(irepa.SIZES, 'T', (1, 192, 3, 1))  # as one_block_sizes
@@ -4571,7 +4571,7 @@ def test_fid_py_reads_in_short_functions_and_leaves_stopping_to_sharded_pass(sou
     local = [ast.unparse(n) for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom)) and n.col_offset > 0
              and project & ({a.name.split('.')[0] for a in n.names} | {getattr(n, 'module', None)})]
     names = {getattr(n, 'id', getattr(n, 'attr', None)) for n in nodes}  # the code's names, not its comments
-    stop = names & {'signal', 'PREEMPTED', 'all_reduce', 'SystemExit', 'catch_stop_signals', 'should_stop'}
+    stop = names & {'signal', 'PREEMPTED', 'all_reduce', 'SystemExit', 'Stop', 'should_stop'}
     assert not long and not wide and not local and not stop, (long, wide, local, stop)
     assert 'irepa.sharded_pass(' in source
 
