@@ -61,8 +61,8 @@ def cheap_grids():
 
 @pytest.fixture(autouse=True)
 def stop_handlers_back():
-    """A test that starts a run itself (irepa.Run, not main) leaves the run's stop handlers installed; put this process's
-    back after every test, so a later test sees the handlers it started with."""
+    """A test that starts a run itself (irepa.Run, not main) leaves the run's stop handlers installed; put this
+    process's back after every test, so a later test sees the handlers it started with."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     yield
     for sig, handler in saved.items():
