@@ -477,7 +477,7 @@ def list_image_folder(root):
 class ImageData(torch.utils.data.Dataset):
     """Images (synthetic or from a folder) at one resolution, optionally paired by index with prepared latents."""
     def __init__(self, data_path, resolution, num_classes=10, seed=0, synthetic_size=10_000):
-        self.resolution, self.latents, self.meta, self.unreadable = resolution, None, None, []  # see collate_reporting
+        self.resolution, self.latents, self.meta = resolution, None, None
         self.tokens, self.images = (), True  # see serving
         data_path = Path(data_path) if data_path else None
         if data_path and (data_path / 'meta.json').exists():  # prepared latents: read the source they were made from
@@ -502,22 +502,22 @@ class ImageData(torch.utils.data.Dataset):
         return len(self.labels)
 
     def serving(self, tokens, images=True):
-        """A copy that also serves the cached teacher tokens (N, T, D) of each image (bf16 as int16 bits);
-        images=False: it reads no image (the SiT trains on prepared latents)."""
+        """A copy that also serves cached teacher tokens (N, T, D); images=False: it reads no image (latents do)."""
         data = copy.copy(self)
         data.tokens, data.images = tokens, images
         return data
 
-    def image(self, i):  # (R, R, 3) uint8
+    def image(self, i):  # (R, R, 3) uint8, and the unreadable files read instead of it: [(path, reason)]
         if self.files is None:
-            return synthetic_image(i, self.resolution, self.num_classes, self.seed)[0]
+            return synthetic_image(i, self.resolution, self.num_classes, self.seed)[0], []
         return readable_image(self, i)  # center_crop(self.root / self.files[i]), or the next readable one (Part 4)
 
     def __getitem__(self, i):
-        img = torch.from_numpy(np.ascontiguousarray(self.image(i))).permute(2, 0, 1) if self.images else torch.empty(0)
+        img, bad = self.image(i) if self.images else (None, [])
+        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1) if self.images else torch.empty(0)
         moments = torch.from_numpy(np.array(self.latents[i])) if self.latents is not None else torch.empty(0)
         tokens = tuple(torch.from_numpy(np.array(t[i])) for t in self.tokens)  # (T, D) each; bf16 as int16 bits
-        return img, moments, int(self.labels[i]), tokens  # (3, R, R) uint8, (2C, h, w), label, cached tokens
+        return img, moments, int(self.labels[i]), tokens, bad  # (3, R, R) uint8, (2C, h, w), label, tokens, files
 
 class LatentNorm:
     """VAE latents <-> the SiT's space, per channel: z = (latent - mean) / std and back. iREPA: the data's statistics
@@ -1324,25 +1324,23 @@ def save_grid(images, path, cols=None):
 # Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and
 # counted; the run stops when more than --max-bad-fraction of what it drew was unreadable
 def readable_image(data, i):
-    """Image i of a folder, center-cropped; a corrupt file is replaced by the next readable one of its class, and
-    noted in data.unreadable."""
+    """Image i of a folder, center-cropped, and the unreadable files [(path, reason)] met on the way: a corrupt file
+    is replaced by the next readable one of its class."""
+    bad = []
     for j in range(len(data.files)):
         if data.labels[(i + j) % len(data.files)] != data.labels[i]:
             continue
         path = data.root / data.files[(i + j) % len(data.files)]
         try:
-            return center_crop(path, data.resolution)
+            return center_crop(path, data.resolution), bad
         except (OSError, ValueError, SyntaxError) as e:
-            data.unreadable.append((str(path), f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+            bad.append((str(path), f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
     raise UserError(f"no readable image of class {data.labels[i]} under {data.root}")
 
-def collate_reporting(data, samples):
-    """default_collate of (image, moments, label, tokens) samples, and the unreadable files (path, reason) this
-    process's copy of the dataset met since: a worker's list travels with its batch to the main process."""
-    info = torch.utils.data.get_worker_info()
-    data = info.dataset if info else data
-    bad, data.unreadable = data.unreadable, []
-    return (*torch.utils.data.default_collate(samples), bad)
+def collate_reporting(samples):
+    """default_collate of (image, moments, label, tokens) samples, and their unreadable files in one list: they
+    travel with the batch from a DataLoader worker to the main process, which reports each file once."""
+    return (*torch.utils.data.default_collate([s[:4] for s in samples]), [b for s in samples for b in s[4]])
 
 def report_unreadable(seen, bad):
     """Warn about each unreadable file of `bad` not in `seen` (path -> reason) yet, once; add it there."""
@@ -1358,7 +1356,7 @@ def chunks(data, ids, batch_size, num_workers=0, desc=None):
     seen, parts = {}, [ids[i: i + batch_size] for i in range(0, len(ids), batch_size)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=parts, num_workers=num_workers,
                                          generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
-                                         collate_fn=functools.partial(collate_reporting, data))
+                                         collate_fn=collate_reporting)
     for part, (img, moments, y, _, bad) in zip(parts, tqdm(loader, desc=desc, disable=desc is None)):
         report_unreadable(seen, bad)
         yield part, img, moments, y
@@ -1793,7 +1791,7 @@ class Run:
                                              step),
             num_workers=cfg.num_workers, pin_memory=self.device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
             generator=torch.Generator(),  # its own generator: leaves the training RNG alone
-            collate_fn=functools.partial(collate_reporting, self.data), worker_init_fn=ignore_stop_signals))
+            collate_fn=collate_reporting, worker_init_fn=ignore_stop_signals))
         self.cpu_group = cpu_group() if self.world > 1 else None  # should_stop's flags, off the GPU
         self.stop, self.stop_work, self.stopped = Stop(), None, False
         self.deadline = time.time() + seconds(cfg.time_limit) if cfg.time_limit else None

@@ -948,10 +948,10 @@ def test_image_folder_center_crop_and_corrupt_files(tmp_path, capsys):
     (root / 'dog' / 'broken.png').write_bytes(b'not a png')
     data = irepa.ImageData(root, 16)
     assert len(data) == 7 and data.num_classes == 2 and list(data.labels) == [0, 0, 0, 1, 1, 1, 1]
-    img, moments, label, tokens = data[6]  # 'broken.png' sorts last: replaced by the first readable dog, never a cat
+    img, moments, label, tokens, bad = data[6]  # 'broken.png' sorts last: replaced by the first readable dog
     assert img.dtype == torch.uint8 and moments.numel() == 0 and label == 1 and tokens == ()
     assert torch.equal(img, data[3][0])
-    assert data.unreadable == [(str(root / 'dog/broken.png'), data.unreadable[0][1])]  # for the loop to report
+    assert bad == [(str(root / 'dog/broken.png'), bad[0][1])] and data[3][4] == []  # for the loop to report
     big = Image.fromarray(np.random.randint(0, 255, (100, 300, 3), dtype=np.uint8))
     assert irepa.center_crop(big, 32).shape == (32, 32, 3)
     (root / 'dog/broken2.png').write_bytes(b'')  # 2 of 8 unreadable: trains when allowed, each file reported once
@@ -988,7 +988,7 @@ def test_prepared_latents_and_latent_training(tmp_path):
     np.testing.assert_allclose(meta['stats']['mean'], want_mean, rtol=1e-2, atol=1e-3)  # fp16 storage vs fp32 sums
     np.testing.assert_allclose(meta['stats']['std'], want_std, rtol=1e-2)
     data = irepa.ImageData(out, 16)
-    img, moments, label, tokens = data[5]
+    img, moments, label, tokens, _ = data[5]
     assert moments.shape == tuple(meta['shape']) and torch.equal(img.permute(1, 2, 0),
                                                                  torch.from_numpy(irepa.synthetic_image(5, 16, 10)[0]))
     args = run_args(tmp_path / 'run', 2, '--data-path', str(out))
@@ -1043,7 +1043,7 @@ def test_teacher_cache_is_the_online_teacher_bit_for_bit_and_resumes(tmp_path):
     assert tokens.shape == (64, 16, 768) and tokens.dtype == torch.float32
     assert s.flops == irepa.sit_train_flops(s.unit.model)
     # the training's batch size
-    img = torch.stack([torch.from_numpy(s.data.image(i)).permute(2, 0, 1) for i in (5, 6, 7, 8)])
+    img = torch.stack([torch.from_numpy(s.data.image(i)[0]).permute(2, 0, 1) for i in (5, 6, 7, 8)])
     assert torch.equal(s.teachers[0](img.float() / 255), tokens[5:9])
     irepa.main(run_args(tmp_path / 'split', 2, '--teacher-cache', tmp_path / 'cache'))
     irepa.main(run_args(tmp_path / 'split', 4, '--resume', '--teacher-cache', tmp_path / 'cache'))
