@@ -532,14 +532,14 @@ def sample_shard(a, k, model, net, vae, norm, device, autocast):
 def latent_decoder(a, model, info, device):
     """(norm, vae) that turn the SiT's latents into images: the checkpoint's, or for an official checkpoint those that
     --latent-stats or --latent-scale and --vae name; (None, None) for a pixel-space model."""
-    norm = irepa.LatentNorm.from_dict(info['latent'])
+    norm = irepa.LatentNorm.from_dict(info['latent'], device)  # its constants on the device once: no copy per shard
     if a.latent_stats or a.latent_scale:  # official checkpoints: the normalization their training used
         if a.latent_stats:  # iREPA's stats file: z = (latent - bias) * scale, decoded as z / scale + bias
             st = torch.load(a.latent_stats, map_location='cpu', weights_only=True)
             scale, bias = st['latents_scale'].float().flatten(), st['latents_bias'].float().flatten()
         else:  # REPA: z = latent * 0.18215, decoded as z / 0.18215
             scale, bias = torch.full((model.in_channels,), a.latent_scale), torch.zeros(model.in_channels)
-        norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale)
+        norm = irepa.LatentNorm(a.vae or 'sd-vae-ft-mse', bias, 1 / scale, scale=scale, device=device)
     elif norm is None and info['config'].get('vae') != 'none':  # official configs have no 'vae'
         raise UserError(f"{a.ckpt} does not store its latent normalization (an official checkpoint?): pass "
                         "--latent-stats sdvae-ft-mse-f8d4-latents-stats.pt (iREPA) or --latent-scale 0.18215 (REPA)")
@@ -550,7 +550,6 @@ def latent_decoder(a, model, info, device):
         vae.load_state_dict(info['vae_state'])
     else:
         vae = encoders.load_vae(a.vae or norm.vae, device=device)
-    norm.mean, norm.std = norm.mean.to(device), norm.std.to(device)  # on the device once: no copy per shard
     return norm, vae.to(device).eval().requires_grad_(False)
 
 

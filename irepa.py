@@ -529,7 +529,7 @@ class LatentNorm:
         self.vae, self.vae_args = vae, vae_args
         self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).flatten().view(1, -1, 1, 1).to(device)
                                for v in (mean, std))
-        self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).flatten().view(1, -1, 1, 1)
+        self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).view(1, -1, 1, 1).to(device)
 
     def normalize(self, latent):
         return (latent - self.mean.to(latent)) / self.std.to(latent)
@@ -544,8 +544,8 @@ class LatentNorm:
                     vae_args=self.vae_args) | ({} if self.scale is None else dict(scale=self.scale.flatten().tolist()))
 
     @staticmethod
-    def from_dict(d):
-        return None if d is None else LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'), d.get('scale'))
+    def from_dict(d, device='cpu'):
+        return d and LatentNorm(d['vae'], d['mean'], d['std'], d.get('vae_args'), d.get('scale'), device)
 
 def to_pixels(z, vae, norm):
     """The SiT's outputs (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]; in pixel space (norm None) they are."""
