@@ -277,9 +277,9 @@ class SiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight  # patch embedding initialised like a Linear on the flattened patch
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        for conv in (m for m in self.x_embedder.modules() if isinstance(m, nn.Conv2d)):  # patch embedding (JiT: 2)
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))  # like a Linear on the flat patch
+            nn.init.zeros_(conv.bias) if conv.bias is not None else None
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for m in [self.t_embedder] + ([self.h_embedder] if hasattr(self, 'h_embedder') else []):
             nn.init.normal_(m.mlp[0].weight, std=0.02)
@@ -570,7 +570,7 @@ def clipped_step(loss, module, opt, clip, keep_grads=False):
     of its heap to the OS, which the next forward would fault in afresh (SiT-S/2, batch 8: ~150K page faults a step)."""
     opt.zero_grad(set_to_none=True)  # a kept gradient is replaced, not added to: the same numbers
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
+    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip or math.inf)  # clip 0: none (JiT), scale 1
     opt.step()
     if not keep_grads:
         opt.zero_grad(set_to_none=True)
@@ -846,8 +846,252 @@ class MeanFlow(Flow):
         sit = super().flops()
         return sit + sit / 3 * (2 * (self.cfg.mf_omega != 1.0 or self.cfg.mf_kappa != 0.0) + 2)
 
+# -----------------------------------------------------------------------------
+# JiT (--recipe jit-repa, jit-irepa; --model JiT-B/16 ...): pixel-space diffusion with "Just image Transformers", the
+# official code's jit/ tree. The network predicts the clean image x; the loss is on the velocity derived from it.
+# JiT's time runs the other way from SiT's, as in the official code, whose formulas these read like: t = 0 is noise,
+# t = 1 the clean image, z_t = t x + (1 - t) e. Its blocks differ from SiT's: RMSNorm, attention with RMS-normed
+# queries and keys under 2-D RoPE, SwiGLU, a bottleneck patch embedding, class tokens in context from a middle block.
+JIT = FLOW | dict(
+    objective='jit', model='JiT-B/16', vae='none', proj_coeff=0.5, spnorm_gamma=0.8,  # main_jit.py's zscore_alpha
+    lr=None, jit_blr=5e-5, jit_warmup_epochs=5, adam_beta2=0.95, grad_clip=0.0,  # lr None: blr x batch / 256
+    jit_p_mean=-0.8, jit_p_std=0.8, jit_t_eps=0.05, jit_noise_scale=1.0, jit_label_drop=0.1,  # t ~ logit-normal
+    jit_ema_decay2=0.9996, preview='heun')  # two EMAs: ema_decay's (0.9999) samples, and this one
+RECIPES |= {'jit-repa': REPA | JIT, 'jit-irepa': IREPA | JIT}  # lambda 0.5 for both (configs/repa.yaml, irepa.yaml)
+
+class RMSNorm(nn.Module):
+    """x / rms(x) x weight, in fp32 also under autocast (the official RMSNorm casts up, and back at the end)."""
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * self.weight).to(x.dtype)
+
+def rope_tables(head_dim, grid, extra=0):
+    """2-D RoPE as (cos, sin), each (extra + grid^2, head_dim): channel pairs (2i, 2i + 1) rotate together, the first
+    half of a head's channels by the token's row, the second half by its column. The `extra` in-context tokens in
+    front are not rotated (cos 1, sin 0). float32, with the official expressions: the same last bits."""
+    q = head_dim // 2  # channels per axis
+    freqs = 1.0 / (10000 ** (torch.arange(0, q, 2)[:q // 2].float() / q))  # (q/2,)
+    a = ((torch.arange(grid) / grid * grid)[:, None] * freqs).repeat_interleave(2, dim=1)  # (grid, q): one per pair
+    angles = torch.cat([a[:, None].expand(-1, grid, -1), a[None].expand(grid, -1, -1)], -1)  # (row, col, head_dim)
+    angles = angles.reshape(grid * grid, head_dim)  # token k = row * grid + col
+    return (torch.cat([torch.full((extra, head_dim), float(v)), f(angles)]) for v, f in ((1, torch.cos), (0, torch.sin)))
+
+def rope(x, cos, sin):
+    """Rotate each channel pair (x0, x1) of x (N, H, T, hd) by its angle: (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, T, hd/2) each
+    return x * cos + torch.stack([-x1, x0], dim=-1).flatten(-2) * sin
+
+class JiTAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = RMSNorm(dim // num_heads), RMSNorm(dim // num_heads)
+
+    def forward(self, x, cos, sin):
+        N, T, D = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).unbind(2))
+        q, k = rope(self.q_norm(q), cos, sin), rope(self.k_norm(k), cos, sin)  # (N, H, T, hd), fp32 (the tables)
+        with torch.autocast(x.device.type, enabled=False):  # logits and softmax in fp32, as the official attention
+            x = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)  # (N, H, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+class JiTBlock(nn.Module):
+    """SiT's adaLN-Zero block with RMSNorm, RoPE attention and a SwiGLU of 2/3 the width (the same parameter count)."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = RMSNorm(dim), JiTAttention(dim, num_heads), RMSNorm(dim)
+        self.mlp = SwiGLU(dim, int(int(4 * dim) * 2 / 3))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, cos, sin):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (N, D)
+        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin))
+        return torch.addcmul(x, gate2.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+class BottleneckPatchEmbed(nn.Module):
+    """Patches -> a narrow bottleneck (a linear map of each p x p x 3 patch, no bias) -> the width (a 1 x 1 conv)."""
+    def __init__(self, input_size, patch_size, bottleneck, dim):
+        super().__init__()
+        self.input_size, self.patch_size = input_size, patch_size
+        self.proj1 = nn.Conv2d(3, bottleneck, patch_size, stride=patch_size, bias=False)
+        self.proj2 = nn.Conv2d(bottleneck, dim, 1)
+
+    def forward(self, x):
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"JiT was built for {self.input_size}x{self.input_size} images, got {tuple(x.shape)}")
+        return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2).contiguous()  # (N, D, h, w) -> (N, T, D)
+
+class JiT(nn.Module):
+    """JiT with one projector per teacher on block encoder_depth's patch tokens (1-based; the in-context tokens are
+    left out). Labels are dropped by the loss, not here: the label table's last row is the null label. The RoPE
+    tables are buffers outside the state dict, so official checkpoints load strictly."""
+    def __init__(self, input_size=256, patch_size=16, hidden_size=768, depth=12, num_heads=12, num_classes=1000,
+                 bottleneck_dim=128, in_context_len=32, in_context_start=4, encoder_depth=8, z_dims=(768,),
+                 projector='conv', proj_kernel=3, projector_dim=2048):
+        super().__init__()
+        if not 1 <= encoder_depth <= depth:
+            raise UserError(f"encoder_depth must be in 1..{depth} (the aligned block), got {encoder_depth}")
+        if input_size % patch_size:
+            raise UserError(f"the image side {input_size} is not a multiple of the JiT patch {patch_size}")
+        self.in_channels, self.patch_size, self.num_classes, self.encoder_depth = 3, patch_size, num_classes, encoder_depth
+        self.in_context_len, self.in_context_start, grid = in_context_len, in_context_start, input_size // patch_size
+        self.x_embedder = BottleneckPatchEmbed(input_size, patch_size, bottleneck_dim, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, dropout_prob=1.0)  # the null row; never drops here
+        self.register_buffer('pos_embed', sincos_pos_embed(hidden_size, grid))  # fixed, (1, T, D)
+        if in_context_len:
+            self.in_context_posemb = nn.Parameter(torch.randn(1, in_context_len, hidden_size) * 0.02)
+        for name, extra in (('rope', 0), ('rope_ctx', in_context_len)):  # without and with the in-context tokens
+            for suffix, table in zip(('_cos', '_sin'), rope_tables(hidden_size // num_heads, grid, extra)):
+                self.register_buffer(name + suffix, table, persistent=False)
+        self.blocks = nn.ModuleList([JiTBlock(hidden_size, num_heads) for _ in range(depth)])
+        self.projectors = nn.ModuleList(Projector(projector, hidden_size, z, projector_dim, proj_kernel)
+                                        for z in z_dims)  # one per teacher
+        self.final_layer = FinalLayer(hidden_size, patch_size, 3)
+        self.final_layer.norm_final = RMSNorm(hidden_size)
+        self.grad_ckpt = False
+        self.initialize_weights()
+
+    initialize_weights, unpatchify = SiT.initialize_weights, SiT.unpatchify  # the same init and pixel layout
+
+    def forward(self, z, t, y, align=True):
+        """z (N, 3, H, W) at times t (N,) (1: clean) with labels y (N,) -> the predicted clean image (N, 3, H, W) and
+        the projected patch tokens, one (N, T, z_dim) per teacher."""
+        x = self.x_embedder(z) + self.pos_embed  # (N, T, D)
+        y_emb = self.y_embedder(y, False)  # (N, D)
+        c, ctx, projected = self.t_embedder(t) + y_emb, 0, []
+        for i, block in enumerate(self.blocks):
+            if self.in_context_len and i == self.in_context_start:  # the class tokens join in front
+                ctx = self.in_context_len
+                x = torch.cat([y_emb.unsqueeze(1) + self.in_context_posemb, x], dim=1)  # (N, ctx + T, D)
+            cos, sin = (self.rope_ctx_cos, self.rope_ctx_sin) if ctx else (self.rope_cos, self.rope_sin)
+            if self.grad_ckpt and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, cos, sin, use_reentrant=False,
+                                                      preserve_rng_state=False)
+            else:
+                x = block(x, c, cos, sin)
+            if align and i + 1 == self.encoder_depth:
+                projected = [projector(x[:, ctx:]) for projector in self.projectors]
+        return self.unpatchify(self.final_layer(x[:, ctx:], c)), projected
+
+# depth, width, heads, bottleneck, in-context tokens, their first block, aligned block: the official factories (B, L,
+# H at patch 16 or 32; main_jit.py's encoder_depth 8); T (tiny) is ours, for the CPU demo and tests, as SiT-T
+JIT_SIZES = dict(T=(6, 192, 3, 32, 4, 2, 2), B=(12, 768, 12, 128, 32, 4, 8), L=(24, 1024, 16, 128, 32, 8, 8),
+                 H=(32, 1280, 16, 256, 32, 10, 8))
+JIT_MODELS = [f'JiT-{s}/{p}' for s in JIT_SIZES for p in (2, 4, 16, 32)]
+
+def jit_args(name, **kwargs):
+    """The constructor arguments of JiT `name` (JiT-B/16: size B, patch 16); None values take the size's default."""
+    if name not in JIT_MODELS:
+        raise UserError(f"unknown JiT model {name!r}; accepted: {', '.join(JIT_MODELS)}")
+    size, patch = name[4:].split('/')
+    keys = 'depth', 'hidden_size', 'num_heads', 'bottleneck_dim', 'in_context_len', 'in_context_start', 'encoder_depth'
+    return dict(zip(keys, JIT_SIZES[size]), patch_size=int(patch)) | {k: v for k, v in kwargs.items() if v is not None}
+
+def jit_loss(model, x, y, targets, cfg, null):
+    """JiT's loss on images x in [-1, 1]: labels dropped to `null` at rate jit_label_drop, t logit-normal, noise, in
+    this order (the official draws); the network predicts x from z_t, and the loss is the squared error of the
+    velocities (x - z) / (1 - t) of truth and prediction, 1 - t clamped at t_eps (weights up to 400 near t = 1)."""
+    y = torch.where(torch.rand(y.shape[0], device=y.device) < cfg.jit_label_drop, null, y)
+    t = torch.sigmoid(torch.randn(x.shape[0], device=x.device) * cfg.jit_p_std + cfg.jit_p_mean).view(-1, 1, 1, 1)
+    z = t * x + (1 - t) * (torch.randn_like(x) * cfg.jit_noise_scale)
+    x_pred, projected = model(z, t.flatten(), y, align=bool(targets))
+    w = (1 - t).clamp_min(cfg.jit_t_eps)
+    flow = ((x - z) / w - (x_pred.float() - z) / w).square().mean()
+    return dict(flow=flow, align=alignment_loss(projected, targets, x.device))
+
+@torch.no_grad()
+def jit_sample(model, noise, y, method='heun', num_steps=50, cfg_scale=1.0, low=0.0, high=1.0, t_eps=0.05):
+    """Images in [-1, 1] from `noise` (t = 0), the official sampler: t on linspace(0, 1, num_steps + 1) in float32,
+    Heun or Euler steps with the last one Euler (t = 1 is never evaluated). Guidance acts on the x-prediction with
+    the null label, on while low < t < high (no lower bound when low is 0), judged in float32 as the official code
+    does (at 50 steps, t = 0.099999994 counts as <= 0.1); off, the network runs once, conditional."""
+    if model.training:
+        raise ValueError("sample with the model in eval mode (the EMA model)")
+    ts = torch.linspace(0, 1, num_steps + 1)  # on the host: the guidance decisions read no device value
+    tt, y_null = ts.to(noise.device), torch.full_like(y, model.num_classes)
+
+    def velocity(z, i):  # z (B, 3, H, W) fp32 at time ts[i] -> (B, 3, H, W)
+        t = tt[i].expand(z.shape[0])
+        guided = cfg_scale != 1.0 and not (ts[i] >= high or (low != 0 and ts[i] <= low))
+        z_in, t_in, y_in = (torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, y_null])) if guided else (z, t, y)
+        x = model(z_in, t_in, y_in, align=False)[0].float()
+        if guided:
+            x_cond, x_uncond = x.chunk(2)
+            x = x_uncond + cfg_scale * (x_cond - x_uncond)
+        return (x - z) / (1 - t.view(-1, 1, 1, 1)).clamp_min(t_eps)
+
+    z = noise.float()
+    for i in range(num_steps):
+        dt = tt[i + 1] - tt[i]
+        v = velocity(z, i)
+        if method == 'heun' and i < num_steps - 1:
+            v = 0.5 * (v + velocity(z + dt * v, i + 1))
+        z = z + dt * v
+    return z
+
+class JiTFlow(Flow):
+    """JiT's unit: the network and two EMAs (the first samples), AdamW with lr = jit_blr x batch / 256 (or --lr)
+    after a linear warm-up of jit_warmup_epochs, set every step (a host float: no sync), no gradient clipping
+    (grad_clip 0), and a random horizontal flip per image and step (the teachers see the flipped image too)."""
+    def __init__(self, cfg, run):
+        self.cfg, self.norm, self.autocast, self.n = cfg, None, run.autocast, 0  # n: steps taken (the lr schedule)
+        args = jit_args(cfg.model, input_size=cfg.resolution, num_classes=run.data.num_classes,
+                        encoder_depth=cfg.encoder_depth, projector=cfg.projector, proj_kernel=cfg.proj_kernel,
+                        projector_dim=cfg.projector_dim)
+        teachers = run.load_teachers(grid=cfg.resolution // args['patch_size'])  # the JiT patch grid
+        self.model_args = args | dict(z_dims=[t.dim for t in teachers])
+        self.model = JiT(**self.model_args).to(run.device)
+        self.model.grad_ckpt = cfg.grad_ckpt
+        self.ema, self.ema2 = (copy.deepcopy(self.model).requires_grad_(False).eval() for _ in range(2))
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.jit_blr * cfg.global_batch_size / 256
+        self.warmup = cfg.jit_warmup_epochs * max(1, len(run.data) // cfg.global_batch_size)  # steps
+        self.opt = adamw(self.model.parameters(), self.peak_lr, cfg.adam_beta2)
+        self.train_model = run.wrap(self.model)
+        self.saved = dict(model=self.model, ema=self.ema, ema2=self.ema2, opt=self.opt, schedule=self)
+
+    def state_dict(self):  # the schedule's place: checkpoints keep it (saved['schedule'])
+        return dict(steps=self.n)
+
+    def load_state_dict(self, state):
+        self.n = state['steps']
+
+    def transform(self, img):  # (B, 3, R, R) uint8, each image flipped left-right with probability 1/2
+        return torch.where(torch.rand(img.shape[0], 1, 1, 1, device=img.device) < 0.5, img.flip(-1), img)
+
+    def step(self, img, moments, y, targets):
+        cfg = self.cfg
+        for group in self.opt.param_groups:  # the official schedule: lr 0 at the first step, peak after warm-up
+            group['lr'] = self.peak_lr * min(1.0, self.n / self.warmup) if self.warmup else self.peak_lr
+        self.n += 1
+        with self.autocast:
+            losses = jit_loss(self.train_model, img.float() / 255 * 2 - 1, y, targets, cfg, self.model.num_classes)
+        grad_norm = clipped_step(losses['flow'] + cfg.proj_coeff * losses['align'], self.model, self.opt,
+                                 cfg.grad_clip, keep_grads=y.device.type == 'cpu')
+        ema_update(self.ema, self.model, cfg.ema_decay)
+        ema_update(self.ema2, self.model, cfg.jit_ema_decay2)
+        return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm)
+
+    @torch.no_grad()
+    def preview(self, noise, y, eps=None):
+        steps, cfg_scale = PREVIEW[self.cfg.preview]
+        with self.autocast:
+            return jit_sample(self.ema, noise, y, self.cfg.preview, steps, cfg_scale, t_eps=self.cfg.jit_t_eps)
+
 # The training unit of each objective (a recipe row's `objective`)
-OBJECTIVES = {'flow': Flow, 'repa-e': REPAE, 'meanflow': MeanFlow}
+OBJECTIVES = {'flow': Flow, 'repa-e': REPAE, 'meanflow': MeanFlow, 'jit': JiTFlow}
 # =====================================================================================================================
 # Part 3. The paper's study: a teacher's spatial metrics and linear probe, their correlation with FID, the spatial norm
 @functools.lru_cache(maxsize=8)
@@ -2025,9 +2269,11 @@ class Run:
 # cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
 DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
             log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
-DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to train; the PatchGAN needs >= 24 px
+DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32),  # a VAE to train; the PatchGAN needs >= 24 px
+                  'jit': dict(model='JiT-T/2', jit_warmup_epochs=0)}  # a tiny JiT at DEMO's lr from the first step
 HELP = dict(  # the flags whose name and default do not say it all; RECIPES' comments explain the rest
-    recipe=f"the method, a row of RECIPES: {', '.join(RECIPES)}", model='SiT-{T (tiny, ours),S,B,L,XL}/{2,4,8}',
+    recipe=f"the method, a row of RECIPES: {', '.join(RECIPES)}",
+    model='SiT-{T (tiny, ours),S,B,L,XL}/{2,4,8}; JiT-{T,B,L,H}/{2,4,16,32} (pixel space, JiT recipes)',
     encoder="teacher(s), comma-separated (python encoders.py --list); 'none': a plain SiT", proj_coeff='lambda',
     encoder_weights="'auto' (Hugging Face hub and its cache), local files (one per teacher), 'random[:BLOCKS]' (tests)",
     encoder_depth='aligned SiT block (1-based); default 4 (S, B), 8 (L, XL)', preview='grid sampler',
@@ -2055,7 +2301,8 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     grad_jump='warn when a gradient norm changes by more than this factor from one log interval to the next',
     projector_dim='hidden width of the MLP projector', qk_norm='LayerNorm on queries and keys (steadier at high lr)',
     resolution='image side in pixels (a multiple of the VAE factor x patch size)', max_steps='training steps in all',
-    lr='AdamW learning rate (constant, no warm-up)', grad_clip='clip the gradient norm to this',
+    lr='AdamW learning rate (constant; JiT: after warm-up, default jit_blr x batch / 256)',
+    grad_clip='clip the gradient norm to this (0: no clipping)',
     ema_decay='decay of the EMA weights that sample', seed='data order, noise and initialization',
     log_every='steps between log.jsonl lines', ckpt_every='steps between checkpoints',
     num_workers='DataLoader processes per rank', proj_kernel='side of the conv projector\'s kernel (odd)',
@@ -2069,10 +2316,14 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     mf_ratio='MeanFlow: share of the rows with r != t', mf_norm_c='MeanFlow: c of the adaptive weight 1/sg(L+c)^p',
     mf_norm_p='MeanFlow: p of the adaptive weight', mf_label_drop='MeanFlow: share of labels dropped in the loss',
     mf_omega='MeanFlow: guidance scale trained in (omega)', mf_kappa='MeanFlow: kappa of the trained-in guidance',
-    mf_t_start='MeanFlow: guidance applies for t from this', mf_t_end='MeanFlow: guidance applies for t up to this')
-TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str,
+    mf_t_start='MeanFlow: guidance applies for t from this', mf_t_end='MeanFlow: guidance applies for t up to this',
+    jit_blr='JiT: base learning rate, per 256 images', jit_warmup_epochs='JiT: epochs of linear lr warm-up',
+    jit_p_mean='JiT: mean of the logit-normal t', jit_p_std='JiT: std of the logit-normal t',
+    jit_t_eps='JiT: floor of 1 - t in the velocity', jit_noise_scale='JiT: std of the noise',
+    jit_label_drop='JiT: share of labels dropped in the loss', jit_ema_decay2="JiT: the second EMA's decay")
+TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str, lr=float,
              time_limit=str, teacher_cache=str)  # flags whose default is None
-CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
+CHOICES = dict(recipe=RECIPES, model=MODELS + JIT_MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
                siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
 EPILOG = '''commands (each with its own --help):
   python irepa.py recipes                  every recipe's settings side by side
@@ -2144,7 +2395,7 @@ def resolve_config(argv=None):
 # one line per mistake (all of them at once), exit code 2, not a traceback minutes into the run or a run of 0 steps.
 # The interval each number must lie in ('[' and ']' include the end, '(' and ')' exclude it; inf is never allowed).
 RANGES = dict(
-    max_steps='[1, inf)', global_batch_size='[1, inf)', lr='[0, inf)', grad_clip='(0, inf)', ema_decay='[0, 1]',
+    max_steps='[1, inf)', global_batch_size='[1, inf)', lr='[0, inf)', grad_clip='[0, inf)', ema_decay='[0, 1]',
     seed='[0, inf)', log_every='[1, inf)', ckpt_every='[1, inf)', sample_every='[0, inf)', num_workers='[0, inf)',
     keep_last='[0, inf)', resolution='[1, inf)', num_classes='[1, inf)', synthetic_size='[1, inf)',
     projector_dim='[1, inf)', latent_scale='(0, inf)', max_bad_fraction='[0, 1]', grad_floor='[0, inf)',
@@ -2153,7 +2404,9 @@ RANGES = dict(
     l1_coeff='[0, inf)', lpips_coeff='[0, inf)', kl_coeff='[0, inf)', gan_coeff='[0, inf)',
     repae_stats_images='[1, inf)', mf_p_mean='(-inf, inf)', mf_p_std='(0, inf)', mf_ratio='[0, 1]',
     mf_norm_c='(0, inf)', mf_norm_p='[0, inf)', mf_label_drop='[0, 1]', mf_omega='(0, inf)', mf_kappa='[0, 1)',
-    mf_t_start='[0, 1]', mf_t_end='[0, 1]')
+    mf_t_start='[0, 1]', mf_t_end='[0, 1]', jit_blr='[0, inf)', jit_warmup_epochs='[0, inf)', jit_p_mean='(-inf, inf)',
+    jit_p_std='(0, inf)', jit_t_eps='(0, 1]', jit_noise_scale='(0, inf)', jit_label_drop='[0, 1]',
+    jit_ema_decay2='[0, 1]')
 VAE_NAMES = {'sd-vae-ft-mse': 8, 'sd-vae-ft-ema': 8, 'random': 8, 'random:tiny': 2}  # the VAEs by name: their factor
 
 def in_range(v, interval):
@@ -2181,8 +2434,22 @@ def check_numbers(cfg, world):
     return errors
 
 def check_shapes(cfg):
-    """The SiT's token grid and aligned block: resolution / (VAE factor x patch size) whole, encoder depth <= depth."""
-    errors, (depth, *_), patch = [], SIZES[cfg.model[4:].split('/')[0]], int(cfg.model.split('/')[1])
+    """The model's token grid and aligned block: resolution / (VAE factor x patch size) whole, encoder depth <= depth;
+    a JiT trains in pixel space with a JiT recipe, a SiT with the others."""
+    jit, errors = cfg.model.startswith('JiT-'), []
+    (depth, *_), patch = (JIT_SIZES if jit else SIZES)[cfg.model[4:].split('/')[0]], int(cfg.model.split('/')[1])
+    if jit != (cfg.objective == 'jit'):
+        errors.append(f"--model {cfg.model} is a JiT (pixel space): it trains with --recipe jit-repa or jit-irepa"
+                      if jit else f"--recipe {cfg.recipe} trains a JiT: pass --model {JIT['model']} (or another of "
+                      f"JiT-{{T,B,L,H}}/{{2,4,16,32}}), not the SiT {cfg.model}")
+    if cfg.objective == 'jit' and (cfg.vae != 'none' or cfg.data_path and (Path(cfg.data_path) / 'meta.json').exists()):
+        errors.append(f"--recipe {cfg.recipe} is pixel-space diffusion: it trains on images, without a --vae or "
+                      f"prepared latents (got --vae {cfg.vae}, --data-path {cfg.data_path})")
+    if cfg.objective == 'jit' and cfg.teacher_cache:
+        errors.append(f"--recipe {cfg.recipe} flips every image at random each step, so cached teacher tokens (of the "
+                      f"unflipped images) would be wrong for half of them: drop --teacher-cache")
+    if cfg.objective == 'jit' and cfg.preview not in ('euler', 'heun'):
+        errors.append(f"--preview {cfg.preview}: JiT samples with 'heun' or 'euler'")
     if cfg.encoder_depth is not None and cfg.encoder_depth > depth:
         errors.append(f"--encoder-depth {cfg.encoder_depth} is past the last block of {cfg.model}, which has {depth} "
                       f"(the aligned block must be in 1..{depth})")

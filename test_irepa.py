@@ -564,12 +564,13 @@ def test_every_setting_is_one_flag():
     rows = irepa.RECIPES.values()
     flags = {a.dest for a in irepa.get_parser()._actions} - {'help'}
     assert flags == irepa.DEFAULTS.keys() | {k for r in rows for k in r} - {'objective'} and set(irepa.HELP) <= flags
-    for objective in ('flow', 'repa-e', 'meanflow'):
+    for objective in ('flow', 'repa-e', 'meanflow', 'jit'):
         keys = {frozenset(r) for r in rows if r['objective'] == objective}
         assert len(keys) == 1, objective
     assert irepa.DEFAULTS == irepa.METHOD | irepa.RUN and not irepa.METHOD.keys() & irepa.RUN.keys()
-    assert not set(irepa.METHOD) & {k for r in rows for k in r}  # each setting of the method lives in one place
-    assert {k for r in rows for k in r} & irepa.RUN.keys() == {'preview', 'precision'}  # MeanFlow's own, for a run
+    assert set(irepa.METHOD) & {k for r in rows for k in r} == {'model', 'vae', 'lr', 'grad_clip'}  # JiT's own
+    assert all(k not in r for r in rows if r['objective'] != 'jit' for k in irepa.METHOD)  # else in one place
+    assert {k for r in rows for k in r} & irepa.RUN.keys() == {'preview', 'precision'}  # MeanFlow's, JiT's, for a run
     assert set(irepa.OBJECTIVES) == {r['objective'] for r in rows}
     assert set(irepa.PREVIEW) >= {r.get('preview', irepa.RUN['preview']) for r in rows}
 
@@ -594,7 +595,7 @@ def test_every_recipe_trains_offline(recipe, tmp_path, monkeypatch):
         recipe=recipe, demo=True) | on_this_machine(row)
     log = [json.loads(l) for l in open(tmp_path / 'log.jsonl')]
     own = {'flow': set(), 'repa-e': {'vae_loss', 'd_loss', 'kl', 'grad_norm_vae', 'grad_norm_disc'},  # NaN-guarded
-           'meanflow': {'mse'}}[row['objective']]
+           'meanflow': {'mse'}, 'jit': set()}[row['objective']]
     assert len(log) == 2 and all(own <= set(r) and math.isfinite(r['flow'] + r['align']) for r in log)
     ckpt = load_ckpt(tmp_path / 'checkpoints/0000002.pt')
     proj = ckpt['model']['projectors.0.projection_layer.weight' if row['projector'] == 'conv' else
@@ -4680,3 +4681,117 @@ def test_save_grid_tiles_as_torchvisions_make_grid(tmp_path):
         big = images.permute(0, 3, 1, 2).repeat_interleave(k, 2).repeat_interleave(k, 3)
         want = make_grid(big, nrow=cols or math.ceil(math.sqrt(n)), padding=0).permute(1, 2, 0).numpy()
         assert np.array_equal(np.asarray(Image.open(tmp_path / 'g.png')), want), (n, h, w, cols)
+
+
+# --- issue 28: JiT, pixel-space diffusion (the official jit/ tree) ---
+def jit_vectors():
+    """vectors/jit_parity.safetensors: the official JiT model, loss and sampler run in fp32 on random weights, with
+    each case's settings (the official constructor arguments, seeds) as JSON in the metadata."""
+    p = HERE / 'vectors/jit_parity.safetensors'
+    if not p.exists():
+        pytest.fail(f'the JiT parity vectors {p} are missing: they ship in vectors/')
+    with safetensors.safe_open(p, 'pt') as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def official_jit(case):
+    """Our JiT with the official weights of `case` (strict load), its vectors and configuration."""
+    v, meta = jit_vectors()
+    cfg = json.loads(meta[f'{case}.config'])
+    kw = cfg['jit_ctor_kwargs']
+    model = irepa.JiT(**{k: kw[k] for k in ('input_size', 'patch_size', 'hidden_size', 'depth', 'num_heads',
+                                            'num_classes', 'bottleneck_dim', 'in_context_len', 'in_context_start',
+                                            'encoder_depth', 'z_dims', 'projector_dim')},
+                      projector=kw['projection_layer_type'], proj_kernel=kw['proj_kwargs_kernel_size'])
+    prefix = f'{case}.state.'
+    irepa.load_state(model, {k[len(prefix):]: t for k, t in v.items() if k.startswith(prefix)}, 'official JiT')
+    return model, {k[len(case) + 1:]: t for k, t in v.items() if k.startswith(case + '.')}, cfg
+
+
+@pytest.mark.parametrize('case', ['repa', 'irepa', 'irepa_p16'])
+def test_jit_matches_the_official_model_loss_and_sampler(case):
+    """The official JiT state dicts load strictly; in fp32 the model's x-prediction and projected tokens, the loss (its
+    draws from the same seed in the official order; denoising and alignment terms) and both samplers (Heun and Euler,
+    guidance on an interval, the last step Euler) agree with the official code's to 1e-5. The cases cover the
+    in-context tokens stripped before the projector and not yet inserted, the mlp and conv projectors, the t clamp."""
+    model, v, cfg = official_jit(case)
+    model.eval()
+    out, projected = model(v['x'], v['t'], v['y'])
+    assert rel_err(out, v['out']) < 1e-5 and rel_err(projected[0], v['zs.0']) < 1e-5
+    tokens = v['loss.tokens']
+    targets = [irepa.spatial_norm(tokens, cfg['zscore_alpha'])] if cfg['spnorm_method'] == 'zscore' else [tokens]
+    assert rel_err(targets[0], v['loss.zs_normed']) < 1e-5
+    settings = SimpleNamespace(jit_label_drop=cfg['label_drop'], jit_p_mean=cfg['P_mean'], jit_p_std=cfg['P_std'],
+                               jit_t_eps=cfg['t_eps'], jit_noise_scale=cfg['noise_scale'])
+    model.train()
+    torch.manual_seed(cfg['loss_seed'])
+    losses = irepa.jit_loss(model, v['loss.x'], v['loss.y'], targets, settings, model.num_classes)
+    assert rel_err(losses['flow'], v['loss.denoise']) < 1e-5 and rel_err(losses['align'], v['loss.proj']) < 1e-5
+    assert rel_err(losses['flow'] + cfg['proj_coeff'] * losses['align'], v['loss.total']) < 1e-5
+    model.eval()
+    for method in ('heun', 'euler'):
+        s = cfg['sample'][method]
+        x = irepa.jit_sample(model, cfg['noise_scale'] * v['sample.noise'], v['sample.y'], method,
+                             s['num_sampling_steps'], s['cfg'], s['interval_min'], s['interval_max'], cfg['t_eps'])
+        assert rel_err(x, v[f'sample.{method}']) < 1e-5, method
+
+
+def test_jit_guidance_is_off_at_the_official_boundary():
+    """At 50 steps the official sampler judges t = 0.099999994 (float32) as <= 0.1, so with the interval (0.1, 1) it
+    runs that step unguided, once; t = 1 is never evaluated. Counted by the batch sizes the network sees."""
+    model = irepa.JiT(input_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+                      bottleneck_dim=4, in_context_len=0, encoder_depth=1, z_dims=()).eval()
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[0], round(args[1][0].item(), 9))))
+    irepa.jit_sample(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), 'euler', 50, 2.0, 0.1, 1.0)
+    assert len(seen) == 50 and max(t for _, t in seen) < 1
+    assert [b for b, t in seen if t <= 0.1] == [2] * 6 and all(b == 4 for b, t in seen if t > 0.1)
+
+
+def test_jit_lr_warms_up_and_two_emas_follow(tmp_path):
+    """JiT's unit: lr = jit_blr x batch / 256, 0 at the first step and linear over jit_warmup_epochs (16 steps an
+    epoch here); the two EMAs follow the weights at their own decays; the flip is drawn per image."""
+    s = Started(run_args(tmp_path, 3, '--recipe', 'jit-irepa', '--model', 'JiT-T/4', '--jit-warmup-epochs', '2',
+                         '--jit-ema-decay2', '0.5'))
+    peak = 5e-5 * 4 / 256
+    for k in range(3):
+        before = [p.detach().clone() for p in s.unit.model.parameters()]
+        e1, e2 = ([p.detach().clone() for p in e.parameters()] for e in (s.unit.ema, s.unit.ema2))
+        s.step(k, next(s.loader))
+        assert s.unit.opt.param_groups[0]['lr'] == pytest.approx(peak * k / 32, abs=0)
+        after = list(s.unit.model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(before, after)) == (k == 0)  # lr 0: no change (AdamW, wd 0)
+        for ema, old, d in ((s.unit.ema, e1, 0.9), (s.unit.ema2, e2, 0.5)):
+            for e, o, p in zip(ema.parameters(), old, after):
+                torch.testing.assert_close(e, o + (1 - d) * (p.detach() - o), rtol=0, atol=1e-6)
+    img = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4).repeat(200, 1, 1, 1)
+    flipped = (s.unit.transform(img) != img).flatten(1).any(1)
+    assert 0.4 < flipped.float().mean() < 0.6 and torch.equal(s.unit.transform(img[:1].flip(-1).flip(-1))[0].sort(
+        -1)[0], img[0].sort(-1)[0])
+
+
+@slow
+def test_jit_resume_is_bitwise_exact(tmp_path):
+    """A JiT run stopped and resumed equals the uninterrupted one bit for bit: weights, both EMAs, AdamW, the lr
+    schedule's step count (under warm-up, so a lost count would change every lr)."""
+    jit = ('--recipe', 'jit-repa', '--model', 'JiT-T/4')
+    irepa.main(run_args(tmp_path / 'full', 6, *jit))
+    irepa.main(run_args(tmp_path / 'split', 3, *jit))
+    irepa.main(run_args(tmp_path / 'split', 6, *jit, '--resume'))
+    a, b = load_ckpt(tmp_path / 'full/checkpoints/0000006.pt'), load_ckpt(tmp_path / 'split/checkpoints/0000006.pt')
+    assert_same_state(a, b)
+    assert a['schedule'] == b['schedule'] == dict(steps=6) and a['ema2'].keys() == b['ema2'].keys()
+    assert all(torch.equal(a['ema2'][k], b['ema2'][k]) for k in a['ema2'])
+    assert not torch.equal(a['ema2']['final_layer.linear.weight'], a['ema']['final_layer.linear.weight'])
+
+
+@pytest.mark.parametrize('argv, says', [
+    (['--recipe', 'jit-irepa', '--model', 'SiT-T/2'], 'trains a JiT'),
+    (['--recipe', 'irepa', '--model', 'JiT-T/2'], 'is a JiT (pixel space)'),
+    (['--recipe', 'jit-irepa', '--model', 'JiT-T/4', '--resolution', '18'], 'multiple of 4'),
+    (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--vae', 'sd-vae-ft-mse'], 'pixel-space'),
+    (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--teacher-cache', 'cache'], 'drop --teacher-cache'),
+    (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--preview', 'sde'], "'heun' or 'euler'")])
+def test_jit_bad_input_is_one_line(argv, says, capsys, tmp_path):
+    line = user_error(capsys, irepa.main, '--demo', '--out-dir', tmp_path, *argv)
+    assert says in line, line
