@@ -487,29 +487,53 @@ def write_npz(path, shard_files, shape):
 
 
 def model_from_checkpoint(path, ema=True, device='cpu'):
-    """The SiT of a checkpoint (EMA weights by default) in eval mode, and a dict that describes it. Reads checkpoints
-    of irepa.py and of the official iREPA/REPA code. Theirs pickle an argparse Namespace, which is allowed through
-    the weights_only load; they do not store the latent normalization, so info['latent'] is None."""
+    """The SiT or JiT of a checkpoint (EMA weights by default) in eval mode, and a dict that describes it. Reads
+    checkpoints of irepa.py and of the official iREPA/REPA code (ldm/ and jit/). Theirs pickle an argparse Namespace,
+    which is allowed through the weights_only load; they do not store the latent normalization, so info['latent'] is
+    None (a JiT needs none: pixel space)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
-    if not isinstance(ckpt, dict) or 'ema' not in ckpt or not ('model_args' in ckpt or 'args' in ckpt):
+    official_jit = isinstance(ckpt, dict) and 'model_ema1' in ckpt and 'args' in ckpt
+    if not official_jit and (not isinstance(ckpt, dict) or 'ema' not in ckpt or
+                             not ('model_args' in ckpt or 'args' in ckpt)):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a SiT checkpoint of irepa.py or the official code (it holds {keys})")
+        raise UserError(f"{path} is not a SiT or JiT checkpoint of irepa.py or the official code (it holds {keys})")
+    if official_jit:  # the Denoiser's state dicts ('net.' keys); the first EMA (decay 0.9999) samples, as theirs
+        return official_jit_model(path, ckpt, ema, device)
     state = ckpt['ema' if ema else 'model']
     if 'model_args' in ckpt:  # ours
         args, info = ckpt['model_args'], dict(config=ckpt['config'], latent=ckpt.get('latent'), step=ckpt['step'],
                                               vae_state=ckpt.get('vae'))  # REPA-E: the VAE trained with the SiT
+        model = (irepa.JiT if ckpt['config']['model'].startswith('JiT-') else irepa.SiT)(**args)
     else:  # official: rebuild from its training arguments; the projectors are not needed to sample
         a = vars(ckpt['args'])
         args = irepa.sit_args(a['model'], input_size=a['resolution'] // 8, num_classes=a.get('num_classes', 1000),
                               encoder_depth=a.get('encoder_depth'), qk_norm=a.get('qk_norm', False), z_dims=())
         state = {k: v for k, v in state.items() if not k.startswith('projectors.')}
         info = dict(config=a, latent=None, step=ckpt.get('steps'))
-    model = irepa.SiT(**args)
+        model = irepa.SiT(**args)
     irepa.load_state(model, state)
+    return model.to(device).eval(), info
+
+
+def official_jit_model(path, ckpt, ema, device):
+    """An official JiT checkpoint (jit/main_jit.py): its args name the model; the weights must be of that size."""
+    a = vars(ckpt['args'])
+    state = {k[4:]: v for k, v in ckpt['model_ema1' if ema else 'model'].items()
+             if k.startswith('net.') and not k.startswith('net.projectors.')}
+    depth = 1 + max((int(k.split('.')[1]) for k in state if k.startswith('blocks.')), default=-1)
+    width, patch = state['pos_embed'].shape[-1], state['x_embedder.proj1.weight'].shape[-1]
+    size = next((f"JiT-{s}/{patch}" for s, v in irepa.JIT_SIZES.items() if v[:2] == (depth, width)), None)
+    if size != a['model']:
+        raise UserError(f"{path}: its args name {a['model']}, but its weights are of "
+                        f"{size or f'a JiT of depth {depth}, width {width}, patch {patch}'}")
+    args = irepa.jit_args(a['model'], input_size=a['img_size'], num_classes=a.get('class_num', 1000), z_dims=())
+    model = irepa.JiT(**args)
+    irepa.load_state(model, state, f'official JiT checkpoint {path}')
+    info = dict(config=dict(a, vae='none'), latent=None, step=ckpt.get('epoch'))
     return model.to(device).eval(), info
 
 

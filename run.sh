@@ -25,13 +25,16 @@ TEACHERS=${TEACHERS:-"dinov2 dinov3 webssl-vit-dino1b pe-vit-g"}  # the paper's 
                                                                    # WebSSL-1B, PE-Core-G
 EXTRA_TEACHERS=${EXTRA_TEACHERS:-}            # more teachers (python encoders.py --list), e.g. "siglip2 mae"
 RECIPES=${RECIPES:-"repa irepa"}              # rows of irepa.RECIPES: also conv-only spnorm-mlp (Table 3),
-                                              # repa-e irepa-e, meanflow-repa meanflow-irepa
+                                              # repa-e irepa-e, meanflow-repa meanflow-irepa, jit-repa jit-irepa
 ENCODER_WEIGHTS=${ENCODER_WEIGHTS:-auto}      # auto: Hugging Face hub or its cache; WEIGHTS_DIR/<teacher>.* wins if
                                               # present
 TEACHER_CACHE=${TEACHER_CACHE:-}              # a folder: each teacher's tokens computed once (--teacher-cache), in
                                               # TEACHER_CACHE/<teacher>-<RES>px, shared by its recipes; empty: online
 WEIGHTS_DIR=${WEIGHTS_DIR:-}                  # offline: one file per teacher, named by its canonical name (see README)
 MODEL=${MODEL:-SiT-XL/2}                      # or SiT-B/2
+JIT_MODEL=${JIT_MODEL:-JiT-B/16}              # the JiT recipes' model: pixel space (no latents, no VAE, images)
+JIT_SAMPLE_STEPS=${JIT_SAMPLE_STEPS:-50}      # JiT samples with its own sampler: Heun, 50 steps (the official's)
+JIT_CFG=${JIT_CFG:-1.0}                       # JiT's guidance, on t in (0.1, 1) when above 1 (JiT-B/16's own: 2.9)
 STEPS=${STEPS:-100000}                        # the paper's tables: 100K steps
 BATCH=${BATCH:-256}                           # global batch, whatever the number of GPUs
 CKPT_EVERY=${CKPT_EVERY:-25000}               # a killed run loses at most this many steps (XL/2 checkpoint: ~11 GB)
@@ -187,11 +190,11 @@ stage() {
 # -----------------------------------------------------------------------------
 # FLOP counts (meta device: no weights, no GPU), canonical teacher names and each recipe's objective, from the code
 
-info=$(CUDA_VISIBLE_DEVICES= SWEEP_RECIPES="$RECIPES" "$PYTHON" - "$MODEL" "$RES" "$VAE" \
+info=$(CUDA_VISIBLE_DEVICES= SWEEP_RECIPES="$RECIPES" "$PYTHON" - "$MODEL" "$RES" "$VAE" "$JIT_MODEL" \
     $TEACHERS $EXTRA_TEACHERS <<'EOF'
 import contextlib, io, os, sys, torch
 import encoders, irepa
-model, res, vae, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+model, res, vae, jit_model, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 for r in os.environ['SWEEP_RECIPES'].split():
     if r not in irepa.RECIPES:
         sys.exit(f"run.sh: unknown recipe '{r}' in RECIPES; the recipes are {', '.join(irepa.RECIPES)}")
@@ -203,6 +206,12 @@ grid = res // down // int(model.split('/')[1])
 print('grid', grid)
 print('sit_train', irepa.sit_train_flops(sit))  # per image: 6 (12 L D^2 T + 2 L T^2 D)
 print('sit_fwd', irepa.sit_train_flops(sit) // 3)
+jit_grid = grid
+if any(irepa.RECIPES[r]['objective'] == 'jit' for r in os.environ['SWEEP_RECIPES'].split()):
+    with torch.device('meta'):  # the JiT recipes' model, on images
+        jit = irepa.JiT(**irepa.jit_args(jit_model, input_size=res, num_classes=1000, z_dims=()))
+    jit_grid = res // jit.patch_size
+    print('jit_train', irepa.sit_train_flops(jit))  # the same count: SwiGLU at 2/3 width has an MLP's FLOPs
 seen = set()
 for n in names:
     c = encoders.resolve_teacher(n)
@@ -210,29 +219,33 @@ for n in names:
         seen.add(c)
         with contextlib.redirect_stderr(io.StringIO()):  # the random-weights warning of a FLOP count
             t = encoders.load_teacher(c, 'random', grid=grid, device='meta')
-        print('teacher', c, t.flops(), t.dim, grid * grid)  # forward per image, width, tokens
+        with contextlib.redirect_stderr(io.StringIO()):  # and on the JiT patch grid
+            jt = t if jit_grid == grid else encoders.load_teacher(c, 'random', grid=jit_grid, device='meta')
+        print('teacher', c, t.flops(), t.dim, grid * grid, jt.flops())  # forward per image, width, tokens; JiT's
 EOF
 )
-declare -A TFLOPS TSHAPE OBJECTIVE  # TSHAPE: the teacher's width and token count
-ALL=()
-while read -r key a b c; do
+declare -A TFLOPS TSHAPE OBJECTIVE JTFLOPS  # TSHAPE: the teacher's width and token count; JTFLOPS: on JiT's grid
+ALL=(); JIT_TRAIN=0
+while read -r key a b c d e; do
     case $key in
-        recipe) OBJECTIVE[$a]=$b ;;  # flow, repa-e or meanflow
+        recipe) OBJECTIVE[$a]=$b ;;  # flow, repa-e, meanflow or jit
         grid) GRID=$a ;;
         sit_train) SIT_TRAIN=$a ;;
         sit_fwd) SIT_FWD=$a ;;
-        teacher) ALL+=("$a"); TFLOPS[$a]=$b; TSHAPE[$a]=$c ;;
+        jit_train) JIT_TRAIN=$a ;;
+        teacher) ALL+=("$a"); TFLOPS[$a]=$b; TSHAPE[$a]="$c $d"; JTFLOPS[$a]=$e ;;
     esac
 done <<< "$info"
-need_latents=; images=  # REPA-E trains the VAE on images; the other objectives train on prepared latents
-for r in $RECIPES; do if [[ ${OBJECTIVE[$r]} == repa-e ]]; then images=1; else need_latents=1; fi; done
+need_latents=; images=  # REPA-E trains the VAE on images, JiT its model; the others train on prepared latents
+for r in $RECIPES; do
+    case ${OBJECTIVE[$r]} in repa-e|jit) images=1 ;; *) need_latents=1 ;; esac
+done
 
 VAE_ENC=2.73e11      # SD-VAE encoder forward at 256 px, FLOPs (torch FlopCounterMode)
 VAE_DEC=6.22e11      # SD-VAE decoder forward from 32x32x4
 INCEPTION_FWD=1.14e10
 IMAGENET=1281167
 N_TRAIN=${N_TRAIN:-$IMAGENET}  # training images, for the teacher cache's size and pass
-TAG=${MODEL//\//-}   # SiT-XL/2 -> SiT-XL-2
 STEP=$(printf %07d "$STEPS")
 echo "sweep: $MODEL, $STEPS steps x $BATCH images, teachers ${ALL[*]}, recipes $RECIPES -> $OUT"
 echo "GPUs: $NPROC per node x $NNODES node(s) ($LAUNCH); costs: FLOPs / ($MFU x $PEAK_TFLOPS TFLOP/s bf16 per GPU);" \
@@ -259,7 +272,7 @@ weights() {  # the --encoder-weights of teacher $1
 # 1. Latents, once: the SD-VAE posterior mean/std of every training image, and the per-channel latent statistics
 
 if [[ ! $need_latents ]]; then
-    echo "no latents to prepare: every recipe is REPA-E, which trains the VAE on images"
+    echo "no latents to prepare: every recipe trains on images (REPA-E: its VAE; JiT: in pixel space)"
 elif [[ $SMOKE ]]; then
     stage "prepare (synthetic set)" "$LAT/meta.json" 0 1 \
         "${LAUNCH[@]}" irepa.py --prepare --vae "$VAE" --resolution "$RES" --out-dir "$LAT" "${PREPARE_EXTRA[@]}"
@@ -274,8 +287,15 @@ fi
 # 2. Per teacher and recipe: train, then sample (on every node)
 
 sample_file() {  # run directory -> its sample batch
-    if [[ ${OBJECTIVE[$2]} == meanflow ]]; then echo "$1/samples/$STEP-meanflow$MF_STEPS-n$NUM_SAMPLES.npz"
-    else echo "$1/samples/$STEP-$SAMPLE_MODE$SAMPLE_STEPS-cfg$CFG-n$NUM_SAMPLES.npz"; fi
+    case ${OBJECTIVE[$2]} in
+        meanflow) echo "$1/samples/$STEP-meanflow$MF_STEPS-n$NUM_SAMPLES.npz" ;;
+        jit) echo "$1/samples/$STEP-heun$JIT_SAMPLE_STEPS-cfg$JIT_CFG-n$NUM_SAMPLES.npz" ;;
+        *) echo "$1/samples/$STEP-$SAMPLE_MODE$SAMPLE_STEPS-cfg$CFG-n$NUM_SAMPLES.npz" ;;
+    esac
+}
+run_dir() {  # teacher, recipe -> the run's folder, named by its model
+    local m=$MODEL; [[ ${OBJECTIVE[$2]} == jit ]] && m=$JIT_MODEL
+    echo "$OUT/runs/${m//\//-}-$1-$2"
 }
 # The teacher-token cache (TEACHER_CACHE): each teacher runs once over the training images instead of in every step of
 # every recipe (the paper's 100K steps x 256 are 20 epochs of ImageNet); its first training run builds the cache.
@@ -296,37 +316,45 @@ if [[ $DRY || $TEACHER_CACHE ]]; then
 fi
 
 for t in "${ALL[@]}"; do
-    cache=(); [[ $TEACHER_CACHE ]] && cache=(--teacher-cache "$TEACHER_CACHE/$t-${RES}px")
     for r in $RECIPES; do
-        run=$OUT/runs/$TAG-$t-$r
+        run=$(run_dir "$t" "$r"); tag=$(basename "$run"); tag=${tag%-"$t-$r"}
+        cache=(); [[ $TEACHER_CACHE ]] && cache=(--teacher-cache "$TEACHER_CACHE/$t-${RES}px")
         data=$LAT; [[ ${OBJECTIVE[$r]} == repa-e ]] && data=$DATA  # REPA-E trains the VAE, so it reads images
+        model=$MODEL; vae=$VAE; sit=$SIT_TRAIN; tf=${TFLOPS[$t]}
+        if [[ ${OBJECTIVE[$r]} == jit ]]; then  # pixel space; its per-image flip rules out the teacher cache
+            data=$DATA; model=$JIT_MODEL; vae=none; sit=$JIT_TRAIN; tf=${JTFLOPS[$t]}; cache=()
+        fi
         resume=(); compgen -G "$run/checkpoints/*.pt" > /dev/null && resume=(--resume)
-        teacher=$(awk "BEGIN { print $STEPS * $BATCH * ${TFLOPS[$t]} }")  # the teacher's forward in every step
-        if [[ $TEACHER_CACHE ]]; then  # or once: the teacher's first run builds its cache, unless it is complete
+        teacher=$(awk "BEGIN { print $STEPS * $BATCH * $tf }")  # the teacher's forward in every step
+        if [[ ${cache[*]} ]]; then  # or once: the teacher's first run builds its cache, unless it is complete
             teacher=0
             [[ $r == "${RECIPES%% *}" && ! -e $TEACHER_CACHE/$t-${RES}px/meta.json ]] &&
                 teacher=$(awk "BEGIN { print $N_TRAIN * ${TFLOPS[$t]} }")
         fi
-        flops=$(awk "BEGIN { print $STEPS * $BATCH * $SIT_TRAIN + $teacher }")  # student fwd+bwd, teacher fwd
+        flops=$(awk "BEGIN { print $STEPS * $BATCH * $sit + $teacher }")  # student fwd+bwd, teacher fwd
         [[ ${OBJECTIVE[$r]} == repa-e ]] &&
             flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
         [[ ${OBJECTIVE[$r]} == meanflow ]] &&
             flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 4 * $SIT_FWD }")  # + JVP, guidance
-        stage "train $TAG $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
-            "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$VAE" --resolution "$RES" --model "$MODEL" \
+        stage "train $tag $t $r" "$run/checkpoints/$STEP.pt" "$flops" "$WORLD" \
+            "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$vae" --resolution "$RES" --model "$model" \
             --encoder "$t" --encoder-weights "$(weights "$t")" --recipe "$r" --max-steps "$STEPS" \
             --global-batch-size "$BATCH" --ckpt-every "$CKPT_EVERY" --out-dir "$run" "${cache[@]}" "${resume[@]}" \
             "${TRAIN_EXTRA[@]}"
 
+        fwd=$SIT_FWD
         if [[ ${OBJECTIVE[$r]} == meanflow ]]; then  # 1 NFE, guidance trained in
             sampler=(--mode meanflow --num-steps "$MF_STEPS" --cfg-scale 1.0); nfe=$MF_STEPS
+        elif [[ ${OBJECTIVE[$r]} == jit ]]; then  # Heun with its last step Euler: 2 x steps - 1 NFE
+            sampler=(--mode heun --num-steps "$JIT_SAMPLE_STEPS" --cfg-scale "$JIT_CFG" --guidance-low 0.1)
+            nfe=$(awk "BEGIN { print (2 * $JIT_SAMPLE_STEPS - 1) * ($JIT_CFG > 1 ? 2 : 1) }"); fwd=$(( JIT_TRAIN / 3 ))
         else
             sampler=(--mode "$SAMPLE_MODE" --num-steps "$SAMPLE_STEPS" --cfg-scale "$CFG")
             nfe=$(awk "BEGIN { print $SAMPLE_STEPS * ($CFG > 1 ? 2 : 1) * (\"$SAMPLE_MODE\" == \"heun\" ? 2 : 1) }")
         fi
         slow=$([[ $SAMPLE_PRECISION == fp32 ]] && echo 2 || echo 1)  # fp32 sampling runs on TF32: half bf16's rate
-        stage "sample $TAG $t $r" "$(sample_file "$run" "$r")" \
-            "$(awk "BEGIN { print $NUM_SAMPLES * $nfe * $SIT_FWD * $slow }")" "$WORLD" \
+        stage "sample $tag $t $r" "$(sample_file "$run" "$r")" \
+            "$(awk "BEGIN { print $NUM_SAMPLES * $nfe * $fwd * $slow }")" "$WORLD" \
             "${LAUNCH[@]}" fid.py sample --ckpt "$run/checkpoints/$STEP.pt" --num-samples "$NUM_SAMPLES" \
             "${sampler[@]}" --batch-size "$SAMPLE_BATCH" --precision "$SAMPLE_PRECISION" \
             --out "$(sample_file "$run" "$r")" "${SAMPLE_EXTRA[@]}"
@@ -351,11 +379,11 @@ inception=(); [[ $INCEPTION ]] && inception=(--inception "$INCEPTION")
 ROWS=()
 for t in "${ALL[@]}"; do
     for r in $RECIPES; do
-        run=$OUT/runs/$TAG-$t-$r
+        run=$(run_dir "$t" "$r"); tag=$(basename "$run"); tag=${tag%-"$t-$r"}
         samples=$(sample_file "$run" "$r")
         result=${samples%.npz}.json
         # Inception on the samples and (once, then cached) the 10K reference images, in exact fp32: ~1/15 of bf16's rate
-        stage "eval $TAG $t $r" "$result" "$(awk "BEGIN { print ($NUM_SAMPLES + 10000) * $INCEPTION_FWD * 15 }")" 1 \
+        stage "eval $tag $t $r" "$result" "$(awk "BEGIN { print ($NUM_SAMPLES + 10000) * $INCEPTION_FWD * 15 }")" 1 \
             "$PYTHON" fid.py eval "$REF" "$samples" --json "$result" "${inception[@]}" "${EVAL_EXTRA[@]}"
         ROWS+=("$t" "$r" "$result" "$OUT/metrics/$t.json")  # teacher, recipe, evaluation, measurement
     done

@@ -4795,3 +4795,25 @@ def test_jit_resume_is_bitwise_exact(tmp_path):
 def test_jit_bad_input_is_one_line(argv, says, capsys, tmp_path):
     line = user_error(capsys, irepa.main, '--demo', '--out-dir', tmp_path, *argv)
     assert says in line, line
+
+
+@slow
+def test_run_sh_dry_run_plans_the_jit_recipes(tmp_path):
+    """RECIPES="jit-repa jit-irepa": no latents to prepare; each trains the JiT model on images (--vae none), samples
+    with the JiT sampler (Heun, 50 steps) and costs its own FLOPs, beside a SiT recipe in the same sweep."""
+    rc, log = run_sh('--dry-run', env=dict(OUT=str(tmp_path / 'sweep'), NPROC='8', TEACHERS='dinov2',
+                                           RECIPES='jit-repa jit-irepa'), timeout=300)
+    assert rc == 0, log[-3000:]
+    cmds = [l for l in log.splitlines() if l.startswith('+ ')]
+    assert not any('--prepare' in l for l in cmds) and 'no latents to prepare' in log
+    for r in ('jit-repa', 'jit-irepa'):
+        train, = [l for l in cmds if f'--recipe {r} ' in l]
+        assert '--model JiT-B/16 ' in train and '--vae none ' in train and '--data-path /data/imagenet/train' in train
+        sample, = [l for l in cmds if 'fid.py sample' in l and f'JiT-B-16-dinov2-vit-b-{r}/' in l]
+        assert '--mode heun --num-steps 50 ' in sample
+    costs = {l.split(':')[0][3:]: float(l.split('~')[1].split()[0]) for l in log.splitlines()
+             if l.startswith('== ') and '~' in l}
+    assert 0 < costs['train JiT-B-16 dinov2-vit-b jit-repa'] == costs['train JiT-B-16 dinov2-vit-b jit-irepa']
+    rc, both = run_sh('--dry-run', env=dict(OUT=str(tmp_path / 'sweep'), NPROC='8', TEACHERS='dinov2',
+                                            RECIPES='repa jit-irepa'), timeout=300)
+    assert rc == 0 and sum('--prepare' in l for l in both.splitlines() if l.startswith('+ ')) == 1, both[-3000:]
