@@ -877,7 +877,8 @@ def rope_tables(head_dim, grid, extra=0):
     a = ((torch.arange(grid) / grid * grid)[:, None] * freqs).repeat_interleave(2, dim=1)  # (grid, q): one per pair
     angles = torch.cat([a[:, None].expand(-1, grid, -1), a[None].expand(grid, -1, -1)], -1)  # (row, col, head_dim)
     angles = angles.reshape(grid * grid, head_dim)  # token k = row * grid + col
-    return (torch.cat([torch.full((extra, head_dim), float(v)), f(angles)]) for v, f in ((1, torch.cos), (0, torch.sin)))
+    fixed = lambda v: torch.full((extra, head_dim), float(v))
+    return torch.cat([fixed(1), angles.cos()]), torch.cat([fixed(0), angles.sin()])
 
 def rope(x, cos, sin):
     """Rotate each channel pair (x0, x1) of x (N, H, T, hd) by its angle: (x0 cos - x1 sin, x1 cos + x0 sin)."""
@@ -945,8 +946,8 @@ class JiT(nn.Module):
             raise UserError(f"encoder_depth must be in 1..{depth} (the aligned block), got {encoder_depth}")
         if input_size % patch_size:
             raise UserError(f"the image side {input_size} is not a multiple of the JiT patch {patch_size}")
-        self.in_channels, self.patch_size, self.num_classes, self.encoder_depth = 3, patch_size, num_classes, encoder_depth
-        self.in_context_len, self.in_context_start, grid = in_context_len, in_context_start, input_size // patch_size
+        self.in_channels, self.patch_size, self.num_classes, grid = 3, patch_size, num_classes, input_size // patch_size
+        self.encoder_depth, self.in_context_len, self.in_context_start = encoder_depth, in_context_len, in_context_start
         self.x_embedder = BottleneckPatchEmbed(input_size, patch_size, bottleneck_dim, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, dropout_prob=1.0)  # the null row; never drops here

@@ -4006,7 +4006,7 @@ def test_help_documents_every_flag_with_the_recipes_value(capsys):
     assert '(meanflow-irepa: 0.95)' in out and all(f'python irepa.py {c}' in out for c in irepa.COMMANDS)
     irepa.main(['recipes'])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ['setting', *irepa.RECIPES] and 'mf_kappa' in table[-3]
+    assert table[0].split() == ['setting', *irepa.RECIPES] and [l.split()[0] for l in table].count('mf_kappa') == 1
     with pytest.raises(SystemExit):
         irepa.main(['metrics', '--help'])
     out = ' '.join(capsys.readouterr().out.split())  # as wrapped to the terminal
