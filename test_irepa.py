@@ -4738,7 +4738,8 @@ def test_jit_matches_the_official_model_loss_and_sampler(case):
 
 def test_jit_guidance_is_off_at_the_official_boundary():
     """At 50 steps the official sampler judges t = 0.099999994 (float32) as <= 0.1, so with the interval (0.1, 1) it
-    runs that step unguided, once; t = 1 is never evaluated. Counted by the batch sizes the network sees."""
+    runs that step unguided, once; t = 1 is never evaluated; the interval's ends are outside it, compared in float32.
+    Counted by the batch sizes the network sees."""
     model = irepa.JiT(input_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=3,
                       bottleneck_dim=4, in_context_len=0, encoder_depth=1, z_dims=()).eval()
     seen = []
@@ -4746,6 +4747,9 @@ def test_jit_guidance_is_off_at_the_official_boundary():
     irepa.jit_sample(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), 'euler', 50, 2.0, 0.1, 1.0)
     assert len(seen) == 50 and max(t for _, t in seen) < 1
     assert [b for b, t in seen if t <= 0.1] == [2] * 6 and all(b == 4 for b, t in seen if t > 0.1)
+    seen.clear()  # 5 steps: t = 0.2 and 0.8 (float32) are the interval's ends, which the official test excludes
+    irepa.jit_sample(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), 'euler', 5, 2.0, 0.2, 0.8)
+    assert [b for b, _ in seen] == [2, 2, 4, 4, 2]
 
 
 def test_jit_lr_warms_up_and_two_emas_follow(tmp_path):
@@ -4783,6 +4787,8 @@ def test_jit_resume_is_bitwise_exact(tmp_path):
     assert a['schedule'] == b['schedule'] == dict(steps=6) and a['ema2'].keys() == b['ema2'].keys()
     assert all(torch.equal(a['ema2'][k], b['ema2'][k]) for k in a['ema2'])
     assert not torch.equal(a['ema2']['final_layer.linear.weight'], a['ema']['final_layer.linear.weight'])
+    model, info = fid.model_from_checkpoint(tmp_path / 'full/checkpoints/0000006.pt')  # fid.py rebuilds the JiT
+    assert isinstance(model, irepa.JiT) and info['config']['model'] == 'JiT-T/4' and info['latent'] is None
 
 
 @pytest.mark.parametrize('argv, says', [
@@ -4817,3 +4823,23 @@ def test_run_sh_dry_run_plans_the_jit_recipes(tmp_path):
     rc, both = run_sh('--dry-run', env=dict(OUT=str(tmp_path / 'sweep'), NPROC='8', TEACHERS='dinov2',
                                             RECIPES='repa jit-irepa'), timeout=300)
     assert rc == 0 and sum('--prepare' in l for l in both.splitlines() if l.startswith('+ ')) == 1, both[-3000:]
+
+
+def test_fid_reads_official_jit_checkpoints(tmp_path, monkeypatch, capsys):
+    """An official JiT checkpoint (main_jit.py's layout: the Denoiser's state dicts with 'net.' keys, two EMAs, the
+    optimizer, a pickled argparse Namespace) loads strictly with its first EMA; one whose weights are of another size
+    than its args name is one line."""
+    import argparse
+    monkeypatch.setitem(irepa.JIT_SIZES, 'B', (2, 32, 2, 8, 2, 1, 1))  # a tiny 'JiT-B/16' at 32 px: 4 tokens
+    net = randomize(irepa.JiT(**irepa.jit_args('JiT-B/16', input_size=32, num_classes=5, z_dims=[12])))
+    ema1 = {f'net.{k}': v + 1 for k, v in net.state_dict().items()}
+    args = argparse.Namespace(model='JiT-B/16', img_size=32, class_num=5, encoder_depth=1)
+    torch.save(dict(model={f'net.{k}': v for k, v in net.state_dict().items()}, model_ema1=ema1, model_ema2=ema1,
+                    optimizer={}, epoch=3, args=args), tmp_path / 'checkpoint-last.pth')
+    model, info = fid.model_from_checkpoint(tmp_path / 'checkpoint-last.pth')
+    assert isinstance(model, irepa.JiT) and not model.training and info['step'] == 3 and len(model.projectors) == 0
+    assert all(torch.equal(v, ema1[f'net.{k}']) for k, v in model.state_dict().items())
+    args.model = 'JiT-L/16'
+    torch.save(dict(model_ema1=ema1, args=args), tmp_path / 'other.pth')
+    line = user_error(capsys, fid.main, 'sample', '--ckpt', tmp_path / 'other.pth', '--out', tmp_path / 's.npz')
+    assert 'its args name JiT-L/16, but its weights are of JiT-B/16' in line, line
