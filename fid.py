@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,18 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import distributed as dist
 from PIL import Image
-from scipy import linalg
-from torchvision.models.inception import Inception3, InceptionA, InceptionC
 from tqdm.auto import tqdm
 
 import encoders
+from encoders import (INCEPTION_FILE, INCEPTION_URL, FIDInception, find_inception, load_inception,  # the network
+                      random_inception, resize_tf1, spatial_features)
 import irepa
 from irepa import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from irepa import compute_stats, frechet_distance, inception_score  # the metrics the training's evaluation shares
 
-INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
-INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
-INCEPTION_ALT_FILE = 'weights-inception-2015-12-05-6726825d.pth'  # torch-fidelity's copy, same tensors and hash prefix
-INCEPTION_SHA256 = '6726825d'  # torch.hub's convention: the file name carries the SHA-256 prefix
 CACHE_VERSION = 1  # bump when the cached reference features change meaning
 
 # -----------------------------------------------------------------------------
@@ -109,71 +105,6 @@ def read_stored_stats(path):
 # Metrics, on features. They follow evaluator.py line by line where the numbers depend on it.
 
 
-def _sqrtm(a):
-    out = linalg.sqrtm(a)  # no `disp`: deprecated in scipy 1.16 and removed in 1.18; older versions may return a tuple
-    return out[0] if isinstance(out, tuple) else out
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
-    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64.
-
-    method 'sqrtm' is ADM's (TTUR's) computation line by line: scipy's sqrtm of the non-symmetric S1 S2, with its eps
-    and imaginary-part fallbacks. 'eigh' (default) gets the same trace from symmetric eigendecompositions,
-    tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), since both products have the same eigenvalues: it agrees with
-    sqrtm to ~1e-12 on full-rank statistics, stays exact on singular ones, and is several times faster (sqrtm takes
-    minutes on 2048 x 2048 singular covariances on a small CPU).
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f'statistics of different sizes: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}')
-    diff = mu1 - mu2
-    if method == 'eigh':
-        w, v = np.linalg.eigh(sigma1)
-        root = (v * np.sqrt(w.clip(0))) @ v.T  # S1^1/2, symmetric
-        tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
-        return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, sigma1, sigma2)
-    if method != 'sqrtm':
-        raise ValueError(f"method must be 'eigh' or 'sqrtm' (ADM's), got {method!r}")
-    covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # a singular product (fewer images than dimensions)
-        warnings.warn(f'fid calculation produces singular product; adding {eps} to diagonal of cov estimates')
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # numerical noise gives a small imaginary part; a large one means a broken sqrtm
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
-        covmean = covmean.real
-    return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), sigma1, sigma2)
-
-
-def never_negative(d, sigma1, sigma2):
-    """A squared distance is >= 0, but two equal sets give 0 only up to rounding, of either sign (-1.3e-6 was seen):
-    an eigenvalue that is 0 in exact arithmetic comes out as +-eps ||S||, and its square root, up to
-    sqrt(eps ||S||), enters tr sqrt(S1 S2) once per dimension. A negative value within that noise is 0; anything more
-    negative is a fault and stays visible."""
-    noise = 2 * len(sigma1) * np.sqrt(np.finfo(np.float64).eps * max(np.trace(sigma1), np.trace(sigma2), 0.0))
-    return float(0.0 if -noise <= d < 0 else d)
-
-
-def inception_score(logits, split_size=5000, probs=False):
-    """ADM's IS: the mean over consecutive, unshuffled splits of exp(mean_i KL(p_i || mean_j p_j)), in float64.
-    `logits` (N, C) are pool3 @ fc.weight.T (no bias); pass probabilities with probs=True. IS grows with the split
-    size and depends on the order (a class-sorted file scores lower), so only ADM's split of 5000 is comparable."""
-    x = torch.as_tensor(logits, dtype=torch.float64)
-    if len(x) < split_size:
-        raise UserError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
-                        f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
-    logp = x.log() if probs else x.log_softmax(1)
-    scores = []
-    for part in logp.split(split_size):  # (<= split_size, C); the last split may be shorter (12345 -> 5000/5000/2345)
-        p = part.exp()
-        log_mean = p.mean(0).log()
-        kl = torch.where(p > 0, p * (part - log_mean), 0.0).sum(1)  # 0 log 0 = 0
-        scores.append(kl.mean().exp())
-    return torch.stack(scores).mean().item()
-
-
 def _fp16(x):
     return x.half().float()  # round to the nearest fp16 (inf past 65504), keep computing in fp32
 
@@ -222,154 +153,6 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, adm16=True,
             sample_in[j:j + block_size] |= (d <= ref_radii[i:i + block_size, None]).any(0)
     return sample_in.double().mean().item(), ref_in.double().mean().item()
 
-# -----------------------------------------------------------------------------
-# The FID Inception: torchvision's Inception3 with the TF graph's quirks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
-
-
-def resize_tf1(x, size=299):
-    """TF1 ResizeBilinear(align_corners=False) without half-pixel centres, as the ADM graph resizes: source coordinate
-    = dst * (in / out) in float32, lerped in TF's order (columns, then rows). F.interpolate uses half-pixel centres,
-    a ~0.07 px shift at 256 -> 299. x: (N, C, H, W) float."""
-    def coords(n_in):
-        scale = torch.tensor(n_in / size, dtype=torch.float32, device=x.device)  # TF computes the scale in float32
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale
-        lo = src.long()  # floor, src >= 0
-        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
-    ylo, yhi, fy = coords(x.shape[2])
-    xlo, xhi, fx = coords(x.shape[3])
-    top, bottom = x[:, :, ylo], x[:, :, yhi]  # (N, C, size, W) each
-    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * fx  # (N, C, size, size)
-    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * fx
-    return top + (bottom - top) * fy[:, None]
-
-
-def _tf_mixed(m, x, pool='avg'):
-    """Forward of torchvision's InceptionA/C/E block `m` as in the TF graph; returns (output, branch1x1 output).
-    TF's average pool ignores the zero padding, and Mixed_7c's pool branch is a max pool in the graph."""
-    def chain(*names):
-        y = x
-        for name in names:
-            y = getattr(m, name)(y)
-        return y
-    pooled = F.max_pool2d(x, 3, 1, 1) if pool == 'max' else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-    if isinstance(m, InceptionA):
-        mid = [chain('branch5x5_1', 'branch5x5_2'), chain('branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3')]
-    elif isinstance(m, InceptionC):
-        mid = [chain(*[f'branch7x7_{i}' for i in (1, 2, 3)]), chain(*[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)])]
-    else:  # InceptionE: both inner branches split into a 1x3 and a 3x1 conv
-        a, b = m.branch3x3_1(x), chain('branch3x3dbl_1', 'branch3x3dbl_2')
-        mid = [m.branch3x3_2a(a), m.branch3x3_2b(a), m.branch3x3dbl_3a(b), m.branch3x3dbl_3b(b)]
-    b1 = m.branch1x1(x)
-    return torch.cat([b1, *mid, m.branch_pool(pooled)], 1), b1
-
-
-def spatial_features(b1):
-    """ADM's sFID feature 'mixed_6/conv'[..., :7]: Mixed_6d.branch1x1 (N, 192, 17, 17) -> (N, 2023), (h, w, c) order."""
-    return b1[:, :7].permute(0, 2, 3, 1).reshape(len(b1), -1)  # (N, 17, 17, 7) -> (N, 2023)
-
-
-class FIDInception(Inception3):
-    """The 2015-12-05 TF Inception; state-dict keys are those of pt_inception-2015-12-05-6726825d.pth."""
-
-    def __init__(self):
-        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
-
-    def forward(self, x):
-        """x: (N, 3, H, W) images in [0, 255], uint8 or float (NCHW, any H x W).
-        Returns pool3 (N, 2048), spatial (N, 2023), logits (N, 1008) = pool3 @ fc.weight.T without the bias."""
-        x = resize_tf1(x.float(), 299)
-        x = (x - 128) / 128  # the graph's Sub 128, Mul 1/128: 255 maps to 0.9921875, not to 1
-        for m in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
-                  self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2):
-            x = m(x)  # (N, 192, 35, 35) at the end
-        for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
-                     'Mixed_7a', 'Mixed_7b', 'Mixed_7c'):
-            m = getattr(self, name)
-            if name in ('Mixed_6a', 'Mixed_7a'):  # the grid reductions need no patch
-                x = m(x)
-                continue
-            x, b1 = _tf_mixed(m, x, pool='max' if name == 'Mixed_7c' else 'avg')
-            if name == 'Mixed_6d':
-                spatial = spatial_features(b1)  # TF 'mixed_6/conv': mixed_6 is Mixed_6d (mixed = 5b)
-        pool = self.avgpool(x).flatten(1)  # (N, 2048, 8, 8) -> (N, 2048), TF pool_3
-        return pool, spatial, pool @ self.fc.weight.T  # IS uses softmax/logits/MatMul, before the bias
-
-
-def find_inception(path=None):
-    """The weights file: `path` (--inception), then $IREPA_INCEPTION, then torch hub's checkpoints folder."""
-    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    where = f'Download {INCEPTION_URL} and pass --inception PATH, set IREPA_INCEPTION=PATH, or put it in {hub}/'
-    for p, what in ((path, '--inception'), (os.environ.get('IREPA_INCEPTION'), 'IREPA_INCEPTION')):
-        if p:
-            if not os.path.isfile(p):
-                raise UserError(f'{what}={p}: no such file; it should be {INCEPTION_FILE}. {where}')
-            return p
-    for name in (INCEPTION_FILE, INCEPTION_ALT_FILE):
-        if os.path.isfile(os.path.join(hub, name)):
-            return os.path.join(hub, name)
-    raise UserError(f'FID Inception weights {INCEPTION_FILE} not found (nothing is downloaded). {where}')
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def random_inception(seed=0):
-    """An FIDInception with random weights that keep activations O(1) through its 94 layers (He-scaled convs,
-    non-trivial BatchNorm statistics; PyTorch's default init shrinks them to 1e-8): for tests and offline smoke runs."""
-    net = FIDInception()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
-        net.fc.weight.copy_(0.02 * torch.randn(net.fc.weight.shape, generator=g))
-        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g))  # must not reach the logits
-    return net
-
-
-def load_inception(path=None, any_weights=False, device='cpu'):
-    """FIDInception with the 2015-12-05 weights, in eval mode (BN uses its stored statistics), frozen.
-    path 'random': random weights (random_inception) for smoke runs without the file, said loudly."""
-    if path == 'random':
-        print(f'\n{"!" * 100}\nWARNING: the FID Inception has RANDOM weights (--inception random): FID, sFID, IS, '
-              f'precision and recall are NOT comparable to anything; this only exercises the pipeline.\n{"!" * 100}\n',
-              file=sys.stderr)
-        net = random_inception()
-        net.weights_sha256 = 'random-0'
-        return net.eval().requires_grad_(False).to(device)
-    path = find_inception(path)
-    digest = sha256_file(path)
-    if not digest.startswith(INCEPTION_SHA256):
-        if not any_weights:
-            raise UserError(f'{path}: SHA-256 starts with {digest[:8]}, not {INCEPTION_SHA256}: not {INCEPTION_FILE} '
-                            f'({INCEPTION_URL}). --any-weights uses it anyway')
-        print(f'\n{"!" * 100}\nWARNING: FID Inception weights {path} are NOT {INCEPTION_FILE} (SHA-256 {digest[:8]}).\n'
-              f'FID, sFID, IS, precision and recall are NOT comparable to published numbers.\n{"!" * 100}\n',
-              file=sys.stderr)
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a pickle with code in it, an .npz, a truncated download
-        raise UserError(f'{path}: not a PyTorch state dict ({type(e).__name__}: {str(e)[:200]})') from None
-    net = FIDInception()
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
-    if missing or unexpected:
-        raise UserError(f'{path}: not an FID Inception state dict (missing {missing[:5]}, unexpected '
-                        f'{unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
-    net.weights_sha256 = digest  # keys the reference-feature cache
-    return net.eval().requires_grad_(False).to(device)
-
-# -----------------------------------------------------------------------------
 # Features and statistics
 
 
@@ -401,15 +184,6 @@ def extract_features(path, net, batch_size=64, device='cpu'):
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         outs.append(net(x))  # features stay on the device until the end: no sync per batch
     return tuple(torch.cat(o).cpu().numpy() for o in zip(*outs))
-
-
-def compute_stats(feats, device='cpu'):
-    """mu and the unbiased covariance (np.cov(rowvar=False)) of (N, D) features, in float64."""
-    x = torch.as_tensor(feats, device=device).double()
-    mu = x.mean(0)
-    x = x - mu
-    sigma = x.T @ x / (len(x) - 1)  # (D, D)
-    return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
 def reference_features(path, net, batch_size=64, device='cpu', cache_dir=None):

@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -946,6 +947,79 @@ def linear_probe(pooled, labels, steps=200, val_frac=0.2, seed=0):
     with torch.enable_grad():
         opt.step(closure)
     return (lin(x[val]).argmax(1) == labels[val]).double().mean().item()
+
+# -----------------------------------------------------------------------------
+# FID and IS as ADM's evaluator computes them, on Inception features (encoders.FIDInception): fid.py's evaluation
+# and the one while training (Run.evaluate) share them
+def compute_stats(feats, device='cpu'):
+    """mu and the unbiased covariance (np.cov(rowvar=False)) of (N, D) features, in float64."""
+    x = torch.as_tensor(feats, device=device).double()
+    mu = x.mean(0)
+    x = x - mu
+    sigma = x.T @ x / (len(x) - 1)  # (D, D)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+def _sqrtm(a):
+    from scipy import linalg  # 0.2 s to import: only for ADM's own method
+    out = linalg.sqrtm(a)  # no `disp`: deprecated in scipy 1.16 and removed in 1.18; older versions may return a tuple
+    return out[0] if isinstance(out, tuple) else out
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64.
+
+    method 'sqrtm' is ADM's (TTUR's) computation line by line: scipy's sqrtm of the non-symmetric S1 S2, with its eps
+    and imaginary-part fallbacks. 'eigh' (default) gets the same trace from symmetric eigendecompositions,
+    tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), since both products have the same eigenvalues: it agrees with
+    sqrtm to ~1e-12 on full-rank statistics, stays exact on singular ones, and is several times faster (sqrtm takes
+    minutes on 2048 x 2048 singular covariances on a small CPU).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f'statistics of different sizes: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}')
+    diff = mu1 - mu2
+    if method == 'eigh':
+        w, v = np.linalg.eigh(sigma1)
+        root = (v * np.sqrt(w.clip(0))) @ v.T  # S1^1/2, symmetric
+        tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
+        return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, sigma1, sigma2)
+    if method != 'sqrtm':
+        raise ValueError(f"method must be 'eigh' or 'sqrtm' (ADM's), got {method!r}")
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # a singular product (fewer images than dimensions)
+        warnings.warn(f'fid calculation produces singular product; adding {eps} to diagonal of cov estimates')
+        offset = np.eye(len(sigma1)) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical noise gives a small imaginary part; a large one means a broken sqrtm
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
+        covmean = covmean.real
+    return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), sigma1, sigma2)
+
+def never_negative(d, sigma1, sigma2):
+    """A squared distance is >= 0, but two equal sets give 0 only up to rounding, of either sign (-1.3e-6 was seen):
+    an eigenvalue that is 0 in exact arithmetic comes out as +-eps ||S||, and its square root, up to
+    sqrt(eps ||S||), enters tr sqrt(S1 S2) once per dimension. A negative value within that noise is 0; anything more
+    negative is a fault and stays visible."""
+    noise = 2 * len(sigma1) * np.sqrt(np.finfo(np.float64).eps * max(np.trace(sigma1), np.trace(sigma2), 0.0))
+    return float(0.0 if -noise <= d < 0 else d)
+
+def inception_score(logits, split_size=5000, probs=False):
+    """ADM's IS: the mean over consecutive, unshuffled splits of exp(mean_i KL(p_i || mean_j p_j)), in float64.
+    `logits` (N, C) are pool3 @ fc.weight.T (no bias); pass probabilities with probs=True. IS grows with the split
+    size and depends on the order (a class-sorted file scores lower), so only ADM's split of 5000 is comparable."""
+    x = torch.as_tensor(logits, dtype=torch.float64)
+    if len(x) < split_size:
+        raise UserError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
+                        f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
+    logp = x.log() if probs else x.log_softmax(1)
+    scores = []
+    for part in logp.split(split_size):  # (<= split_size, C); the last split may be shorter (12345 -> 5000/5000/2345)
+        p = part.exp()
+        log_mean = p.mean(0).log()
+        kl = torch.where(p > 0, p * (part - log_mean), 0.0).sum(1)  # 0 log 0 = 0
+        scores.append(kl.mean().exp())
+    return torch.stack(scores).mean().item()
 
 STUDY_HELP = dict(  # the training flags the study commands share, as these commands use them
     encoder='the teacher (python encoders.py --list)', spnorm_gamma='share of the token mean the z-score removes',

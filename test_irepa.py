@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import safetensors.torch
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -2292,17 +2293,17 @@ def test_frechet_distance_singular_and_adm_fallbacks(monkeypatch):
     with pytest.raises(ValueError, match="'eigh' or 'sqrtm'"):
         fid.frechet_distance(*stats, method='svd')
 
-    calls, real_sqrtm = [], fid.linalg.sqrtm
+    calls, real_sqrtm = [], scipy.linalg.sqrtm
     def sqrtm_nan_first(a):  # ADM retries with eps on the diagonal when the first sqrtm is not finite
         calls.append(a)
         return np.full_like(a, np.nan) if len(calls) == 1 else (real_sqrtm(a), 0.0)  # and scipy<1.18 tuples
-    monkeypatch.setattr(fid.linalg, 'sqrtm', sqrtm_nan_first)
+    monkeypatch.setattr(scipy.linalg, 'sqrtm', sqrtm_nan_first)
     a, b = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
     with pytest.warns(UserWarning, match='singular product'):
         got = fid.frechet_distance(np.zeros(2), a, np.zeros(2), b, method='sqrtm')
     np.testing.assert_allclose(calls[1], (a + 1e-6 * np.eye(2)) @ (b + 1e-6 * np.eye(2)))
     assert got == pytest.approx(1 + 1, abs=1e-5)  # (1 - 2)^2 + (2 - 3)^2
-    monkeypatch.setattr(fid.linalg, 'sqrtm', lambda a: np.eye(2) * (1 + 0.1j))  # a broken sqrtm must not pass
+    monkeypatch.setattr(scipy.linalg, 'sqrtm', lambda a: np.eye(2) * (1 + 0.1j))  # a broken sqrtm must not pass
     with pytest.raises(ValueError, match='Imaginary component'):
         fid.frechet_distance(np.zeros(2), a, np.zeros(2), b, method='sqrtm')
 
@@ -2494,7 +2495,7 @@ def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
     def diagonal_sqrtm(a):  # exact for the diagonal products here
         assert np.count_nonzero(a - np.diag(np.diagonal(a))) == 0
         return np.diag(np.sqrt(np.diagonal(a)))
-    monkeypatch.setattr(fid.linalg, 'sqrtm', diagonal_sqrtm)
+    monkeypatch.setattr(scipy.linalg, 'sqrtm', diagonal_sqrtm)
     extracted, extract = [], fid.extract_features
 
     def recording_extract(path, *args, **kwargs):  # the features evaluate() computed, to check the metrics against
