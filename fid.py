@@ -245,10 +245,6 @@ def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_siz
 # of processes, and a killed run redoes only the shards that are missing.
 
 
-def shard_generator(seed, k, device='cpu'):
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
-
-
 def write_npz(path, shard_files, shape):
     """Stream the shards into `path` as arr_0 (N, H, W, 3) uint8, never holding all images in memory."""
     def write(file):
@@ -285,22 +281,6 @@ def model_from_checkpoint(path, ema=True, device='cpu'):
     model = irepa.SiT(**args)
     irepa.load_state(model, state)
     return model.to(device).eval(), info
-
-
-def sample_shard(a, k, model, net, vae, norm, device, autocast):
-    """Shard k of `fid.py sample`: images k * batch_size ... as uint8 (n, H, W, 3), from seeds of k alone (so the
-    images do not depend on the number of processes, nor on which of them draws the shard)."""
-    n, size = min(a.batch_size, a.num_samples - k * a.batch_size), model.x_embedder.input_size
-    g = shard_generator(a.seed, k)
-    noise = torch.randn(n, model.in_channels, size, size, generator=g)
-    y = (torch.arange(k * a.batch_size, k * a.batch_size + n) % model.num_classes if a.class_balanced
-         else torch.randint(0, model.num_classes, (n,), generator=g))
-    with torch.no_grad(), autocast:
-        z = irepa.sample(net, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
-                         a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
-    with torch.no_grad():
-        x = irepa.to_pixels(z.float(), vae, norm)
-    return irepa.to_uint8(x).cpu().numpy()  # (n, H, W, 3)
 
 
 def latent_decoder(a, model, info, device):
@@ -380,7 +360,7 @@ def sample_main(a):
         bf16 = a.precision == 'bf16'
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
-        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # images k * batch_size ...
+        work = lambda k: irepa.draw_shard(a, k, model, vae, norm, device, autocast, net)  # images k * batch_size ...
         irepa.sharded_pass(shards, n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
                            f'shards to do in {shards}')
         if rank == 0:

@@ -1394,6 +1394,26 @@ def save_grid(images, path, cols=None):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.repeat_interleave(k, 0).repeat_interleave(k, 1).numpy()).save(path)
 
+def shard_generator(seed, k, device='cpu'):
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+
+@torch.no_grad()
+def draw_shard(s, k, model, vae, norm, device, autocast=contextlib.nullcontext(), net=None):
+    """Shard k of s.num_samples images of `model` (in eval mode: the EMA model) as uint8 (n, H, W, 3): images
+    k * s.batch_size ..., from seeds of (s.seed, k) alone, so they depend neither on the number of processes nor on
+    which one draws the shard. The one place a model turns seeds into images: fid.py sample and Run.evaluate. s: the
+    settings (fid.py sample's flags: mode, num_steps, cfg_scale, guidance_low/high, class_balanced); net: the model
+    as it runs (compiled)."""
+    n, size = min(s.batch_size, s.num_samples - k * s.batch_size), model.x_embedder.input_size
+    g = shard_generator(s.seed, k)
+    noise = torch.randn(n, model.in_channels, size, size, generator=g)
+    y = (torch.arange(k * s.batch_size, k * s.batch_size + n) % model.num_classes if s.class_balanced
+         else torch.randint(0, model.num_classes, (n,), generator=g))
+    with autocast:
+        z = sample(net or model, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale, s.guidance_low,
+                   s.guidance_high, generator=shard_generator(s.seed, k, device))
+    return to_uint8(to_pixels(z.float(), vae, norm)).cpu().numpy()  # (n, H, W, 3)
+
 # -----------------------------------------------------------------------------
 # Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and
 # counted; the run stops when more than --max-bad-fraction of what it drew was unreadable
