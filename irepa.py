@@ -26,6 +26,7 @@ import csv
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -1184,6 +1185,55 @@ def colormap(x):
     w = (x - lo)[..., None]
     return ((1 - w) * anchors[lo] + w * anchors[lo + 1]).round().to(torch.uint8)
 
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+def line_panel(d, box, series, title, font):
+    """One chart in box (x0, y0, x1, y1): each (xs, ys, colour) of `series` a polyline, the axes' ends written."""
+    (x0, y0, x1, y1), pts = box, [(x, y) for xs, ys, _ in series for x, y in zip(xs, ys)]
+    d.rectangle(box, outline='black')
+    d.text((x0, y0 - 15), title, fill='black', font=font)
+    if not pts:
+        return
+    (lx, hx), (ly, hy) = [(min(v), max(v) if max(v) > min(v) else min(v) + 1) for v in zip(*pts)]
+    xy = lambda x, y: (x0 + (x - lx) / (hx - lx) * (x1 - x0), y1 - (y - ly) / (hy - ly) * (y1 - y0))
+    for (x, y), v in (((x0, y1 + 3), lx), ((x1 - 40, y1 + 3), hx), ((x0 - 38, y1 - 12), ly), ((x0 - 38, y0), hy)):
+        d.text((x, y), f'{v:.3g}', fill='black', font=font)
+    for xs, ys, colour in series:
+        line = [xy(x, y) for x, y in zip(xs, ys)]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=2)
+        for px, py in line if len(line) <= 40 else []:  # few points (FID): each one visible
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+
+def plot_curves(runs, out, W=300, H=220, pad=44):
+    """The runs' log.jsonl in one PNG: flow loss, alignment loss, gradient norm(s) and FID against steps, FID against
+    GPU-hours, the runs overlaid, a colour each (the legend). `plot` draws it; a training run refreshes its own."""
+    logs = [[json.loads(line) for line in open(Path(r) / 'log.jsonl') if line.strip()] for r in runs]
+    grads = sorted({k for log in logs for r in log for k in r if k.startswith('grad_norm')})
+    panels = [('flow', 'step'), ('align', 'step'), *[(g, 'step') for g in grads], ('fid', 'step'), ('fid', 'gpu_hours')]
+    cols, font = 3, ImageFont.load_default(12)
+    img = Image.new('RGB', (W * cols, 24 + H * -(-len(panels) // cols)), 'white')
+    d = ImageDraw.Draw(img)
+    for j, r in enumerate(runs):  # the legend: each run's folder in its colour
+        d.text((8 + j * W * cols // len(runs), 4), Path(r).resolve().name, fill=COLORS[j % len(COLORS)], font=font)
+    for i, (y, x) in enumerate(panels):
+        ox, oy = i % cols * W, 24 + i // cols * H
+        series = [([r[x] for r in ok], [r[y] for r in ok], COLORS[j % len(COLORS)]) for j, log in enumerate(logs)
+                  for ok in [[r for r in log if r.get(x) is not None and r.get(y) is not None and math.isfinite(r[y])]]]
+        line_panel(d, (ox + pad, oy + 22, ox + W - 10, oy + H - 22), series, f'{y} vs {x}', font)
+    atomic_write(out, lambda f: img.save(f, format='png'))
+
+def plot(argv):
+    """python irepa.py plot RUN [RUN ...]: the runs' curves in one PNG (REPA vs iREPA: the convergence figure)."""
+    p = study_parser('plot', plot.__doc__)
+    p.add_argument('runs', nargs='+', type=existing_folder, help='run folders (--out-dir), each with its log.jsonl')
+    p.add_argument('--out', default='curves.png', help='the PNG')
+    a = p.parse_args(argv)
+    if missing := [r for r in a.runs if not (Path(r) / 'log.jsonl').is_file()]:
+        raise UserError(f"no log.jsonl in {', '.join(missing)}: plot reads the runs' logs")
+    plot_curves(a.runs, a.out)
+    print(f"curves of {len(a.runs)} run(s): {a.out}")
+
 @torch.no_grad()
 def spnorm_viz(argv):
     """python irepa.py spnorm-viz --encoder dinov2 [--image IMG]: a token's cosine similarity, before and after."""
@@ -1413,6 +1463,44 @@ def draw_shard(s, k, model, vae, norm, device, autocast=contextlib.nullcontext()
         z = sample(net or model, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale, s.guidance_low,
                    s.guidance_high, generator=shard_generator(s.seed, k, device))
     return to_uint8(to_pixels(z.float(), vae, norm)).cpu().numpy()  # (n, H, W, 3)
+
+# -----------------------------------------------------------------------------
+# FID while training (--eval-every): the EMA model's images from the same seeds at every evaluation, drawn as fid.py
+# sample draws them and scored as fid.py eval scores them (FID; IS from 5000 images on) against --eval-ref
+EVAL = dict(eval_every=0, eval_samples=10_000, eval_ref=None, eval_sampler=None, eval_steps=None, eval_cfg=1.0,
+            eval_batch=64, inception=None, wandb=None)
+RUN |= EVAL  # how a run goes: may change when it resumes
+DEFAULTS |= EVAL
+
+def npz_header(path):
+    """(N, H, W, C) of arr_0 in an ADM .npz, from its header alone (the images are not read)."""
+    with np.load(path) as f, f.zip.open('arr_0.npy') as a:
+        v = np.lib.format.read_magic(a)
+        return (np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0)(a)[0]
+
+@torch.no_grad()
+def inception_features(net, images, device, batch_size=64):
+    """pool3 (N, 2048) and logits (N, 1008) of uint8 images (N, H, W, 3), TF32 off as fid.py eval computes them."""
+    before, outs = tf32(False), []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        outs.append(net(x)[::2])
+    tf32(before)
+    return [torch.cat(o).cpu().numpy() for o in zip(*outs)]
+
+def reference_stats(path, net, device, batch_size=64):
+    """mu and sigma of the reference batch: those it stores (ADM's), else its images' (as fid.py eval)."""
+    with np.load(path) as f:
+        if 'mu' in f.files:
+            return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+        return compute_stats(inception_features(net, f['arr_0'], device, batch_size)[0], device)
+
+def eval_settings(cfg):
+    """The evaluation's sampler settings, named as fid.py sample's flags (draw_shard reads them); the run's seed."""
+    mode = cfg.eval_sampler or cfg.preview  # the recipe's: SDE, or MeanFlow's one step
+    return argparse.Namespace(num_samples=cfg.eval_samples, batch_size=cfg.eval_batch, seed=cfg.seed, mode=mode,
+                              num_steps=cfg.eval_steps or (1 if mode == 'meanflow' else 250), cfg_scale=cfg.eval_cfg,
+                              guidance_low=0.0, guidance_high=1.0, class_balanced=False)
 
 # -----------------------------------------------------------------------------
 # Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and
@@ -1894,11 +1982,17 @@ class Run:
                          None) if self.device.type == 'cuda' else None
         self.sums, self.n_steps, self.first_bad = {}, 0, torch.tensor(-1, device=self.device)
         self.drawn, self.bad_draws, self.bad_files, self.grad_prev, self.grad_low = 0, 0, {}, {}, {}
-        self.rec, self.wall0 = None, 0.0
+        self.rec, self.wall0, self.shown, self.wandb = None, 0.0, {}, None
+        if cfg.eval_every:
+            self.eval_start()
         if self.master:  # the run folder, and one line that says what trains on what
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_text(self.out / 'config.json', json.dumps(vars(cfg), indent=1))
             self.log = self.open_log(step)
+            if cfg.wandb:
+                import wandb  # only when asked, as nanoGPT (validate checked that it is installed)
+                self.wandb = wandb
+                wandb.init(project=cfg.wandb, config=vars(cfg), dir=str(self.out))
             m, T = unit.model, unit.model.pos_embed.shape[1]
             what = 'pixels' if m.in_channels == 3 else f'latents {(m.in_channels, *[m.x_embedder.input_size] * 2)}'
             print(f"{cfg.model} ({cfg.recipe}): {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
@@ -1907,6 +2001,49 @@ class Run:
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.master, desc='train', dynamic_ncols=True)
         self.t0 = time.time()  # the first interval's img/s counts the steps, not the start-up
         return step
+
+    def eval_start(self):
+        """--eval-every: the Inception (--demo: random where its file is missing, said loudly), the reference's
+        statistics on rank 0 (--demo without --eval-ref: a reference of its own, its data's first images)."""
+        cfg = self.cfg
+        if cfg.demo and not cfg.eval_ref:
+            cfg.eval_ref = str(self.out / 'eval_ref.npz')
+            if self.master:
+                images = np.stack([self.data.image(i)[0] for i in range(cfg.eval_samples)])  # (N, R, R, 3)
+                atomic_write(cfg.eval_ref, lambda f: np.savez(f, arr_0=images))
+        try:
+            weights = 'random' if cfg.inception == 'random' else encoders.find_inception(cfg.inception)
+        except encoders.LoadError:
+            if not cfg.demo:
+                raise
+            weights = 'random'
+        self.inception = encoders.load_inception(weights, device=self.device)
+        self.ref_stats = self.master and reference_stats(cfg.eval_ref, self.inception, self.device, cfg.eval_batch)
+        self.eval_as = eval_settings(cfg)
+
+    @torch.no_grad()
+    def evaluate(self):
+        """FID (IS from 5000 images on) of the EMA model, its images drawn in shards over the ranks (draw_shard),
+        their features gathered on rank 0. The RNG state is put back and the EMA model only read: the training
+        goes on as without it. Returns the record's entries (FID on rank 0) and the time it took."""
+        t0, s, unit, feats = time.time(), self.eval_as, self.unit, {}
+        norm = unit.latent_norm()
+        if norm is not None and unit.vae is None:  # prepared latents: the VAE decodes the images only
+            unit.vae = encoders.load_vae(norm.vae, device=self.device)
+        with torch.random.fork_rng([self.device] if self.device.type == 'cuda' else []):
+            for k in range(self.rank, -(-s.num_samples // s.batch_size), self.world):
+                images = draw_shard(s, k, unit.ema, unit.vae, norm, self.device, self.autocast)
+                feats[k] = inception_features(self.inception, images, self.device, s.batch_size)
+        if self.world > 1:
+            parts = [None] * self.world if self.master else None
+            dist.gather_object(feats, parts, group=self.cpu_group)
+            feats = {k: v for p in parts or [] for k, v in p.items()}
+        rec = {}
+        if self.master:
+            pool, logits = (np.concatenate([feats[k][i] for k in sorted(feats)]) for i in (0, 1))
+            rec['fid'] = frechet_distance(*compute_stats(pool, self.device), *self.ref_stats)  # samples first (ADM)
+            rec |= dict(inception_score=inception_score(logits)) if len(logits) >= 5000 else {}
+        return rec | dict(eval_s=time.time() - t0)
 
     def restore(self, ckpt):
         for name, obj in self.unit.saved.items():
@@ -1955,8 +2092,9 @@ class Run:
         stop = self.should_stop()
         ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
         grid = cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps)
-        if step % cfg.log_every == 0 or ckpt or grid:
-            self.log_interval(step)
+        evald = self.evaluate() if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) else {}
+        if step % cfg.log_every == 0 or ckpt or grid or evald:
+            self.log_interval(step, evald)
         if ckpt:
             self.save(step)
         if grid and self.master:
@@ -1978,7 +2116,7 @@ class Run:
         self.stop_work = dist.all_reduce(self.stop_flag, group=self.cpu_group, async_op=True)
         return self.stopped
 
-    def log_interval(self, step):
+    def log_interval(self, step, evald={}):
         """The one host sync of training, every log_every steps and before checkpoints and grids: the interval's
         means (over the ranks too), the NaN guard, the unreadable images, the gradient watch, speed, memory and MFU;
         rank 0 appends them to log.jsonl."""
@@ -1997,7 +2135,7 @@ class Run:
             files = '; '.join(f'{p} ({why})' for p, why in list(self.bad_files.items())[:20])
             raise UserError(f"{int(bad)} of the {int(drawn)} images drawn so far were unreadable, more than "
                             f"--max-bad-fraction {cfg.max_bad_fraction:g}; stopping. This process met: {files}")
-        dt, self.t0 = time.time() - self.t0, time.time()
+        dt, self.t0 = time.time() - self.t0 - evald.get('eval_s', 0), time.time()  # img/s: the training's alone
         n, cuda = self.n_steps, self.device.type == 'cuda'
         rec = dict(step=step, **{k: v / (n * self.world) for k, v in zip(names, vec)},
                    img_per_s=n * cfg.global_batch_size / dt, steps_per_s=n / dt, interval_s=dt,
@@ -2006,13 +2144,18 @@ class Run:
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
         rec['mfu'] = rec['img_per_s'] / self.world * self.flops / self.peak if self.peak else None  # unknown on CPUs
         rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
+        rec |= dict(images=step * cfg.global_batch_size, gpu_hours=rec['wall_s'] * self.world / 3600) | evald
         if warnings := self.grad_watch(rec):
             rec['grad_watch'] = warnings
         self.sums, self.n_steps, self.rec = {}, 0, rec
         if self.master:
             print(json.dumps(rec), file=self.log, flush=True)
+            self.shown |= {k: f"{rec[k]:.4g}" for k in ('fid', 'eval_s') if k in rec}  # the last evaluation's
             self.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
-                                 img_s=f"{rec['img_per_s']:.1f}")
+                                 img_s=f"{rec['img_per_s']:.1f}", **self.shown)
+            plot_curves([self.out], self.out / 'curves.png')  # a few milliseconds
+            if self.wandb:
+                self.wandb.log(json.loads(json.dumps(rec)), step=step)  # the log's record, as it reads it back
 
     def grad_watch(self, rec):
         """The failures a finite loss hides (REPA-E's collapse, REPA-E#30): for each trained network, its mean
@@ -2089,6 +2232,8 @@ class Run:
         self.stop.release()
         if self.master:
             self.log.close()
+            if self.wandb:
+                self.wandb.finish()
         if self.stopped and self.rec['step'] < self.cfg.max_steps:
             why = (signal.Signals(self.stop.signal).name if self.stop.signal else f'--time-limit {self.cfg.time_limit}'
                    if self.deadline and time.time() > self.deadline else "another rank's stop signal")
@@ -2118,7 +2263,8 @@ class Run:
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
 # cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
 DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
-            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
+            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo',
+            eval_samples=48, eval_steps=50)  # --eval-every N: a reference of its own, its first 48 images
 DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32)}  # a VAE to train; the PatchGAN needs >= 24 px
 HELP = dict(  # the flags whose name and default do not say it all; RECIPES' comments explain the rest
     recipe=f"the method, a row of RECIPES: {', '.join(RECIPES)}", model='SiT-{T (tiny, ours),S,B,L,XL}/{2,4,8}',
@@ -2163,17 +2309,24 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     mf_ratio='MeanFlow: share of the rows with r != t', mf_norm_c='MeanFlow: c of the adaptive weight 1/sg(L+c)^p',
     mf_norm_p='MeanFlow: p of the adaptive weight', mf_label_drop='MeanFlow: share of labels dropped in the loss',
     mf_omega='MeanFlow: guidance scale trained in (omega)', mf_kappa='MeanFlow: kappa of the trained-in guidance',
-    mf_t_start='MeanFlow: guidance applies for t from this', mf_t_end='MeanFlow: guidance applies for t up to this')
-TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str,
-             time_limit=str, teacher_cache=str)  # flags whose default is None
+    mf_t_start='MeanFlow: guidance applies for t from this', mf_t_end='MeanFlow: guidance applies for t up to this',
+    eval_every='steps between FID evaluations of the EMA model (0: none; FID and IS go into log.jsonl)',
+    eval_samples='images per evaluation, from the same seeds each time', eval_batch='images per shard and batch',
+    eval_ref="reference batch .npz (ADM's: arr_0, stored mu/sigma used); --demo: its own", eval_cfg='guidance scale',
+    eval_sampler='sampler of the evaluation (default: the --preview one)', eval_steps='its steps (default 250; '
+    'meanflow 1)', inception=f"FID Inception weights (default: $IREPA_INCEPTION, the torch hub cache); 'random'",
+    wandb='also log the records to this Weights & Biases project (needs the wandb package)')
+TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str, time_limit=str,
+             teacher_cache=str, eval_ref=str, eval_sampler=str, eval_steps=int, inception=str, wandb=str)  # None
 CHOICES = dict(recipe=RECIPES, model=MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
-               siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
+               siglip_norm=('imagenet', 'siglip'), preview=PREVIEW, eval_sampler=PREVIEW)
 EPILOG = '''commands (each with its own --help):
   python irepa.py recipes                  every recipe's settings side by side
   python irepa.py metrics --encoder NAME   a teacher's spatial-structure metrics (LDS, CDS, SRSS, RMSC) and LP accuracy
   python irepa.py correlate results.csv    the metrics' correlation with FID over teachers, and a scatter panel
   python irepa.py spnorm-viz               one token's similarity map before and after the spatial z-score
   python irepa.py export-vae CKPT OUT      the VAE a REPA-E run trained, as a file --vae reads
+  python irepa.py plot RUN [RUN ...]       losses, gradient norms and FID of runs, overlaid, in one PNG
   python fid.py sample | eval              samples of a checkpoint; FID, sFID, IS, precision, recall'''
 
 def get_parser(recipe=DEFAULTS['recipe'], demo=False):
@@ -2247,7 +2400,8 @@ RANGES = dict(
     l1_coeff='[0, inf)', lpips_coeff='[0, inf)', kl_coeff='[0, inf)', gan_coeff='[0, inf)',
     repae_stats_images='[1, inf)', mf_p_mean='(-inf, inf)', mf_p_std='(0, inf)', mf_ratio='[0, 1]',
     mf_norm_c='(0, inf)', mf_norm_p='[0, inf)', mf_label_drop='[0, 1]', mf_omega='(0, inf)', mf_kappa='[0, 1)',
-    mf_t_start='[0, 1]', mf_t_end='[0, 1]')
+    mf_t_start='[0, 1]', mf_t_end='[0, 1]', eval_every='[0, inf)', eval_samples='[2, inf)', eval_steps='[1, inf)',
+    eval_cfg='[1, inf)', eval_batch='[1, inf)')
 VAE_NAMES = {'sd-vae-ft-mse': 8, 'sd-vae-ft-ema': 8, 'random': 8, 'random:tiny': 2}  # the VAEs by name: their factor
 
 def in_range(v, interval):
@@ -2319,11 +2473,37 @@ def check_paths(cfg):
             errors.append(f"{flag} {d} cannot be written here (permissions, or a read-only file system)")
     return errors
 
+def check_eval(cfg):
+    """--eval-every: a reference of the run's resolution holding at least --eval-samples images, the Inception file
+    (--demo: random where it is missing); --wandb: the package."""
+    errors, ref = [], cfg.eval_ref
+    if cfg.wandb and 'wandb' not in sys.modules and importlib.util.find_spec('wandb') is None:
+        errors.append(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install wandb)")
+    if not cfg.eval_every or cfg.eval_samples < 2:
+        return errors
+    if cfg.inception != 'random' and not cfg.demo:
+        try:
+            encoders.find_inception(cfg.inception)
+        except encoders.LoadError as e:
+            errors.append(f"--eval-every: {e}")
+    if ref is None and not cfg.demo:
+        errors.append("--eval-every needs --eval-ref, the reference batch .npz (ADM's VIRTUAL_imagenet256_labeled.npz)")
+    elif ref is not None:
+        try:
+            n, h, w, _ = npz_header(ref)
+        except Exception as e:  # not a file, not an npz, no arr_0
+            return errors + [f"--eval-ref {ref}: not an ADM .npz with arr_0 ({type(e).__name__}: {e})"]
+        if (h, w) != (cfg.resolution,) * 2:
+            errors.append(f"--eval-ref {ref} holds {h}x{w} images; this run makes {cfg.resolution}x{cfg.resolution}")
+        if cfg.eval_samples > n:
+            errors.append(f"--eval-samples {cfg.eval_samples} is more than the {n} images --eval-ref {ref} holds")
+    return errors
+
 def validate(cfg):
     """Every mistake of the configuration at once, as one UserError (one line each); the same on every process of a
     torchrun job, so rank 0 alone prints it."""
     errors = check_numbers(cfg, int(os.environ.get('WORLD_SIZE', 1)))
-    errors += check_shapes(cfg) + check_paths(cfg)
+    errors += check_shapes(cfg) + check_paths(cfg) + check_eval(cfg)
     if errors:
         raise UserError('; '.join(errors), errors, everywhere=True)
 
@@ -2354,7 +2534,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae,
-            'recipes': recipes}
+            'recipes': recipes, 'plot': plot}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
