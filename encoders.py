@@ -1140,7 +1140,9 @@ class FIDInception(nn.Module):
     def __init__(self):
         super().__init__()
         from torchvision.models.inception import Inception3
-        for name, m in Inception3(num_classes=1008, aux_logits=False, init_weights=False).named_children():
+        with torch.random.fork_rng(devices=[]):  # its layers' default init would draw from the caller's stream
+            net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+        for name, m in net.named_children():
             self.add_module(name, m)
         self.AuxLogits = None  # aux_logits=False: named_children leaves it out
 

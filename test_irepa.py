@@ -907,7 +907,8 @@ def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     r = torchrun(2, run_args(tmp_path / 'ddp', n, '--ckpt-every', '2', '--sample-every', '0'), tmp_path)  # no grids
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the 2 ranks hold identical weights' in r.stdout
-    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'lock', 'log.jsonl']
+    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'curves.png', 'lock',
+                                                                  'log.jsonl']
     assert (sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir())
             == [f'{i:07d}.pt' for i in range(2, n + 1, 2)])
     assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == n // 2  # one writer
@@ -4681,3 +4682,115 @@ def test_save_grid_tiles_as_torchvisions_make_grid(tmp_path):
         big = images.permute(0, 3, 1, 2).repeat_interleave(k, 2).repeat_interleave(k, 3)
         want = make_grid(big, nrow=cols or math.ceil(math.sqrt(n)), padding=0).permute(1, 2, 0).numpy()
         assert np.array_equal(np.asarray(Image.open(tmp_path / 'g.png')), want), (n, h, w, cols)
+
+
+# --- issue 29: FID while training, curves, sweep, wandb ---
+
+def eval_ref(path, n=8, size=16, seed=0):
+    """An ADM-format reference batch of n random size x size images."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(path, arr_0=images)
+    return path
+
+
+def eval_args(tmp_path, out, steps, *extra):
+    return run_args(tmp_path / out, steps, '--eval-every', '2', '--eval-samples', '6', '--eval-batch', '4',
+                    '--eval-steps', '3', '--inception', 'random', '--eval-ref', eval_ref(tmp_path / 'ref.npz'), *extra)
+
+
+def logged(out):
+    return [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+@slow
+def test_fid_while_training_is_fid_py_sample_and_eval_of_its_checkpoint(tmp_path):
+    """The FID a run logs at step 2 is `fid.py sample` (same checkpoint, seed, count, sampler) + `fid.py eval` (same
+    reference, random Inception): the same images and the same evaluator. The record carries the step, the images
+    seen and the GPU-hours; the run draws curves.png."""
+    irepa.main(eval_args(tmp_path, 'run', 2))
+    rec, = [r for r in logged(tmp_path / 'run') if 'fid' in r]
+    assert rec['step'] == 2 and rec['images'] == 2 * 4 and 0 < rec['gpu_hours'] <= rec['wall_s'] / 3600 + 1e-12
+    assert rec['eval_s'] > 0 and 'inception_score' not in rec  # IS from 5000 images on only
+    fid.main(['sample', '--ckpt', str(tmp_path / 'run/checkpoints/0000002.pt'), '--num-samples', '6', '--batch-size',
+              '4', '--num-steps', '3', '--mode', 'sde', '--seed', '0', '--out', str(tmp_path / 's.npz'), '--device',
+              'cpu', '--no-compile'])
+    r = fid.evaluate(tmp_path / 'ref.npz', tmp_path / 's.npz', inception='random', batch_size=4, is_split=2)
+    assert rec['fid'] == pytest.approx(r['FID'], rel=1e-6) and r['FID'] > 0
+    assert Image.open(tmp_path / 'run/curves.png').size[0] > 0
+
+
+@slow
+def test_evaluations_change_no_weight_and_resume_stays_bitwise(tmp_path):
+    """A run with evaluations ends with the weights (model, EMA, optimizer) of the same run without them, bit for bit,
+    and so does one stopped after its first evaluation and resumed."""
+    irepa.main(eval_args(tmp_path, 'eval', 4))
+    irepa.main(run_args(tmp_path / 'plain', 4))
+    irepa.main(eval_args(tmp_path, 'split', 2))
+    irepa.main(eval_args(tmp_path, 'split', 4, '--resume'))
+    assert [r['step'] for r in logged(tmp_path / 'eval') if 'fid' in r] == [2, 4]
+    final = lambda out: load_ckpt(tmp_path / out / 'checkpoints/0000004.pt')
+    assert_same_state(final('eval'), final('plain'))
+    assert_same_state(final('split'), final('plain'))
+    assert [r['fid'] for r in logged(tmp_path / 'eval') if 'fid' in r] == [r['fid'] for r in logged(tmp_path / 'split')
+                                                                            if 'fid' in r]
+
+
+@slow
+def test_wandb_receives_the_records_of_the_log(tmp_path, monkeypatch):
+    """--wandb PROJECT: the package (a stub here) is given the run's config and exactly the records log.jsonl holds."""
+    calls = []
+    stub = type(sys)('wandb')
+    stub.init = lambda **kw: calls.append(('init', kw))
+    stub.log = lambda rec, step: calls.append(('log', rec, step))
+    stub.finish = lambda: calls.append(('finish',))
+    monkeypatch.setitem(sys.modules, 'wandb', stub)
+    irepa.main(eval_args(tmp_path, 'run', 4, '--wandb', 'proj'))
+    assert calls[0][0] == 'init' and calls[0][1]['project'] == 'proj' and calls[0][1]['config']['max_steps'] == 4
+    assert calls[-1] == ('finish',)
+    log = logged(tmp_path / 'run')
+    assert [c[1] for c in calls[1:-1]] == log and [c[2] for c in calls[1:-1]] == [r['step'] for r in log]
+    assert any('fid' in r for r in log)
+
+
+def test_bad_evaluation_settings_are_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """A reference of another resolution, more --eval-samples than the reference holds, a missing Inception file
+    (outside --demo), --wandb without the package: one line, exit code 2, nothing trained."""
+    monkeypatch.delenv('IREPA_INCEPTION', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
+    monkeypatch.delitem(sys.modules, 'wandb', raising=False)  # wandb is not installed
+    ref, big = eval_ref(tmp_path / 'ref.npz'), eval_ref(tmp_path / 'big.npz', size=32)
+    base = lambda *a: run_args(tmp_path / 'out', 2, '--eval-every', '2', '--eval-samples', '6', *a)
+    for argv, says in ((base('--eval-ref', big, '--inception', 'random'), 'holds 32x32 images; this run makes 16x16'),
+                       (base('--eval-ref', ref, '--inception', 'random', '--eval-samples', '9'),
+                        'more than the 8 images'),
+                       (base('--eval-ref', ref), encoders.INCEPTION_FILE),
+                       (base('--eval-ref', ref, '--inception', 'random', '--wandb', 'p'), 'wandb package is not'),
+                       (base('--inception', 'random'), '--eval-every needs --eval-ref')):
+        assert says in user_error(capsys, irepa.main, *argv), argv
+        assert not (tmp_path / 'out').exists()
+
+
+def test_plot_overlays_runs_in_their_colours(tmp_path, capsys):
+    """python irepa.py plot A B: one PNG; each run's curves in its own colour, in every panel that has its values (FID
+    against steps and against GPU-hours for the run that evaluated); one run: one colour."""
+    for name, k in (('a', 1.0), ('b', 2.0)):
+        (tmp_path / name).mkdir()
+        recs = [dict(step=s, flow=k / s, align=-0.1 * k, grad_norm=k, gpu_hours=s / 100) | (
+            dict(fid=50 / s) if name == 'b' and s % 20 == 0 else {}) for s in range(10, 101, 10)]
+        (tmp_path / name / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    irepa.main(['plot', str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', str(tmp_path / 'ab.png')])
+    irepa.main(['plot', str(tmp_path / 'a'), '--out', str(tmp_path / 'a.png')])
+    colours = lambda img, box: {c for _, c in img.crop(box).getcolors(1 << 16)}
+    ab, a = Image.open(tmp_path / 'ab.png').convert('RGB'), Image.open(tmp_path / 'a.png').convert('RGB')
+    W, H = 300, 220
+    panels = [(i % 3 * W + 45, 24 + i // 3 * H + 23, (i % 3 + 1) * W - 11, 24 + (i // 3 + 1) * H - 23)
+              for i in range(5)]
+    blue, red = irepa.COLORS[:2]
+    for i, box in enumerate(panels):  # flow, align, grad_norm, fid vs step, fid vs GPU-hours
+        assert (blue in colours(ab, box)) == (i < 3) and red in colours(ab, box), i
+        assert red not in colours(a, box) and (blue in colours(a, box)) == (i < 3), i
+    assert user_error(capsys, irepa.main, 'plot', tmp_path).endswith(f"no log.jsonl in {tmp_path}: plot reads the "
+                                                                       "runs' logs")
