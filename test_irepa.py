@@ -150,14 +150,15 @@ def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     assert len(md) == 2 + 4 and md[0].startswith('| teacher | recipe | FID')
     png = out / 'correlation.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'done convergence figure' in log and Image.open(out / 'convergence.png').size[0] > 0
     evals = sorted(out.glob('runs/*/samples/*.json'))
     assert len(evals) == 4 and all({'FID', 'sFID', 'IS'} <= set(json.loads(e.read_text())) for e in evals)
 
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
     assert rc == 0, log[-3000:]
     assert not [l for l in log.splitlines() if l.startswith('+ ')], 'a finished sweep reruns nothing'
-    # prepare, train+sample, reference, eval, metrics, table+panel
-    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2
+    # prepare, train+sample, reference, eval, metrics, table+panel+convergence figure
+    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 3
 
     evals[0].unlink()
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
