@@ -373,46 +373,75 @@ def sample_main(a):
 # Command line
 
 
+def eval_flags(p, alone=True):
+    """The flags of `eval` (alone: also those `sweep` takes from sample_flags, the batch size and the device)."""
+    p.add_argument('--inception', default=None, help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the "
+                   "torch hub cache); 'random' for smoke runs")
+    p.add_argument('--json', default=None, help='also write the numbers to this JSON file')
+    p.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
+    if alone:
+        p.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
+        p.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument('--cache-dir', default='~/.cache/irepa/fid', help='where reference features are cached')
+    p.add_argument('--no-cache', action='store_true', help='neither read nor write the reference cache')
+    p.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
+    p.add_argument('--pr-dtype', default='adm16', choices=['adm16', 'fp32'], help='P/R distances: fp16 as ADM or fp32')
+    p.add_argument('--pr-block', type=int, default=10000, help='rows/columns per P/R distance block')
+    p.add_argument('--fd-method', default='eigh', choices=['eigh', 'sqrtm'],
+                   help="trace of sqrt(S1 S2): symmetric eigendecompositions (fast, exact) or ADM's scipy sqrtm")
+
+
+def sample_flags(p, num_samples=50_000):
+    """The flags of `sample` that `sweep` shares: the checkpoint, the count, the sampler, the seeds, the hardware."""
+    p.add_argument('--ckpt', required=True, help='checkpoint of irepa.py (or of the official iREPA/REPA code)')
+    p.add_argument('--num-samples', type=int, default=num_samples)
+    p.add_argument('--mode', choices=['sde', 'euler', 'heun', 'meanflow'], default='sde',
+                   help="the paper's: SDE, 250 steps; MeanFlow models: meanflow, 1 (or 2, 4) steps")
+    p.add_argument('--num-steps', type=int, default=250)
+    p.add_argument('--batch-size', type=int, default=64, help='images per shard and per forward, per process')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--class-balanced', action='store_true', help='labels i %% num_classes instead of random ones')
+    p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast for the SiT (the '
+                   "paper's numbers are fp32; compare the two with fid.py eval before switching)")
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the SiT '
+                   '(default: on CUDA); the last shard, if smaller, compiles once more')
+    p.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
+    p.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
+    p.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
+    p.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+
+
+def floats(text, n=None):
+    """'1,1.5,2' -> [1.0, 1.5, 2.0] (argparse type); n: exactly that many."""
+    try:
+        v = [float(x) for x in text.split(',')]
+    except ValueError:
+        v = []
+    if not v or (n and len(v) != n):
+        raise argparse.ArgumentTypeError(f"expected {n or 'some'} comma-separated numbers, got {text!r}")
+    return v
+
+
 def get_parser():
     parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
     ev.add_argument('samples', help='sample batch .npz (arr_0: N x H x W x 3 uint8)')
-    ev.add_argument('--inception', default=None, help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the "
-                    "torch hub cache); 'random' for smoke runs")
-    ev.add_argument('--json', default=None, help='also write the five numbers to this JSON file')
-    ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
-    ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
-    ev.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
-    ev.add_argument('--cache-dir', default='~/.cache/irepa/fid', help='where reference features are cached')
-    ev.add_argument('--no-cache', action='store_true', help='neither read nor write the reference cache')
-    ev.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
-    ev.add_argument('--pr-dtype', default='adm16', choices=['adm16', 'fp32'], help='P/R distances: fp16 as ADM or fp32')
-    ev.add_argument('--pr-block', type=int, default=10000, help='rows/columns per P/R distance block')
-    ev.add_argument('--fd-method', default='eigh', choices=['eigh', 'sqrtm'],
-                    help="trace of sqrt(S1 S2): symmetric eigendecompositions (fast, exact) or ADM's scipy sqrtm")
+    eval_flags(ev)
     sa = sub.add_parser('sample', help='a checkpoint -> N images in one ADM-format .npz (torchrun for several GPUs)')
-    sa.add_argument('--ckpt', required=True, help='checkpoint of irepa.py (or of the official iREPA/REPA code)')
-    sa.add_argument('--num-samples', type=int, default=50_000)
+    sample_flags(sa)
     sa.add_argument('--out', default=None, help='output .npz (default: next to the checkpoint, named by the settings)')
-    sa.add_argument('--mode', choices=['sde', 'euler', 'heun', 'meanflow'], default='sde',
-                    help="the paper's: SDE, 250 steps; MeanFlow models: meanflow, 1 (or 2, 4) steps")
-    sa.add_argument('--num-steps', type=int, default=250)
     sa.add_argument('--cfg-scale', type=float, default=1.0)
     sa.add_argument('--guidance-low', type=float, default=0.0)
     sa.add_argument('--guidance-high', type=float, default=1.0)
-    sa.add_argument('--batch-size', type=int, default=64, help='images per shard and per forward, per process')
-    sa.add_argument('--seed', type=int, default=0)
-    sa.add_argument('--class-balanced', action='store_true', help='labels i %% num_classes instead of random ones')
-    sa.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast for the SiT (the '
-                    "paper's numbers are fp32; compare the two with fid.py eval before switching)")
-    sa.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the SiT '
-                    '(default: on CUDA); the last shard, if smaller, compiles once more')
-    sa.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
-    sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
-    sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
-    sa.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    sw = sub.add_parser('sweep', help='FID of one checkpoint at each guidance setting, on the same seeds: the best')
+    sw.add_argument('ref', help='reference batch .npz, as for eval')
+    sample_flags(sw, num_samples=10_000)
+    sw.add_argument('--cfg', type=floats, default=[1.0], help='guidance scales, e.g. 1,1.5,2')
+    sw.add_argument('--interval', type=lambda t: floats(t, 2), nargs='+', default=[[0.0, 1.0]],
+                    help='guidance intervals LOW,HIGH (t in [LOW, HIGH] is guided), e.g. 0,1 0,0.7')
+    eval_flags(sw, alone=False)
     return parser
 
 
@@ -454,6 +483,41 @@ def eval_main(a):
         irepa.atomic_text(a.json, json.dumps(dict(r, ref=a.ref, samples=a.samples), indent=1))
 
 
+def sweep_main(parser, a):
+    """`fid.py sweep`: at each guidance scale and interval, the same seeds' images (`sample`: sharded, resumable) and
+    their five numbers against REF (`eval`, rank 0); a table with the lowest FID marked, and its rows as JSON (--json,
+    default beside the samples). 10K images rank the settings; confirm the best with 50K (sample + eval)."""
+    rows = []
+    for cfg_scale in a.cfg:
+        for low, high in a.interval:
+            s = argparse.Namespace(**vars(a) | dict(cfg_scale=cfg_scale, guidance_low=low, guidance_high=high,
+                                                    out=None))
+            sample_defaults(parser, s)  # the samples' file, named by the settings: a rerun skips what is done
+            if not os.path.exists(s.out):
+                sample_main(s)
+            rows.append(dict(cfg_scale=cfg_scale, guidance_low=low, guidance_high=high, samples=s.out))
+    if not irepa.rank_zero():
+        return
+    net = load_inception(a.inception, a.any_weights, a.device)
+    for r in rows:
+        r |= evaluate(a.ref, r['samples'], net, batch_size=a.batch_size, device=a.device, is_split=a.is_split,
+                      cache_dir=None if a.no_cache else a.cache_dir, pr_block=a.pr_block, pr_dtype=a.pr_dtype,
+                      fd_method=a.fd_method)
+    best = min(rows, key=lambda r: r['FID'])
+    print(f"{'cfg':>5s} {'interval':>12s} {'FID':>9s} {'sFID':>9s} {'IS':>9s} {'precision':>9s} {'recall':>9s}")
+    for r in rows:
+        interval = f"[{r['guidance_low']:g}, {r['guidance_high']:g}]"
+        print(f"{r['cfg_scale']:5g} {interval:>12s} {r['FID']:9.3f} {r['sFID']:9.3f} {r['IS']:9.3f} "
+              f"{r['precision']:9.4f} {r['recall']:9.4f}" + '  <- best' * (r is best))
+    stem = os.path.splitext(os.path.basename(a.ckpt))[0]
+    out = a.json or os.path.join(os.path.dirname(best['samples']), f'{stem}-sweep-{a.mode}{a.num_steps}-seed{a.seed}'
+                                                                     f'-n{a.num_samples}.json')
+    irepa.atomic_text(out, json.dumps(dict(ref=a.ref, ckpt=a.ckpt, num_samples=a.num_samples, best=best, rows=rows),
+                                      indent=1))
+    print(f"best: cfg {best['cfg_scale']:g} on [{best['guidance_low']:g}, {best['guidance_high']:g}], FID "
+          f"{best['FID']:.3f} at {a.num_samples} images; confirm it with 50K (fid.py sample + eval). JSON: {out}")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -462,6 +526,8 @@ def main(argv=None):
     if args.cmd == 'sample':
         sample_defaults(parser, args)
         sample_main(args)
+    elif args.cmd == 'sweep':
+        sweep_main(parser, args)
     else:
         eval_main(args)
 

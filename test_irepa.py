@@ -4795,3 +4795,29 @@ def test_plot_overlays_runs_in_their_colours(tmp_path, capsys):
         assert red not in colours(a, box) and (blue in colours(a, box)) == (i < 3), i
     assert user_error(capsys, irepa.main, 'plot', tmp_path).endswith(f"no log.jsonl in {tmp_path}: plot reads the "
                                                                        "runs' logs")
+
+
+@slow
+def test_guidance_sweep_scores_each_setting_on_the_same_seeds(tiny_ckpt, tmp_path, capsys):
+    """fid.py sweep --cfg 1,2: each setting's images are those `fid.py sample` draws with that setting and the same seed
+    (so settings differ by the guidance alone), scored as `fid.py eval` scores them; the table marks the lowest FID
+    and the JSON holds every row and the best."""
+    ref, ckpt, g = eval_ref(tmp_path / 'ref.npz'), load_ckpt(tiny_ckpt), torch.Generator().manual_seed(0)
+    ckpt['ema'] = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in ckpt['ema'].items()}  # guidance matters
+    torch.save(ckpt, tmp_path / 'random.pt')
+    common = ['--ckpt', str(tmp_path / 'random.pt'), '--num-samples', '6', '--batch-size', '4', '--num-steps', '3', '--device',
+              'cpu', '--no-compile']
+    fid.main(['sweep', str(ref), *common, '--cfg', '1,2', '--interval', '0,1', '--inception', 'random', '--is-split',
+              '2', '--no-cache', '--json', str(tmp_path / 'sweep.json')])
+    table = capsys.readouterr().out
+    result = json.loads((tmp_path / 'sweep.json').read_text())
+    rows = result['rows']
+    assert [(r['cfg_scale'], r['guidance_low'], r['guidance_high']) for r in rows] == [(1, 0, 1), (2, 0, 1)]
+    assert result['best'] == min(rows, key=lambda r: r['FID']) and table.count('<- best') == 1
+    net = fid.load_inception('random')
+    for r, scale in zip(rows, ('1', '2')):
+        out = tmp_path / f'cfg{scale}.npz'
+        fid.main(['sample', *common, '--cfg-scale', scale, '--out', str(out)])
+        assert np.array_equal(np.load(out)['arr_0'], np.load(r['samples'])['arr_0'])
+        assert r['FID'] == pytest.approx(fid.evaluate(ref, out, net, batch_size=4, is_split=2)['FID'], rel=1e-9)
+    assert not np.array_equal(np.load(rows[0]['samples'])['arr_0'], np.load(rows[1]['samples'])['arr_0'])
