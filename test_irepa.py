@@ -3917,7 +3917,7 @@ BAD_INPUTS = [
     ('irepa', 'export-vae {t}/nothing.pt {o}/v.safetensors', 2, 'argument ckpt: no such file'),
     ('irepa', 'export-vae', 2, 'the following arguments are required: ckpt, out'),
     ('irepa', 'recipes --all', 2, 'irepa.py recipes: error: unrecognized arguments: --all'),
-    ('fid', 'foo', 2, "fid.py: error: argument cmd: invalid choice: 'foo' (choose from 'eval', 'sample')"),
+    ('fid', 'foo', 2, "fid.py: error: argument cmd: invalid choice: 'foo' (choose from 'eval', 'sample', 'sweep')"),
     ('fid', 'sample', 2, 'fid.py sample: error: the following arguments are required: --ckpt'),
     ('fid', 'sample --ckpt {t}/a-file --out {o}/s.npz', 2, 'is not a readable PyTorch checkpoint'),
     ('fid', 'sample --ckpt {t}/a-file --mode ode', 2, "invalid choice: 'ode' (choose from 'sde', 'euler'"),
@@ -4799,14 +4799,14 @@ def test_plot_overlays_runs_in_their_colours(tmp_path, capsys):
 
 @slow
 def test_guidance_sweep_scores_each_setting_on_the_same_seeds(tiny_ckpt, tmp_path, capsys):
-    """fid.py sweep --cfg 1,2: each setting's images are those `fid.py sample` draws with that setting and the same seed
-    (so settings differ by the guidance alone), scored as `fid.py eval` scores them; the table marks the lowest FID
-    and the JSON holds every row and the best."""
+    """fid.py sweep --cfg 1,2: each setting's images are those `fid.py sample` draws with that setting and the same
+    seed (so settings differ by the guidance alone), scored as `fid.py eval` scores them; the table marks the lowest
+    FID and the JSON holds every row and the best."""
     ref, ckpt, g = eval_ref(tmp_path / 'ref.npz'), load_ckpt(tiny_ckpt), torch.Generator().manual_seed(0)
     ckpt['ema'] = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in ckpt['ema'].items()}  # guidance matters
     torch.save(ckpt, tmp_path / 'random.pt')
-    common = ['--ckpt', str(tmp_path / 'random.pt'), '--num-samples', '6', '--batch-size', '4', '--num-steps', '3', '--device',
-              'cpu', '--no-compile']
+    common = ['--ckpt', str(tmp_path / 'random.pt'), '--num-samples', '6', '--batch-size', '4', '--num-steps', '3',
+              '--device', 'cpu', '--no-compile']
     fid.main(['sweep', str(ref), *common, '--cfg', '1,2', '--interval', '0,1', '--inception', 'random', '--is-split',
               '2', '--no-cache', '--json', str(tmp_path / 'sweep.json')])
     table = capsys.readouterr().out
