@@ -4821,3 +4821,22 @@ def test_guidance_sweep_scores_each_setting_on_the_same_seeds(tiny_ckpt, tmp_pat
         assert np.array_equal(np.load(out)['arr_0'], np.load(r['samples'])['arr_0'])
         assert r['FID'] == pytest.approx(fid.evaluate(ref, out, net, batch_size=4, is_split=2)['FID'], rel=1e-9)
     assert not np.array_equal(np.load(rows[0]['samples'])['arr_0'], np.load(rows[1]['samples'])['arr_0'])
+
+
+@slow
+def test_demo_evaluates_against_a_reference_of_its_own_with_a_random_inception(tmp_path, monkeypatch, capsys):
+    """--demo --eval-every N without the Inception file and without --eval-ref: its reference is its own data's first
+    --eval-samples images, the Inception random (said loudly), FID in the log, curves.png drawn; outside --demo the
+    missing file is an error (test_bad_evaluation_settings_are_one_line_before_training)."""
+    monkeypatch.delenv('IREPA_INCEPTION', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    out = tmp_path / 'demo'
+    irepa.main(['--demo', '--eval-every', '2', '--max-steps', '2', '--eval-samples', '4', '--eval-steps', '2',
+                '--synthetic-size', '32', '--global-batch-size', '4', '--encoder-weights', 'random:1', '--sample-every',
+                '0', '--device', 'cpu', '--out-dir', str(out)])
+    assert 'the FID Inception has RANDOM weights' in capsys.readouterr().err
+    ref = np.load(out / 'eval_ref.npz')['arr_0']
+    assert np.array_equal(ref, np.stack([irepa.synthetic_image(i, 16, 10, 0)[0] for i in range(4)]))
+    rec, = [r for r in logged(out) if 'fid' in r]
+    assert rec['step'] == 2 and math.isfinite(rec['fid']) and (out / 'curves.png').exists()
+    assert json.loads((out / 'config.json').read_text())['eval_ref'] == str(out / 'eval_ref.npz')
