@@ -4840,3 +4840,21 @@ def test_demo_evaluates_against_a_reference_of_its_own_with_a_random_inception(t
     rec, = [r for r in logged(out) if 'fid' in r]
     assert rec['step'] == 2 and math.isfinite(rec['fid']) and (out / 'curves.png').exists()
     assert json.loads((out / 'config.json').read_text())['eval_ref'] == str(out / 'eval_ref.npz')
+
+
+@slow
+def test_fid_while_training_is_sharded_over_ddp_ranks(tmp_path):
+    """Under torchrun (2 gloo processes) the ranks draw alternate shards and rank 0 gathers their features: the FID it
+    logs is fid.py sample + eval of the checkpoint in one process, and the weights are those of the run without it."""
+    r = torchrun(2, eval_args(tmp_path, 'ddp', 2, '--eval-samples', '8', '--eval-batch', '3'), tmp_path)  # 3 shards
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec, = [x for x in logged(tmp_path / 'ddp') if 'fid' in x]
+    fid.main(['sample', '--ckpt', str(tmp_path / 'ddp/checkpoints/0000002.pt'), '--num-samples', '8', '--batch-size',
+              '3', '--num-steps', '3', '--out', str(tmp_path / 's.npz'), '--device', 'cpu', '--no-compile'])
+    net = fid.load_inception('random')
+    assert rec['fid'] == pytest.approx(fid.evaluate(tmp_path / 'ref.npz', tmp_path / 's.npz', net, batch_size=3,
+                                                    is_split=2)['FID'], rel=1e-6)
+    r = torchrun(2, run_args(tmp_path / 'plain', 2), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = lambda out: load_ckpt(tmp_path / out / 'checkpoints/0000002.pt')
+    assert_same_state(final('ddp'), final('plain'))
