@@ -4708,7 +4708,7 @@ def test_fid_while_training_is_fid_py_sample_and_eval_of_its_checkpoint(tmp_path
     """The FID a run logs at step 2 is `fid.py sample` (same checkpoint, seed, count, sampler) + `fid.py eval` (same
     reference, random Inception): the same images and the same evaluator. The record carries the step, the images
     seen and the GPU-hours; the run draws curves.png."""
-    irepa.main(eval_args(tmp_path, 'run', 2))
+    irepa.main(eval_args(tmp_path, 'run', 2, '--lr', '0.003', '--ema-decay', '0'))  # labels and noise matter
     rec, = [r for r in logged(tmp_path / 'run') if 'fid' in r]
     assert rec['step'] == 2 and rec['images'] == 2 * 4 and 0 < rec['gpu_hours'] <= rec['wall_s'] / 3600 + 1e-12
     assert rec['eval_s'] > 0 and 'inception_score' not in rec  # IS from 5000 images on only
