@@ -2476,27 +2476,22 @@ def check_paths(cfg):
 def check_eval(cfg):
     """--eval-every: a reference of the run's resolution holding at least --eval-samples images, the Inception file
     (--demo: random where it is missing); --wandb: the package."""
-    errors, ref = [], cfg.eval_ref
+    errors, ref, R = [], cfg.eval_ref, cfg.resolution
     if cfg.wandb and 'wandb' not in sys.modules and importlib.util.find_spec('wandb') is None:
         errors.append(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install wandb)")
-    if not cfg.eval_every or cfg.eval_samples < 2:
-        return errors
-    if cfg.inception != 'random' and not cfg.demo:
-        try:
+    try:
+        if cfg.eval_every and cfg.inception != 'random' and not cfg.demo:
             encoders.find_inception(cfg.inception)
-        except encoders.LoadError as e:
-            errors.append(f"--eval-every: {e}")
-    if ref is None and not cfg.demo:
+        n, h, w, _ = npz_header(ref) if cfg.eval_every and ref else (cfg.eval_samples, R, R, 3)
+    except Exception as e:  # the Inception's LoadError; a reference that is no file, no npz, without arr_0
+        return errors + [f"--eval-every: {e}" if isinstance(e, encoders.LoadError) else
+                         f"--eval-ref {ref}: not an ADM .npz with arr_0 ({type(e).__name__}: {e})"]
+    if cfg.eval_every and not ref and not cfg.demo:
         errors.append("--eval-every needs --eval-ref, the reference batch .npz (ADM's VIRTUAL_imagenet256_labeled.npz)")
-    elif ref is not None:
-        try:
-            n, h, w, _ = npz_header(ref)
-        except Exception as e:  # not a file, not an npz, no arr_0
-            return errors + [f"--eval-ref {ref}: not an ADM .npz with arr_0 ({type(e).__name__}: {e})"]
-        if (h, w) != (cfg.resolution,) * 2:
-            errors.append(f"--eval-ref {ref} holds {h}x{w} images; this run makes {cfg.resolution}x{cfg.resolution}")
-        if cfg.eval_samples > n:
-            errors.append(f"--eval-samples {cfg.eval_samples} is more than the {n} images --eval-ref {ref} holds")
+    if (h, w) != (R, R):
+        errors.append(f"--eval-ref {ref} holds {h}x{w} images; this run makes {R}x{R}")
+    if cfg.eval_samples > n:
+        errors.append(f"--eval-samples {cfg.eval_samples} is more than the {n} images --eval-ref {ref} holds")
     return errors
 
 def validate(cfg):
