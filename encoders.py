@@ -22,6 +22,7 @@ their features; SAM's and HOG's maps are resized to the grid as the official cod
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -1079,6 +1080,168 @@ def load_discriminator(spec='random', device='cpu'):
             raise LoadError(f"'{spec}' is not a PatchGAN discriminator (3 layers, 64 filters): "
                             f"{' '.join(str(e).split())[:400]}") from e
     return disc.to(device)
+
+
+# -----------------------------------------------------------------------------
+# The FID Inception (fid.py; irepa.py's evaluation while training): torchvision's Inception3 with the TF graph's
+# quirks (pytorch-fid's FIDInceptionA/C/E_1/E_2). torchvision takes seconds to import: only where one is built.
+INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
+INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
+INCEPTION_ALT_FILE = 'weights-inception-2015-12-05-6726825d.pth'  # torch-fidelity's copy, same tensors and hash prefix
+INCEPTION_SHA256 = '6726825d'  # torch.hub's convention: the file name carries the SHA-256 prefix
+
+
+def resize_tf1(x, size=299):
+    """TF1 ResizeBilinear(align_corners=False) without half-pixel centres, as the ADM graph resizes: source coordinate
+    = dst * (in / out) in float32, lerped in TF's order (columns, then rows). F.interpolate uses half-pixel centres,
+    a ~0.07 px shift at 256 -> 299. x: (N, C, H, W) float."""
+    def coords(n_in):
+        scale = torch.tensor(n_in / size, dtype=torch.float32, device=x.device)  # TF computes the scale in float32
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale
+        lo = src.long()  # floor, src >= 0
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+    ylo, yhi, fy = coords(x.shape[2])
+    xlo, xhi, fx = coords(x.shape[3])
+    top, bottom = x[:, :, ylo], x[:, :, yhi]  # (N, C, size, W) each
+    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * fx  # (N, C, size, size)
+    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * fx
+    return top + (bottom - top) * fy[:, None]
+
+
+def _tf_mixed(m, x, pool='avg'):
+    """Forward of torchvision's InceptionA/C/E block `m` as in the TF graph; returns (output, branch1x1 output).
+    TF's average pool ignores the zero padding, and Mixed_7c's pool branch is a max pool in the graph."""
+    def chain(*names):
+        y = x
+        for name in names:
+            y = getattr(m, name)(y)
+        return y
+    pooled = F.max_pool2d(x, 3, 1, 1) if pool == 'max' else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    if hasattr(m, 'branch5x5_1'):  # InceptionA
+        mid = [chain('branch5x5_1', 'branch5x5_2'), chain('branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3')]
+    elif hasattr(m, 'branch7x7_1'):  # InceptionC
+        mid = [chain(*[f'branch7x7_{i}' for i in (1, 2, 3)]), chain(*[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)])]
+    else:  # InceptionE: both inner branches split into a 1x3 and a 3x1 conv
+        a, b = m.branch3x3_1(x), chain('branch3x3dbl_1', 'branch3x3dbl_2')
+        mid = [m.branch3x3_2a(a), m.branch3x3_2b(a), m.branch3x3dbl_3a(b), m.branch3x3dbl_3b(b)]
+    b1 = m.branch1x1(x)
+    return torch.cat([b1, *mid, m.branch_pool(pooled)], 1), b1
+
+
+def spatial_features(b1):
+    """ADM's sFID feature 'mixed_6/conv'[..., :7]: Mixed_6d.branch1x1 (N, 192, 17, 17) -> (N, 2023), (h, w, c) order."""
+    return b1[:, :7].permute(0, 2, 3, 1).reshape(len(b1), -1)  # (N, 17, 17, 7) -> (N, 2023)
+
+
+class FIDInception(nn.Module):
+    """The 2015-12-05 TF Inception; state-dict keys are those of pt_inception-2015-12-05-6726825d.pth: the layers of
+    torchvision's Inception3, taken over as they are (torchvision is imported here, not with encoders)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.inception import Inception3
+        with torch.random.fork_rng(devices=[]):  # its layers' default init would draw from the caller's stream
+            net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+        for name, m in net.named_children():
+            self.add_module(name, m)
+        self.AuxLogits = None  # aux_logits=False: named_children leaves it out
+
+    def forward(self, x):
+        """x: (N, 3, H, W) images in [0, 255], uint8 or float (NCHW, any H x W).
+        Returns pool3 (N, 2048), spatial (N, 2023), logits (N, 1008) = pool3 @ fc.weight.T without the bias."""
+        x = resize_tf1(x.float(), 299)
+        x = (x - 128) / 128  # the graph's Sub 128, Mul 1/128: 255 maps to 0.9921875, not to 1
+        for m in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
+                  self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2):
+            x = m(x)  # (N, 192, 35, 35) at the end
+        for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
+                     'Mixed_7a', 'Mixed_7b', 'Mixed_7c'):
+            m = getattr(self, name)
+            if name in ('Mixed_6a', 'Mixed_7a'):  # the grid reductions need no patch
+                x = m(x)
+                continue
+            x, b1 = _tf_mixed(m, x, pool='max' if name == 'Mixed_7c' else 'avg')
+            if name == 'Mixed_6d':
+                spatial = spatial_features(b1)  # TF 'mixed_6/conv': mixed_6 is Mixed_6d (mixed = 5b)
+        pool = self.avgpool(x).flatten(1)  # (N, 2048, 8, 8) -> (N, 2048), TF pool_3
+        return pool, spatial, pool @ self.fc.weight.T  # IS uses softmax/logits/MatMul, before the bias
+
+
+def find_inception(path=None):
+    """The weights file: `path` (--inception), then $IREPA_INCEPTION, then torch hub's checkpoints folder."""
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    where = f'Download {INCEPTION_URL} and pass --inception PATH, set IREPA_INCEPTION=PATH, or put it in {hub}/'
+    for p, what in ((path, '--inception'), (os.environ.get('IREPA_INCEPTION'), 'IREPA_INCEPTION')):
+        if p:
+            if not os.path.isfile(p):
+                raise LoadError(f'{what}={p}: no such file; it should be {INCEPTION_FILE}. {where}')
+            return p
+    for name in (INCEPTION_FILE, INCEPTION_ALT_FILE):
+        if os.path.isfile(os.path.join(hub, name)):
+            return os.path.join(hub, name)
+    raise LoadError(f'FID Inception weights {INCEPTION_FILE} not found (nothing is downloaded). {where}')
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_inception(seed=0):
+    """An FIDInception with random weights that keep activations O(1) through its 94 layers (He-scaled convs,
+    non-trivial BatchNorm statistics; PyTorch's default init shrinks them to 1e-8): for tests and offline smoke runs."""
+    net = FIDInception()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+        net.fc.weight.copy_(0.02 * torch.randn(net.fc.weight.shape, generator=g))
+        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g))  # must not reach the logits
+    return net
+
+
+def load_inception(path=None, any_weights=False, device='cpu'):
+    """FIDInception with the 2015-12-05 weights, in eval mode (BN uses its stored statistics), frozen.
+    path 'random': random weights (random_inception) for smoke runs without the file, said loudly."""
+    if path == 'random':
+        print(f'\n{"!" * 100}\nWARNING: the FID Inception has RANDOM weights (--inception random): FID, sFID, IS, '
+              f'precision and recall are NOT comparable to anything; this only exercises the pipeline.\n{"!" * 100}\n',
+              file=sys.stderr)
+        net = random_inception()
+        net.weights_sha256 = 'random-0'
+        return net.eval().requires_grad_(False).to(device)
+    path = find_inception(path)
+    digest = sha256_file(path)
+    if not digest.startswith(INCEPTION_SHA256):
+        if not any_weights:
+            raise LoadError(f'{path}: SHA-256 starts with {digest[:8]}, not {INCEPTION_SHA256}: not {INCEPTION_FILE} '
+                            f'({INCEPTION_URL}). --any-weights uses it anyway')
+        print(f'\n{"!" * 100}\nWARNING: FID Inception weights {path} are NOT {INCEPTION_FILE} (SHA-256 {digest[:8]}).\n'
+              f'FID, sFID, IS, precision and recall are NOT comparable to published numbers.\n{"!" * 100}\n',
+              file=sys.stderr)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a pickle with code in it, an .npz, a truncated download
+        raise LoadError(f'{path}: not a PyTorch state dict ({type(e).__name__}: {str(e)[:200]})') from None
+    net = FIDInception()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
+    if missing or unexpected:
+        raise LoadError(f'{path}: not an FID Inception state dict (missing {missing[:5]}, unexpected '
+                        f'{unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
+    net.weights_sha256 = digest  # keys the reference-feature cache
+    return net.eval().requires_grad_(False).to(device)
+
+# -----------------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,18 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import distributed as dist
 from PIL import Image
-from scipy import linalg
-from torchvision.models.inception import Inception3, InceptionA, InceptionC
 from tqdm.auto import tqdm
 
 import encoders
+from encoders import (INCEPTION_FILE, INCEPTION_URL, FIDInception, find_inception, load_inception,  # the network
+                      random_inception, resize_tf1, spatial_features)
 import irepa
 from irepa import ArgumentParser, UserError, cli  # a mistake of the user: one line on stderr, exit code 2
+from irepa import compute_stats, frechet_distance, inception_score  # the metrics the training's evaluation shares
 
-INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
-INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
-INCEPTION_ALT_FILE = 'weights-inception-2015-12-05-6726825d.pth'  # torch-fidelity's copy, same tensors and hash prefix
-INCEPTION_SHA256 = '6726825d'  # torch.hub's convention: the file name carries the SHA-256 prefix
 CACHE_VERSION = 1  # bump when the cached reference features change meaning
 
 # -----------------------------------------------------------------------------
@@ -109,71 +105,6 @@ def read_stored_stats(path):
 # Metrics, on features. They follow evaluator.py line by line where the numbers depend on it.
 
 
-def _sqrtm(a):
-    out = linalg.sqrtm(a)  # no `disp`: deprecated in scipy 1.16 and removed in 1.18; older versions may return a tuple
-    return out[0] if isinstance(out, tuple) else out
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
-    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64.
-
-    method 'sqrtm' is ADM's (TTUR's) computation line by line: scipy's sqrtm of the non-symmetric S1 S2, with its eps
-    and imaginary-part fallbacks. 'eigh' (default) gets the same trace from symmetric eigendecompositions,
-    tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), since both products have the same eigenvalues: it agrees with
-    sqrtm to ~1e-12 on full-rank statistics, stays exact on singular ones, and is several times faster (sqrtm takes
-    minutes on 2048 x 2048 singular covariances on a small CPU).
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f'statistics of different sizes: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}')
-    diff = mu1 - mu2
-    if method == 'eigh':
-        w, v = np.linalg.eigh(sigma1)
-        root = (v * np.sqrt(w.clip(0))) @ v.T  # S1^1/2, symmetric
-        tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
-        return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, sigma1, sigma2)
-    if method != 'sqrtm':
-        raise ValueError(f"method must be 'eigh' or 'sqrtm' (ADM's), got {method!r}")
-    covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # a singular product (fewer images than dimensions)
-        warnings.warn(f'fid calculation produces singular product; adding {eps} to diagonal of cov estimates')
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # numerical noise gives a small imaginary part; a large one means a broken sqrtm
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
-        covmean = covmean.real
-    return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), sigma1, sigma2)
-
-
-def never_negative(d, sigma1, sigma2):
-    """A squared distance is >= 0, but two equal sets give 0 only up to rounding, of either sign (-1.3e-6 was seen):
-    an eigenvalue that is 0 in exact arithmetic comes out as +-eps ||S||, and its square root, up to
-    sqrt(eps ||S||), enters tr sqrt(S1 S2) once per dimension. A negative value within that noise is 0; anything more
-    negative is a fault and stays visible."""
-    noise = 2 * len(sigma1) * np.sqrt(np.finfo(np.float64).eps * max(np.trace(sigma1), np.trace(sigma2), 0.0))
-    return float(0.0 if -noise <= d < 0 else d)
-
-
-def inception_score(logits, split_size=5000, probs=False):
-    """ADM's IS: the mean over consecutive, unshuffled splits of exp(mean_i KL(p_i || mean_j p_j)), in float64.
-    `logits` (N, C) are pool3 @ fc.weight.T (no bias); pass probabilities with probs=True. IS grows with the split
-    size and depends on the order (a class-sorted file scores lower), so only ADM's split of 5000 is comparable."""
-    x = torch.as_tensor(logits, dtype=torch.float64)
-    if len(x) < split_size:
-        raise UserError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
-                        f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
-    logp = x.log() if probs else x.log_softmax(1)
-    scores = []
-    for part in logp.split(split_size):  # (<= split_size, C); the last split may be shorter (12345 -> 5000/5000/2345)
-        p = part.exp()
-        log_mean = p.mean(0).log()
-        kl = torch.where(p > 0, p * (part - log_mean), 0.0).sum(1)  # 0 log 0 = 0
-        scores.append(kl.mean().exp())
-    return torch.stack(scores).mean().item()
-
-
 def _fp16(x):
     return x.half().float()  # round to the nearest fp16 (inf past 65504), keep computing in fp32
 
@@ -222,154 +153,6 @@ def precision_recall(ref_feats, sample_feats, k=3, block_size=10000, adm16=True,
             sample_in[j:j + block_size] |= (d <= ref_radii[i:i + block_size, None]).any(0)
     return sample_in.double().mean().item(), ref_in.double().mean().item()
 
-# -----------------------------------------------------------------------------
-# The FID Inception: torchvision's Inception3 with the TF graph's quirks (pytorch-fid's FIDInceptionA/C/E_1/E_2)
-
-
-def resize_tf1(x, size=299):
-    """TF1 ResizeBilinear(align_corners=False) without half-pixel centres, as the ADM graph resizes: source coordinate
-    = dst * (in / out) in float32, lerped in TF's order (columns, then rows). F.interpolate uses half-pixel centres,
-    a ~0.07 px shift at 256 -> 299. x: (N, C, H, W) float."""
-    def coords(n_in):
-        scale = torch.tensor(n_in / size, dtype=torch.float32, device=x.device)  # TF computes the scale in float32
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale
-        lo = src.long()  # floor, src >= 0
-        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
-    ylo, yhi, fy = coords(x.shape[2])
-    xlo, xhi, fx = coords(x.shape[3])
-    top, bottom = x[:, :, ylo], x[:, :, yhi]  # (N, C, size, W) each
-    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * fx  # (N, C, size, size)
-    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * fx
-    return top + (bottom - top) * fy[:, None]
-
-
-def _tf_mixed(m, x, pool='avg'):
-    """Forward of torchvision's InceptionA/C/E block `m` as in the TF graph; returns (output, branch1x1 output).
-    TF's average pool ignores the zero padding, and Mixed_7c's pool branch is a max pool in the graph."""
-    def chain(*names):
-        y = x
-        for name in names:
-            y = getattr(m, name)(y)
-        return y
-    pooled = F.max_pool2d(x, 3, 1, 1) if pool == 'max' else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-    if isinstance(m, InceptionA):
-        mid = [chain('branch5x5_1', 'branch5x5_2'), chain('branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3')]
-    elif isinstance(m, InceptionC):
-        mid = [chain(*[f'branch7x7_{i}' for i in (1, 2, 3)]), chain(*[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)])]
-    else:  # InceptionE: both inner branches split into a 1x3 and a 3x1 conv
-        a, b = m.branch3x3_1(x), chain('branch3x3dbl_1', 'branch3x3dbl_2')
-        mid = [m.branch3x3_2a(a), m.branch3x3_2b(a), m.branch3x3dbl_3a(b), m.branch3x3dbl_3b(b)]
-    b1 = m.branch1x1(x)
-    return torch.cat([b1, *mid, m.branch_pool(pooled)], 1), b1
-
-
-def spatial_features(b1):
-    """ADM's sFID feature 'mixed_6/conv'[..., :7]: Mixed_6d.branch1x1 (N, 192, 17, 17) -> (N, 2023), (h, w, c) order."""
-    return b1[:, :7].permute(0, 2, 3, 1).reshape(len(b1), -1)  # (N, 17, 17, 7) -> (N, 2023)
-
-
-class FIDInception(Inception3):
-    """The 2015-12-05 TF Inception; state-dict keys are those of pt_inception-2015-12-05-6726825d.pth."""
-
-    def __init__(self):
-        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
-
-    def forward(self, x):
-        """x: (N, 3, H, W) images in [0, 255], uint8 or float (NCHW, any H x W).
-        Returns pool3 (N, 2048), spatial (N, 2023), logits (N, 1008) = pool3 @ fc.weight.T without the bias."""
-        x = resize_tf1(x.float(), 299)
-        x = (x - 128) / 128  # the graph's Sub 128, Mul 1/128: 255 maps to 0.9921875, not to 1
-        for m in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
-                  self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2):
-            x = m(x)  # (N, 192, 35, 35) at the end
-        for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
-                     'Mixed_7a', 'Mixed_7b', 'Mixed_7c'):
-            m = getattr(self, name)
-            if name in ('Mixed_6a', 'Mixed_7a'):  # the grid reductions need no patch
-                x = m(x)
-                continue
-            x, b1 = _tf_mixed(m, x, pool='max' if name == 'Mixed_7c' else 'avg')
-            if name == 'Mixed_6d':
-                spatial = spatial_features(b1)  # TF 'mixed_6/conv': mixed_6 is Mixed_6d (mixed = 5b)
-        pool = self.avgpool(x).flatten(1)  # (N, 2048, 8, 8) -> (N, 2048), TF pool_3
-        return pool, spatial, pool @ self.fc.weight.T  # IS uses softmax/logits/MatMul, before the bias
-
-
-def find_inception(path=None):
-    """The weights file: `path` (--inception), then $IREPA_INCEPTION, then torch hub's checkpoints folder."""
-    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    where = f'Download {INCEPTION_URL} and pass --inception PATH, set IREPA_INCEPTION=PATH, or put it in {hub}/'
-    for p, what in ((path, '--inception'), (os.environ.get('IREPA_INCEPTION'), 'IREPA_INCEPTION')):
-        if p:
-            if not os.path.isfile(p):
-                raise UserError(f'{what}={p}: no such file; it should be {INCEPTION_FILE}. {where}')
-            return p
-    for name in (INCEPTION_FILE, INCEPTION_ALT_FILE):
-        if os.path.isfile(os.path.join(hub, name)):
-            return os.path.join(hub, name)
-    raise UserError(f'FID Inception weights {INCEPTION_FILE} not found (nothing is downloaded). {where}')
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def random_inception(seed=0):
-    """An FIDInception with random weights that keep activations O(1) through its 94 layers (He-scaled convs,
-    non-trivial BatchNorm statistics; PyTorch's default init shrinks them to 1e-8): for tests and offline smoke runs."""
-    net = FIDInception()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
-        net.fc.weight.copy_(0.02 * torch.randn(net.fc.weight.shape, generator=g))
-        net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g))  # must not reach the logits
-    return net
-
-
-def load_inception(path=None, any_weights=False, device='cpu'):
-    """FIDInception with the 2015-12-05 weights, in eval mode (BN uses its stored statistics), frozen.
-    path 'random': random weights (random_inception) for smoke runs without the file, said loudly."""
-    if path == 'random':
-        print(f'\n{"!" * 100}\nWARNING: the FID Inception has RANDOM weights (--inception random): FID, sFID, IS, '
-              f'precision and recall are NOT comparable to anything; this only exercises the pipeline.\n{"!" * 100}\n',
-              file=sys.stderr)
-        net = random_inception()
-        net.weights_sha256 = 'random-0'
-        return net.eval().requires_grad_(False).to(device)
-    path = find_inception(path)
-    digest = sha256_file(path)
-    if not digest.startswith(INCEPTION_SHA256):
-        if not any_weights:
-            raise UserError(f'{path}: SHA-256 starts with {digest[:8]}, not {INCEPTION_SHA256}: not {INCEPTION_FILE} '
-                            f'({INCEPTION_URL}). --any-weights uses it anyway')
-        print(f'\n{"!" * 100}\nWARNING: FID Inception weights {path} are NOT {INCEPTION_FILE} (SHA-256 {digest[:8]}).\n'
-              f'FID, sFID, IS, precision and recall are NOT comparable to published numbers.\n{"!" * 100}\n',
-              file=sys.stderr)
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a pickle with code in it, an .npz, a truncated download
-        raise UserError(f'{path}: not a PyTorch state dict ({type(e).__name__}: {str(e)[:200]})') from None
-    net = FIDInception()
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith('num_batches_tracked')]  # not in every converted file
-    if missing or unexpected:
-        raise UserError(f'{path}: not an FID Inception state dict (missing {missing[:5]}, unexpected '
-                        f'{unexpected[:5]}, {len(missing) + len(unexpected)} in all)')
-    net.weights_sha256 = digest  # keys the reference-feature cache
-    return net.eval().requires_grad_(False).to(device)
-
-# -----------------------------------------------------------------------------
 # Features and statistics
 
 
@@ -401,15 +184,6 @@ def extract_features(path, net, batch_size=64, device='cpu'):
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         outs.append(net(x))  # features stay on the device until the end: no sync per batch
     return tuple(torch.cat(o).cpu().numpy() for o in zip(*outs))
-
-
-def compute_stats(feats, device='cpu'):
-    """mu and the unbiased covariance (np.cov(rowvar=False)) of (N, D) features, in float64."""
-    x = torch.as_tensor(feats, device=device).double()
-    mu = x.mean(0)
-    x = x - mu
-    sigma = x.T @ x / (len(x) - 1)  # (D, D)
-    return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
 def reference_features(path, net, batch_size=64, device='cpu', cache_dir=None):
@@ -469,10 +243,6 @@ def evaluate(ref_path, sample_path, inception=None, any_weights=False, batch_siz
 # Sampling: a checkpoint -> exactly N images in one ADM-format .npz, sharded over ranks, resumable
 # Shard k holds images [k*B, (k+1)*B) and is seeded with (seed, k) alone, so the result does not depend on the number
 # of processes, and a killed run redoes only the shards that are missing.
-
-
-def shard_generator(seed, k, device='cpu'):
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
 
 
 def write_npz(path, shard_files, shape):
@@ -535,22 +305,6 @@ def official_jit_model(path, ckpt, ema, device):
     irepa.load_state(model, state, f'official JiT checkpoint {path}')
     info = dict(config=dict(a, vae='none'), latent=None, step=ckpt.get('epoch'))
     return model.to(device).eval(), info
-
-
-def sample_shard(a, k, model, net, vae, norm, device, autocast):
-    """Shard k of `fid.py sample`: images k * batch_size ... as uint8 (n, H, W, 3), from seeds of k alone (so the
-    images do not depend on the number of processes, nor on which of them draws the shard)."""
-    n, size = min(a.batch_size, a.num_samples - k * a.batch_size), model.x_embedder.input_size
-    g = shard_generator(a.seed, k)
-    noise = torch.randn(n, model.in_channels, size, size, generator=g)
-    y = (torch.arange(k * a.batch_size, k * a.batch_size + n) % model.num_classes if a.class_balanced
-         else torch.randint(0, model.num_classes, (n,), generator=g))
-    with torch.no_grad(), autocast:
-        z = irepa.sample(net, noise.to(device), y.to(device), a.mode, a.num_steps, a.cfg_scale,
-                         a.guidance_low, a.guidance_high, generator=shard_generator(a.seed, k, device))
-    with torch.no_grad():
-        x = irepa.to_pixels(z.float(), vae, norm)
-    return irepa.to_uint8(x).cpu().numpy()  # (n, H, W, 3)
 
 
 def latent_decoder(a, model, info, device):
@@ -630,7 +384,7 @@ def sample_main(a):
         bf16 = a.precision == 'bf16'
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         net = torch.compile(model, dynamic=False) if a.compile else model  # two graphs: the batch and its CFG double
-        work = lambda k: sample_shard(a, k, model, net, vae, norm, device, autocast)  # images k * batch_size ...
+        work = lambda k: irepa.draw_shard(a, k, model, vae, norm, device, autocast, net)  # images k * batch_size ...
         irepa.sharded_pass(shards, n_shards, work, '.npy', lambda x, f: np.save(f, x), 'sample',
                            f'shards to do in {shards}')
         if rank == 0:
@@ -643,46 +397,76 @@ def sample_main(a):
 # Command line
 
 
+def eval_flags(p, alone=True):
+    """The flags of `eval` (alone: also those `sweep` takes from sample_flags, the batch size and the device)."""
+    p.add_argument('--inception', default=None, help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the "
+                   "torch hub cache); 'random' for smoke runs")
+    p.add_argument('--json', default=None, help='also write the numbers to this JSON file')
+    p.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
+    if alone:
+        p.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
+        p.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument('--cache-dir', default='~/.cache/irepa/fid', help='where reference features are cached')
+    p.add_argument('--no-cache', action='store_true', help='neither read nor write the reference cache')
+    p.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
+    p.add_argument('--pr-dtype', default='adm16', choices=['adm16', 'fp32'], help='P/R distances: fp16 as ADM or fp32')
+    p.add_argument('--pr-block', type=int, default=10000, help='rows/columns per P/R distance block')
+    p.add_argument('--fd-method', default='eigh', choices=['eigh', 'sqrtm'],
+                   help="trace of sqrt(S1 S2): symmetric eigendecompositions (fast, exact) or ADM's scipy sqrtm")
+
+
+def sample_flags(p, num_samples=50_000):
+    """The flags of `sample` that `sweep` shares: the checkpoint, the count, the sampler, the seeds, the hardware."""
+    p.add_argument('--ckpt', required=True, help='checkpoint of irepa.py (or of the official iREPA/REPA/JiT code)')
+    p.add_argument('--num-samples', type=int, default=num_samples)
+    p.add_argument('--mode', choices=['sde', 'euler', 'heun', 'meanflow'], default='sde',
+                   help="the paper's: SDE, 250 steps; MeanFlow models: meanflow, 1 (or 2, 4) steps; JiT models: "
+                   "heun (or euler), 50 steps, as the official JiT")
+    p.add_argument('--num-steps', type=int, default=250)
+    p.add_argument('--batch-size', type=int, default=64, help='images per shard and per forward, per process')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--class-balanced', action='store_true', help='labels i %% num_classes instead of random ones')
+    p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast for the SiT (the '
+                   "paper's numbers are fp32; compare the two with fid.py eval before switching)")
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the SiT '
+                   '(default: on CUDA); the last shard, if smaller, compiles once more')
+    p.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
+    p.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
+    p.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
+    p.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+
+
+def floats(text, n=None):
+    """'1,1.5,2' -> [1.0, 1.5, 2.0] (argparse type); n: exactly that many."""
+    try:
+        v = [float(x) for x in text.split(',')]
+    except ValueError:
+        v = []
+    if not v or (n and len(v) != n):
+        raise argparse.ArgumentTypeError(f"expected {n or 'some'} comma-separated numbers, got {text!r}")
+    return v
+
+
 def get_parser():
     parser = ArgumentParser(prog='fid.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='cmd', required=True)
     ev = sub.add_parser('eval', help='IS, FID, sFID, precision, recall of SAMPLES against REF, as the ADM evaluator')
     ev.add_argument('ref', help='reference batch .npz (arr_0, optionally stored mu/sigma/mu_s/sigma_s)')
     ev.add_argument('samples', help='sample batch .npz (arr_0: N x H x W x 3 uint8)')
-    ev.add_argument('--inception', default=None, help=f"path to {INCEPTION_FILE} (else $IREPA_INCEPTION, else the "
-                    "torch hub cache); 'random' for smoke runs")
-    ev.add_argument('--json', default=None, help='also write the five numbers to this JSON file')
-    ev.add_argument('--any-weights', action='store_true', help='accept other weights (numbers not comparable)')
-    ev.add_argument('--batch-size', type=int, default=64, help='images per Inception batch (ADM: 64)')
-    ev.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
-    ev.add_argument('--cache-dir', default='~/.cache/irepa/fid', help='where reference features are cached')
-    ev.add_argument('--no-cache', action='store_true', help='neither read nor write the reference cache')
-    ev.add_argument('--is-split', type=int, default=5000, help='Inception Score split size (ADM: 5000)')
-    ev.add_argument('--pr-dtype', default='adm16', choices=['adm16', 'fp32'], help='P/R distances: fp16 as ADM or fp32')
-    ev.add_argument('--pr-block', type=int, default=10000, help='rows/columns per P/R distance block')
-    ev.add_argument('--fd-method', default='eigh', choices=['eigh', 'sqrtm'],
-                    help="trace of sqrt(S1 S2): symmetric eigendecompositions (fast, exact) or ADM's scipy sqrtm")
+    eval_flags(ev)
     sa = sub.add_parser('sample', help='a checkpoint -> N images in one ADM-format .npz (torchrun for several GPUs)')
-    sa.add_argument('--ckpt', required=True, help='checkpoint of irepa.py (or of the official iREPA/REPA code)')
-    sa.add_argument('--num-samples', type=int, default=50_000)
+    sample_flags(sa)
     sa.add_argument('--out', default=None, help='output .npz (default: next to the checkpoint, named by the settings)')
-    sa.add_argument('--mode', choices=['sde', 'euler', 'heun', 'meanflow'], default='sde',
-                    help="the paper's: SDE, 250 steps; MeanFlow models: meanflow, 1 (or 2, 4) steps")
-    sa.add_argument('--num-steps', type=int, default=250)
     sa.add_argument('--cfg-scale', type=float, default=1.0)
     sa.add_argument('--guidance-low', type=float, default=0.0)
     sa.add_argument('--guidance-high', type=float, default=1.0)
-    sa.add_argument('--batch-size', type=int, default=64, help='images per shard and per forward, per process')
-    sa.add_argument('--seed', type=int, default=0)
-    sa.add_argument('--class-balanced', action='store_true', help='labels i %% num_classes instead of random ones')
-    sa.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16 autocast for the SiT (the '
-                    "paper's numbers are fp32; compare the two with fid.py eval before switching)")
-    sa.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile the SiT '
-                    '(default: on CUDA); the last shard, if smaller, compiles once more')
-    sa.add_argument('--vae', default=None, help='override the VAE stored in the checkpoint (name or local file)')
-    sa.add_argument('--latent-stats', default=None, help="official checkpoints: latents-stats .pt (latents_scale/bias)")
-    sa.add_argument('--latent-scale', type=float, default=None, help='official REPA checkpoints: 0.18215')
-    sa.add_argument('--device', default='auto', help="'auto' (CUDA if there is one), 'cpu', 'cuda' or 'cuda:N'")
+    sw = sub.add_parser('sweep', help='FID of one checkpoint at each guidance setting, on the same seeds: the best')
+    sw.add_argument('ref', help='reference batch .npz, as for eval')
+    sample_flags(sw, num_samples=10_000)
+    sw.add_argument('--cfg', type=floats, default=[1.0], help='guidance scales, e.g. 1,1.5,2')
+    sw.add_argument('--interval', type=lambda t: floats(t, 2), nargs='+', default=[[0.0, 1.0]],
+                    help='guidance intervals LOW,HIGH (t in [LOW, HIGH] is guided), e.g. 0,1 0,0.7')
+    eval_flags(sw, alone=False)
     return parser
 
 
@@ -724,6 +508,41 @@ def eval_main(a):
         irepa.atomic_text(a.json, json.dumps(dict(r, ref=a.ref, samples=a.samples), indent=1))
 
 
+def sweep_main(parser, a):
+    """`fid.py sweep`: at each guidance scale and interval, the same seeds' images (`sample`: sharded, resumable) and
+    their five numbers against REF (`eval`, rank 0); a table with the lowest FID marked, and its rows as JSON (--json,
+    default beside the samples). 10K images rank the settings; confirm the best with 50K (sample + eval)."""
+    rows = []
+    for cfg_scale in a.cfg:
+        for low, high in a.interval:
+            s = argparse.Namespace(**vars(a) | dict(cfg_scale=cfg_scale, guidance_low=low, guidance_high=high,
+                                                    out=None))
+            sample_defaults(parser, s)  # the samples' file, named by the settings: a rerun skips what is done
+            if not os.path.exists(s.out):
+                sample_main(s)
+            rows.append(dict(cfg_scale=cfg_scale, guidance_low=low, guidance_high=high, samples=s.out))
+    if not irepa.rank_zero():
+        return
+    net = load_inception(a.inception, a.any_weights, a.device)
+    for r in rows:
+        r |= evaluate(a.ref, r['samples'], net, batch_size=a.batch_size, device=a.device, is_split=a.is_split,
+                      cache_dir=None if a.no_cache else a.cache_dir, pr_block=a.pr_block, pr_dtype=a.pr_dtype,
+                      fd_method=a.fd_method)
+    best = min(rows, key=lambda r: r['FID'])
+    print(f"{'cfg':>5s} {'interval':>12s} {'FID':>9s} {'sFID':>9s} {'IS':>9s} {'precision':>9s} {'recall':>9s}")
+    for r in rows:
+        interval = f"[{r['guidance_low']:g}, {r['guidance_high']:g}]"
+        print(f"{r['cfg_scale']:5g} {interval:>12s} {r['FID']:9.3f} {r['sFID']:9.3f} {r['IS']:9.3f} "
+              f"{r['precision']:9.4f} {r['recall']:9.4f}" + '  <- best' * (r is best))
+    stem = os.path.splitext(os.path.basename(a.ckpt))[0]
+    out = a.json or os.path.join(os.path.dirname(best['samples']), f'{stem}-sweep-{a.mode}{a.num_steps}-seed{a.seed}'
+                                                                     f'-n{a.num_samples}.json')
+    irepa.atomic_text(out, json.dumps(dict(ref=a.ref, ckpt=a.ckpt, num_samples=a.num_samples, best=best, rows=rows),
+                                      indent=1))
+    print(f"best: cfg {best['cfg_scale']:g} on [{best['guidance_low']:g}, {best['guidance_high']:g}], FID "
+          f"{best['FID']:.3f} at {a.num_samples} images; confirm it with 50K (fid.py sample + eval). JSON: {out}")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -732,6 +551,8 @@ def main(argv=None):
     if args.cmd == 'sample':
         sample_defaults(parser, args)
         sample_main(args)
+    elif args.cmd == 'sweep':
+        sweep_main(parser, args)
     else:
         eval_main(args)
 

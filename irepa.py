@@ -26,6 +26,7 @@ import csv
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -1021,6 +1023,8 @@ def jit_sample(model, noise, y, method='heun', num_steps=50, cfg_scale=1.0, low=
     does (at 50 steps, t = 0.099999994 counts as <= 0.1); off, the network runs once, conditional."""
     if model.training:
         raise ValueError("sample with the model in eval mode (the EMA model)")
+    if method not in ('euler', 'heun'):
+        raise UserError(f"a JiT samples with --mode heun or euler, not {method!r}")
     ts = torch.linspace(0, 1, num_steps + 1)  # on the host: the guidance decisions read no device value
     tt, y_null = ts.to(noise.device), torch.full_like(y, model.num_classes)
 
@@ -1192,6 +1196,79 @@ def linear_probe(pooled, labels, steps=200, val_frac=0.2, seed=0):
         opt.step(closure)
     return (lin(x[val]).argmax(1) == labels[val]).double().mean().item()
 
+# -----------------------------------------------------------------------------
+# FID and IS as ADM's evaluator computes them, on Inception features (encoders.FIDInception): fid.py's evaluation
+# and the one while training (Run.evaluate) share them
+def compute_stats(feats, device='cpu'):
+    """mu and the unbiased covariance (np.cov(rowvar=False)) of (N, D) features, in float64."""
+    x = torch.as_tensor(feats, device=device).double()
+    mu = x.mean(0)
+    x = x - mu
+    sigma = x.T @ x / (len(x) - 1)  # (D, D)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+def _sqrtm(a):
+    from scipy import linalg  # 0.2 s to import: only for ADM's own method
+    out = linalg.sqrtm(a)  # no `disp`: deprecated in scipy 1.16 and removed in 1.18; older versions may return a tuple
+    return out[0] if isinstance(out, tuple) else out
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eigh'):
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64.
+
+    method 'sqrtm' is ADM's (TTUR's) computation line by line: scipy's sqrtm of the non-symmetric S1 S2, with its eps
+    and imaginary-part fallbacks. 'eigh' (default) gets the same trace from symmetric eigendecompositions,
+    tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), since both products have the same eigenvalues: it agrees with
+    sqrtm to ~1e-12 on full-rank statistics, stays exact on singular ones, and is several times faster (sqrtm takes
+    minutes on 2048 x 2048 singular covariances on a small CPU).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f'statistics of different sizes: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}')
+    diff = mu1 - mu2
+    if method == 'eigh':
+        w, v = np.linalg.eigh(sigma1)
+        root = (v * np.sqrt(w.clip(0))) @ v.T  # S1^1/2, symmetric
+        tr_covmean = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(0)).sum()
+        return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, sigma1, sigma2)
+    if method != 'sqrtm':
+        raise ValueError(f"method must be 'eigh' or 'sqrtm' (ADM's), got {method!r}")
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # a singular product (fewer images than dimensions)
+        warnings.warn(f'fid calculation produces singular product; adding {eps} to diagonal of cov estimates')
+        offset = np.eye(len(sigma1)) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical noise gives a small imaginary part; a large one means a broken sqrtm
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'Imaginary component {np.abs(covmean.imag).max()}')
+        covmean = covmean.real
+    return never_negative(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), sigma1, sigma2)
+
+def never_negative(d, sigma1, sigma2):
+    """A squared distance is >= 0, but two equal sets give 0 only up to rounding, of either sign (-1.3e-6 was seen):
+    an eigenvalue that is 0 in exact arithmetic comes out as +-eps ||S||, and its square root, up to
+    sqrt(eps ||S||), enters tr sqrt(S1 S2) once per dimension. A negative value within that noise is 0; anything more
+    negative is a fault and stays visible."""
+    noise = 2 * len(sigma1) * np.sqrt(np.finfo(np.float64).eps * max(np.trace(sigma1), np.trace(sigma2), 0.0))
+    return float(0.0 if -noise <= d < 0 else d)
+
+def inception_score(logits, split_size=5000, probs=False):
+    """ADM's IS: the mean over consecutive, unshuffled splits of exp(mean_i KL(p_i || mean_j p_j)), in float64.
+    `logits` (N, C) are pool3 @ fc.weight.T (no bias); pass probabilities with probs=True. IS grows with the split
+    size and depends on the order (a class-sorted file scores lower), so only ADM's split of 5000 is comparable."""
+    x = torch.as_tensor(logits, dtype=torch.float64)
+    if len(x) < split_size:
+        raise UserError(f'Inception Score needs at least one split of {split_size} samples (ADM uses 5000); '
+                        f'got {len(x)}. Use a smaller split only for smoke tests: its numbers are not comparable')
+    logp = x.log() if probs else x.log_softmax(1)
+    scores = []
+    for part in logp.split(split_size):  # (<= split_size, C); the last split may be shorter (12345 -> 5000/5000/2345)
+        p = part.exp()
+        log_mean = p.mean(0).log()
+        kl = torch.where(p > 0, p * (part - log_mean), 0.0).sum(1)  # 0 log 0 = 0
+        scores.append(kl.mean().exp())
+    return torch.stack(scores).mean().item()
+
 STUDY_HELP = dict(  # the training flags the study commands share, as these commands use them
     encoder='the teacher (python encoders.py --list)', spnorm_gamma='share of the token mean the z-score removes',
     encoder_weights="'auto' (Hugging Face hub and its cache), a local file, or 'random[:BLOCKS]' (tests)",
@@ -1354,6 +1431,55 @@ def colormap(x):
     lo = x.floor().long().clamp(max=len(anchors) - 2)
     w = (x - lo)[..., None]
     return ((1 - w) * anchors[lo] + w * anchors[lo + 1]).round().to(torch.uint8)
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+def line_panel(d, box, series, title, font):
+    """One chart in box (x0, y0, x1, y1): each (xs, ys, colour) of `series` a polyline, the axes' ends written."""
+    (x0, y0, x1, y1), pts = box, [(x, y) for xs, ys, _ in series for x, y in zip(xs, ys)]
+    d.rectangle(box, outline='black')
+    d.text((x0, y0 - 15), title, fill='black', font=font)
+    if not pts:
+        return
+    (lx, hx), (ly, hy) = [(min(v), max(v) if max(v) > min(v) else min(v) + 1) for v in zip(*pts)]
+    xy = lambda x, y: (x0 + (x - lx) / (hx - lx) * (x1 - x0), y1 - (y - ly) / (hy - ly) * (y1 - y0))
+    for (x, y), v in (((x0, y1 + 3), lx), ((x1 - 40, y1 + 3), hx), ((x0 - 38, y1 - 12), ly), ((x0 - 38, y0), hy)):
+        d.text((x, y), f'{v:.3g}', fill='black', font=font)
+    for xs, ys, colour in series:
+        line = [xy(x, y) for x, y in zip(xs, ys)]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=2)
+        for px, py in line if len(line) <= 40 else []:  # few points (FID): each one visible
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+
+def plot_curves(runs, out, W=300, H=220, pad=44):
+    """The runs' log.jsonl in one PNG: flow loss, alignment loss, gradient norm(s) and FID against steps, FID against
+    GPU-hours, the runs overlaid, a colour each (the legend). `plot` draws it; a training run refreshes its own."""
+    logs = [[json.loads(line) for line in open(Path(r) / 'log.jsonl') if line.strip()] for r in runs]
+    grads = sorted({k for log in logs for r in log for k in r if k.startswith('grad_norm')})
+    panels = [('flow', 'step'), ('align', 'step'), *[(g, 'step') for g in grads], ('fid', 'step'), ('fid', 'gpu_hours')]
+    cols, font = 3, ImageFont.load_default(12)
+    img = Image.new('RGB', (W * cols, 24 + H * -(-len(panels) // cols)), 'white')
+    d = ImageDraw.Draw(img)
+    for j, r in enumerate(runs):  # the legend: each run's folder in its colour
+        d.text((8 + j * W * cols // len(runs), 4), Path(r).resolve().name, fill=COLORS[j % len(COLORS)], font=font)
+    for i, (y, x) in enumerate(panels):
+        ox, oy = i % cols * W, 24 + i // cols * H
+        series = [([r[x] for r in ok], [r[y] for r in ok], COLORS[j % len(COLORS)]) for j, log in enumerate(logs)
+                  for ok in [[r for r in log if r.get(x) is not None and r.get(y) is not None and math.isfinite(r[y])]]]
+        line_panel(d, (ox + pad, oy + 22, ox + W - 10, oy + H - 22), series, f'{y} vs {x}', font)
+    atomic_write(out, lambda f: img.save(f, format='png'))
+
+def plot(argv):
+    """python irepa.py plot RUN [RUN ...]: the runs' curves in one PNG (REPA vs iREPA: the convergence figure)."""
+    p = study_parser('plot', plot.__doc__)
+    p.add_argument('runs', nargs='+', type=existing_folder, help='run folders (--out-dir), each with its log.jsonl')
+    p.add_argument('--out', default='curves.png', help='the PNG')
+    a = p.parse_args(argv)
+    if missing := [r for r in a.runs if not (Path(r) / 'log.jsonl').is_file()]:
+        raise UserError(f"no log.jsonl in {', '.join(missing)}: plot reads the runs' logs")
+    plot_curves(a.runs, a.out)
+    print(f"curves of {len(a.runs)} run(s): {a.out}")
 
 @torch.no_grad()
 def spnorm_viz(argv):
@@ -1564,6 +1690,69 @@ def save_grid(images, path, cols=None):
     grid = images.view(rows, cols, h, w, 3).transpose(1, 2).reshape(rows * h, cols * w, 3)  # (rows h, cols w, 3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.repeat_interleave(k, 0).repeat_interleave(k, 1).numpy()).save(path)
+
+def shard_generator(seed, k, device='cpu'):
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+
+@torch.no_grad()
+def draw_shard(s, k, model, vae, norm, device, autocast=contextlib.nullcontext(), net=None):
+    """Shard k of s.num_samples images of `model` (in eval mode: the EMA model) as uint8 (n, H, W, 3): images
+    k * s.batch_size ..., from seeds of (s.seed, k) alone, so they depend neither on the number of processes nor on
+    which one draws the shard. The one place a model turns seeds into images: fid.py sample and Run.evaluate. s: the
+    settings (fid.py sample's flags: mode, num_steps, cfg_scale, guidance_low/high, class_balanced); net: the model
+    as it runs (compiled)."""
+    n, size = min(s.batch_size, s.num_samples - k * s.batch_size), model.x_embedder.input_size
+    g = shard_generator(s.seed, k)
+    noise = torch.randn(n, model.in_channels, size, size, generator=g)
+    y = (torch.arange(k * s.batch_size, k * s.batch_size + n) % model.num_classes if s.class_balanced
+         else torch.randint(0, model.num_classes, (n,), generator=g))
+    with autocast:
+        if isinstance(model, JiT):  # its own sampler: pixels, from t = 0; it draws no noise of its own
+            z = jit_sample(net or model, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale,
+                           s.guidance_low, s.guidance_high)
+        else:
+            z = sample(net or model, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale, s.guidance_low,
+                       s.guidance_high, generator=shard_generator(s.seed, k, device))
+    return to_uint8(to_pixels(z.float(), vae, norm)).cpu().numpy()  # (n, H, W, 3)
+
+# -----------------------------------------------------------------------------
+# FID while training (--eval-every): the EMA model's images from the same seeds at every evaluation, drawn as fid.py
+# sample draws them and scored as fid.py eval scores them (FID; IS from 5000 images on) against --eval-ref
+EVAL = dict(eval_every=0, eval_samples=10_000, eval_ref=None, eval_sampler=None, eval_steps=None, eval_cfg=1.0,
+            eval_batch=64, inception=None, wandb=None)
+RUN |= EVAL  # how a run goes: may change when it resumes
+DEFAULTS |= EVAL
+
+def npz_header(path):
+    """(N, H, W, C) of arr_0 in an ADM .npz, from its header alone (the images are not read)."""
+    with np.load(path) as f, f.zip.open('arr_0.npy') as a:
+        v = np.lib.format.read_magic(a)
+        return (np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0)(a)[0]
+
+@torch.no_grad()
+def inception_features(net, images, device, batch_size=64):
+    """pool3 (N, 2048) and logits (N, 1008) of uint8 images (N, H, W, 3), TF32 off as fid.py eval computes them."""
+    before, outs = tf32(False), []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        outs.append(net(x)[::2])
+    tf32(before)
+    return [torch.cat(o).cpu().numpy() for o in zip(*outs)]
+
+def reference_stats(path, net, device, batch_size=64):
+    """mu and sigma of the reference batch: those it stores (ADM's), else its images' (as fid.py eval)."""
+    with np.load(path) as f:
+        if 'mu' in f.files:
+            return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+        return compute_stats(inception_features(net, f['arr_0'], device, batch_size)[0], device)
+
+def eval_settings(cfg):
+    """The evaluation's sampler settings, named as fid.py sample's flags (draw_shard reads them); the run's seed."""
+    mode = cfg.eval_sampler or cfg.preview  # the recipe's: SDE, MeanFlow's one step, JiT's Heun (50 steps)
+    steps = cfg.eval_steps or (1 if mode == 'meanflow' else 50 if cfg.objective == 'jit' else 250)
+    return argparse.Namespace(num_samples=cfg.eval_samples, batch_size=cfg.eval_batch, seed=cfg.seed, mode=mode,
+                              num_steps=steps, cfg_scale=cfg.eval_cfg,
+                              guidance_low=0.0, guidance_high=1.0, class_balanced=False)
 
 # -----------------------------------------------------------------------------
 # Bad data: an unreadable image is replaced by the next readable one of its class (ImageData), reported once, and
@@ -2045,11 +2234,17 @@ class Run:
                          None) if self.device.type == 'cuda' else None
         self.sums, self.n_steps, self.first_bad = {}, 0, torch.tensor(-1, device=self.device)
         self.drawn, self.bad_draws, self.bad_files, self.grad_prev, self.grad_low = 0, 0, {}, {}, {}
-        self.rec, self.wall0 = None, 0.0
+        self.rec, self.wall0, self.shown, self.wandb = None, 0.0, {}, None
+        if cfg.eval_every:
+            self.eval_start()
         if self.master:  # the run folder, and one line that says what trains on what
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_text(self.out / 'config.json', json.dumps(vars(cfg), indent=1))
             self.log = self.open_log(step)
+            if cfg.wandb:
+                import wandb  # only when asked, as nanoGPT (validate checked that it is installed)
+                self.wandb = wandb
+                wandb.init(project=cfg.wandb, config=vars(cfg), dir=str(self.out))
             m, T = unit.model, unit.model.pos_embed.shape[1]
             what = 'pixels' if m.in_channels == 3 else f'latents {(m.in_channels, *[m.x_embedder.input_size] * 2)}'
             print(f"{cfg.model} ({cfg.recipe}): {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
@@ -2058,6 +2253,49 @@ class Run:
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not self.master, desc='train', dynamic_ncols=True)
         self.t0 = time.time()  # the first interval's img/s counts the steps, not the start-up
         return step
+
+    def eval_start(self):
+        """--eval-every: the Inception (--demo: random where its file is missing, said loudly), the reference's
+        statistics on rank 0 (--demo without --eval-ref: a reference of its own, its data's first images)."""
+        cfg = self.cfg
+        if cfg.demo and not cfg.eval_ref:
+            cfg.eval_ref = str(self.out / 'eval_ref.npz')
+            if self.master:
+                images = np.stack([self.data.image(i)[0] for i in range(cfg.eval_samples)])  # (N, R, R, 3)
+                atomic_write(cfg.eval_ref, lambda f: np.savez(f, arr_0=images))
+        try:
+            weights = 'random' if cfg.inception == 'random' else encoders.find_inception(cfg.inception)
+        except encoders.LoadError:
+            if not cfg.demo:
+                raise
+            weights = 'random'
+        self.inception = encoders.load_inception(weights, device=self.device)
+        self.ref_stats = self.master and reference_stats(cfg.eval_ref, self.inception, self.device, cfg.eval_batch)
+        self.eval_as = eval_settings(cfg)
+
+    @torch.no_grad()
+    def evaluate(self):
+        """FID (IS from 5000 images on) of the EMA model, its images drawn in shards over the ranks (draw_shard),
+        their features gathered on rank 0. The RNG state is put back and the EMA model only read: the training
+        goes on as without it. Returns the record's entries (FID on rank 0) and the time it took."""
+        t0, s, unit, feats = time.time(), self.eval_as, self.unit, {}
+        norm = unit.latent_norm()
+        if norm is not None and unit.vae is None:  # prepared latents: the VAE decodes the images only
+            unit.vae = encoders.load_vae(norm.vae, device=self.device)
+        with torch.random.fork_rng([self.device] if self.device.type == 'cuda' else []):
+            for k in range(self.rank, -(-s.num_samples // s.batch_size), self.world):
+                images = draw_shard(s, k, unit.ema, unit.vae, norm, self.device, self.autocast)
+                feats[k] = inception_features(self.inception, images, self.device, s.batch_size)
+        if self.world > 1:
+            parts = [None] * self.world if self.master else None
+            dist.gather_object(feats, parts, group=self.cpu_group)
+            feats = {k: v for p in parts or [] for k, v in p.items()}
+        rec = {}
+        if self.master:
+            pool, logits = (np.concatenate([feats[k][i] for k in sorted(feats)]) for i in (0, 1))
+            rec['fid'] = frechet_distance(*compute_stats(pool, self.device), *self.ref_stats)  # samples first (ADM)
+            rec |= dict(inception_score=inception_score(logits)) if len(logits) >= 5000 else {}
+        return rec | dict(eval_s=time.time() - t0)
 
     def restore(self, ckpt):
         for name, obj in self.unit.saved.items():
@@ -2106,8 +2344,9 @@ class Run:
         stop = self.should_stop()
         ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
         grid = cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps)
-        if step % cfg.log_every == 0 or ckpt or grid:
-            self.log_interval(step)
+        evald = self.evaluate() if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) else {}
+        if step % cfg.log_every == 0 or ckpt or grid or evald:
+            self.log_interval(step, evald)
         if ckpt:
             self.save(step)
         if grid and self.master:
@@ -2129,7 +2368,7 @@ class Run:
         self.stop_work = dist.all_reduce(self.stop_flag, group=self.cpu_group, async_op=True)
         return self.stopped
 
-    def log_interval(self, step):
+    def log_interval(self, step, evald={}):
         """The one host sync of training, every log_every steps and before checkpoints and grids: the interval's
         means (over the ranks too), the NaN guard, the unreadable images, the gradient watch, speed, memory and MFU;
         rank 0 appends them to log.jsonl."""
@@ -2148,7 +2387,7 @@ class Run:
             files = '; '.join(f'{p} ({why})' for p, why in list(self.bad_files.items())[:20])
             raise UserError(f"{int(bad)} of the {int(drawn)} images drawn so far were unreadable, more than "
                             f"--max-bad-fraction {cfg.max_bad_fraction:g}; stopping. This process met: {files}")
-        dt, self.t0 = time.time() - self.t0, time.time()
+        dt, self.t0 = time.time() - self.t0 - evald.get('eval_s', 0), time.time()  # img/s: the training's alone
         n, cuda = self.n_steps, self.device.type == 'cuda'
         rec = dict(step=step, **{k: v / (n * self.world) for k, v in zip(names, vec)},
                    img_per_s=n * cfg.global_batch_size / dt, steps_per_s=n / dt, interval_s=dt,
@@ -2157,13 +2396,18 @@ class Run:
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
         rec['mfu'] = rec['img_per_s'] / self.world * self.flops / self.peak if self.peak else None  # unknown on CPUs
         rec['bad_images'] = int(bad)  # unreadable images drawn so far, all ranks
+        rec |= dict(images=step * cfg.global_batch_size, gpu_hours=rec['wall_s'] * self.world / 3600) | evald
         if warnings := self.grad_watch(rec):
             rec['grad_watch'] = warnings
         self.sums, self.n_steps, self.rec = {}, 0, rec
         if self.master:
             print(json.dumps(rec), file=self.log, flush=True)
+            self.shown |= {k: f"{rec[k]:.4g}" for k in ('fid', 'eval_s') if k in rec}  # the last evaluation's
             self.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
-                                 img_s=f"{rec['img_per_s']:.1f}")
+                                 img_s=f"{rec['img_per_s']:.1f}", **self.shown)
+            plot_curves([self.out], self.out / 'curves.png')  # a few milliseconds
+            if self.wandb:
+                self.wandb.log(json.loads(json.dumps(rec)), step=step)  # the log's record, as it reads it back
 
     def grad_watch(self, rec):
         """The failures a finite loss hides (REPA-E's collapse, REPA-E#30): for each trained network, its mean
@@ -2240,6 +2484,8 @@ class Run:
         self.stop.release()
         if self.master:
             self.log.close()
+            if self.wandb:
+                self.wandb.finish()
         if self.stopped and self.rec['step'] < self.cfg.max_steps:
             why = (signal.Signals(self.stop.signal).name if self.stop.signal else f'--time-limit {self.cfg.time_limit}'
                    if self.deadline and time.time() > self.deadline else "another rank's stop signal")
@@ -2269,7 +2515,8 @@ class Run:
 # --demo: 16-px synthetic images, a tiny SiT, a random teacher where the real one is unavailable: minutes on 2 CPU
 # cores, enough for the EMA model to draw class-coloured blobs. lr and EMA decay are raised for so few steps.
 DEMO = dict(model='SiT-T/2', resolution=16, vae='none', max_steps=300, global_batch_size=16, lr=1e-3, ema_decay=0.99,
-            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo')
+            log_every=25, ckpt_every=150, sample_every=150, num_workers=0, synthetic_size=2000, out_dir='out/demo',
+            eval_samples=48, eval_steps=50)  # --eval-every N: a reference of its own, its first 48 images
 DEMO_OBJECTIVE = {'repa-e': dict(vae='random:tiny', resolution=32),  # a VAE to train; the PatchGAN needs >= 24 px
                   'jit': dict(model='JiT-T/2', jit_warmup_epochs=0)}  # a tiny JiT at DEMO's lr from the first step
 HELP = dict(  # the flags whose name and default do not say it all; RECIPES' comments explain the rest
@@ -2321,17 +2568,25 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     jit_blr='JiT: base learning rate, per 256 images', jit_warmup_epochs='JiT: epochs of linear lr warm-up',
     jit_p_mean='JiT: mean of the logit-normal t', jit_p_std='JiT: std of the logit-normal t',
     jit_t_eps='JiT: floor of 1 - t in the velocity', jit_noise_scale='JiT: std of the noise',
-    jit_label_drop='JiT: share of labels dropped in the loss', jit_ema_decay2="JiT: the second EMA's decay")
-TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str, lr=float,
-             time_limit=str, teacher_cache=str)  # flags whose default is None
+    jit_label_drop='JiT: share of labels dropped in the loss', jit_ema_decay2="JiT: the second EMA's decay",
+    eval_every='steps between FID evaluations of the EMA model (0: none; FID and IS go into log.jsonl)',
+    eval_samples='images per evaluation, from the same seeds each time', eval_batch='images per shard and batch',
+    eval_ref="reference batch .npz (ADM's: arr_0, stored mu/sigma used); --demo: its own", eval_cfg='guidance scale',
+    eval_sampler='sampler of the evaluation (default: the --preview one)', eval_steps='its steps (default 250; '
+    'meanflow 1)', inception=f"FID Inception weights (default: $IREPA_INCEPTION, the torch hub cache); 'random'",
+    wandb='also log the records to this Weights & Biases project (needs the wandb package)')
+TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str, time_limit=str,
+             teacher_cache=str, eval_ref=str, eval_sampler=str, eval_steps=int, inception=str, wandb=str,
+             lr=float)  # flags whose default is None (JiT's lr: jit_blr x batch / 256)
 CHOICES = dict(recipe=RECIPES, model=MODELS + JIT_MODELS, projector=('mlp', 'conv'), spnorm=('none', 'zscore'),
-               siglip_norm=('imagenet', 'siglip'), preview=PREVIEW)
+               siglip_norm=('imagenet', 'siglip'), preview=PREVIEW, eval_sampler=PREVIEW)
 EPILOG = '''commands (each with its own --help):
   python irepa.py recipes                  every recipe's settings side by side
   python irepa.py metrics --encoder NAME   a teacher's spatial-structure metrics (LDS, CDS, SRSS, RMSC) and LP accuracy
   python irepa.py correlate results.csv    the metrics' correlation with FID over teachers, and a scatter panel
   python irepa.py spnorm-viz               one token's similarity map before and after the spatial z-score
   python irepa.py export-vae CKPT OUT      the VAE a REPA-E run trained, as a file --vae reads
+  python irepa.py plot RUN [RUN ...]       losses, gradient norms and FID of runs, overlaid, in one PNG
   python fid.py sample | eval              samples of a checkpoint; FID, sFID, IS, precision, recall'''
 
 def get_parser(recipe=DEFAULTS['recipe'], demo=False):
@@ -2407,7 +2662,8 @@ RANGES = dict(
     mf_norm_c='(0, inf)', mf_norm_p='[0, inf)', mf_label_drop='[0, 1]', mf_omega='(0, inf)', mf_kappa='[0, 1)',
     mf_t_start='[0, 1]', mf_t_end='[0, 1]', jit_blr='[0, inf)', jit_warmup_epochs='[0, inf)', jit_p_mean='(-inf, inf)',
     jit_p_std='(0, inf)', jit_t_eps='(0, 1]', jit_noise_scale='(0, inf)', jit_label_drop='[0, 1]',
-    jit_ema_decay2='[0, 1]')
+    jit_ema_decay2='[0, 1]', eval_every='[0, inf)', eval_samples='[2, inf)', eval_steps='[1, inf)',
+    eval_cfg='[1, inf)', eval_batch='[1, inf)')
 VAE_NAMES = {'sd-vae-ft-mse': 8, 'sd-vae-ft-ema': 8, 'random': 8, 'random:tiny': 2}  # the VAEs by name: their factor
 
 def in_range(v, interval):
@@ -2449,8 +2705,9 @@ def check_shapes(cfg):
     if cfg.objective == 'jit' and cfg.teacher_cache:
         errors.append(f"--recipe {cfg.recipe} flips every image at random each step, so cached teacher tokens (of the "
                       f"unflipped images) would be wrong for half of them: drop --teacher-cache")
-    if cfg.objective == 'jit' and cfg.preview not in ('euler', 'heun'):
-        errors.append(f"--preview {cfg.preview}: JiT samples with 'heun' or 'euler'")
+    for flag, mode in (('--preview', cfg.preview), ('--eval-sampler', cfg.eval_sampler)):
+        if cfg.objective == 'jit' and mode not in ('euler', 'heun', None):
+            errors.append(f"{flag} {mode}: JiT samples with 'heun' or 'euler'")
     if cfg.encoder_depth is not None and cfg.encoder_depth > depth:
         errors.append(f"--encoder-depth {cfg.encoder_depth} is past the last block of {cfg.model}, which has {depth} "
                       f"(the aligned block must be in 1..{depth})")
@@ -2493,11 +2750,32 @@ def check_paths(cfg):
             errors.append(f"{flag} {d} cannot be written here (permissions, or a read-only file system)")
     return errors
 
+def check_eval(cfg):
+    """--eval-every: a reference of the run's resolution holding at least --eval-samples images, the Inception file
+    (--demo: random where it is missing); --wandb: the package."""
+    errors, ref, R = [], cfg.eval_ref, cfg.resolution
+    if cfg.wandb and 'wandb' not in sys.modules and importlib.util.find_spec('wandb') is None:
+        errors.append(f"--wandb {cfg.wandb}: the wandb package is not installed (pip install wandb)")
+    try:
+        if cfg.eval_every and cfg.inception != 'random' and not cfg.demo:
+            encoders.find_inception(cfg.inception)
+        n, h, w, _ = npz_header(ref) if cfg.eval_every and ref else (cfg.eval_samples, R, R, 3)
+    except Exception as e:  # the Inception's LoadError; a reference that is no file, no npz, without arr_0
+        return errors + [f"--eval-every: {e}" if isinstance(e, encoders.LoadError) else
+                         f"--eval-ref {ref}: not an ADM .npz with arr_0 ({type(e).__name__}: {e})"]
+    if cfg.eval_every and not ref and not cfg.demo:
+        errors.append("--eval-every needs --eval-ref, the reference batch .npz (ADM's VIRTUAL_imagenet256_labeled.npz)")
+    if (h, w) != (R, R):
+        errors.append(f"--eval-ref {ref} holds {h}x{w} images; this run makes {R}x{R}")
+    if cfg.eval_samples > n:
+        errors.append(f"--eval-samples {cfg.eval_samples} is more than the {n} images --eval-ref {ref} holds")
+    return errors
+
 def validate(cfg):
     """Every mistake of the configuration at once, as one UserError (one line each); the same on every process of a
     torchrun job, so rank 0 alone prints it."""
     errors = check_numbers(cfg, int(os.environ.get('WORLD_SIZE', 1)))
-    errors += check_shapes(cfg) + check_paths(cfg)
+    errors += check_shapes(cfg) + check_paths(cfg) + check_eval(cfg)
     if errors:
         raise UserError('; '.join(errors), errors, everywhere=True)
 
@@ -2528,7 +2806,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 COMMANDS = {'metrics': measure_teacher, 'correlate': correlate, 'spnorm-viz': spnorm_viz, 'export-vae': export_vae,
-            'recipes': recipes}
+            'recipes': recipes, 'plot': plot}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main sweep: teachers x recipes (REPA, iREPA) at one SiT size -> the results table and the correlation panel.
+# The main sweep: teachers x recipes (REPA, iREPA) at one SiT size -> the results table, the correlation panel and the
+# convergence figure (every run's curves overlaid: irepa.py plot).
 #
 #   bash run.sh              prepare latents once; per teacher and recipe: train, sample 50K, evaluate;
-#                            per teacher: spatial metrics + linear probe; then results.{csv,md} and correlation.png
+#                            per teacher: spatial metrics + linear probe; then results.{csv,md}, correlation.png
+#                            and convergence.png (with EVAL_EVERY: FID against steps and GPU-hours, REPA vs iREPA)
 #   bash run.sh --dry-run    print every command and its estimated GPU-hours; run nothing
 #   bash run.sh smoke        the whole sweep offline on the CPU in minutes, with RANDOM weights
 #                            (exercises the code only)
@@ -50,6 +52,8 @@ SAMPLE_BATCH=${SAMPLE_BATCH:-256}             # per GPU, as the official generat
 SAMPLE_PRECISION=${SAMPLE_PRECISION:-fp32}    # fp32 (+TF32) as the official generate.py; bf16 is faster
 REF=${REF:-VIRTUAL_imagenet256_labeled.npz}   # ADM's ImageNet 256 reference batch
 INCEPTION=${INCEPTION:-${IREPA_INCEPTION:-}}  # pt_inception-2015-12-05-6726825d.pth (empty: the torch hub cache)
+EVAL_EVERY=${EVAL_EVERY:-0}                   # FID of the EMA model every N training steps (10K images, SDE 250,
+                                              # against REF): the FID curves of convergence.png; 0: none
 PROBE_DATA=${PROBE_DATA:-/data/imagenet/val}  # images with labels for the spatial metrics and the linear probe
                                               # (<class>/*)
 PROBE_IMAGES=${PROBE_IMAGES:-10000}           # tokens are held in memory: 10K x 256 x D fp16 (3.9 GB at D = 768)
@@ -332,6 +336,13 @@ for t in "${ALL[@]}"; do
                 teacher=$(awk "BEGIN { print $N_TRAIN * ${TFLOPS[$t]} }")
         fi
         flops=$(awk "BEGIN { print $STEPS * $BATCH * $sit + $teacher }")  # student fwd+bwd, teacher fwd
+        evals=()
+        if (( EVAL_EVERY > 0 )); then  # + each evaluation's 10K images: SDE 250 steps, decoding, Inception
+            evals=(--eval-every "$EVAL_EVERY" --eval-ref "$REF" ${INCEPTION:+--inception "$INCEPTION"})
+            dec=$VAE_DEC; [[ ${OBJECTIVE[$r]} == jit ]] && dec=0  # JiT: pixels, nothing to decode
+            flops=$(awk "BEGIN { print $flops + int($STEPS / $EVAL_EVERY) * 10000 * (250 * $sit / 3 + $dec \
+                + $INCEPTION_FWD) }")
+        fi
         [[ ${OBJECTIVE[$r]} == repa-e ]] &&
             flops=$(awk "BEGIN { print $flops + $STEPS * $BATCH * 3 * ($VAE_ENC + $VAE_DEC) }")  # + VAE fwd+bwd
         [[ ${OBJECTIVE[$r]} == meanflow ]] &&
@@ -340,7 +351,7 @@ for t in "${ALL[@]}"; do
             "${LAUNCH[@]}" irepa.py --data-path "$data" --vae "$vae" --resolution "$RES" --model "$model" \
             --encoder "$t" --encoder-weights "$(weights "$t")" --recipe "$r" --max-steps "$STEPS" \
             --global-batch-size "$BATCH" --ckpt-every "$CKPT_EVERY" --out-dir "$run" "${cache[@]}" "${resume[@]}" \
-            "${TRAIN_EXTRA[@]}"
+            "${evals[@]}" "${TRAIN_EXTRA[@]}"
 
         fwd=$SIT_FWD
         if [[ ${OBJECTIVE[$r]} == meanflow ]]; then  # 1 NFE, guidance trained in
@@ -445,13 +456,18 @@ if [[ $DRY ]] || (( n_corr >= 3 )); then
 else
     echo "no correlation panel: $n_corr row(s) in $OUT/correlation-input.csv, a correlation needs 3"
 fi
+# The paper's convergence figure: every run's losses, gradient norms and (EVAL_EVERY) FID, overlaid
+stale "$OUT/convergence.png" "$OUT"/runs/*/log.jsonl
+stage "convergence figure" "$OUT/convergence.png" 0 1 \
+    "$PYTHON" irepa.py plot "$OUT"/runs/*/ --out "$OUT/convergence.png"
 
 echo
 awk -v a="$TOTAL" -v t="$TODO" -v g="$WORLD" 'BEGIN {
     printf "estimated cost: %.1f GPU-h for the whole sweep, %.1f GPU-h still to run (~%.1f h on %d GPUs)\n",
         a, t, t / g, g }'
 if [[ ! $DRY ]]; then
-    echo "results: $OUT/results.md, $OUT/results.csv; correlation panel: $OUT/correlation.png"
+    echo "results: $OUT/results.md, $OUT/results.csv; correlation panel: $OUT/correlation.png; convergence figure:" \
+        "$OUT/convergence.png"
     [[ $SMOKE ]] && echo "(smoke run: RANDOM weights everywhere, the numbers are meaningless)"
 fi
 exit 0

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import safetensors.torch
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,14 +150,15 @@ def test_run_sh_smoke_end_to_end_and_resumes_after_a_kill(tmp_path):
     assert len(md) == 2 + 4 and md[0].startswith('| teacher | recipe | FID')
     png = out / 'correlation.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'done convergence figure' in log and Image.open(out / 'convergence.png').size[0] > 0
     evals = sorted(out.glob('runs/*/samples/*.json'))
     assert len(evals) == 4 and all({'FID', 'sFID', 'IS'} <= set(json.loads(e.read_text())) for e in evals)
 
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
     assert rc == 0, log[-3000:]
     assert not [l for l in log.splitlines() if l.startswith('+ ')], 'a finished sweep reruns nothing'
-    # prepare, train+sample, reference, eval, metrics, table+panel
-    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 2
+    # prepare, train+sample, reference, eval, metrics, table+panel+convergence figure
+    assert log.count('\nskip ') == 1 + 4 * 2 + 1 + 4 + 2 + 3
 
     evals[0].unlink()
     rc, log = run_sh('smoke', env=dict(SMOKE_OUT=str(out)))
@@ -907,7 +909,8 @@ def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     r = torchrun(2, run_args(tmp_path / 'ddp', n, '--ckpt-every', '2', '--sample-every', '0'), tmp_path)  # no grids
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the 2 ranks hold identical weights' in r.stdout
-    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'lock', 'log.jsonl']
+    assert sorted(p.name for p in (tmp_path / 'ddp').iterdir()) == ['checkpoints', 'config.json', 'curves.png', 'lock',
+                                                                  'log.jsonl']
     assert (sorted(p.name for p in (tmp_path / 'ddp/checkpoints').iterdir())
             == [f'{i:07d}.pt' for i in range(2, n + 1, 2)])
     assert len(open(tmp_path / 'ddp/log.jsonl').readlines()) == n // 2  # one writer
@@ -2293,17 +2296,17 @@ def test_frechet_distance_singular_and_adm_fallbacks(monkeypatch):
     with pytest.raises(ValueError, match="'eigh' or 'sqrtm'"):
         fid.frechet_distance(*stats, method='svd')
 
-    calls, real_sqrtm = [], fid.linalg.sqrtm
+    calls, real_sqrtm = [], scipy.linalg.sqrtm
     def sqrtm_nan_first(a):  # ADM retries with eps on the diagonal when the first sqrtm is not finite
         calls.append(a)
         return np.full_like(a, np.nan) if len(calls) == 1 else (real_sqrtm(a), 0.0)  # and scipy<1.18 tuples
-    monkeypatch.setattr(fid.linalg, 'sqrtm', sqrtm_nan_first)
+    monkeypatch.setattr(scipy.linalg, 'sqrtm', sqrtm_nan_first)
     a, b = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
     with pytest.warns(UserWarning, match='singular product'):
         got = fid.frechet_distance(np.zeros(2), a, np.zeros(2), b, method='sqrtm')
     np.testing.assert_allclose(calls[1], (a + 1e-6 * np.eye(2)) @ (b + 1e-6 * np.eye(2)))
     assert got == pytest.approx(1 + 1, abs=1e-5)  # (1 - 2)^2 + (2 - 3)^2
-    monkeypatch.setattr(fid.linalg, 'sqrtm', lambda a: np.eye(2) * (1 + 0.1j))  # a broken sqrtm must not pass
+    monkeypatch.setattr(scipy.linalg, 'sqrtm', lambda a: np.eye(2) * (1 + 0.1j))  # a broken sqrtm must not pass
     with pytest.raises(ValueError, match='Imaginary component'):
         fid.frechet_distance(np.zeros(2), a, np.zeros(2), b, method='sqrtm')
 
@@ -2495,7 +2498,7 @@ def test_cli_end_to_end(weights, tmp_path, monkeypatch, capsys):
     def diagonal_sqrtm(a):  # exact for the diagonal products here
         assert np.count_nonzero(a - np.diag(np.diagonal(a))) == 0
         return np.diag(np.sqrt(np.diagonal(a)))
-    monkeypatch.setattr(fid.linalg, 'sqrtm', diagonal_sqrtm)
+    monkeypatch.setattr(scipy.linalg, 'sqrtm', diagonal_sqrtm)
     extracted, extract = [], fid.extract_features
 
     def recording_extract(path, *args, **kwargs):  # the features evaluate() computed, to check the metrics against
@@ -3915,7 +3918,7 @@ BAD_INPUTS = [
     ('irepa', 'export-vae {t}/nothing.pt {o}/v.safetensors', 2, 'argument ckpt: no such file'),
     ('irepa', 'export-vae', 2, 'the following arguments are required: ckpt, out'),
     ('irepa', 'recipes --all', 2, 'irepa.py recipes: error: unrecognized arguments: --all'),
-    ('fid', 'foo', 2, "fid.py: error: argument cmd: invalid choice: 'foo' (choose from 'eval', 'sample')"),
+    ('fid', 'foo', 2, "fid.py: error: argument cmd: invalid choice: 'foo' (choose from 'eval', 'sample', 'sweep')"),
     ('fid', 'sample', 2, 'fid.py sample: error: the following arguments are required: --ckpt'),
     ('fid', 'sample --ckpt {t}/a-file --out {o}/s.npz', 2, 'is not a readable PyTorch checkpoint'),
     ('fid', 'sample --ckpt {t}/a-file --mode ode', 2, "invalid choice: 'ode' (choose from 'sde', 'euler'"),
@@ -4843,3 +4846,178 @@ def test_fid_reads_official_jit_checkpoints(tmp_path, monkeypatch, capsys):
     torch.save(dict(model_ema1=ema1, args=args), tmp_path / 'other.pth')
     line = user_error(capsys, fid.main, 'sample', '--ckpt', tmp_path / 'other.pth', '--out', tmp_path / 's.npz')
     assert 'its args name JiT-L/16, but its weights are of JiT-B/16' in line, line
+
+
+# --- issue 29: FID while training, curves, sweep, wandb ---
+
+def eval_ref(path, n=8, size=16, seed=0):
+    """An ADM-format reference batch of n random size x size images."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(path, arr_0=images)
+    return path
+
+
+def eval_args(tmp_path, out, steps, *extra):
+    return run_args(tmp_path / out, steps, '--eval-every', '2', '--eval-samples', '6', '--eval-batch', '4',
+                    '--eval-steps', '3', '--inception', 'random', '--eval-ref', eval_ref(tmp_path / 'ref.npz'), *extra)
+
+
+def logged(out):
+    return [json.loads(line) for line in open(out / 'log.jsonl')]
+
+
+@slow
+def test_fid_while_training_is_fid_py_sample_and_eval_of_its_checkpoint(tmp_path):
+    """The FID a run logs at step 2 is `fid.py sample` (same checkpoint, seed, count, sampler) + `fid.py eval` (same
+    reference, random Inception): the same images and the same evaluator. The record carries the step, the images
+    seen and the GPU-hours; the run draws curves.png."""
+    irepa.main(eval_args(tmp_path, 'run', 2, '--lr', '0.003', '--ema-decay', '0'))  # labels and noise matter
+    rec, = [r for r in logged(tmp_path / 'run') if 'fid' in r]
+    assert rec['step'] == 2 and rec['images'] == 2 * 4 and 0 < rec['gpu_hours'] <= rec['wall_s'] / 3600 + 1e-12
+    assert rec['eval_s'] > 0 and 'inception_score' not in rec  # IS from 5000 images on only
+    fid.main(['sample', '--ckpt', str(tmp_path / 'run/checkpoints/0000002.pt'), '--num-samples', '6', '--batch-size',
+              '4', '--num-steps', '3', '--mode', 'sde', '--seed', '0', '--out', str(tmp_path / 's.npz'), '--device',
+              'cpu', '--no-compile'])
+    r = fid.evaluate(tmp_path / 'ref.npz', tmp_path / 's.npz', inception='random', batch_size=4, is_split=2)
+    assert rec['fid'] == pytest.approx(r['FID'], rel=1e-6) and r['FID'] > 0
+    assert Image.open(tmp_path / 'run/curves.png').size[0] > 0
+
+
+@slow
+def test_evaluations_change_no_weight_and_resume_stays_bitwise(tmp_path):
+    """A run with evaluations ends with the weights (model, EMA, optimizer) of the same run without them, bit for bit,
+    and so does one stopped after its first evaluation and resumed."""
+    irepa.main(eval_args(tmp_path, 'eval', 4))
+    irepa.main(run_args(tmp_path / 'plain', 4))
+    irepa.main(eval_args(tmp_path, 'split', 2))
+    irepa.main(eval_args(tmp_path, 'split', 4, '--resume'))
+    assert [r['step'] for r in logged(tmp_path / 'eval') if 'fid' in r] == [2, 4]
+    final = lambda out: load_ckpt(tmp_path / out / 'checkpoints/0000004.pt')
+    assert_same_state(final('eval'), final('plain'))
+    assert_same_state(final('split'), final('plain'))
+    assert [r['fid'] for r in logged(tmp_path / 'eval') if 'fid' in r] == [r['fid'] for r in logged(tmp_path / 'split')
+                                                                            if 'fid' in r]
+
+
+@slow
+def test_wandb_receives_the_records_of_the_log(tmp_path, monkeypatch):
+    """--wandb PROJECT: the package (a stub here) is given the run's config and exactly the records log.jsonl holds."""
+    calls = []
+    stub = type(sys)('wandb')
+    stub.init = lambda **kw: calls.append(('init', kw))
+    stub.log = lambda rec, step: calls.append(('log', rec, step))
+    stub.finish = lambda: calls.append(('finish',))
+    monkeypatch.setitem(sys.modules, 'wandb', stub)
+    irepa.main(eval_args(tmp_path, 'run', 4, '--wandb', 'proj'))
+    assert calls[0][0] == 'init' and calls[0][1]['project'] == 'proj' and calls[0][1]['config']['max_steps'] == 4
+    assert calls[-1] == ('finish',)
+    log = logged(tmp_path / 'run')
+    assert [c[1] for c in calls[1:-1]] == log and [c[2] for c in calls[1:-1]] == [r['step'] for r in log]
+    assert any('fid' in r for r in log)
+
+
+def test_bad_evaluation_settings_are_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """A reference of another resolution, more --eval-samples than the reference holds, a missing Inception file
+    (outside --demo), --wandb without the package: one line, exit code 2, nothing trained."""
+    monkeypatch.delenv('IREPA_INCEPTION', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
+    monkeypatch.delitem(sys.modules, 'wandb', raising=False)  # wandb is not installed
+    ref, big = eval_ref(tmp_path / 'ref.npz'), eval_ref(tmp_path / 'big.npz', size=32)
+    base = lambda *a: run_args(tmp_path / 'out', 2, '--eval-every', '2', '--eval-samples', '6', *a)
+    for argv, says in ((base('--eval-ref', big, '--inception', 'random'), 'holds 32x32 images; this run makes 16x16'),
+                       (base('--eval-ref', ref, '--inception', 'random', '--eval-samples', '9'),
+                        'more than the 8 images'),
+                       (base('--eval-ref', ref), encoders.INCEPTION_FILE),
+                       (base('--eval-ref', ref, '--inception', 'random', '--wandb', 'p'), 'wandb package is not'),
+                       (base('--inception', 'random'), '--eval-every needs --eval-ref')):
+        assert says in user_error(capsys, irepa.main, *argv), argv
+        assert not (tmp_path / 'out').exists()
+
+
+def test_plot_overlays_runs_in_their_colours(tmp_path, capsys):
+    """python irepa.py plot A B: one PNG; each run's curves in its own colour, in every panel that has its values (FID
+    against steps and against GPU-hours for the run that evaluated); one run: one colour."""
+    for name, k in (('a', 1.0), ('b', 2.0)):
+        (tmp_path / name).mkdir()
+        recs = [dict(step=s, flow=k / s, align=-0.1 * k, grad_norm=k, gpu_hours=s / 100) | (
+            dict(fid=50 / s) if name == 'b' and s % 20 == 0 else {}) for s in range(10, 101, 10)]
+        (tmp_path / name / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    irepa.main(['plot', str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', str(tmp_path / 'ab.png')])
+    irepa.main(['plot', str(tmp_path / 'a'), '--out', str(tmp_path / 'a.png')])
+    colours = lambda img, box: {c for _, c in img.crop(box).getcolors(1 << 16)}
+    ab, a = Image.open(tmp_path / 'ab.png').convert('RGB'), Image.open(tmp_path / 'a.png').convert('RGB')
+    W, H = 300, 220
+    panels = [(i % 3 * W + 45, 24 + i // 3 * H + 23, (i % 3 + 1) * W - 11, 24 + (i // 3 + 1) * H - 23)
+              for i in range(5)]
+    blue, red = irepa.COLORS[:2]
+    for i, box in enumerate(panels):  # flow, align, grad_norm, fid vs step, fid vs GPU-hours
+        assert (blue in colours(ab, box)) == (i < 3) and red in colours(ab, box), i
+        assert red not in colours(a, box) and (blue in colours(a, box)) == (i < 3), i
+    assert user_error(capsys, irepa.main, 'plot', tmp_path).endswith(f"no log.jsonl in {tmp_path}: plot reads the "
+                                                                       "runs' logs")
+
+
+@slow
+def test_guidance_sweep_scores_each_setting_on_the_same_seeds(tiny_ckpt, tmp_path, capsys):
+    """fid.py sweep --cfg 1,2: each setting's images are those `fid.py sample` draws with that setting and the same
+    seed (so settings differ by the guidance alone), scored as `fid.py eval` scores them; the table marks the lowest
+    FID and the JSON holds every row and the best."""
+    ref, ckpt, g = eval_ref(tmp_path / 'ref.npz'), load_ckpt(tiny_ckpt), torch.Generator().manual_seed(0)
+    ckpt['ema'] = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in ckpt['ema'].items()}  # guidance matters
+    torch.save(ckpt, tmp_path / 'random.pt')
+    common = ['--ckpt', str(tmp_path / 'random.pt'), '--num-samples', '6', '--batch-size', '4', '--num-steps', '3',
+              '--device', 'cpu', '--no-compile']
+    fid.main(['sweep', str(ref), *common, '--cfg', '1,2', '--interval', '0,1', '--inception', 'random', '--is-split',
+              '2', '--no-cache', '--json', str(tmp_path / 'sweep.json')])
+    table = capsys.readouterr().out
+    result = json.loads((tmp_path / 'sweep.json').read_text())
+    rows = result['rows']
+    assert [(r['cfg_scale'], r['guidance_low'], r['guidance_high']) for r in rows] == [(1, 0, 1), (2, 0, 1)]
+    assert result['best'] == min(rows, key=lambda r: r['FID']) and table.count('<- best') == 1
+    net = fid.load_inception('random')
+    for r, scale in zip(rows, ('1', '2')):
+        out = tmp_path / f'cfg{scale}.npz'
+        fid.main(['sample', *common, '--cfg-scale', scale, '--out', str(out)])
+        assert np.array_equal(np.load(out)['arr_0'], np.load(r['samples'])['arr_0'])
+        assert r['FID'] == pytest.approx(fid.evaluate(ref, out, net, batch_size=4, is_split=2)['FID'], rel=1e-9)
+    assert not np.array_equal(np.load(rows[0]['samples'])['arr_0'], np.load(rows[1]['samples'])['arr_0'])
+
+
+@slow
+def test_demo_evaluates_against_a_reference_of_its_own_with_a_random_inception(tmp_path, monkeypatch, capsys):
+    """--demo --eval-every N without the Inception file and without --eval-ref: its reference is its own data's first
+    --eval-samples images, the Inception random (said loudly), FID in the log, curves.png drawn; outside --demo the
+    missing file is an error (test_bad_evaluation_settings_are_one_line_before_training)."""
+    monkeypatch.delenv('IREPA_INCEPTION', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    out = tmp_path / 'demo'
+    irepa.main(['--demo', '--eval-every', '2', '--max-steps', '2', '--eval-samples', '4', '--eval-steps', '2',
+                '--synthetic-size', '32', '--global-batch-size', '4', '--encoder-weights', 'random:1', '--sample-every',
+                '0', '--device', 'cpu', '--out-dir', str(out)])
+    assert 'the FID Inception has RANDOM weights' in capsys.readouterr().err
+    ref = np.load(out / 'eval_ref.npz')['arr_0']
+    assert np.array_equal(ref, np.stack([irepa.synthetic_image(i, 16, 10, 0)[0] for i in range(4)]))
+    rec, = [r for r in logged(out) if 'fid' in r]
+    assert rec['step'] == 2 and math.isfinite(rec['fid']) and (out / 'curves.png').exists()
+    assert json.loads((out / 'config.json').read_text())['eval_ref'] == str(out / 'eval_ref.npz')
+
+
+@slow
+def test_fid_while_training_is_sharded_over_ddp_ranks(tmp_path):
+    """Under torchrun (2 gloo processes) the ranks draw alternate shards and rank 0 gathers their features: the FID it
+    logs is fid.py sample + eval of the checkpoint in one process, and the weights are those of the run without it."""
+    r = torchrun(2, eval_args(tmp_path, 'ddp', 2, '--eval-samples', '8', '--eval-batch', '3'), tmp_path)  # 3 shards
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec, = [x for x in logged(tmp_path / 'ddp') if 'fid' in x]
+    fid.main(['sample', '--ckpt', str(tmp_path / 'ddp/checkpoints/0000002.pt'), '--num-samples', '8', '--batch-size',
+              '3', '--num-steps', '3', '--out', str(tmp_path / 's.npz'), '--device', 'cpu', '--no-compile'])
+    net = fid.load_inception('random')
+    assert rec['fid'] == pytest.approx(fid.evaluate(tmp_path / 'ref.npz', tmp_path / 's.npz', net, batch_size=3,
+                                                    is_split=2)['FID'], rel=1e-6)
+    r = torchrun(2, run_args(tmp_path / 'plain', 2), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = lambda out: load_ckpt(tmp_path / out / 'checkpoints/0000002.pt')
+    assert_same_state(final('ddp'), final('plain'))
