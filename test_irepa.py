@@ -4790,8 +4790,17 @@ def test_jit_resume_is_bitwise_exact(tmp_path):
     assert a['schedule'] == b['schedule'] == dict(steps=6) and a['ema2'].keys() == b['ema2'].keys()
     assert all(torch.equal(a['ema2'][k], b['ema2'][k]) for k in a['ema2'])
     assert not torch.equal(a['ema2']['final_layer.linear.weight'], a['ema']['final_layer.linear.weight'])
-    model, info = fid.model_from_checkpoint(tmp_path / 'full/checkpoints/0000006.pt')  # fid.py rebuilds the JiT
+    ckpt = tmp_path / 'full/checkpoints/0000006.pt'
+    model, info = fid.model_from_checkpoint(ckpt)  # fid.py rebuilds the JiT and samples with JiT's sampler
     assert isinstance(model, irepa.JiT) and info['config']['model'] == 'JiT-T/4' and info['latent'] is None
+    fid.main(['sample', '--ckpt', str(ckpt), '--num-samples', '3', '--batch-size', '2', '--mode', 'heun',
+              '--num-steps', '3', '--cfg-scale', '2', '--device', 'cpu', '--out', str(tmp_path / 's.npz')])
+    got, want = np.load(tmp_path / 's.npz')['arr_0'], []
+    for k, n in ((0, 2), (1, 1)):  # fid.py's shards: seeds of the shard alone
+        g = irepa.shard_generator(0, k)
+        noise, y = torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+        want.append(irepa.to_uint8(irepa.jit_sample(model, noise, y, 'heun', 3, 2.0)).numpy())
+    assert np.array_equal(got, np.concatenate(want))
 
 
 @pytest.mark.parametrize('argv, says', [
@@ -4800,7 +4809,8 @@ def test_jit_resume_is_bitwise_exact(tmp_path):
     (['--recipe', 'jit-irepa', '--model', 'JiT-T/4', '--resolution', '18'], 'multiple of 4'),
     (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--vae', 'sd-vae-ft-mse'], 'pixel-space'),
     (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--teacher-cache', 'cache'], 'drop --teacher-cache'),
-    (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--preview', 'sde'], "'heun' or 'euler'")])
+    (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--preview', 'sde'], "'heun' or 'euler'"),
+    (['--recipe', 'jit-irepa', '--model', 'JiT-T/2', '--eval-sampler', 'sde'], "'heun' or 'euler'")])
 def test_jit_bad_input_is_one_line(argv, says, capsys, tmp_path):
     line = user_error(capsys, irepa.main, '--demo', '--out-dir', tmp_path, *argv)
     assert says in line, line
@@ -4842,6 +4852,9 @@ def test_fid_reads_official_jit_checkpoints(tmp_path, monkeypatch, capsys):
     model, info = fid.model_from_checkpoint(tmp_path / 'checkpoint-last.pth')
     assert isinstance(model, irepa.JiT) and not model.training and info['step'] == 3 and len(model.projectors) == 0
     assert all(torch.equal(v, ema1[f'net.{k}']) for k, v in model.state_dict().items())
+    line = user_error(capsys, fid.main, 'sample', '--ckpt', tmp_path / 'checkpoint-last.pth', '--out',
+                      tmp_path / 'sde.npz', '--num-samples', '2', '--device', 'cpu')  # --mode sde, SiT's default
+    assert "a JiT samples with --mode heun or euler, not 'sde'" in line, line
     args.model = 'JiT-L/16'
     torch.save(dict(model_ema1=ema1, args=args), tmp_path / 'other.pth')
     line = user_error(capsys, fid.main, 'sample', '--ckpt', tmp_path / 'other.pth', '--out', tmp_path / 's.npz')
