@@ -281,7 +281,8 @@ class SiT(nn.Module):
                 nn.init.zeros_(m.bias)
         for conv in (m for m in self.x_embedder.modules() if isinstance(m, nn.Conv2d)):  # patch embedding (JiT: 2)
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))  # like a Linear on the flat patch
-            nn.init.zeros_(conv.bias) if conv.bias is not None else None
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for m in [self.t_embedder] + ([self.h_embedder] if hasattr(self, 'h_embedder') else []):
             nn.init.normal_(m.mlp[0].weight, std=0.02)
@@ -391,9 +392,8 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
         return v
 
     guided = lambda t: cfg_scale > 1.0 and guidance_low <= t <= guidance_high
-    x = noise.double()
+    x, ts = noise.double(), time_grid(mode, num_steps)
     if mode != 'sde':  # a uniform grid from 1 to 0
-        ts = time_grid(mode, num_steps)
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             d = velocity(x, t, guided(t), t_next if mode == 'meanflow' else None)  # MeanFlow: z_r = z_t - (t - r) u
             x_next = x + (t_next - t) * d
@@ -407,7 +407,6 @@ def sample(model, noise, y, mode='sde', num_steps=250, cfg_scale=1.0, guidance_l
         score = ((t - 1) * v - x) / t
         return v - 0.5 * (2 * t) * score
 
-    ts = time_grid(mode, num_steps)
     for i, (t, t_next) in enumerate(zip(ts[:-2], ts[1:-1])):
         dt = t_next - t
         e = eps[i] if eps is not None else torch.randn(x.shape, dtype=torch.float64, generator=generator,
