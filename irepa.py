@@ -1705,12 +1705,13 @@ def draw_shard(s, k, model, vae, norm, device, autocast=contextlib.nullcontext()
     noise = torch.randn(n, model.in_channels, size, size, generator=g)
     y = (torch.arange(k * s.batch_size, k * s.batch_size + n) % model.num_classes if s.class_balanced
          else torch.randint(0, model.num_classes, (n,), generator=g))
+    net = model if net is None else net  # (a compiled module has no truth value)
     with autocast:
         if isinstance(model, JiT):  # its own sampler: pixels, from t = 0; it draws no noise of its own
-            z = jit_sample(net or model, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale,
-                           s.guidance_low, s.guidance_high)
+            z = jit_sample(net, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale, s.guidance_low,
+                           s.guidance_high)
         else:
-            z = sample(net or model, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale, s.guidance_low,
+            z = sample(net, noise.to(device), y.to(device), s.mode, s.num_steps, s.cfg_scale, s.guidance_low,
                        s.guidance_high, generator=shard_generator(s.seed, k, device))
     return to_uint8(to_pixels(z.float(), vae, norm)).cpu().numpy()  # (n, H, W, 3)
 
