@@ -2632,7 +2632,7 @@ def test_sample_bad_checkpoints(tmp_path):
     with pytest.raises(USER_ERRORS, match='not a readable PyTorch checkpoint'):
         fid.main(sample_args(tmp_path / 'junk.pt', tmp_path / 'x.npz'))
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
-    with pytest.raises(USER_ERRORS, match='not a SiT checkpoint'):
+    with pytest.raises(USER_ERRORS, match='not a SiT or JiT checkpoint'):
         fid.main(sample_args(tmp_path / 'other.pt', tmp_path / 'x.npz'))
 
 
