@@ -6,9 +6,12 @@ Evaluate an ADM-format sample file (arr_0: N x H x W x 3 uint8) against a refere
 VIRTUAL_imagenet256_labeled.npz:
     python fid.py eval VIRTUAL_imagenet256_labeled.npz samples.npz
     python fid.py eval REF.npz SAMPLES.npz --inception pt_inception-2015-12-05-6726825d.pth --device cuda
-It prints ADM's five lines: Inception Score, FID, sFID, Precision, Recall.
+It prints ADM's five lines: Inception Score, FID, sFID, Precision, Recall. `fid.py sample` draws a checkpoint's images
+(irepa.draw_shard, which the FID while training uses too); `fid.py sweep` scores guidance settings on the same seeds:
+    python fid.py sweep REF.npz --ckpt CKPT --cfg 1,1.5,2 --interval 0,1 0,0.7      # 10K images each; best marked
 
-The network is the 2015-12-05 TF Inception graph ported to PyTorch (pytorch-fid's weights file). What makes the numbers
+The network (encoders.FIDInception) is the 2015-12-05 TF Inception graph ported to PyTorch (pytorch-fid's weights file);
+FID and IS are irepa.frechet_distance and irepa.inception_score. What makes the numbers
 match the TF evaluator: TF1-legacy bilinear resize to 299 and (x - 128) / 128;
 pool_3 for FID and P/R; Mixed_6d.branch1x1 (TF 'mixed_6/conv'), first 7 channels, flattened (h, w, c) for sFID;
 bias-free logits over 1008 classes in consecutive splits of 5000 for IS; k=3 manifolds on fp16 squared distances for

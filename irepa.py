@@ -2405,7 +2405,7 @@ class Run:
             self.shown |= {k: f"{rec[k]:.4g}" for k in ('fid', 'eval_s') if k in rec}  # the last evaluation's
             self.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in ('flow', 'mse', 'align') if k in rec},
                                  img_s=f"{rec['img_per_s']:.1f}", **self.shown)
-            plot_curves([self.out], self.out / 'curves.png')  # a few milliseconds
+            plot_curves([self.out], self.out / 'curves.png')  # ~50 ms (2-core CPU, a 12-line log)
             if self.wandb:
                 self.wandb.log(json.loads(json.dumps(rec)), step=step)  # the log's record, as it reads it back
 
