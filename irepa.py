@@ -2573,7 +2573,7 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     eval_samples='images per evaluation, from the same seeds each time', eval_batch='images per shard and batch',
     eval_ref="reference batch .npz (ADM's: arr_0, stored mu/sigma used); --demo: its own", eval_cfg='guidance scale',
     eval_sampler='sampler of the evaluation (default: the --preview one)', eval_steps='its steps (default 250; '
-    'meanflow 1)', inception=f"FID Inception weights (default: $IREPA_INCEPTION, the torch hub cache); 'random'",
+    'meanflow 1; JiT 50)', inception=f"FID Inception weights (default: $IREPA_INCEPTION, the torch hub cache); 'random'",
     wandb='also log the records to this Weights & Biases project (needs the wandb package)')
 TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str, time_limit=str,
              teacher_cache=str, eval_ref=str, eval_sampler=str, eval_steps=int, inception=str, wandb=str,
