@@ -1442,7 +1442,7 @@ def line_panel(d, box, series, title, font):
         return
     (lx, hx), (ly, hy) = [(min(v), max(v) if max(v) > min(v) else min(v) + 1) for v in zip(*pts)]
     xy = lambda x, y: (x0 + (x - lx) / (hx - lx) * (x1 - x0), y1 - (y - ly) / (hy - ly) * (y1 - y0))
-    for (x, y), v in (((x0, y1 + 3), lx), ((x1 - 40, y1 + 3), hx), ((x0 - 38, y1 - 12), ly), ((x0 - 38, y0), hy)):
+    for (x, y), v in (((x0, y1 + 3), lx), ((x1 - 40, y1 + 3), hx), ((x0 - 48, y1 - 12), ly), ((x0 - 48, y0), hy)):
         d.text((x, y), f'{v:.3g}', fill='black', font=font)
     for xs, ys, colour in series:
         line = [xy(x, y) for x, y in zip(xs, ys)]
@@ -1451,7 +1451,7 @@ def line_panel(d, box, series, title, font):
         for px, py in line if len(line) <= 40 else []:  # few points (FID): each one visible
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
 
-def plot_curves(runs, out, W=300, H=220, pad=44):
+def plot_curves(runs, out, W=300, H=220, pad=52):
     """The runs' log.jsonl in one PNG: flow loss, alignment loss, gradient norm(s) and FID against steps, FID against
     GPU-hours, the runs overlaid, a colour each (the legend). `plot` draws it; a training run refreshes its own."""
     logs = [[json.loads(line) for line in open(Path(r) / 'log.jsonl') if line.strip()] for r in runs]
@@ -2572,8 +2572,9 @@ HELP = dict(  # the flags whose name and default do not say it all; RECIPES' com
     eval_every='steps between FID evaluations of the EMA model (0: none; FID and IS go into log.jsonl)',
     eval_samples='images per evaluation, from the same seeds each time', eval_batch='images per shard and batch',
     eval_ref="reference batch .npz (ADM's: arr_0, stored mu/sigma used); --demo: its own", eval_cfg='guidance scale',
-    eval_sampler='sampler of the evaluation (default: the --preview one)', eval_steps='its steps (default 250; '
-    'meanflow 1; JiT 50)', inception=f"FID Inception weights (default: $IREPA_INCEPTION, the torch hub cache); 'random'",
+    eval_sampler='sampler of the evaluation (default: the --preview one)',
+    eval_steps='its steps (default 250; meanflow 1; JiT 50)',
+    inception=f"FID Inception weights (default: $IREPA_INCEPTION, the torch hub cache); 'random'",
     wandb='also log the records to this Weights & Biases project (needs the wandb package)')
 TYPES = dict(encoder_depth=int, latent_scale=float, data_path=str, compile=bool, precision=str, time_limit=str,
              teacher_cache=str, eval_ref=str, eval_sampler=str, eval_steps=int, inception=str, wandb=str,
