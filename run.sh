@@ -303,8 +303,12 @@ run_dir() {  # teacher, recipe -> the run's folder, named by its model
 }
 # The teacher-token cache (TEACHER_CACHE): each teacher runs once over the training images instead of in every step of
 # every recipe (the paper's 100K steps x 256 are 20 epochs of ImageNet); its first training run builds the cache.
-n_recipes=$(wc -w <<< "$RECIPES")
-if [[ $DRY || $TEACHER_CACHE ]]; then
+n_recipes=0; builder=  # the recipes that can read the cache (JiT's per-image flip rules it out); the first builds it
+for r in $RECIPES; do
+    [[ ${OBJECTIVE[$r]} == jit ]] && continue
+    n_recipes=$(( n_recipes + 1 )); builder=${builder:-$r}
+done
+if [[ $DRY || $TEACHER_CACHE ]] && (( n_recipes > 0 )); then
     echo
     echo "teacher tokens, online (every step of the $n_recipes recipes) or cached" \
         "(one pass, TEACHER_CACHE=${TEACHER_CACHE:-unset}):"
@@ -332,7 +336,7 @@ for t in "${ALL[@]}"; do
         teacher=$(awk "BEGIN { print $STEPS * $BATCH * $tf }")  # the teacher's forward in every step
         if [[ ${cache[*]} ]]; then  # or once: the teacher's first run builds its cache, unless it is complete
             teacher=0
-            [[ $r == "${RECIPES%% *}" && ! -e $TEACHER_CACHE/$t-${RES}px/meta.json ]] &&
+            [[ $r == "$builder" && ! -e $TEACHER_CACHE/$t-${RES}px/meta.json ]] &&
                 teacher=$(awk "BEGIN { print $N_TRAIN * ${TFLOPS[$t]} }")
         fi
         flops=$(awk "BEGIN { print $STEPS * $BATCH * $sit + $teacher }")  # student fwd+bwd, teacher fwd

@@ -1,10 +1,11 @@
 """Tests for irepa.py, encoders.py and fid.py: parity with the official code, invariants with known answers,
 round trips through the real loading paths, DDP with gloo. CPU, minutes; no network, no pretrained weights.
 
-Run: python -m pytest -q test_irepa.py          (everything, ~8 minutes on 2 cores)
+Run: python -m pytest -q test_irepa.py          (everything, ~10 minutes on 2 cores)
      python -m pytest -q -m "not slow" test_irepa.py   (the fast core, under a minute)
-The sections follow irepa.py: core, training, encoders, fid, REPA-E, MeanFlow, study, sweep. The parity vectors are
-vectors/official_parity.safetensors (IREPA_PARITY_VECTORS overrides); the parity test fails without them.
+The sections follow irepa.py: core, training, encoders, fid, REPA-E, MeanFlow, study, sweep; then the blocks of later
+issues (JiT, the FID while training). The parity vectors are vectors/official_parity.safetensors (IREPA_PARITY_VECTORS
+overrides) and vectors/jit_parity.safetensors; the parity tests fail without them.
 """
 import contextlib
 import copy
@@ -4834,8 +4835,11 @@ def test_run_sh_dry_run_plans_the_jit_recipes(tmp_path):
              if l.startswith('== ') and '~' in l}
     assert 0 < costs['train JiT-B-16 dinov2-vit-b jit-repa'] == costs['train JiT-B-16 dinov2-vit-b jit-irepa']
     rc, both = run_sh('--dry-run', env=dict(OUT=str(tmp_path / 'sweep'), NPROC='8', TEACHERS='dinov2',
-                                            RECIPES='repa jit-irepa'), timeout=300)
-    assert rc == 0 and sum('--prepare' in l for l in both.splitlines() if l.startswith('+ ')) == 1, both[-3000:]
+                                            RECIPES='jit-irepa repa', TEACHER_CACHE=str(tmp_path / 'tc')), timeout=300)
+    cmds = [l for l in both.splitlines() if l.startswith('+ ')]
+    assert rc == 0 and sum('--prepare' in l for l in cmds) == 1, both[-3000:]
+    cached = [l for l in cmds if '--teacher-cache' in l]  # JiT trains without it; the SiT recipe builds and reads it
+    assert len(cached) == 1 and '--recipe repa ' in cached[0] and 'its 1 trainings' in both
 
 
 def test_fid_reads_official_jit_checkpoints(tmp_path, monkeypatch, capsys):
