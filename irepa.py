@@ -1075,18 +1075,18 @@ class JiTFlow(Flow):
     def transform(self, img):  # (B, 3, R, R) uint8, each image flipped left-right with probability 1/2
         return torch.where(torch.rand(img.shape[0], 1, 1, 1, device=img.device) < 0.5, img.flip(-1), img)
 
+    def loss(self, x, y, targets):  # x: the images in [-1, 1] (model_input, pixel space)
+        with self.autocast:
+            return jit_loss(self.train_model, x, y, targets, self.cfg, self.model.num_classes)
+
     def step(self, img, moments, y, targets):
-        cfg = self.cfg
+        """Flow's step (loss, AdamW without clipping, the first EMA) at the schedule's lr, then the second EMA."""
         for group in self.opt.param_groups:  # the official schedule: lr 0 at the first step, peak after warm-up
             group['lr'] = self.peak_lr * min(1.0, self.n / self.warmup) if self.warmup else self.peak_lr
         self.n += 1
-        with self.autocast:
-            losses = jit_loss(self.train_model, img.float() / 255 * 2 - 1, y, targets, cfg, self.model.num_classes)
-        grad_norm = clipped_step(losses['flow'] + cfg.proj_coeff * losses['align'], self.model, self.opt,
-                                 cfg.grad_clip, keep_grads=y.device.type == 'cpu')
-        ema_update(self.ema, self.model, cfg.ema_decay)
-        ema_update(self.ema2, self.model, cfg.jit_ema_decay2)
-        return {k: v.detach() for k, v in losses.items()} | dict(grad_norm=grad_norm)
+        stats = super().step(img, moments, y, targets)
+        ema_update(self.ema2, self.model, self.cfg.jit_ema_decay2)
+        return stats
 
     @torch.no_grad()
     def preview(self, noise, y, eps=None):

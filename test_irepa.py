@@ -4773,9 +4773,10 @@ def test_jit_lr_warms_up_and_two_emas_follow(tmp_path):
             for e, o, p in zip(ema.parameters(), old, after):
                 torch.testing.assert_close(e, o + (1 - d) * (p.detach() - o), rtol=0, atol=1e-6)
     img = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4).repeat(200, 1, 1, 1)
-    flipped = (s.unit.transform(img) != img).flatten(1).any(1)
-    assert 0.4 < flipped.float().mean() < 0.6 and torch.equal(s.unit.transform(img[:1].flip(-1).flip(-1))[0].sort(
-        -1)[0], img[0].sort(-1)[0])
+    out = s.unit.transform(img)
+    flipped = (out != img).flatten(1).any(1)
+    assert 0.4 < flipped.float().mean() < 0.6  # per image, about half
+    assert torch.equal(torch.where(flipped.view(-1, 1, 1, 1), img.flip(-1), img), out)  # each: itself or its mirror
 
 
 @slow
